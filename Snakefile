@@ -1,0 +1,23 @@
+# histodistill: distill a pathology foundation model into a small student, and benchmark both.
+# Targets: all_tiles (tiling + packing); more stages add their targets here.
+from pathlib import Path
+
+from histodistill.config import load_schema, validate_config
+
+
+configfile: "config.yaml"
+
+
+# Validate first: an unknown key or a wrong type stops the run before any job, naming the key.
+validate_config(config, load_schema(Path(workflow.basedir) / "configs" / "schema.yaml"))
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/tiling.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.all_tiles.input,

@@ -1,0 +1,45 @@
+# Tiling: tissue mask + tile grid per slide (tile table + QC image), then one tile store per cohort.
+
+TILING_KEYS = ("mpp", "tile_px", "min_tissue", "mask_mpp", "min_object_um2", "min_hole_um2", "min_saturation", "on_no_tissue")
+
+
+rule tile_slide:
+    input:
+        slide=lambda w: SAMPLES.loc[w.slide, "path"],
+    output:
+        table=f"{RESULTS}/tiles/{{cohort}}/{{slide}}.parquet",
+        qc=f"{RESULTS}/qc/{{cohort}}/{{slide}}.png",
+    params:
+        tiling={k: config["tiling"][k] for k in TILING_KEYS},
+        qc_max_px=config["tiling"]["qc_max_px"],
+        slide_mpp=lambda w: slide_mpp_override(w.slide),
+    log:
+        "logs/tile_slide/{cohort}/{slide}.log",
+    threads: threads_for("tile_slide")
+    resources:
+        **resources_for("tile_slide"),
+    script:
+        "../workflow_scripts/tile_slide.py"
+
+
+rule pack_tiles:
+    input:
+        tables=lambda w: expand(f"{RESULTS}/tiles/{w.cohort}/{{slide}}.parquet", slide=slides_of(w.cohort)),
+    output:
+        store=directory(f"{RESULTS}/tilestore/{{cohort}}.zarr"),
+    params:
+        chunk_tiles=config["packing"]["chunk_tiles"],
+        compression_level=config["packing"]["compression_level"],
+    log:
+        "logs/pack_tiles/{cohort}.log",
+    threads: threads_for("pack_tiles")
+    resources:
+        **resources_for("pack_tiles"),
+    script:
+        "../workflow_scripts/pack_tiles.py"
+
+
+rule all_tiles:
+    input:
+        expand(f"{RESULTS}/tilestore/{{cohort}}.zarr", cohort=COHORTS),
+        [f"{RESULTS}/qc/{row.cohort}/{row.slide_id}.png" for row in SAMPLES.itertuples()],

@@ -1,0 +1,105 @@
+"""`histodistill <stage> …`: every pipeline stage without Snakemake (the rules call the same functions)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rich.logging import RichHandler
+
+from histodistill.errors import HistodistillError
+
+log = logging.getLogger("histodistill")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from histodistill.synthetic import SlideSpec, make_demo_cohort
+
+    spec = SlideSpec(width_px=args.width_px, height_px=args.height_px, mpp=args.mpp)
+    sheet = make_demo_cohort(args.out, n_slides=args.n_slides, seed=args.seed, spec=spec, cohort=args.cohort)
+    log.info("wrote %d demo slides and the sample sheet %s", args.n_slides, sheet)
+
+
+def _tile(args: argparse.Namespace) -> None:
+    from histodistill.tiling import TilingParams, tile_slide
+
+    params = TilingParams(
+        mpp=args.mpp,
+        tile_px=args.tile_px,
+        min_tissue=args.min_tissue,
+        mask_mpp=args.mask_mpp,
+        on_no_tissue=args.on_no_tissue,
+    )
+    slide_id = args.slide_id or Path(args.slide).stem
+    start = time.perf_counter()
+    table = tile_slide(args.slide, slide_id, args.out, params, slide_mpp=args.slide_mpp, qc=args.qc)
+    log.info("%s: %d tiles → %s (%.1f s)", slide_id, len(table), args.out, time.perf_counter() - start)
+
+
+def _pack(args: argparse.Namespace) -> None:
+    from histodistill.tilestore import pack_tiles
+
+    start = time.perf_counter()
+    n = pack_tiles(args.tables, args.out, chunk_tiles=args.chunk_tiles)
+    elapsed = time.perf_counter() - start
+    log.info("packed %d tiles → %s (%.1f s, %.0f tiles/s)", n, args.out, elapsed, n / max(elapsed, 1e-9))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histodistill", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="write deterministic synthetic H&E slides and their sample sheet")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n-slides", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cohort", default="demo")
+    p.add_argument("--width-px", type=int, default=4096)
+    p.add_argument("--height-px", type=int, default=3072)
+    p.add_argument("--mpp", type=float, default=0.25, help="µm/px of level 0")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("tile", help="tissue mask + tile grid of one slide → tile table (Parquet) [+ QC PNG]")
+    p.add_argument("slide", help="slide file (any format OpenSlide reads)")
+    p.add_argument("--out", required=True, help="tile table (.parquet)")
+    p.add_argument("--slide-id", help="id stored in the table (default: the file name without extension)")
+    p.add_argument("--mpp", type=float, default=0.5, help="target µm/px of the tiles")
+    p.add_argument("--tile-px", type=int, default=224, help="tile side in px at the target µm/px")
+    p.add_argument(
+        "--min-tissue", type=float, default=0.5, help="drop tiles with less tissue than this fraction"
+    )
+    p.add_argument("--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-mask thumbnail")
+    p.add_argument("--slide-mpp", type=float, help="override the slide's own µm/px (level 0)")
+    p.add_argument("--on-no-tissue", choices=["warn", "error"], default="warn")
+    p.add_argument("--qc", help="write a QC PNG (thumbnail, tissue mask, tile grid) here")
+    p.set_defaults(func=_tile)
+
+    p = sub.add_parser("pack", help="read the tiles of tile tables into one Zarr tile store")
+    p.add_argument("tables", nargs="+", help="tile tables (.parquet) from `histodistill tile`")
+    p.add_argument("--out", required=True, help="tile store (.zarr)")
+    p.add_argument("--chunk-tiles", type=int, default=64, help="tiles per shard")
+    p.set_defaults(func=_pack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+    )
+    try:
+        args.func(args)
+    except HistodistillError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The tile store: a Zarr v3 group holding uint8 tiles [N, H, W, 3] and their index.
+
+Layout: array `tiles` sharded by whole tiles (`chunk_tiles` tiles per shard file, one tile per inner
+chunk, zstd-compressed), so both sequential streaming and random access by a DataLoader are cheap; index
+arrays `slide_index`, `tile_id`, `x0`, `y0`, `tissue_frac`; attrs `slides` (id, path, µm/px and its
+source), `tile_px`, `mpp` and provenance. Readers open the store lazily in each process: a handle is
+never shared across DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import ZstdCodec
+
+from histodistill.atomic import atomic_path
+from histodistill.errors import SlideError
+from histodistill.provenance import provenance
+from histodistill.slides import open_slide
+from histodistill.tiling import iter_tile_pixels, read_tile, read_tile_table
+
+INDEX_COLUMNS = ("slide_index", "tile_id", "x0", "y0", "tissue_frac")
+
+
+def pack_tiles(
+    table_paths: Sequence[str | Path], out: str | Path, chunk_tiles: int = 64, level: int = 3
+) -> int:
+    """Read the pixels of every tile in `table_paths` and write them to a new tile store at `out`.
+
+    Streams slide by slide and shard by shard: memory holds one shard of tiles and one band of a slide.
+    Returns the number of tiles written.
+    """
+    tables = [read_tile_table(p) for p in table_paths]
+    if not tables:
+        raise SlideError("pack: no tile tables given")
+    geometry = {(m["params"]["tile_px"], m["params"]["mpp"]) for _, m in tables}
+    if len(geometry) > 1:
+        raise SlideError(
+            f"pack: tile tables disagree on (tile_px, mpp): {sorted(geometry)}; retile them alike"
+        )
+    ((tile_px, mpp),) = geometry
+    ids = [m["slide_id"] for _, m in tables]
+    if len(set(ids)) != len(ids):
+        raise SlideError(
+            f"pack: the same slide appears twice: {sorted({i for i in ids if ids.count(i) > 1})}"
+        )
+    total = sum(len(t) for t, _ in tables)
+
+    with atomic_path(out) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        tiles = root.create_array(
+            "tiles",
+            shape=(total, tile_px, tile_px, 3),
+            chunks=(1, tile_px, tile_px, 3),
+            shards=(chunk_tiles, tile_px, tile_px, 3),
+            dtype="uint8",
+            compressors=ZstdCodec(level=level),
+            dimension_names=("tile", "y", "x", "rgb"),
+        )
+        index = {
+            "slide_index": np.concatenate([np.full(len(t), i, np.int32) for i, (t, _) in enumerate(tables)]),
+            "tile_id": np.concatenate([t["tile_id"].to_numpy(np.int64) for t, _ in tables]),
+            "x0": np.concatenate([t["x0"].to_numpy(np.int64) for t, _ in tables]),
+            "y0": np.concatenate([t["y0"].to_numpy(np.int64) for t, _ in tables]),
+            "tissue_frac": np.concatenate([t["tissue_frac"].to_numpy(np.float32) for t, _ in tables]),
+        }
+        for name, values in index.items():
+            root.create_array(name, data=values, chunks=(max(1, min(len(values), 65536)),))
+
+        buffer = np.empty((chunk_tiles, tile_px, tile_px, 3), np.uint8)
+        filled, start = 0, 0
+        for table, meta in tables:
+            if table.empty:
+                continue
+            with open_slide(meta["slide_path"]) as slide:
+                for _, pixels in iter_tile_pixels(slide, table, meta):
+                    buffer[filled] = pixels
+                    filled += 1
+                    if filled == chunk_tiles:
+                        tiles[start : start + filled] = buffer
+                        start, filled = start + filled, 0
+        if filled:
+            tiles[start : start + filled] = buffer[:filled]
+        assert start + filled == total, (start, filled, total)
+
+        root.attrs.update(
+            {
+                "tile_px": int(tile_px),
+                "mpp": float(mpp),
+                "n_tiles": int(total),
+                "slides": [
+                    {
+                        "slide_id": m["slide_id"],
+                        "path": m["slide_path"],
+                        "slide_mpp": m["slide_mpp_x"],
+                        "mpp_source": m["mpp_source"],
+                        "n_tiles": len(t),
+                        "table_config_hash": m["config_hash"],
+                    }
+                    for t, m in tables
+                ],
+                "provenance": provenance({"chunk_tiles": chunk_tiles, "zstd_level": level, "tables": ids}),
+            }
+        )
+    return total
+
+
+class TileStore:
+    """Read access to a tile store (open one per process)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise SlideError(f"not a tile store: {self.path} (make it with `histodistill pack`)")
+        self.root = zarr.open_group(self.path, mode="r")
+        self.tiles = self.root["tiles"]
+        self.attrs = dict(self.root.attrs)
+
+    def __len__(self) -> int:
+        return int(self.tiles.shape[0])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tiles[int(i)]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """A contiguous block of tiles (the fast path for streaming)."""
+        return self.tiles[start:stop]
+
+    @property
+    def index(self) -> pd.DataFrame:
+        frame = pd.DataFrame({name: self.root[name][:] for name in INDEX_COLUMNS})
+        slide_ids = np.array([s["slide_id"] for s in self.attrs["slides"]], dtype=object)
+        frame.insert(0, "slide_id", slide_ids[frame["slide_index"].to_numpy()] if len(frame) else [])
+        return frame
+
+
+class TileStoreDataset:
+    """Map-style dataset over a tile store for torch DataLoader: item i → (uint8 tile HWC, i).
+
+    The store is opened on first use in each process, so a DataLoader worker never inherits a handle.
+    """
+
+    def __init__(self, path: str | Path, transform=None):
+        self.path = Path(path)
+        self.transform = transform
+        self._store: TileStore | None = None
+        self._pid: int | None = None
+        self._len = len(TileStore(self.path))
+
+    def _open(self) -> TileStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = TileStore(self.path), os.getpid()
+        return self._store
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int):
+        tile = self._open()[i]
+        return (self.transform(tile) if self.transform else tile), int(i)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_store"], state["_pid"] = None, None
+        return state
+
+
+class SlideTileDataset:
+    """Map-style dataset reading tiles straight from the slides of tile tables (no packing needed).
+
+    Each process keeps its own OpenSlide handles (keyed by path, reopened after a fork), never shared.
+    """
+
+    def __init__(self, table_paths: Sequence[str | Path], transform=None):
+        frames, self._meta = [], {}
+        for p in table_paths:
+            table, meta = read_tile_table(p)
+            self._meta[meta["slide_id"]] = meta
+            frames.append(table)
+        self.table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        self.transform = transform
+        self._handles: dict[str, object] = {}
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _slide(self, slide_id: str):
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if slide_id not in self._handles:
+            self._handles[slide_id] = open_slide(self._meta[slide_id]["slide_path"])
+        return self._handles[slide_id]
+
+    def __getitem__(self, i: int):
+        row = self.table.iloc[int(i)]
+        meta = self._meta[row["slide_id"]]
+        tile = read_tile(self._slide(row["slide_id"]), row, int(meta["params"]["tile_px"]))
+        return (self.transform(tile) if self.transform else tile), int(i)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = {}, None
+        return state

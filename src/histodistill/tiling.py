@@ -1,0 +1,267 @@
+"""Tile grid → tile table (Parquet) with a QC image; tile pixel reading for packing into the tile store.
+
+A tile is defined physically: `tile_px` pixels at `mpp` µm/px, i.e. a square of tile_px·mpp µm. Its
+pixels are read from the coarsest pyramid level at or finer than `mpp` and resized only when that level is
+not exactly at `mpp`. Reads are batched: one `read_region` per run of neighbouring tiles in a grid row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+from skimage import morphology
+
+from histodistill.atomic import atomic_path
+from histodistill.errors import NoTissueError, SlideError
+from histodistill.provenance import provenance
+from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
+from histodistill.tissue import MaskParams, tile_fractions, tissue_mask
+
+log = logging.getLogger(__name__)
+
+META_KEY = b"histodistill"
+TABLE_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("tile_id", pa.int64()),
+        ("x0", pa.int64()),
+        ("y0", pa.int64()),
+        ("level", pa.int32()),
+        ("read_px", pa.int32()),
+        ("mpp", pa.float64()),
+        ("tissue_frac", pa.float32()),
+    ]
+)
+MAX_RUN_TILES = 32  # the most neighbouring tiles read by one read_region call (bounds memory)
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """Every setting that changes the tile table (stored in its metadata and hashed)."""
+
+    mpp: float = 0.5
+    tile_px: int = 224
+    min_tissue: float = 0.5
+    mask_mpp: float = 8.0
+    min_object_um2: float = 20000.0
+    min_hole_um2: float = 5000.0
+    min_saturation: float = 0.05
+    on_no_tissue: str = "warn"
+
+    @property
+    def mask(self) -> MaskParams:
+        return MaskParams(self.mask_mpp, self.min_saturation, self.min_object_um2, self.min_hole_um2)
+
+
+@dataclass
+class TilePlan:
+    table: pd.DataFrame
+    metadata: dict
+    thumbnail: np.ndarray
+    mask: np.ndarray
+
+
+def plan_tiles(
+    slide_path: str | Path, slide_id: str, params: TilingParams, slide_mpp: float | None = None
+) -> TilePlan:
+    """Compute the tissue mask and the tile grid of one slide; read no level-0 pixels."""
+    with open_slide(slide_path) as slide:
+        mpp = resolve_mpp(dict(slide.properties), slide_mpp, slide_name=f"slide '{slide_id}' ({slide_path})")
+        if params.mpp < mpp.mean * (1 - 0.01):
+            raise SlideError(
+                f"slide '{slide_id}': target {params.mpp} µm/px is finer than the scan ({mpp.mean:g} µm/px); "
+                "tiles would be upsampled. Choose tiling.mpp ≥ the slide's µm/px."
+            )
+        width0, height0 = slide.dimensions
+        level = best_level(slide, mpp.mean, params.mpp)
+        downsample = slide.level_downsamples[level]
+        footprint0 = params.tile_px * params.mpp / mpp.mean  # tile side in level-0 px
+        read_px = round(footprint0 / downsample)
+        mask_mpp = max(params.mask_mpp, mpp.mean)
+        thumbnail = read_scaled(slide, mpp.mean, mask_mpp)
+        level_count = slide.level_count
+    mask = tissue_mask(thumbnail, params.mask)
+    px0 = width0 / thumbnail.shape[1]  # level-0 px per mask px (exact for this thumbnail)
+
+    cols, rows = math.floor(width0 / footprint0), math.floor(height0 / footprint0)
+    grid_r, grid_c = np.divmod(np.arange(rows * cols, dtype=np.int64), max(cols, 1))
+    x0 = np.round(grid_c * footprint0).astype(np.int64)
+    y0 = np.round(grid_r * footprint0).astype(np.int64)
+    frac = tile_fractions(mask, x0, y0, footprint0, px0) if rows * cols else np.zeros(0)
+    keep = frac >= params.min_tissue if params.min_tissue > 0 else np.ones_like(frac, bool)
+    table = pd.DataFrame(
+        {
+            "slide_id": slide_id,
+            "tile_id": (grid_r * cols + grid_c)[keep],
+            "x0": x0[keep],
+            "y0": y0[keep],
+            "level": np.int32(level),
+            "read_px": np.int32(read_px),
+            "mpp": float(params.mpp),
+            "tissue_frac": frac[keep].astype(np.float32),
+        }
+    )
+    if table.empty:
+        message = (
+            f"slide '{slide_id}' ({slide_path}): no tile reaches min_tissue={params.min_tissue} "
+            f"(tissue in {mask.mean():.1%} of the thumbnail)"
+        )
+        if params.on_no_tissue == "error":
+            raise NoTissueError(message + "; set tiling.on_no_tissue: warn to keep an empty table instead")
+        log.warning("%s; writing an empty tile table", message)
+    metadata = provenance(
+        asdict(params),
+        slide_id=slide_id,
+        slide_path=str(slide_path),
+        slide_mpp_x=mpp.x,
+        slide_mpp_y=mpp.y,
+        mpp_source=mpp.source,
+        slide_dimensions=[width0, height0],
+        level_count=level_count,
+        footprint_px0=footprint0,
+        grid=[rows, cols],
+        n_tiles=len(table),
+        tissue_found=not table.empty,
+    )
+    return TilePlan(table, metadata, thumbnail, mask)
+
+
+def write_tile_table(table: pd.DataFrame, metadata: dict, out: str | Path) -> None:
+    arrow = pa.Table.from_pandas(table, schema=TABLE_SCHEMA, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({META_KEY: json.dumps(metadata).encode()})
+    with atomic_path(out) as tmp:
+        pq.write_table(arrow, tmp)
+
+
+def read_tile_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """A tile table and its run metadata."""
+    try:
+        arrow = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SlideError(f"cannot read tile table {path}: {exc}") from exc
+    raw = (arrow.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise SlideError(f"{path} is not a histodistill tile table (no '{META_KEY.decode()}' metadata)")
+    return arrow.to_pandas(), json.loads(raw)
+
+
+def render_qc(plan: TilePlan, out: str | Path, max_px: int = 1024) -> None:
+    """QC image: a thumbnail with the tissue outline (green), non-tissue faded, kept tiles outlined (blue)."""
+    md = plan.metadata
+    width0, height0 = md["slide_dimensions"]
+    qc_mpp = max(md["slide_mpp_x"] * max(width0, height0) / max_px, md["slide_mpp_x"])
+    with open_slide(md["slide_path"]) as slide:
+        image = Image.fromarray(read_scaled(slide, md["slide_mpp_x"], qc_mpp))
+    size = image.size
+    mask = (
+        np.asarray(Image.fromarray(plan.mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST))
+        > 0
+    )
+    outline = mask & ~morphology.erosion(mask, morphology.disk(1))
+    pixels = np.asarray(image).copy()
+    pixels[~mask] = (0.6 * pixels[~mask] + 0.4 * 255).astype(np.uint8)  # fade what is not tissue
+    pixels[outline] = (0, 160, 0)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    per_px0 = size[0] / width0
+    side = md["footprint_px0"] * per_px0
+    for x0, y0 in zip(plan.table["x0"], plan.table["y0"], strict=True):
+        x, y = x0 * per_px0, y0 * per_px0
+        draw.rectangle([x, y, x + side, y + side], outline=(30, 60, 220), width=1)
+    draw.text(
+        (4, 4),
+        f"{md['slide_id']}: {md['n_tiles']} tiles of {md['params']['tile_px']} px at {md['params']['mpp']} um/px; "
+        f"slide {md['slide_mpp_x']:.4g} um/px ({md['mpp_source']})",
+        fill=(0, 0, 0),
+    )
+    with atomic_path(out) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def tile_slide(
+    slide_path: str | Path,
+    slide_id: str,
+    out: str | Path,
+    params: TilingParams,
+    slide_mpp: float | None = None,
+    qc: str | Path | None = None,
+    qc_max_px: int = 1024,
+) -> pd.DataFrame:
+    """Plan the tiles of one slide and write the tile table (and the QC image)."""
+    plan = plan_tiles(slide_path, slide_id, params, slide_mpp)
+    if qc is not None:
+        render_qc(plan, qc, qc_max_px)
+    write_tile_table(plan.table, plan.metadata, out)
+    return plan.table
+
+
+def _runs(cols: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Split sorted positions of one grid row into runs of consecutive columns (≤ MAX_RUN_TILES long)."""
+    start = 0
+    for i in range(1, len(cols) + 1):
+        if i == len(cols) or cols[i] != cols[i - 1] + 1 or i - start >= MAX_RUN_TILES:
+            yield start, i
+            start = i
+
+
+def iter_tile_pixels(slide, table: pd.DataFrame, metadata: dict) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (row position in `table`, uint8 [tile_px, tile_px, 3]) for every tile, in table order.
+
+    One read_region covers a run of neighbouring tiles of a grid row at the chosen level; each tile is then
+    cut out and resized to tile_px only if the level is not exactly at the target µm/px.
+    """
+    if table.empty:
+        return
+    tile_px = int(metadata["params"]["tile_px"])
+    footprint0 = float(metadata["footprint_px0"])
+    level = int(table["level"].iloc[0])
+    read_px = int(table["read_px"].iloc[0])
+    downsample = slide.level_downsamples[level]
+    x0s, y0s = table["x0"].to_numpy(), table["y0"].to_numpy()
+    cols = np.round(x0s / footprint0).astype(np.int64)
+    order = np.lexsort((x0s, y0s))
+    pending: dict[int, np.ndarray] = {}
+    next_pos = 0
+    row_starts = np.flatnonzero(np.r_[True, y0s[order][1:] != y0s[order][:-1]])
+    for a, b in zip(row_starts, np.r_[row_starts[1:], len(order)], strict=True):
+        idx = order[a:b]
+        for s, e in _runs(cols[idx]):
+            run = idx[s:e]
+            xs = int(x0s[run[0]])
+            width = round((int(x0s[run[-1]]) - xs) / downsample) + read_px
+            band = read_rgb(slide, xs, int(y0s[run[0]]), level, width, read_px)
+            for i in run:
+                off = round((int(x0s[i]) - xs) / downsample)
+                tile = band[:, off : off + read_px]
+                if tile.shape[1] < read_px:  # rounding at the run's right edge
+                    tile = np.pad(tile, ((0, 0), (0, read_px - tile.shape[1]), (0, 0)), mode="edge")
+                if read_px != tile_px:
+                    tile = np.asarray(
+                        Image.fromarray(tile).resize((tile_px, tile_px), Image.Resampling.BILINEAR)
+                    )
+                pending[int(i)] = np.ascontiguousarray(tile)
+            while next_pos in pending:  # keep table order while reading row by row
+                yield next_pos, pending.pop(next_pos)
+                next_pos += 1
+    while next_pos in pending:
+        yield next_pos, pending.pop(next_pos)
+        next_pos += 1
+
+
+def read_tile(slide, row: pd.Series, tile_px: int) -> np.ndarray:
+    """One tile on its own (the per-item path used by a DataLoader over slides)."""
+    read_px = int(row["read_px"])
+    tile = read_rgb(slide, int(row["x0"]), int(row["y0"]), int(row["level"]), read_px, read_px)
+    if read_px != tile_px:
+        tile = np.asarray(Image.fromarray(tile).resize((tile_px, tile_px), Image.Resampling.BILINEAR))
+    return tile

@@ -1,0 +1,90 @@
+import pytest
+
+from histodistill.config import load_config, read_sample_sheet, validate_config
+from histodistill.errors import ConfigError
+
+
+def test_defaults_are_filled_in_nested_sections():
+    config = validate_config({"samples": "s.tsv"})
+    assert config["tiling"]["mpp"] == 0.5
+    assert config["tiling"]["tile_px"] == 224
+    assert config["packing"]["chunk_tiles"] == 64
+    assert config["demo"]["enabled"] is False
+
+
+def test_given_values_are_kept():
+    config = validate_config({"samples": "s.tsv", "tiling": {"mpp": 1.0}})
+    assert config["tiling"]["mpp"] == 1.0
+    assert config["tiling"]["tile_px"] == 224
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'tiling\.tile_size'"):
+        validate_config({"samples": "s.tsv", "tiling": {"tile_size": 224}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"config key 'tiling\.mpp': 'abc' is not of type 'number'"):
+        validate_config({"samples": "s.tsv", "tiling": {"mpp": "abc"}})
+
+
+def test_out_of_range_and_enum_are_named():
+    with pytest.raises(ConfigError, match=r"tiling\.min_tissue"):
+        validate_config({"samples": "s.tsv", "tiling": {"min_tissue": 1.5}})
+    with pytest.raises(ConfigError, match=r"tiling\.on_no_tissue"):
+        validate_config({"samples": "s.tsv", "tiling": {"on_no_tissue": "ignore"}})
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="samples"):
+        validate_config({})
+
+
+def test_resources_entries_are_checked():
+    validate_config({"samples": "s", "resources": {"tile_slide": {"mem_mb": 100, "gpus": 0}}})
+    with pytest.raises(ConfigError, match=r"resources\.tile_slide"):
+        validate_config({"samples": "s", "resources": {"tile_slide": {"memory": 100}}})
+
+
+def test_load_config_from_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("samples: s.tsv\ntiling:\n  tile_px: 256\n")
+    assert load_config(path)["tiling"]["tile_px"] == 256
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def _sheet(tmp_path, text):
+    path = tmp_path / "samples.tsv"
+    path.write_text(text)
+    return path
+
+
+def test_sample_sheet_reads_paths_with_spaces_and_quotes(tmp_path):
+    sheet = read_sample_sheet(
+        _sheet(
+            tmp_path,
+            "slide_id\tpath\tcohort\tmpp\na\t/data/my \"odd\" 'dir'/a b.svs\tc1\t0.25\nb\tb.svs\tc1\t\n",
+        )
+    )
+    assert sheet.loc["a", "path"] == "/data/my \"odd\" 'dir'/a b.svs"
+    assert sheet.loc["a", "mpp"] == 0.25
+    assert sheet.loc["b", "mpp"] != sheet.loc["b", "mpp"]  # NaN: no override
+
+
+def test_sample_sheet_rejects_duplicate_ids(tmp_path):
+    with pytest.raises(ConfigError, match=r"duplicate slide_id\(s\) \['a'\]"):
+        read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\tcohort\na\tx.svs\tc\na\ty.svs\tc\n"))
+
+
+def test_sample_sheet_rejects_missing_columns_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="lacks column"):
+        read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\na\tx.svs\n"))
+    with pytest.raises(ConfigError, match="not a number"):
+        read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\tcohort\tmpp\na\tx.svs\tc\tfast\n"))
+    with pytest.raises(ConfigError, match="may hold only"):
+        read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\tcohort\na/b\tx.svs\tc\n"))
+    with pytest.raises(ConfigError, match="empty 'path'"):
+        read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\tcohort\na\t\tc\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        read_sample_sheet(tmp_path / "missing.tsv")

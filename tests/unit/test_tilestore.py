@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from histodistill.errors import SlideError
+from histodistill.slides import open_slide
+from histodistill.synthetic import make_demo_slide
+from histodistill.tilestore import SlideTileDataset, TileStore, TileStoreDataset, pack_tiles
+from histodistill.tiling import TilingParams, read_tile, read_tile_table, tile_slide
+from tests.conftest import SMALL
+
+
+@pytest.fixture(scope="module")
+def two_tables(tmp_path_factory, demo_slide):
+    d = tmp_path_factory.mktemp("tables")
+    second = make_demo_slide(d / "second.tiff", seed=11, spec=SMALL)
+    params = TilingParams(min_tissue=0.3)
+    tile_slide(demo_slide, "first", d / "first.parquet", params)
+    tile_slide(second, "second", d / "second.parquet", params)
+    return [d / "first.parquet", d / "second.parquet"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, two_tables):
+    out = tmp_path_factory.mktemp("store") / "cohort.zarr"
+    pack_tiles(two_tables, out, chunk_tiles=8)
+    return out
+
+
+def test_store_layout_and_index(store, two_tables):
+    tables = [read_tile_table(p)[0] for p in two_tables]
+    total = sum(len(t) for t in tables)
+    ts = TileStore(store)
+    assert len(ts) == total
+    assert ts.tiles.dtype == np.uint8 and ts.tiles.shape == (total, 224, 224, 3)
+    assert ts.tiles.shards == (8, 224, 224, 3) and ts.tiles.chunks == (1, 224, 224, 3)
+    assert zarr.open_group(store, mode="r").metadata.zarr_format == 3
+    index = ts.index
+    assert index["slide_id"].tolist() == ["first"] * len(tables[0]) + ["second"] * len(tables[1])
+    np.testing.assert_array_equal(index["x0"], np.concatenate([t["x0"] for t in tables]))
+    assert ts.attrs["mpp"] == 0.5 and ts.attrs["tile_px"] == 224
+    assert [s["slide_id"] for s in ts.attrs["slides"]] == ["first", "second"]
+    assert ts.attrs["slides"][0]["mpp_source"] == "openslide.mpp"
+    assert ts.attrs["provenance"]["params"]["chunk_tiles"] == 8
+
+
+def test_store_pixels_equal_the_slide(store, two_tables):
+    ts = TileStore(store)
+    table, meta = read_tile_table(two_tables[0])
+    with open_slide(meta["slide_path"]) as slide:
+        for i in [0, 5, len(table) - 1]:
+            np.testing.assert_array_equal(ts[i], read_tile(slide, table.iloc[i], 224))
+    np.testing.assert_array_equal(ts.read(3, 7), np.stack([ts[i] for i in range(3, 7)]))
+
+
+def test_dataloader_workers_read_the_same_tiles(store, two_tables):
+    reference = TileStore(store).read(0, len(TileStore(store)))
+    for dataset in (TileStoreDataset(store), SlideTileDataset(two_tables)):
+        loader = DataLoader(
+            dataset, batch_size=4, num_workers=2, shuffle=False, multiprocessing_context="spawn"
+        )
+        tiles, idx = zip(*[(t, i) for t, i in loader], strict=True)
+        assert torch.equal(torch.cat(idx), torch.arange(len(reference)))
+        np.testing.assert_array_equal(torch.cat(tiles).numpy(), reference)
+
+
+def test_dataset_does_not_pickle_open_handles(store, two_tables):
+    import pickle
+
+    ds = SlideTileDataset(two_tables)
+    ds[0]
+    assert ds._handles and pickle.loads(pickle.dumps(ds))._handles == {}
+    ts = TileStoreDataset(store)
+    ts[0]
+    assert pickle.loads(pickle.dumps(ts))._store is None
+
+
+def test_pack_failure_leaves_no_store(tmp_path, two_tables, monkeypatch):
+    import histodistill.tilestore as tilestore
+
+    def broken(slide, table, meta):
+        yield 0, np.zeros((224, 224, 3), np.uint8)
+        raise OSError("slide read failed")
+
+    monkeypatch.setattr(tilestore, "iter_tile_pixels", broken)
+    with pytest.raises(OSError, match="slide read failed"):
+        pack_tiles(two_tables, tmp_path / "s.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pack_handles_empty_tables_and_rejects_mixed_geometry(tmp_path, two_tables, blank_slide, demo_slide):
+    empty = tmp_path / "blank.parquet"
+    tile_slide(blank_slide, "blank", empty, TilingParams())
+    n = pack_tiles([two_tables[0], empty], tmp_path / "s.zarr")
+    assert n == len(read_tile_table(two_tables[0])[0]) == len(TileStore(tmp_path / "s.zarr"))
+    other = tmp_path / "other.parquet"
+    tile_slide(demo_slide, "third", other, TilingParams(tile_px=112))
+    with pytest.raises(SlideError, match="disagree"):
+        pack_tiles([two_tables[0], other], tmp_path / "bad.zarr")
+    with pytest.raises(SlideError, match="twice"):
+        pack_tiles([two_tables[0], two_tables[0]], tmp_path / "dup.zarr")
+    with pytest.raises(SlideError, match="not a tile store"):
+        TileStore(tmp_path)

@@ -1,0 +1,139 @@
+"""End to end: `snakemake all_tiles` on the demo (smaller slides), then scoped reruns and config errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from histodistill.tilestore import TileStore
+from histodistill.tiling import read_tile_table
+from tests.conftest import REPO
+
+SNAKEMAKE = [
+    sys.executable,
+    "-m",
+    "snakemake",
+    "-s",
+    str(REPO / "Snakefile"),
+    "--profile",
+    str(REPO / "profiles" / "local"),
+]
+
+
+def write_demo_config(workdir: Path, **tiling) -> Path:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["demo"].update(width_px=2048, height_px=1536)
+    config["tiling"].update(tiling)
+    (workdir / "configs").mkdir(exist_ok=True)
+    (workdir / "configs" / "demo_samples.tsv").write_text((REPO / "configs" / "demo_samples.tsv").read_text())
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run(
+        [*SNAKEMAKE, "-d", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stdout[-4000:] + result.stderr[-4000:])
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    counts = dict(line.split() for line in table if line.strip())
+    counts.pop("total", None)
+    return {k: int(v) for k, v in counts.items()}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    write_demo_config(workdir)
+    snakemake(workdir, "all_tiles")
+    return workdir
+
+
+def test_demo_produces_tables_qc_and_store(demo_run):
+    results = demo_run / "results"
+    tables = sorted((results / "tiles" / "demo").glob("*.parquet"))
+    assert [p.stem for p in tables] == ["demo_00", "demo_01", "demo_02"]
+    n_tiles = sum(len(read_tile_table(p)[0]) for p in tables)
+    assert n_tiles > 10
+    for p in tables:
+        qc = Image.open(results / "qc" / "demo" / f"{p.stem}.png")
+        assert qc.size[0] == 1024
+    store = TileStore(results / "tilestore" / "demo.zarr")
+    assert len(store) == n_tiles
+    assert store.read(0, 4).std() > 10  # real pixels, not a blank array
+    assert np.asarray(store.index["slide_id"].unique()).tolist() == ["demo_00", "demo_01", "demo_02"]
+    assert (demo_run / "logs" / "tile_slide" / "demo" / "demo_00.log").exists()
+
+
+def test_nothing_to_do_after_a_run(demo_run):
+    assert planned_jobs(snakemake(demo_run, "-n", "all_tiles")) == {}
+
+
+def test_changing_a_tiling_setting_reruns_tiling_and_packing_only(demo_run):
+    write_demo_config(demo_run, min_tissue=0.3)
+    try:
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all_tiles"))
+    finally:
+        write_demo_config(demo_run)
+    assert jobs == {"tile_slide": 3, "pack_tiles": 1, "all_tiles": 1}
+
+
+def test_changing_a_packing_setting_reruns_packing_only(demo_run):
+    config = yaml.safe_load((demo_run / "config.yaml").read_text())
+    config["packing"]["chunk_tiles"] = 16
+    (demo_run / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all_tiles"))
+    finally:
+        write_demo_config(demo_run)
+    assert jobs == {"pack_tiles": 1, "all_tiles": 1}
+
+
+def test_config_errors_stop_the_run_naming_the_key(tmp_path):
+    write_demo_config(tmp_path, mpp="half")
+    result = snakemake(tmp_path, "-n", "all_tiles", check=False)
+    assert result.returncode != 0
+    assert "config key 'tiling.mpp': 'half' is not of type 'number'" in result.stderr + result.stdout
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["tilling"] = {}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "all_tiles", check=False)
+    assert "unknown config key 'tilling'" in result.stderr + result.stdout
+
+
+def test_duplicate_slide_ids_stop_the_run(tmp_path):
+    write_demo_config(tmp_path)
+    sheet = tmp_path / "configs" / "demo_samples.tsv"
+    sheet.write_text(sheet.read_text() + "demo_00\tresults/demo/slides/other.tiff\tdemo\n")
+    result = snakemake(tmp_path, "-n", "all_tiles", check=False)
+    assert result.returncode != 0 and "duplicate slide_id(s) ['demo_00']" in result.stderr + result.stdout
+
+
+def test_missing_slide_is_named_before_any_job(tmp_path):
+    write_demo_config(tmp_path)
+    sheet = tmp_path / "configs" / "demo_samples.tsv"
+    sheet.write_text("slide_id\tpath\tcohort\nlost\t/nonexistent/lost slide.svs\tc\n")
+    result = snakemake(tmp_path, "-n", "all_tiles", check=False)
+    assert result.returncode != 0 and "/nonexistent/lost slide.svs" in result.stderr + result.stdout
