@@ -16,3 +16,7 @@ if config["demo"]["enabled"]:
             **resources_for("demo_slide"),
         script:
             "../workflow_scripts/demo_slide.py"
+
+    rule demo:
+        input:
+            [p for p in SAMPLES["path"] if p.startswith(config["demo"]["slides_dir"] + "/")],

@@ -128,8 +128,17 @@ def best_level(slide: openslide.OpenSlide, slide_mpp: float, target_mpp: float) 
 
 
 def read_rgb(slide: openslide.OpenSlide, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
-    """read_region as uint8 RGB; transparent pixels (outside the scanned area) become white."""
-    rgba = np.asarray(slide.read_region((int(x0), int(y0)), level, (int(width), int(height))))
+    """read_region as uint8 RGB; transparent pixels (outside the scanned area) become white.
+
+    A decoding failure (corrupt tile data) becomes a SlideError naming the slide and the region.
+    """
+    try:
+        rgba = np.asarray(slide.read_region((int(x0), int(y0)), level, (int(width), int(height))))
+    except openslide.OpenSlideError as exc:
+        name = getattr(slide, "_filename", "slide")
+        raise SlideError(
+            f"corrupt slide {name}: cannot read {width}x{height} px at ({x0}, {y0}) level {level} ({exc})"
+        ) from exc
     rgb = rgba[..., :3].copy()
     rgb[rgba[..., 3] == 0] = 255
     return rgb

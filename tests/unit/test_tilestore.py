@@ -103,3 +103,18 @@ def test_pack_handles_empty_tables_and_rejects_mixed_geometry(tmp_path, two_tabl
         pack_tiles([two_tables[0], two_tables[0]], tmp_path / "dup.zarr")
     with pytest.raises(SlideError, match="not a tile store"):
         TileStore(tmp_path)
+
+
+def test_corrupt_tile_data_is_a_clear_error_and_leaves_no_store(tmp_path):
+    slide = make_demo_slide(tmp_path / "corrupt.tiff", seed=3, spec=SMALL)
+    data = bytearray(slide.read_bytes())
+    start = len(data) // 4  # inside level 0's tile data (levels are written from 0 up)
+    data[start : start + 400_000] = np.random.default_rng(0).bytes(400_000)
+    slide.write_bytes(bytes(data))
+    table = tmp_path / "t.parquet"
+    tile_slide(
+        slide, "corrupt", table, TilingParams(mpp=0.25, min_tissue=0.0)
+    )  # the mask reads level 3: fine
+    with pytest.raises(SlideError, match=r"corrupt slide .*corrupt\.tiff: cannot read"):
+        pack_tiles([table], tmp_path / "s.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.tiff", "t.parquet"]
