@@ -8,5 +8,5 @@ pack_tiles(
     list(snakemake.input.tables),  # noqa: F821
     snakemake.output.store,  # noqa: F821
     chunk_tiles=snakemake.params.chunk_tiles,  # noqa: F821
-    level=snakemake.params.compression_level,  # noqa: F821
+    zstd_level=snakemake.params.compression_level,  # noqa: F821
 )

@@ -19,3 +19,7 @@ class MppError(SlideError):
 
 class NoTissueError(SlideError):
     """A slide has no tissue (raised only when `tiling.on_no_tissue` is `error`)."""
+
+
+class ModelError(HistodistillError):
+    """A model name is unknown, or its weights are missing, gated or do not fit the architecture."""

@@ -2,7 +2,7 @@
 
 Layout: array `tiles` sharded by whole tiles (`chunk_tiles` tiles per shard file, one tile per inner
 chunk, zstd-compressed), so both sequential streaming and random access by a DataLoader are cheap; index
-arrays `slide_index`, `tile_id`, `x0`, `y0`, `tissue_frac`; attrs `slides` (id, path, µm/px and its
+arrays `slide_index`, `tile_id`, `x0`, `y0`, `level`, `tissue_frac`; attrs `slides` (id, path, µm/px and its
 source), `tile_px`, `mpp` and provenance. Readers open the store lazily in each process: a handle is
 never shared across DataLoader workers.
 """
@@ -24,11 +24,11 @@ from histodistill.provenance import provenance
 from histodistill.slides import open_slide
 from histodistill.tiling import iter_tile_pixels, read_tile, read_tile_table
 
-INDEX_COLUMNS = ("slide_index", "tile_id", "x0", "y0", "tissue_frac")
+INDEX_COLUMNS = ("slide_index", "tile_id", "x0", "y0", "level", "tissue_frac")
 
 
 def pack_tiles(
-    table_paths: Sequence[str | Path], out: str | Path, chunk_tiles: int = 64, level: int = 3
+    table_paths: Sequence[str | Path], out: str | Path, chunk_tiles: int = 64, zstd_level: int = 3
 ) -> int:
     """Read the pixels of every tile in `table_paths` and write them to a new tile store at `out`.
 
@@ -59,7 +59,7 @@ def pack_tiles(
             chunks=(1, tile_px, tile_px, 3),
             shards=(chunk_tiles, tile_px, tile_px, 3),
             dtype="uint8",
-            compressors=ZstdCodec(level=level),
+            compressors=ZstdCodec(level=zstd_level),
             dimension_names=("tile", "y", "x", "rgb"),
         )
         index = {
@@ -67,6 +67,7 @@ def pack_tiles(
             "tile_id": np.concatenate([t["tile_id"].to_numpy(np.int64) for t, _ in tables]),
             "x0": np.concatenate([t["x0"].to_numpy(np.int64) for t, _ in tables]),
             "y0": np.concatenate([t["y0"].to_numpy(np.int64) for t, _ in tables]),
+            "level": np.concatenate([t["level"].to_numpy(np.int32) for t, _ in tables]),
             "tissue_frac": np.concatenate([t["tissue_frac"].to_numpy(np.float32) for t, _ in tables]),
         }
         for name, values in index.items():
@@ -104,7 +105,9 @@ def pack_tiles(
                     }
                     for t, m in tables
                 ],
-                "provenance": provenance({"chunk_tiles": chunk_tiles, "zstd_level": level, "tables": ids}),
+                "provenance": provenance(
+                    {"chunk_tiles": chunk_tiles, "zstd_level": zstd_level, "tables": ids}
+                ),
             }
         )
     return total

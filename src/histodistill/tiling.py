@@ -122,7 +122,7 @@ def plan_tiles(
     metadata = provenance(
         asdict(params),
         slide_id=slide_id,
-        slide_path=str(slide_path),
+        slide_path=str(Path(slide_path).resolve()),
         slide_mpp_x=mpp.x,
         slide_mpp_y=mpp.y,
         mpp_source=mpp.source,

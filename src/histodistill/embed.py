@@ -1,0 +1,191 @@
+"""Embedding extraction: any registered model over a tile store → Zarr [N, D] (or [N, P, D]), resumable.
+
+Streaming: a DataLoader (workers, pinned memory on GPU) feeds `inference_mode` forward passes (bf16 autocast
+on GPU); results are written chunk by chunk into `OUT.partial`, whose attrs record how many rows are done.
+A killed run resumes from the last complete chunk when rerun with the same settings; the finished store
+is renamed to OUT, so OUT is never partial.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Subset
+
+from histodistill.atomic import atomic_path
+from histodistill.errors import HistodistillError
+from histodistill.models import load_model, pool_tokens
+from histodistill.models.transforms import ModelTransform
+from histodistill.provenance import provenance
+from histodistill.tilestore import INDEX_COLUMNS, TileStore, TileStoreDataset
+
+log = logging.getLogger(__name__)
+_KILL_HOOK = "HISTODISTILL_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after writing N chunks
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 on GPU by default; full precision on CPU (CPU autocast is slower than fp32 there)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def extract_embeddings(
+    model_name: str,
+    store_path: str | Path,
+    out: str | Path,
+    pooling: str | None = None,
+    weights: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "auto",
+    chunk_batches: int = 8,
+    seed: int = 0,
+    results_dir: str | Path = "results",
+) -> int:
+    """Embed every tile of `store_path` with `model_name` into `out`; returns the number of rows."""
+    out = Path(out)
+    loaded = load_model(model_name, weights, seed=seed, results_dir=results_dir)
+    spec = loaded.spec
+    pooling = pooling or spec.default_pooling
+    dev = pick_device(device)
+    amp = autocast_dtype(dev, precision)
+    store = TileStore(store_path)
+    n = len(store)
+    chunk_rows = batch_size * chunk_batches
+    n_patches = (spec.transform.size // spec.patch_size) ** 2
+    shape = (n, n_patches, spec.embed_dim) if pooling == "patch_tokens" else (n, spec.pooled_dim(pooling))
+    params = {
+        "model": model_name,
+        "weights_digest": loaded.weights_digest,
+        "pooling": pooling,
+        "precision": precision,
+        "batch_size": batch_size,
+        "chunk_rows": chunk_rows,
+        "tile_store": store.attrs["provenance"]["config_hash"],
+    }
+    meta = provenance(
+        params,
+        model_id=model_name,
+        arch=spec.arch,
+        hub_id=spec.hub_id,
+        weights=loaded.weights,
+        weights_digest=loaded.weights_digest,
+        pooling=pooling,
+        transform=spec.to_json()["transform"],
+        num_prefix_tokens=spec.num_prefix_tokens,
+        device=str(dev),
+        autocast=str(amp),
+        tile_store=str(store_path),
+        slides=store.attrs["slides"],
+        tile_px=store.attrs["tile_px"],
+        mpp=store.attrs["mpp"],
+    )
+    partial = out.with_name(out.name + ".partial")
+    root, start = _open_partial(partial, meta, shape, chunk_rows, store)
+
+    model = loaded.model.to(dev)
+    dataset = TileStoreDataset(store_path, transform=ModelTransform(spec.transform))
+    loader = DataLoader(
+        Subset(dataset, range(start, n)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+        shuffle=False,
+        persistent_workers=False,
+    )
+    array = root["embeddings"]
+    buffer: list[np.ndarray] = []
+    written, chunks_done, t0 = start, 0, time.perf_counter()
+    kill_after = int(os.environ.get(_KILL_HOOK, "0"))
+    with torch.inference_mode():
+        for images, _ in loader:
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                tokens = model.forward_features(images.to(dev, non_blocking=True))
+            buffer.append(pool_tokens(tokens, spec.num_prefix_tokens, pooling).float().cpu().numpy())
+            if sum(len(b) for b in buffer) >= chunk_rows:
+                written = _flush(root, array, buffer, written)
+                chunks_done += 1
+                rate = (written - start) / (time.perf_counter() - t0)
+                log.info("%s: %d/%d tiles (%.1f tiles/s)", model_name, written, n, rate)
+                if kill_after and chunks_done >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+    written = _flush(root, array, buffer, written)
+    if written != n:
+        raise HistodistillError(f"embedding {store_path}: wrote {written} of {n} rows")
+    root.attrs["complete"] = True
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    log.info("%s: %d embeddings of shape %s → %s", model_name, n, shape[1:], out)
+    return n
+
+
+def _open_partial(partial: Path, meta: dict, shape: tuple, chunk_rows: int, store: TileStore):
+    """Resume a partial store written with the same settings, else start a new one."""
+    if (partial / "zarr.json").exists():
+        root = zarr.open_group(partial, mode="r+")
+        same = root.attrs.get("provenance", {}).get("config_hash") == meta["config_hash"]
+        if same and tuple(root["embeddings"].shape) == shape:
+            start = int(root.attrs["rows_done"])
+            log.info("resuming %s at row %d of %d", partial, start, shape[0])
+            return root, start
+        log.info("discarding %s (written with other settings)", partial)
+        shutil.rmtree(partial)
+    with atomic_path(partial) as tmp:  # the partial store itself appears complete-or-not-at-all
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        chunks = (chunk_rows, *shape[1:])
+        root.create_array("embeddings", shape=shape, chunks=chunks, dtype="float32")
+        index = store.root
+        for name in INDEX_COLUMNS:
+            root.create_array(name, data=index[name][:])
+        root.attrs.update({"provenance": meta, "rows_done": 0, "complete": False})
+    return zarr.open_group(partial, mode="r+"), 0
+
+
+def _flush(root, array, buffer: list[np.ndarray], written: int) -> int:
+    if not buffer:
+        return written
+    block = np.concatenate(buffer)
+    buffer.clear()
+    array[written : written + len(block)] = block
+    root.attrs["rows_done"] = written + len(block)  # recorded only after the chunk is on disk
+    return written + len(block)
+
+
+class EmbeddingStore:
+    """Read access to a finished embedding store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise HistodistillError(f"not an embedding store: {self.path}")
+        self.root = zarr.open_group(self.path, mode="r")
+        if not self.root.attrs.get("complete"):
+            raise HistodistillError(f"{self.path} is incomplete; rerun the extraction to resume it")
+        self.attrs = dict(self.root.attrs)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self.root["embeddings"][:]
+
+    def index(self) -> dict[str, np.ndarray]:
+        return {name: self.root[name][:] for name in INDEX_COLUMNS}
+
+    def slide_ids(self) -> list[str]:
+        return [s["slide_id"] for s in self.attrs["provenance"]["slides"]]
