@@ -9,9 +9,6 @@ is renamed to OUT, so OUT is never partial.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -20,15 +17,14 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Subset
 
-from histodistill.atomic import atomic_path
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model, pool_tokens
 from histodistill.models.transforms import ModelTransform
 from histodistill.provenance import provenance
+from histodistill.resumable import ResumableStore
 from histodistill.tilestore import INDEX_COLUMNS, TileStore, TileStoreDataset
 
 log = logging.getLogger(__name__)
-_KILL_HOOK = "HISTODISTILL_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after writing N chunks
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -96,8 +92,14 @@ def extract_embeddings(
         tile_px=store.attrs["tile_px"],
         mpp=store.attrs["mpp"],
     )
-    partial = out.with_name(out.name + ".partial")
-    root, start = _open_partial(partial, meta, shape, chunk_rows, store)
+
+    def create(group):
+        group.create_array("embeddings", shape=shape, chunks=(chunk_rows, *shape[1:]), dtype="float32")
+        for name in INDEX_COLUMNS:
+            group.create_array(name, data=store.root[name][:])
+
+    output = ResumableStore(out, meta, create)
+    start = output.rows_done
 
     model = loaded.model.to(dev)
     dataset = TileStoreDataset(store_path, transform=ModelTransform(spec.transform))
@@ -107,65 +109,26 @@ def extract_embeddings(
         num_workers=num_workers,
         pin_memory=dev.type == "cuda",
         shuffle=False,
-        persistent_workers=False,
     )
-    array = root["embeddings"]
     buffer: list[np.ndarray] = []
-    written, chunks_done, t0 = start, 0, time.perf_counter()
-    kill_after = int(os.environ.get(_KILL_HOOK, "0"))
+    t0 = time.perf_counter()
     with torch.inference_mode():
         for images, _ in loader:
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 tokens = model.forward_features(images.to(dev, non_blocking=True))
             buffer.append(pool_tokens(tokens, spec.num_prefix_tokens, pooling).float().cpu().numpy())
             if sum(len(b) for b in buffer) >= chunk_rows:
-                written = _flush(root, array, buffer, written)
-                chunks_done += 1
+                written = output.write({"embeddings": np.concatenate(buffer)})
+                buffer.clear()
                 rate = (written - start) / (time.perf_counter() - t0)
                 log.info("%s: %d/%d tiles (%.1f tiles/s)", model_name, written, n, rate)
-                if kill_after and chunks_done >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-    written = _flush(root, array, buffer, written)
-    if written != n:
-        raise HistodistillError(f"embedding {store_path}: wrote {written} of {n} rows")
-    root.attrs["complete"] = True
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    if buffer:
+        output.write({"embeddings": np.concatenate(buffer)})
+    if output.rows_done != n:
+        raise HistodistillError(f"embedding {store_path}: wrote {output.rows_done} of {n} rows")
+    output.finish()
     log.info("%s: %d embeddings of shape %s → %s", model_name, n, shape[1:], out)
     return n
-
-
-def _open_partial(partial: Path, meta: dict, shape: tuple, chunk_rows: int, store: TileStore):
-    """Resume a partial store written with the same settings, else start a new one."""
-    if (partial / "zarr.json").exists():
-        root = zarr.open_group(partial, mode="r+")
-        same = root.attrs.get("provenance", {}).get("config_hash") == meta["config_hash"]
-        if same and tuple(root["embeddings"].shape) == shape:
-            start = int(root.attrs["rows_done"])
-            log.info("resuming %s at row %d of %d", partial, start, shape[0])
-            return root, start
-        log.info("discarding %s (written with other settings)", partial)
-        shutil.rmtree(partial)
-    with atomic_path(partial) as tmp:  # the partial store itself appears complete-or-not-at-all
-        root = zarr.open_group(tmp, mode="w", zarr_format=3)
-        chunks = (chunk_rows, *shape[1:])
-        root.create_array("embeddings", shape=shape, chunks=chunks, dtype="float32")
-        index = store.root
-        for name in INDEX_COLUMNS:
-            root.create_array(name, data=index[name][:])
-        root.attrs.update({"provenance": meta, "rows_done": 0, "complete": False})
-    return zarr.open_group(partial, mode="r+"), 0
-
-
-def _flush(root, array, buffer: list[np.ndarray], written: int) -> int:
-    if not buffer:
-        return written
-    block = np.concatenate(buffer)
-    buffer.clear()
-    array[written : written + len(block)] = block
-    root.attrs["rows_done"] = written + len(block)  # recorded only after the chunk is on disk
-    return written + len(block)
 
 
 class EmbeddingStore:

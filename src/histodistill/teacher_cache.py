@@ -1,0 +1,265 @@
+"""Teacher feature cache: the teacher runs once per tile and view; students are distilled from the cache.
+
+For each tile of a tile store and each of V views, the cache holds the view's parameters (`augment.py`,
+so the student rebuilds exactly that image), the teacher's CLS token and its patch tokens after the
+final norm (fp16; `patch_tokens: full | pool2 | none`, pool2 = 2×2-averaged patch grid, 4× smaller).
+
+Sharding: shard k of S covers tile rows [k·N/S, (k+1)·N/S) and is its own resumable store (one GPU job
+each); `gather_teacher_cache` writes a small manifest store that `TeacherCache` reads as one cohort.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from histodistill.atomic import atomic_path
+from histodistill.augment import VIEW_FIELDS, AugmentConfig, draw_views, global_kinds, normalise, render
+from histodistill.embed import autocast_dtype, pick_device
+from histodistill.errors import HistodistillError
+from histodistill.models import load_model
+from histodistill.provenance import provenance
+from histodistill.resumable import ResumableStore
+from histodistill.tilestore import TileStore
+
+log = logging.getLogger(__name__)
+PATCH_MODES = ("full", "pool2", "none")
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    if not 0 <= shard < num_shards:
+        raise HistodistillError(f"shard {shard} is not in 0…{num_shards - 1}")
+    return n * shard // num_shards, n * (shard + 1) // num_shards
+
+
+class ViewDataset:
+    """Tile rows [lo, hi) of a tile store → (normalised views [V, 3, S, S], view params [V, F], row)."""
+
+    def __init__(self, store_path, lo, hi, n_views, seed, mean, std, cfg: AugmentConfig = AugmentConfig()):
+        self.store_path, self.lo, self.hi = Path(store_path), lo, hi
+        self.kinds, self.seed, self.mean, self.std, self.cfg = global_kinds(n_views), seed, mean, std, cfg
+        index = TileStore(store_path)
+        self.slide_ids = [s["slide_id"] for s in index.attrs["slides"]]
+        self.slide_index = index.root["slide_index"][lo:hi]
+        self.tile_id = index.root["tile_id"][lo:hi]
+        self._store, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, i: int):
+        if self._store is None or self._pid != os.getpid():  # one handle per worker process
+            self._store, self._pid = TileStore(self.store_path), os.getpid()
+        tile = self._store[self.lo + i]
+        slide_id = self.slide_ids[int(self.slide_index[i])]
+        params = draw_views(self.seed, slide_id, int(self.tile_id[i]), self.kinds, tile.shape[:2], self.cfg)
+        views = torch.stack([normalise(render(tile, p, self.cfg), self.mean, self.std) for p in params])
+        return views, torch.from_numpy(params), self.lo + i
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None, "_pid": None}
+
+
+def pool_patches(patches: torch.Tensor) -> torch.Tensor:
+    """[B, g·g, D] → [B, (g/2)·(g/2), D], averaging 2×2 neighbours of the patch grid."""
+    b, p, d = patches.shape
+    g = int(round(p**0.5))
+    grid = patches.reshape(b, g, g, d).permute(0, 3, 1, 2)
+    return torch.nn.functional.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(b, -1, d)
+
+
+def cache_teacher(
+    model_name: str,
+    store_path: str | Path,
+    out: str | Path,
+    views: int = 2,
+    patch_tokens: str = "full",
+    shard: int = 0,
+    num_shards: int = 1,
+    weights: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "auto",
+    chunk_batches: int = 4,
+    seed: int = 0,
+    results_dir: str | Path = "results",
+    augment: AugmentConfig = AugmentConfig(),
+) -> int:
+    """Fill one shard of the teacher cache; returns its number of tiles."""
+    if patch_tokens not in PATCH_MODES:
+        raise HistodistillError(f"patch_tokens must be one of {PATCH_MODES}, not '{patch_tokens}'")
+    loaded = load_model(model_name, weights, seed=seed, results_dir=results_dir)
+    spec = loaded.spec
+    dev, amp = pick_device(device), None
+    amp = autocast_dtype(dev, precision)
+    store = TileStore(store_path)
+    lo, hi = shard_range(len(store), shard, num_shards)
+    n, d = hi - lo, spec.embed_dim
+    grid = augment.global_px // spec.patch_size
+    n_patch = {"full": grid * grid, "pool2": (grid // 2) ** 2, "none": 0}[patch_tokens]
+    chunk_rows = batch_size * chunk_batches
+    params = {
+        "teacher": model_name,
+        "weights_digest": loaded.weights_digest,
+        "views": views,
+        "patch_tokens": patch_tokens,
+        "shard": shard,
+        "num_shards": num_shards,
+        "seed": seed,
+        "precision": precision,
+        "augment": augment.__dict__,
+        "tile_store": store.attrs["provenance"]["config_hash"],
+        "chunk_rows": chunk_rows,
+    }
+    meta = provenance(
+        params,
+        model_id=model_name,
+        arch=spec.arch,
+        hub_id=spec.hub_id,
+        weights=loaded.weights,
+        weights_digest=loaded.weights_digest,
+        view_fields=list(VIEW_FIELDS),
+        rows=[lo, hi],
+        tile_store=str(store_path),
+        num_prefix_tokens=spec.num_prefix_tokens,
+        embed_dim=d,
+        patch_grid=grid,
+        device=str(dev),
+        autocast=str(amp),
+        transform=spec.to_json()["transform"],
+    )
+
+    def create(group):
+        group.create_array(
+            "params",
+            shape=(n, views, len(VIEW_FIELDS)),
+            chunks=(chunk_rows, views, len(VIEW_FIELDS)),
+            dtype="float64",
+        )
+        group.create_array("cls", shape=(n, views, d), chunks=(chunk_rows, views, d), dtype="float16")
+        if n_patch:
+            group.create_array(
+                "patch", shape=(n, views, n_patch, d), chunks=(batch_size, views, n_patch, d), dtype="float16"
+            )
+        group.create_array("tile_index", data=np.arange(lo, hi, dtype=np.int64))
+
+    output = ResumableStore(out, meta, create)
+    start = output.rows_done
+    dataset = ViewDataset(
+        store_path, lo + start, hi, views, seed, spec.transform.mean, spec.transform.std, augment
+    )
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda"
+    )
+    model = loaded.model.to(dev)
+    pending: dict[str, list[np.ndarray]] = {"params": [], "cls": [], "patch": []}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for images, view_params, _ in loader:
+            b = images.shape[0]
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                tokens = model.forward_features(images.flatten(0, 1).to(dev, non_blocking=True)).float()
+            pending["params"].append(view_params.numpy())
+            pending["cls"].append(tokens[:, 0].reshape(b, views, d).half().cpu().numpy())
+            if n_patch:
+                patches = tokens[:, spec.num_prefix_tokens :]
+                if patch_tokens == "pool2":
+                    patches = pool_patches(patches)
+                pending["patch"].append(patches.reshape(b, views, n_patch, d).half().cpu().numpy())
+            if sum(len(x) for x in pending["cls"]) >= chunk_rows:
+                done = output.write({k: np.concatenate(v) for k, v in pending.items() if v})
+                for v in pending.values():
+                    v.clear()
+                log.info(
+                    "%s shard %d: %d/%d tiles (%.1f tiles/s)",
+                    model_name,
+                    shard,
+                    done,
+                    n,
+                    (done - start) / (time.perf_counter() - t0),
+                )
+    if pending["cls"]:
+        output.write({k: np.concatenate(v) for k, v in pending.items() if v})
+    raw = views * (d + n_patch * d) * 2 + views * len(VIEW_FIELDS) * 8
+    disk = sum(f.stat().st_size for f in output.partial.rglob("*") if f.is_file())
+    output.finish(bytes_per_tile_raw=raw, bytes_per_tile_disk=disk / max(n, 1))
+    log.info(
+        "teacher cache shard %d: %d tiles, %.1f KiB/tile raw, %.1f KiB/tile on disk",
+        shard,
+        n,
+        raw / 1024,
+        disk / max(n, 1) / 1024,
+    )
+    return n
+
+
+def gather_teacher_cache(shard_paths: list[str | Path], out: str | Path) -> dict:
+    """Write the manifest of a sharded cache (the shards stay where they are, referenced relatively)."""
+    out = Path(out)
+    shards = []
+    for p in shard_paths:
+        root = zarr.open_group(p, mode="r")
+        if not root.attrs.get("complete"):
+            raise HistodistillError(f"teacher cache shard {p} is incomplete")
+        shards.append((Path(p), dict(root.attrs)))
+    shards.sort(key=lambda s: s[1]["provenance"]["rows"][0])
+    rows = [s[1]["provenance"]["rows"] for s in shards]
+    if rows[0][0] != 0 or any(a[1] != b[0] for a, b in zip(rows, rows[1:], strict=False)):
+        raise HistodistillError(f"teacher cache shards do not tile the store: {rows}")
+    first = shards[0][1]["provenance"]
+    n = rows[-1][1]
+    raw = shards[0][1]["bytes_per_tile_raw"]
+    disk = sum(
+        s[1]["bytes_per_tile_disk"] * (s[1]["provenance"]["rows"][1] - s[1]["provenance"]["rows"][0])
+        for s in shards
+    ) / max(n, 1)
+    manifest = {
+        "shards": [os.path.relpath(p.resolve(), out.resolve().parent) for p, _ in shards],
+        "rows": rows,
+        "n_tiles": n,
+        "teacher": first["model_id"],
+        "views": first["params"]["views"],
+        "patch_tokens": first["params"]["patch_tokens"],
+        "embed_dim": first["embed_dim"],
+        "bytes_per_tile_raw": raw,
+        "bytes_per_tile_disk": disk,
+        "provenance": first,
+    }
+    with atomic_path(out) as tmp:
+        zarr.open_group(tmp, mode="w", zarr_format=3).attrs.update(manifest)
+    return manifest
+
+
+class TeacherCache:
+    """One cohort's cache across its shards: rows are tile-store rows."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.attrs = dict(zarr.open_group(self.path, mode="r").attrs)
+        if "shards" not in self.attrs:
+            raise HistodistillError(f"{self.path} is not a teacher cache manifest")
+        self.shards = [zarr.open_group(self.path.parent / s, mode="r") for s in self.attrs["shards"]]
+        self.starts = np.array([r[0] for r in self.attrs["rows"]])
+
+    def __len__(self) -> int:
+        return int(self.attrs["n_tiles"])
+
+    def _locate(self, row: int):
+        k = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return self.shards[k], row - int(self.starts[k])
+
+    def get(self, row: int) -> dict[str, np.ndarray]:
+        """params [V, F], cls [V, D] and (if stored) patch [V, T, D] of one tile-store row."""
+        shard, i = self._locate(int(row))
+        out = {"params": shard["params"][i], "cls": shard["cls"][i]}
+        if "patch" in shard:
+            out["patch"] = shard["patch"][i]
+        return out
