@@ -1,5 +1,5 @@
 # histodistill: distill a pathology foundation model into a small student, and benchmark both.
-# Targets: all_tiles (tiling + packing); more stages add their targets here.
+# Targets: demo, all_tiles (tiling + packing), all_teacher (teacher cache), all_embeddings.
 from pathlib import Path
 
 from histodistill.config import load_schema, validate_config
@@ -15,9 +15,13 @@ validate_config(config, load_schema(Path(workflow.basedir) / "configs" / "schema
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"
+include: "rules/teacher.smk"
+include: "rules/embed.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.all_tiles.input,
+        rules.all_teacher.input,
+        rules.all_embeddings.input,

@@ -9,6 +9,10 @@ COHORTS = sorted(SAMPLES["cohort"].unique())
 wildcard_constraints:
     slide=r"[A-Za-z0-9._-]+",
     cohort=r"[A-Za-z0-9._-]+",
+    dataset=r"[A-Za-z0-9._-]+",
+    teacher=r"[A-Za-z0-9_.-]+",
+    model=r"[A-Za-z0-9_.-]+",
+    shard=r"\d+",
 
 
 def slides_of(cohort):

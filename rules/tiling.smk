@@ -25,6 +25,7 @@ rule tile_slide:
 rule pack_tiles:
     input:
         tables=lambda w: expand(f"{RESULTS}/tiles/{w.cohort}/{{slide}}.parquet", slide=slides_of(w.cohort)),
+        slides=lambda w: [SAMPLES.loc[s, "path"] for s in slides_of(w.cohort)],  # the pixels come from here
     output:
         store=directory(f"{RESULTS}/tilestore/{{cohort}}.zarr"),
     params:

@@ -48,6 +48,85 @@ def _pack(args: argparse.Namespace) -> None:
     log.info("packed %d tiles → %s (%.1f s, %.0f tiles/s)", n, args.out, elapsed, n / max(elapsed, 1e-9))
 
 
+def _embed(args: argparse.Namespace) -> None:
+    from histodistill.embed import extract_embeddings
+    from histodistill.export import export_h5, export_plismbench
+
+    start = time.perf_counter()
+    n = extract_embeddings(
+        args.model,
+        args.tiles,
+        args.out,
+        pooling=args.pooling,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        precision=args.precision,
+        seed=args.seed,
+    )
+    log.info("embedded %d tiles with %s in %.1f s → %s", n, args.model, time.perf_counter() - start, args.out)
+    if args.export_plismbench:
+        log.info(
+            "plismbench features: %d slides → %s",
+            len(export_plismbench(args.out, args.export_plismbench)),
+            args.export_plismbench,
+        )
+    if args.export_h5:
+        log.info("HDF5 features: %d slides → %s", len(export_h5(args.out, args.export_h5)), args.export_h5)
+
+
+def _cache_teacher(args: argparse.Namespace) -> None:
+    from histodistill.teacher_cache import cache_teacher
+
+    n = cache_teacher(
+        args.model,
+        args.tiles,
+        args.out,
+        views=args.views,
+        patch_tokens=args.patch_tokens,
+        shard=args.shard,
+        num_shards=args.num_shards,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        precision=args.precision,
+        seed=args.seed,
+    )
+    log.info("teacher cache: %d tiles × %d views → %s", n, args.views, args.out)
+
+
+def _gather_teacher(args: argparse.Namespace) -> None:
+    from histodistill.teacher_cache import gather_teacher_cache
+
+    manifest = gather_teacher_cache(args.shards, args.out)
+    log.info(
+        "teacher cache %s: %d tiles in %d shards, %.1f KiB/tile on disk",
+        args.out,
+        manifest["n_tiles"],
+        len(manifest["shards"]),
+        manifest["bytes_per_tile_disk"] / 1024,
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="registry name (e.g. h_optimus_0, h0_mini_tiny) or student:<run>"
+    )
+    p.add_argument(
+        "--weights", help="local weights (.safetensors, or a torch checkpoint); default: the hub id"
+    )
+    p.add_argument("--tiles", required=True, help="tile store (.zarr) from `histodistill pack`")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, …")
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on GPU"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histodistill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -83,6 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tile store (.zarr)")
     p.add_argument("--chunk-tiles", type=int, default=64, help="tiles per shard")
     p.set_defaults(func=_pack)
+
+    p = sub.add_parser("embed", help="embed every tile of a tile store with a registered model → Zarr [N, D]")
+    _add_model_args(p)
+    p.add_argument("--pooling", choices=["cls", "cls_mean", "patch_tokens"], help="default: the model's own")
+    p.add_argument("--out", required=True, help="embedding store (.zarr); resumes OUT.partial after a kill")
+    p.add_argument(
+        "--export-plismbench", help="also write {slide}/features.npy ([level, x, y, features…]) here"
+    )
+    p.add_argument("--export-h5", help="also write TRIDENT/CLAM-style {slide}.h5 (features, coords) here")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser(
+        "cache-teacher", help="run the teacher once per tile and view → teacher cache (one shard)"
+    )
+    _add_model_args(p)
+    p.add_argument("--views", type=int, default=2, help="augmented global views per tile")
+    p.add_argument("--patch-tokens", choices=["full", "pool2", "none"], default="full")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--out", required=True, help="cache store (.zarr) of this shard")
+    p.set_defaults(func=_cache_teacher)
+
+    p = sub.add_parser("gather-teacher", help="write the manifest that joins teacher cache shards")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_gather_teacher)
     return parser
 
 

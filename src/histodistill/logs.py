@@ -17,3 +17,8 @@ def log_to(path: str | Path | None, level: int = logging.INFO) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
     )
     logging.captureWarnings(True)
+
+    def log_uncaught(kind, value, tb):  # so the rule's log file says why the job failed
+        logging.getLogger("histodistill").critical("job failed: %s", value, exc_info=(kind, value, tb))
+
+    sys.excepthook = log_uncaught

@@ -242,12 +242,19 @@ class TeacherCache:
     """One cohort's cache across its shards: rows are tile-store rows."""
 
     def __init__(self, path: str | Path):
+        """`path` is a manifest (from `gather_teacher_cache`) or a single shard store."""
         self.path = Path(path)
-        self.attrs = dict(zarr.open_group(self.path, mode="r").attrs)
-        if "shards" not in self.attrs:
-            raise HistodistillError(f"{self.path} is not a teacher cache manifest")
-        self.shards = [zarr.open_group(self.path.parent / s, mode="r") for s in self.attrs["shards"]]
-        self.starts = np.array([r[0] for r in self.attrs["rows"]])
+        root = zarr.open_group(self.path, mode="r")
+        self.attrs = dict(root.attrs)
+        if "shards" in self.attrs:
+            self.shards = [zarr.open_group(self.path.parent / s, mode="r") for s in self.attrs["shards"]]
+            self.starts = np.array([r[0] for r in self.attrs["rows"]])
+        elif self.attrs.get("complete") and "cls" in root:
+            lo, hi = self.attrs["provenance"]["rows"]
+            self.shards, self.starts = [root], np.array([lo])
+            self.attrs = {**self.attrs, "n_tiles": hi, "rows": [[lo, hi]]}
+        else:
+            raise HistodistillError(f"{self.path} is neither a teacher cache manifest nor a complete shard")
 
     def __len__(self) -> int:
         return int(self.attrs["n_tiles"])

@@ -1,4 +1,4 @@
-"""End to end: `snakemake all_tiles` on the demo (smaller slides), then scoped reruns and config errors."""
+"""End to end: `snakemake all` on the demo (smaller slides), then scoped reruns and config errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from histodistill.embed import EmbeddingStore
+from histodistill.teacher_cache import TeacherCache
 from histodistill.tilestore import TileStore
 from histodistill.tiling import read_tile_table
 from tests.conftest import REPO
@@ -27,10 +29,11 @@ SNAKEMAKE = [
 ]
 
 
-def write_demo_config(workdir: Path, **tiling) -> Path:
+def write_demo_config(workdir: Path, teacher: dict | None = None, **tiling) -> Path:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["demo"].update(width_px=2048, height_px=1536)
     config["tiling"].update(tiling)
+    config["teacher"].update(teacher or {})
     (workdir / "configs").mkdir(exist_ok=True)
     (workdir / "configs" / "demo_samples.tsv").write_text((REPO / "configs" / "demo_samples.tsv").read_text())
     path = workdir / "config.yaml"
@@ -67,7 +70,7 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     write_demo_config(workdir)
-    snakemake(workdir, "all_tiles")
+    snakemake(workdir, "all")
     return workdir
 
 
@@ -87,17 +90,51 @@ def test_demo_produces_tables_qc_and_store(demo_run):
     assert (demo_run / "logs" / "tile_slide" / "demo" / "demo_00.log").exists()
 
 
+def test_demo_produces_teacher_cache_and_embeddings(demo_run):
+    results = demo_run / "results"
+    n = len(TileStore(results / "tilestore" / "demo.zarr"))
+    cache = TeacherCache(results / "teacher" / "h_optimus_0_tiny" / "demo.zarr")
+    assert len(cache) == n and len(cache.attrs["shards"]) == 2
+    assert cache.get(n - 1)["cls"].shape == (2, 64)
+    for model, dim in (("h_optimus_0_tiny", 64), ("h0_mini_tiny", 64), ("virchow2_tiny", 128)):
+        emb = EmbeddingStore(results / "embeddings" / model / "demo.zarr")
+        assert emb.embeddings.shape == (n, dim)
+        assert sorted(p.name for p in (results / "exports" / "h5" / model / "demo").glob("*.h5")) == [
+            "demo_00.h5",
+            "demo_01.h5",
+            "demo_02.h5",
+        ]
+        assert (results / "exports" / "plismbench" / model / "demo" / "demo_00" / "features.npy").exists()
+
+
 def test_nothing_to_do_after_a_run(demo_run):
-    assert planned_jobs(snakemake(demo_run, "-n", "all_tiles")) == {}
+    assert planned_jobs(snakemake(demo_run, "-n", "all")) == {}
 
 
-def test_changing_a_tiling_setting_reruns_tiling_and_packing_only(demo_run):
+def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
     write_demo_config(demo_run, min_tissue=0.3)
     try:
-        jobs = planned_jobs(snakemake(demo_run, "-n", "all_tiles"))
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
     finally:
         write_demo_config(demo_run)
-    assert jobs == {"tile_slide": 3, "pack_tiles": 1, "all_tiles": 1}
+    assert jobs == {
+        "tile_slide": 3,
+        "pack_tiles": 1,
+        "cache_teacher_shard": 2,
+        "cache_teacher": 1,
+        "embed": 3,
+        "export_embeddings": 6,
+        "all": 1,
+    }
+
+
+def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
+    write_demo_config(demo_run, teacher={"views": 4})
+    try:
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
+    finally:
+        write_demo_config(demo_run)
+    assert jobs == {"cache_teacher_shard": 2, "cache_teacher": 1, "all": 1}
 
 
 def test_changing_a_packing_setting_reruns_packing_only(demo_run):

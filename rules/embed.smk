@@ -1,0 +1,55 @@
+# Embedding extraction: every configured model × cohort → Zarr [N, D] (+ optional export formats).
+
+
+def embed_cohorts():
+    return config["embeddings"]["cohorts"] or COHORTS
+
+
+rule embed:
+    input:
+        store=f"{RESULTS}/tilestore/{{dataset}}.zarr",
+    output:
+        embeddings=directory(f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr"),
+    params:
+        pooling=config["embeddings"]["pooling"],
+        batch_size=config["embeddings"]["batch_size"],
+        num_workers=config["embeddings"]["num_workers"],
+        precision=config["embeddings"]["precision"],
+        seed=config["seed"],
+        weights=lambda w: model_weights(w.model),
+        results_dir=RESULTS,
+    log:
+        "logs/embed/{model}/{dataset}.log",
+    threads: threads_for("embed")
+    resources:
+        **resources_for("embed"),
+    script:
+        "../workflow_scripts/embed.py"
+
+
+rule export_embeddings:
+    input:
+        embeddings=f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr",
+    output:
+        directory(f"{RESULTS}/exports/{{format}}/{{model}}/{{dataset}}"),
+    wildcard_constraints:
+        format="plismbench|h5",
+    log:
+        "logs/export_embeddings/{format}/{model}/{dataset}.log",
+    script:
+        "../workflow_scripts/export_embeddings.py"
+
+
+rule all_embeddings:
+    input:
+        expand(
+            f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr",
+            model=config["embeddings"]["models"],
+            dataset=embed_cohorts(),
+        ),
+        expand(
+            f"{RESULTS}/exports/{{format}}/{{model}}/{{dataset}}",
+            format=config["embeddings"]["exports"],
+            model=config["embeddings"]["models"],
+            dataset=embed_cohorts(),
+        ),
