@@ -167,6 +167,14 @@ def render(
     return x
 
 
+def view_digest(view: torch.Tensor) -> int:
+    """64-bit digest of a rendered uint8 view: stored in the teacher cache to prove bitwise rebuilds."""
+    return (
+        int.from_bytes(hashlib.blake2b(view.contiguous().numpy().tobytes(), digest_size=8).digest(), "little")
+        >> 1
+    )
+
+
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [..., 3, H, W] → float, normalised with a model's mean/std."""
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)

@@ -53,10 +53,11 @@ def extract_embeddings(
     chunk_batches: int = 8,
     seed: int = 0,
     results_dir: str | Path = "results",
+    random_init: bool = False,
 ) -> int:
     """Embed every tile of `store_path` with `model_name` into `out`; returns the number of rows."""
     out = Path(out)
-    loaded = load_model(model_name, weights, seed=seed, results_dir=results_dir)
+    loaded = load_model(model_name, weights, seed=seed, results_dir=results_dir, random_init=random_init)
     spec = loaded.spec
     pooling = pooling or spec.default_pooling
     dev = pick_device(device)

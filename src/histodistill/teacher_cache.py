@@ -1,8 +1,8 @@
 """Teacher feature cache: the teacher runs once per tile and view; students are distilled from the cache.
 
 For each tile of a tile store and each of V views, the cache holds the view's parameters (`augment.py`,
-so the student rebuilds exactly that image), the teacher's CLS token and its patch tokens after the
-final norm (fp16; `patch_tokens: full | pool2 | none`, pool2 = 2×2-averaged patch grid, 4× smaller).
+so the student rebuilds exactly that image), a digest of the rendered view, the teacher's CLS token and its
+patch tokens after the final norm (fp16; `patch_tokens: full | pool2 | none`, pool2 = 2×2-averaged patch grid, 4× smaller).
 
 Sharding: shard k of S covers tile rows [k·N/S, (k+1)·N/S) and is its own resumable store (one GPU job
 each); `gather_teacher_cache` writes a small manifest store that `TeacherCache` reads as one cohort.
@@ -21,7 +21,15 @@ import zarr
 from torch.utils.data import DataLoader
 
 from histodistill.atomic import atomic_path
-from histodistill.augment import VIEW_FIELDS, AugmentConfig, draw_views, global_kinds, normalise, render
+from histodistill.augment import (
+    VIEW_FIELDS,
+    AugmentConfig,
+    draw_views,
+    global_kinds,
+    normalise,
+    render,
+    view_digest,
+)
 from histodistill.embed import autocast_dtype, pick_device
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
@@ -40,7 +48,7 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
 
 
 class ViewDataset:
-    """Tile rows [lo, hi) of a tile store → (normalised views [V, 3, S, S], view params [V, F], row)."""
+    """Tile rows [lo, hi) → (normalised views [V, 3, S, S], view params [V, F], view digests [V], row)."""
 
     def __init__(self, store_path, lo, hi, n_views, seed, mean, std, cfg: AugmentConfig = AugmentConfig()):
         self.store_path, self.lo, self.hi = Path(store_path), lo, hi
@@ -60,8 +68,10 @@ class ViewDataset:
         tile = self._store[self.lo + i]
         slide_id = self.slide_ids[int(self.slide_index[i])]
         params = draw_views(self.seed, slide_id, int(self.tile_id[i]), self.kinds, tile.shape[:2], self.cfg)
-        views = torch.stack([normalise(render(tile, p, self.cfg), self.mean, self.std) for p in params])
-        return views, torch.from_numpy(params), self.lo + i
+        rendered = [render(tile, p, self.cfg) for p in params]
+        digests = torch.tensor([view_digest(v) for v in rendered], dtype=torch.int64)
+        views = torch.stack([normalise(v, self.mean, self.std) for v in rendered])
+        return views, torch.from_numpy(params), digests, self.lo + i
 
     def __getstate__(self):
         return {**self.__dict__, "_store": None, "_pid": None}
@@ -144,6 +154,7 @@ def cache_teacher(
             chunks=(chunk_rows, views, len(VIEW_FIELDS)),
             dtype="float64",
         )
+        group.create_array("view_digest", shape=(n, views), chunks=(chunk_rows, views), dtype="int64")
         group.create_array("cls", shape=(n, views, d), chunks=(chunk_rows, views, d), dtype="float16")
         if n_patch:
             group.create_array(
@@ -160,14 +171,15 @@ def cache_teacher(
         dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda"
     )
     model = loaded.model.to(dev)
-    pending: dict[str, list[np.ndarray]] = {"params": [], "cls": [], "patch": []}
+    pending: dict[str, list[np.ndarray]] = {"params": [], "view_digest": [], "cls": [], "patch": []}
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for images, view_params, _ in loader:
+        for images, view_params, digests, _ in loader:
             b = images.shape[0]
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 tokens = model.forward_features(images.flatten(0, 1).to(dev, non_blocking=True)).float()
             pending["params"].append(view_params.numpy())
+            pending["view_digest"].append(digests.numpy())
             pending["cls"].append(tokens[:, 0].reshape(b, views, d).half().cpu().numpy())
             if n_patch:
                 patches = tokens[:, spec.num_prefix_tokens :]
@@ -188,7 +200,7 @@ def cache_teacher(
                 )
     if pending["cls"]:
         output.write({k: np.concatenate(v) for k, v in pending.items() if v})
-    raw = views * (d + n_patch * d) * 2 + views * len(VIEW_FIELDS) * 8
+    raw = views * (d + n_patch * d) * 2 + views * (len(VIEW_FIELDS) + 1) * 8
     disk = sum(f.stat().st_size for f in output.partial.rglob("*") if f.is_file())
     output.finish(bytes_per_tile_raw=raw, bytes_per_tile_disk=disk / max(n, 1))
     log.info(
@@ -264,9 +276,9 @@ class TeacherCache:
         return self.shards[k], row - int(self.starts[k])
 
     def get(self, row: int) -> dict[str, np.ndarray]:
-        """params [V, F], cls [V, D] and (if stored) patch [V, T, D] of one tile-store row."""
+        """params [V, F], view_digest [V], cls [V, D] and (if stored) patch [V, T, D] of one tile-store row."""
         shard, i = self._locate(int(row))
-        out = {"params": shard["params"][i], "cls": shard["cls"][i]}
+        out = {"params": shard["params"][i], "view_digest": shard["view_digest"][i], "cls": shard["cls"][i]}
         if "patch" in shard:
             out["patch"] = shard["patch"][i]
         return out

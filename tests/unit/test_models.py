@@ -79,6 +79,20 @@ def test_poolings_on_known_tokens():
         pool_tokens(tokens, 5, "mean")
 
 
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_poolings_for_each_registered_token_layout(name):
+    """Known tokens laid out as the model lays them out: CLS, its registers, then the patch grid."""
+    spec = get_spec(name)
+    grid = (224 // spec.patch_size) ** 2
+    tokens = torch.full((1, spec.num_prefix_tokens + grid, 3), -50.0)  # registers: a value that must not leak
+    tokens[0, 0] = torch.tensor([7.0, 8.0, 9.0])
+    tokens[0, spec.num_prefix_tokens :] = torch.arange(grid, dtype=torch.float32)[:, None]
+    pooled = pool_tokens(tokens, spec.num_prefix_tokens, "cls_mean")[0]
+    assert pooled[:3].tolist() == [7.0, 8.0, 9.0]
+    assert pooled[3:].tolist() == [(grid - 1) / 2] * 3
+    assert pool_tokens(tokens, spec.num_prefix_tokens, "patch_tokens").shape == (1, grid, 3)
+
+
 def test_unknown_model():
     with pytest.raises(ModelError, match="unknown model 'h_optimus_9'"):
         load_model("h_optimus_9")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from histodistill.augment import normalise, render
+from histodistill.augment import normalise, render, view_digest
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.teacher_cache import (
@@ -43,6 +43,15 @@ def cache(store):
     return d / "cache.zarr"
 
 
+def test_views_rebuilt_from_stored_params_are_bitwise_what_the_teacher_saw(store, cache):
+    """The digests were computed in the DataLoader process that fed the teacher; we rebuild here."""
+    tc, tiles = TeacherCache(cache), TileStore(store)
+    for row in range(len(tc)):
+        entry = tc.get(row)
+        rebuilt = [view_digest(render(tiles[row], p)) for p in entry["params"]]
+        assert rebuilt == entry["view_digest"].tolist()
+
+
 def test_cached_outputs_equal_a_fresh_forward_on_the_rebuilt_view(store, cache):
     """Tolerance: fp16 storage, |Δ| ≤ 2e-3 + 2e-3·|x| (fp16 has 11 bits of mantissa)."""
     tc, tiles = TeacherCache(cache), TileStore(store)
@@ -66,7 +75,7 @@ def test_manifest_and_sizes(store, cache):
     n = len(TileStore(store))
     assert len(tc) == n and tc.attrs["rows"] == [[0, n // 2], [n // 2, n]]
     assert tc.get(n - 1)["patch"].shape == (2, 256, 64)
-    assert tc.attrs["bytes_per_tile_raw"] == 2 * (64 + 256 * 64) * 2 + 2 * 16 * 8
+    assert tc.attrs["bytes_per_tile_raw"] == 2 * (64 + 256 * 64) * 2 + 2 * 17 * 8
     assert 0 < tc.attrs["bytes_per_tile_disk"] <= tc.attrs["bytes_per_tile_raw"] * 1.1
 
 
@@ -111,5 +120,5 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, store, cache):
     )
     reference = zarr.open_group(store.parent / "shard-0.zarr", mode="r")
     resumed = zarr.open_group(out, mode="r")
-    for name in ("params", "cls", "patch"):
+    for name in ("params", "view_digest", "cls", "patch"):
         np.testing.assert_array_equal(resumed[name][:], reference[name][:])

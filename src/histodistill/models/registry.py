@@ -246,9 +246,16 @@ class LoadedModel:
 
 
 def load_model(
-    name: str, weights: str | Path | None = None, seed: int = 0, results_dir: str | Path = "results"
+    name: str,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    results_dir: str | Path = "results",
+    random_init: bool = False,
 ) -> LoadedModel:
-    """Build `name` in eval mode with its weights (see the module docstring for the sources)."""
+    """Build `name` in eval mode with its weights (see the module docstring for the sources).
+
+    `random_init=True` builds the real architecture with seeded random weights (for timing, never results).
+    """
     if name.startswith("student:"):
         path = (
             Path(weights)
@@ -273,7 +280,7 @@ def load_model(
                 f"unexpected {sorted(unexpected)[:5]}"
             )
         return LoadedModel(model.eval(), spec, str(path), file_digest(path))
-    if spec.random_init:
+    if spec.random_init or random_init:
         torch.manual_seed(seed)
         return LoadedModel(_build(spec).eval(), spec, f"random-init(seed={seed})", f"random-init:{seed}")
     if spec.hub_id is None:
