@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from histodistill.embed import autocast_dtype, extract_embeddings, pick_device
+from histodistill.devices import autocast_dtype, pick_device
+from histodistill.embed import extract_embeddings
 from histodistill.models import load_model
 from histodistill.synthetic import SlideSpec, make_demo_slide
 from histodistill.tilestore import TileStore, pack_tiles

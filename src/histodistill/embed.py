@@ -17,6 +17,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Subset
 
+from histodistill.devices import autocast_dtype, pick_device
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model, pool_tokens
 from histodistill.models.transforms import ModelTransform
@@ -25,19 +26,6 @@ from histodistill.resumable import ResumableStore
 from histodistill.tilestore import INDEX_COLUMNS, TileStore, TileStoreDataset
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 on GPU by default; full precision on CPU (CPU autocast is slower than fp32 there)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def extract_embeddings(

@@ -30,7 +30,7 @@ from histodistill.augment import (
     render,
     view_digest,
 )
-from histodistill.embed import autocast_dtype, pick_device
+from histodistill.devices import autocast_dtype, pick_device
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.provenance import provenance
@@ -108,7 +108,7 @@ def cache_teacher(
         raise HistodistillError(f"patch_tokens must be one of {PATCH_MODES}, not '{patch_tokens}'")
     loaded = load_model(model_name, weights, seed=seed, results_dir=results_dir)
     spec = loaded.spec
-    dev, amp = pick_device(device), None
+    dev = pick_device(device)
     amp = autocast_dtype(dev, precision)
     store = TileStore(store_path)
     lo, hi = shard_range(len(store), shard, num_shards)

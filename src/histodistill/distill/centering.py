@@ -1,0 +1,65 @@
+"""Teacher target distributions: softmax centering with an EMA centre, or Sinkhorn-Knopp.
+
+Reductions across processes happen only when torch.distributed is initialised, so the same code runs in
+a single CPU process and in DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SoftmaxCenter:
+    """softmax((t − c) / τ) with c an EMA (momentum 0.9) of the teacher's mean logits over the global batch.
+
+    With a frozen teacher the centre converges to a constant: `set(center)` installs one computed once.
+    """
+
+    def __init__(self, n_prototypes: int, momentum: float = 0.9):
+        self.momentum = momentum
+        self.center = torch.zeros(1, n_prototypes)
+
+    def probs(self, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        center = self.center.to(teacher_logits.device, teacher_logits.dtype)
+        return torch.softmax((teacher_logits - center) / temperature, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
+        total = _all_reduce_sum(flat.sum(dim=0, keepdim=True))
+        count = _all_reduce_sum(torch.tensor([float(flat.shape[0])], device=flat.device))
+        batch_center = (total / count).cpu()
+        self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
+
+    def state_dict(self) -> dict:
+        return {"center": self.center.clone(), "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.center, self.momentum = state["center"].clone(), state["momentum"]
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
+    """Balanced assignment of samples to prototypes (rows sum to 1), as in SwAV/DINOv2, over the global batch."""
+    q = torch.exp((teacher_logits.float() - teacher_logits.float().max()) / temperature).t()  # [K, B]
+    n_samples = _all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
+    n_prototypes = q.shape[0]
+    q /= _all_reduce_sum(q.sum())
+    for _ in range(n_iterations):
+        q /= _all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()

@@ -1,0 +1,109 @@
+"""Distillation losses as small pure-tensor functions.
+
+H(t, s) = −Σ_k t_k log softmax(s / τ_s)_k, with t the teacher's target distribution.
+- DINO: over global crops, every teacher crop against every *other* student crop (and local student
+  crops against every teacher global crop), averaged over pairs; for two globals that is
+  (H(t1, s2) + H(t2, s1)) / 2.
+- iBOT: mean over all patch tokens of both global crops of H(t_jp, s_jp) (no masking), computed in chunks
+  by a custom autograd function so no dense [N, K] probability tensor is ever kept for backward.
+- feature: cosine + smooth-L1 between teacher tokens and the student's tokens through a linear adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def soft_cross_entropy(
+    teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float
+) -> torch.Tensor:
+    """Mean over rows of H(t, s) (dense; for CLS-sized inputs)."""
+    logp = torch.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -(teacher_probs.float() * logp).sum(dim=-1).mean()
+
+
+def dino_loss(
+    teacher_probs: list[torch.Tensor], student_logits: list[torch.Tensor], student_temp: float
+) -> torch.Tensor:
+    """`teacher_probs`: one [B, K] per global crop; `student_logits`: the same global crops first, then locals."""
+    terms = []
+    for i, t in enumerate(teacher_probs):
+        for j, s in enumerate(student_logits):
+            if i != j:  # a teacher crop never supervises the same crop of the student
+                terms.append(soft_cross_entropy(t, s, student_temp))
+    return torch.stack(terms).mean()
+
+
+class _ChunkedSoftCE(torch.autograd.Function):
+    """mean_n −Σ_k t_nk log softmax(s_n / τ)_k with t = softmax((u_n − c) / τ_t), chunked over rows.
+
+    Saves only the inputs; forward and backward recompute each chunk's softmaxes, so peak extra memory is
+    one chunk of [chunk, K], however many patch tokens there are.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, center, student_temp, teacher_temp, chunk):
+        n = student_logits.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for a in range(0, n, chunk):
+            s = student_logits[a : a + chunk].float()
+            t = torch.softmax((teacher_logits[a : a + chunk].float() - center) / teacher_temp, dim=-1)
+            total += -(t * torch.log_softmax(s / student_temp, dim=-1)).sum()
+        ctx.save_for_backward(student_logits, teacher_logits, center)
+        ctx.temps, ctx.chunk = (student_temp, teacher_temp), chunk
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student_logits, teacher_logits, center = ctx.saved_tensors
+        student_temp, teacher_temp = ctx.temps
+        n = student_logits.shape[0]
+        grad = torch.empty_like(student_logits)
+        for a in range(0, n, ctx.chunk):
+            s = student_logits[a : a + ctx.chunk].float()
+            t = torch.softmax((teacher_logits[a : a + ctx.chunk].float() - center) / teacher_temp, dim=-1)
+            # d/ds of −Σ t log softmax(s/τ) = (softmax(s/τ) − t) / τ   (t sums to 1)
+            g = (torch.softmax(s / student_temp, dim=-1) - t) / (student_temp * n)
+            grad[a : a + ctx.chunk] = (g * grad_out).to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def ibot_loss(
+    student_patch_logits: torch.Tensor,
+    teacher_patch_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """1/(2P)·Σ_p Σ_j H(t_jp, s_jp) over all patch tokens [.., K] of both global crops (rows flattened)."""
+    k = student_patch_logits.shape[-1]
+    return _ChunkedSoftCE.apply(
+        student_patch_logits.reshape(-1, k),
+        teacher_patch_logits.detach().reshape(-1, k),
+        center.reshape(1, k).to(student_patch_logits.device).float(),
+        student_temp,
+        teacher_temp,
+        chunk,
+    )
+
+
+class FeatureAdapter(nn.Module):
+    """Linear map from student tokens to the teacher's width, for the head-free `feature` objective."""
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def feature_loss(
+    student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, beta: float = 1.0
+) -> torch.Tensor:
+    """(1 − cosine) + smooth-L1, averaged over tokens; the student's tokens already mapped by the adapter."""
+    s, t = student_tokens.float(), teacher_tokens.float().detach()
+    cosine = 1 - nn.functional.cosine_similarity(s, t, dim=-1).mean()
+    return cosine + nn.functional.smooth_l1_loss(s, t, beta=beta)
