@@ -116,11 +116,20 @@ def draw_views(
     kinds: list[int],
     tile_hw: tuple[int, int],
     cfg: AugmentConfig = AugmentConfig(),
+    first_view: int = 0,
 ) -> np.ndarray:
-    """Parameters of views 0…len(kinds)-1 of one tile ([V, len(VIEW_FIELDS)]); view v has its own seed."""
+    """Parameters of views first_view…first_view+len(kinds)-1 of one tile ([V, len(VIEW_FIELDS)]).
+
+    Each view number has its own seed, so a view never depends on how many others are drawn.
+    """
     return np.stack(
         [
-            draw_view(np.random.default_rng(view_seed(base_seed, slide_id, tile_id, v)), k, tile_hw, cfg)
+            draw_view(
+                np.random.default_rng(view_seed(base_seed, slide_id, tile_id, first_view + v)),
+                k,
+                tile_hw,
+                cfg,
+            )
             for v, k in enumerate(kinds)
         ]
     )

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from histodistill.errors import ModelError
 from histodistill.models import get_spec, list_models, load_model, pool_tokens, save_student
-from histodistill.models.registry import _build
+from histodistill.models.registry import build_model
 from histodistill.models.transforms import ModelTransform
 
 # name → (params in millions, embed dim, prefix tokens, patch size): the published architectures.
@@ -26,7 +26,7 @@ PUBLISHED = {
 def test_real_architectures_match_the_published_models(name):
     spec = get_spec(name)
     with torch.device("meta"):  # no memory: shapes only
-        model = _build(spec)
+        model = build_model(spec)
     params, dim, prefix, patch = PUBLISHED[name]
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == params
     assert model.embed_dim == spec.embed_dim == dim

@@ -201,7 +201,7 @@ def get_spec(name: str) -> ModelSpec:
     raise ModelError(f"unknown model '{name}'; registered: {', '.join(list_models())}, or student:<run>")
 
 
-def _build(spec: ModelSpec, pretrained_from_hub: bool = False) -> torch.nn.Module:
+def build_model(spec: ModelSpec, pretrained_from_hub: bool = False) -> torch.nn.Module:
     kwargs = {k: _LAYERS.get(v, v) if isinstance(v, str) else v for k, v in spec.kwargs.items()}
     name = f"hf-hub:{spec.hub_id}" if pretrained_from_hub else spec.arch
     return timm.create_model(name, pretrained=pretrained_from_hub, **kwargs)
@@ -268,7 +268,7 @@ def load_model(
         path = Path(weights)
         if not path.is_file():
             raise ModelError(f"weights for '{name}' not found: {path}")
-        model = _build(spec)
+        model = build_model(spec)
         state = _strip_prefixes(_read_state_dict(path))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -282,11 +282,11 @@ def load_model(
         return LoadedModel(model.eval(), spec, str(path), file_digest(path))
     if spec.random_init or random_init:
         torch.manual_seed(seed)
-        return LoadedModel(_build(spec).eval(), spec, f"random-init(seed={seed})", f"random-init:{seed}")
+        return LoadedModel(build_model(spec).eval(), spec, f"random-init(seed={seed})", f"random-init:{seed}")
     if spec.hub_id is None:
         raise ModelError(f"'{name}' has no hub id: give its weights with --weights PATH")
     try:
-        model = _build(spec, pretrained_from_hub=True)
+        model = build_model(spec, pretrained_from_hub=True)
     except Exception as exc:  # hub errors come in many types (gated, offline, not found, network)
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         raise ModelError(
@@ -341,7 +341,7 @@ def load_student(path: str | Path, name: str) -> LoadedModel:
         }
     )
     spec = replace(ModelSpec(**data), name=name, random_init=False)
-    model = _build(spec)
+    model = build_model(spec)
     model.load_state_dict(load_file(path), strict=True)
     return LoadedModel(model.eval(), spec, str(path), file_digest(path))
 

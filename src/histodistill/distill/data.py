@@ -1,0 +1,115 @@
+"""Training data for distillation: tiles + the teacher cache → the student's views and the teacher's targets.
+
+The two global views of a step are rebuilt from the parameters stored in the teacher cache (bit for bit
+what the teacher saw), so cached targets and student inputs correspond. Local crops (student only) are
+drawn from seeds of (seed, slide, tile, view ≥ V, epoch): no RNG state to carry across restarts.
+The sampler is a deterministic function of (seed, epoch, rank, world size): resuming at iteration k
+replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from histodistill.augment import LOCAL, AugmentConfig, draw_views, render
+from histodistill.teacher_cache import TeacherCache
+from histodistill.tilestore import TileStore
+
+
+def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows and held-out rows (for measuring teacher–student agreement), fixed by the seed."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_hold = max(1, round(n * holdout_fraction)) if holdout_fraction > 0 else 0
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+class EpochSampler(Sampler):
+    """Yields (row, epoch) for this rank from `start` (a position in samples), epoch after epoch, forever.
+
+    Each epoch is a seeded permutation of the training rows, dealt round-robin to ranks (like
+    DistributedSampler, without padding: an epoch's tail that does not fill every rank is dropped).
+    """
+
+    def __init__(self, rows: np.ndarray, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.rows, self.seed, self.rank, self.world, self.start = rows, seed, rank, world_size, start
+        self.per_rank = len(rows) // world_size
+        if self.per_rank == 0:
+            raise ValueError(f"{len(rows)} training tiles cannot feed {world_size} ranks")
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        perm = self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
+        return perm[: self.per_rank * self.world][self.rank :: self.world]
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            epoch, i = divmod(position, self.per_rank)
+            for row in self.epoch_rows(epoch)[i:]:
+                yield int(row), int(epoch)
+            position = (epoch + 1) * self.per_rank
+
+
+class DistillDataset:
+    """(row, epoch) → uint8 global views [2, 3, S, S], local views [L, 3, s, s] and (cached mode) targets."""
+
+    def __init__(
+        self,
+        tiles: str | Path,
+        cache: str | Path,
+        n_local: int,
+        seed: int,
+        cached: bool,
+        augment: AugmentConfig = AugmentConfig(),
+    ):
+        self.tiles_path, self.cache_path = Path(tiles), Path(cache)
+        self.n_local, self.seed, self.cached, self.augment = n_local, seed, cached, augment
+        store = TileStore(self.tiles_path)
+        self.slide_ids = [s["slide_id"] for s in store.attrs["slides"]]
+        self.slide_index, self.tile_id = store.root["slide_index"][:], store.root["tile_id"][:]
+        self.n_views = int(TeacherCache(self.cache_path).attrs["views"])
+        self._handles, self._pid = None, None
+
+    def _open(self):
+        if self._handles is None or self._pid != os.getpid():  # one handle per worker process
+            self._handles, self._pid = (
+                (TileStore(self.tiles_path), TeacherCache(self.cache_path)),
+                os.getpid(),
+            )
+        return self._handles
+
+    def __getitem__(self, item: tuple[int, int]):
+        row, epoch = item
+        store, cache = self._open()
+        tile = store[row]
+        entry = cache.get(row)
+        pair = 2 * (epoch % max(self.n_views // 2, 1))  # cycle through the cached view pairs
+        globals_ = torch.stack([render(tile, entry["params"][pair + j], self.augment) for j in range(2)])
+        slide = self.slide_ids[int(self.slide_index[row])]
+        if self.n_local:  # view numbers after the cached ones, new every epoch
+            first = self.n_views + epoch * self.n_local
+            params = draw_views(
+                self.seed,
+                slide,
+                int(self.tile_id[row]),
+                [LOCAL] * self.n_local,
+                tile.shape[:2],
+                self.augment,
+                first,
+            )
+            locals_ = torch.stack([render(tile, p, self.augment) for p in params])
+        else:
+            locals_ = torch.zeros(0, 3, self.augment.local_px, self.augment.local_px, dtype=torch.uint8)
+        out = {"globals": globals_, "locals": locals_, "row": row}
+        if self.cached:
+            out["teacher_cls"] = torch.from_numpy(entry["cls"][pair : pair + 2].astype(np.float32))
+            if "patch" in entry:
+                out["teacher_patch"] = torch.from_numpy(entry["patch"][pair : pair + 2].astype(np.float32))
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": None, "_pid": None}

@@ -1,0 +1,566 @@
+"""The distillation loop: get_teacher_output → get_student_output → compute_losses → step.
+
+Single process or DDP (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE, read first; then SLURM's variables; else
+one process). Checkpoints are written atomically every `checkpoint_every` iterations and on SIGUSR1/SIGTERM
+(then the process exits with EXIT_REQUEUE so the scheduler or Snakemake's retries restart it); a restart
+resumes from the last checkpoint and replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from histodistill.atomic import atomic_path
+from histodistill.augment import normalise
+from histodistill.devices import autocast_dtype
+from histodistill.distill.centering import SoftmaxCenter, sinkhorn_knopp
+from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.heads import ProjectionHead
+from histodistill.distill.losses import FeatureAdapter, dino_loss, feature_loss, ibot_loss
+from histodistill.distill.schedules import Schedules
+from histodistill.errors import HistodistillError
+from histodistill.models import get_spec, load_model, save_student
+from histodistill.models.registry import build_model
+from histodistill.provenance import provenance
+from histodistill.teacher_cache import TeacherCache, pool_patches
+
+log = logging.getLogger(__name__)
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal, run me again
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    student: str = "h0_mini_tiny"  # a registry architecture, trained from random init
+    teacher: str = "h_optimus_0_tiny"
+    teacher_weights: str | None = None
+    objective: str = "dino_ibot"  # or "feature"
+    teacher_mode: str = "cached"  # or "online"
+    teacher_heads: str = "frozen"  # frozen (seeded) | learned | a path to a safetensors file of heads
+    n_prototypes: int = 1024
+    dino_bottleneck: int = 384
+    ibot_bottleneck: int = 256
+    head_hidden: int = 2048
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    n_local: int = 0
+    centering: str = "softmax"  # or "sinkhorn"
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 16
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    ema_momentum: float = 0.996
+    clip_grad: float = 3.0
+    batch_size: int = 16  # total over processes and accumulation steps
+    iterations: int = 100
+    iters_per_epoch: int | None = None  # default: training tiles / batch size
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (with a grad scaler)
+    num_workers: int = 2
+    checkpoint_every: int = 50
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    ibot_chunk: int = 4096
+    extra: dict = field(default_factory=dict)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size): torchrun's variables first, then SLURM's, else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return (
+            int(os.environ["SLURM_PROCID"]),
+            int(os.environ.get("SLURM_LOCALID", 0)),
+            int(os.environ["SLURM_NTASKS"]),
+        )
+    return 0, 0, 1
+
+
+class StudentWithHeads(nn.Module):
+    """The trained module: student backbone + DINO head + iBOT head (or the feature adapter)."""
+
+    def __init__(self, backbone: nn.Module, cfg: DistillConfig, teacher_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.embed_dim
+        if cfg.objective == "feature":
+            self.adapter = FeatureAdapter(dim, teacher_dim)
+        else:
+            self.dino_head = ProjectionHead(dim, cfg.n_prototypes, cfg.head_hidden, cfg.dino_bottleneck)
+            self.ibot_head = ProjectionHead(dim, cfg.n_prototypes, cfg.head_hidden, cfg.ibot_bottleneck)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(images)
+
+
+def _teacher_heads(cfg: DistillConfig, teacher_dim: int) -> nn.ModuleDict:
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed + 7919)  # recorded: the heads depend only on the seed
+        heads = nn.ModuleDict(
+            {
+                "dino": ProjectionHead(teacher_dim, cfg.n_prototypes, cfg.head_hidden, cfg.dino_bottleneck),
+                "ibot": ProjectionHead(teacher_dim, cfg.n_prototypes, cfg.head_hidden, cfg.ibot_bottleneck),
+            }
+        )
+    if cfg.teacher_heads not in ("frozen", "learned"):
+        from safetensors.torch import load_file
+
+        path = Path(cfg.teacher_heads)
+        if not path.is_file():
+            raise HistodistillError(f"teacher heads checkpoint not found: {path}")
+        heads.load_state_dict(load_file(path))
+    heads.requires_grad_(cfg.teacher_heads == "learned")
+    for head in heads.values():  # the weight-norm's g stays fixed in every mode
+        head.prototypes.parametrizations.weight.original0.requires_grad = False
+    return heads
+
+
+def _param_groups(modules: list[nn.Module]) -> list[dict]:
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (
+                no_decay if p.ndim <= 1 or name.endswith(("cls_token", "reg_token", "pos_embed")) else decay
+            ).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear centred kernel alignment between two feature sets of the same samples (1 = same geometry)."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    num = np.linalg.norm(x.T @ y) ** 2
+    return float(num / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y) + 1e-12))
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        tiles: str | Path,
+        cache: str | Path,
+        out_dir: str | Path,
+        device: str = "auto",
+    ):
+        self.cfg, self.tiles, self.cache_path, self.out = cfg, Path(tiles), Path(cache), Path(out_dir)
+        self.rank, self.local_rank, self.world = dist_env()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if device == "auto":
+            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.amp = autocast_dtype(self.device, cfg.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+
+        cache = TeacherCache(self.cache_path)
+        self.teacher_spec = get_spec(cache.attrs["teacher"]) if cfg.teacher_mode == "online" else None
+        self.teacher_dim = int(cache.attrs["embed_dim"])
+        self.cache_patch = cache.attrs["patch_tokens"]
+        if (
+            cfg.objective != "feature"
+            and cfg.ibot_weight > 0
+            and self.cache_patch == "none"
+            and cfg.teacher_mode == "cached"
+        ):
+            raise HistodistillError(
+                "the iBOT loss needs patch tokens: cache them (teacher.patch_tokens: full|pool2)"
+            )
+        n_tiles = len(cache)
+        self.train_rows, self.holdout_rows = split_rows(n_tiles, cfg.holdout_fraction, cfg.seed)
+        if cfg.batch_size % self.world:
+            raise HistodistillError(f"batch_size {cfg.batch_size} is not divisible by {self.world} processes")
+        self.local_batch = cfg.batch_size // self.world
+        iters_per_epoch = cfg.iters_per_epoch or max(1, len(self.train_rows) // cfg.batch_size)
+        self.schedules = Schedules.build(
+            cfg.iterations,
+            iters_per_epoch,
+            cfg.lr * cfg.batch_size / 1024,
+            cfg.min_lr,
+            cfg.warmup_epochs,
+            cfg.weight_decay,
+            cfg.weight_decay_end,
+            cfg.teacher_temp,
+            cfg.warmup_teacher_temp,
+            cfg.warmup_teacher_temp_epochs,
+            cfg.ema_momentum,
+        )
+
+        base = get_spec(cfg.student)
+        # Local crops (98 px) need position-embedding interpolation: the student is built with dynamic size.
+        self.student_spec = replace(base, kwargs={**base.kwargs, "dynamic_img_size": True}, random_init=False)
+        # The student's own init seed: a tiny demo teacher is seeded with `seed`, and equal seeds would give
+        # the two the same patch embedding (agreement before training would then be trivially perfect).
+        torch.manual_seed(cfg.seed + 1)
+        backbone = build_model(self.student_spec)
+        self.model = StudentWithHeads(backbone, cfg, self.teacher_dim).to(self.device)
+        self.ema = copy.deepcopy(self.model.backbone).requires_grad_(False)
+        self.teacher_heads = _teacher_heads(cfg, self.teacher_dim).to(self.device)
+        self.teacher = None
+        if cfg.teacher_mode == "online":
+            self.teacher = load_model(cache.attrs["teacher"], cfg.teacher_weights, seed=cfg.seed).model.to(
+                self.device
+            )
+            self.teacher.requires_grad_(False)
+        self.centers = {
+            "dino": SoftmaxCenter(cfg.n_prototypes, cfg.center_momentum),
+            "ibot": SoftmaxCenter(cfg.n_prototypes, cfg.center_momentum),
+        }
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.world > 1
+            else self.model
+        )
+        trainable = [self.model] + ([self.teacher_heads] if cfg.teacher_heads == "learned" else [])
+        self.optimizer = torch.optim.AdamW(_param_groups(trainable), lr=0.0, betas=(0.9, 0.999))
+        self.iteration = 0
+        self.log_rows: list[dict] = []
+        self.agreement_before = float("nan")
+        self._stop = False
+
+    # ---- state -------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "teacher_heads": self.teacher_heads.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "centers": {k: c.state_dict() for k, c in self.centers.items()},
+            "torch_rng": torch.get_rng_state(),
+            "log": self.log_rows,
+            "agreement_before": self.agreement_before,
+            "config": json.dumps(asdict(self.cfg), sort_keys=True),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            with atomic_path(self.checkpoint_path) as tmp:
+                torch.save(self.state_dict(), tmp)
+            log.info("checkpoint at iteration %d → %s", self.iteration, self.checkpoint_path)
+        if self.world > 1:
+            dist.barrier()
+
+    def maybe_resume(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if state["config"] != json.dumps(asdict(self.cfg), sort_keys=True):
+            log.warning("checkpoint %s was written with other settings: starting over", self.checkpoint_path)
+            return False
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.teacher_heads.load_state_dict(state["teacher_heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        for k, c in self.centers.items():
+            c.load_state_dict(state["centers"][k])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration, self.log_rows = int(state["iteration"]), list(state["log"])
+        self.agreement_before = float(state["agreement_before"])
+        log.info("resumed %s at iteration %d", self.checkpoint_path, self.iteration)
+        return True
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("signal %d: checkpointing at the end of this iteration", signum)
+        self._stop = True
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def get_teacher_output(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher CLS [2, B, Dt] and patch tokens [2, B, P, Dt] (None without patches)."""
+        if self.teacher is None:
+            cls = batch["teacher_cls"].to(self.device).transpose(0, 1)
+            patch = batch.get("teacher_patch")
+            return cls, None if patch is None else patch.to(self.device).transpose(0, 1)
+        spec = self.teacher_spec
+        views = normalise(
+            batch["globals"].transpose(0, 1).flatten(0, 1), spec.transform.mean, spec.transform.std
+        )
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            tokens = self.teacher.forward_features(views.to(self.device)).float()
+        tokens = tokens.half().float()  # the cache's fp16 precision, so both modes see the same targets
+        b = batch["globals"].shape[0]
+        cls = tokens[:, 0].reshape(2, b, -1)
+        patch = tokens[:, spec.num_prefix_tokens :]
+        if self.cache_patch == "pool2":
+            patch = pool_patches(patch)
+        return cls, patch.reshape(2, b, patch.shape[1], -1)
+
+    def get_student_output(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Student tokens of the 2 global views [2B, T, D] and CLS of the local views [L·B, D]."""
+        mean, std = self.student_spec.transform.mean, self.student_spec.transform.std
+        globals_ = normalise(batch["globals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            tokens = self.ddp(globals_)
+            local_cls = None
+            if batch["locals"].shape[1]:
+                locals_ = normalise(batch["locals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
+                local_cls = self.ddp(locals_)[:, 0]
+        return tokens, local_cls
+
+    def compute_losses(self, teacher, student, temp: float) -> dict[str, torch.Tensor]:
+        t_cls, t_patch = teacher
+        tokens, local_cls = student
+        cfg, b = self.cfg, t_cls.shape[1]
+        prefix = self.student_spec.num_prefix_tokens
+        s_cls, s_patch = tokens[:, 0].float(), tokens[:, prefix:].float()
+        if t_patch is not None and t_patch.shape[2] != s_patch.shape[1]:
+            s_patch = pool_patches(s_patch)  # a 2×2-pooled cache: pool the student's grid alike
+        if cfg.objective == "feature":
+            s_all = torch.cat([s_cls[:, None], s_patch], 1) if t_patch is not None else s_cls[:, None]
+            t_all = (
+                torch.cat([t_cls.flatten(0, 1)[:, None], t_patch.flatten(0, 1)], 1)
+                if t_patch is not None
+                else t_cls.flatten(0, 1)[:, None]
+            )
+            loss = feature_loss(self.model.adapter(s_all), t_all)
+            return {"total": loss, "feature": loss}
+        with torch.set_grad_enabled(cfg.teacher_heads == "learned"):
+            t_dino = self.teacher_heads["dino"](t_cls.flatten(0, 1))  # [2B, K]
+            t_ibot = self.teacher_heads["ibot"](t_patch.flatten(0, 2)) if t_patch is not None else None
+        if cfg.centering == "sinkhorn":
+            t_probs = sinkhorn_knopp(t_dino, temp).reshape(2, b, -1)
+        else:
+            t_probs = self.centers["dino"].probs(t_dino, temp).reshape(2, b, -1)
+        s_dino = self.model.dino_head(s_cls).reshape(2, b, -1)
+        students = [s_dino[0], s_dino[1]]
+        if local_cls is not None:
+            students += list(self.model.dino_head(local_cls.float()).reshape(-1, b, cfg.n_prototypes))
+        losses = {"dino": dino_loss([t_probs[0], t_probs[1]], students, cfg.student_temp)}
+        total = cfg.dino_weight * losses["dino"]
+        if t_ibot is not None and cfg.ibot_weight > 0:
+            s_ibot = self.model.ibot_head(s_patch.reshape(-1, s_patch.shape[-1]))
+            losses["ibot"] = ibot_loss(
+                s_ibot, t_ibot, self.centers["ibot"].center, cfg.student_temp, temp, cfg.ibot_chunk
+            )
+            total = total + cfg.ibot_weight * losses["ibot"]
+        self._center_inputs = {"dino": t_dino.detach(), "ibot": None if t_ibot is None else t_ibot.detach()}
+        losses["total"] = total
+        return losses
+
+    def step(self, batch: dict) -> dict[str, float]:
+        it = self.iteration
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.schedules.lr[it])
+            group["weight_decay"] = float(self.schedules.weight_decay[it]) if group["apply_wd"] else 0.0
+        temp = float(self.schedules.teacher_temp[it])
+        losses = self.compute_losses(self.get_teacher_output(batch), self.get_student_output(batch), temp)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["total"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float(nn.utils.clip_grad_norm_(params, self.cfg.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            m = float(self.schedules.ema_momentum[it])
+            for e, s in zip(self.ema.parameters(), self.model.backbone.parameters(), strict=True):
+                e.lerp_(s.detach(), 1 - m)
+        if self.cfg.objective != "feature" and self.cfg.centering == "softmax":
+            for k, logits in self._center_inputs.items():
+                if logits is not None:
+                    self.centers[k].update(logits)
+        return {f"loss_{k}": float(v.detach()) for k, v in losses.items()} | {
+            "lr": float(self.schedules.lr[it]),
+            "weight_decay": float(self.schedules.weight_decay[it]),
+            "teacher_temp": temp,
+            "grad_norm": grad_norm,
+        }
+
+    # ---- agreement (proof it learns) ------------------------------------------------------------------
+    @torch.no_grad()
+    def agreement(self, backbone: nn.Module) -> float:
+        """Linear CKA between student and teacher tokens (CLS + patches) of held-out tiles (cached view 0).
+
+        Tokens, not just CLS: a few held-out tiles still give hundreds of samples per feature dimension.
+        """
+        if not len(self.holdout_rows) or self.cache_patch == "none":
+            return float("nan")
+        cache, store = (
+            TeacherCache(self.cache_path),
+            DistillDataset(self.tiles, self.cache_path, 0, self.cfg.seed, cached=True),
+        )
+        mean, std = self.student_spec.transform.mean, self.student_spec.transform.std
+        prefix = self.student_spec.num_prefix_tokens
+        feats_s, feats_t = [], []
+        for row in self.holdout_rows:
+            item = store[(int(row), 0)]
+            tokens = backbone.forward_features(
+                normalise(item["globals"][:1], mean, std).to(self.device)
+            ).float()
+            patches = tokens[:, prefix:]
+            entry = cache.get(int(row))
+            if entry["patch"].shape[1] != patches.shape[1]:
+                patches = pool_patches(patches)
+            feats_s.append(torch.cat([tokens[:, :1], patches], 1)[0].cpu().numpy())
+            feats_t.append(np.concatenate([entry["cls"][:1], entry["patch"][0]], 0).astype(np.float32))
+        return linear_cka(np.concatenate(feats_s), np.concatenate(feats_t))
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to `cfg.iterations` (or stop, checkpointed, after `stop_after` iterations: tests)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.maybe_resume():
+            self.agreement_before = self.agreement(self.model.backbone)
+        previous = {
+            signal.SIGUSR1: signal.getsignal(signal.SIGUSR1),
+            signal.SIGTERM: signal.getsignal(signal.SIGTERM),
+        }
+        for sig in previous:
+            signal.signal(sig, self._on_signal)
+        dataset = DistillDataset(
+            self.tiles, self.cache_path, cfg.n_local, cfg.seed, cached=self.teacher is None
+        )
+        sampler = EpochSampler(
+            self.train_rows, cfg.seed, self.rank, self.world, start=self.iteration * self.local_batch
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.local_batch,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.model.train()
+        t0, seen = time.perf_counter(), 0
+        try:
+            for batch in loader:
+                if self.iteration >= cfg.iterations:
+                    break
+                row = self.step(batch) | {"iteration": self.iteration}
+                seen += self.local_batch * self.world
+                row["samples_per_s"] = seen / (time.perf_counter() - t0)
+                row["gpu_mem_gb"] = (
+                    torch.cuda.max_memory_allocated(self.device) / 2**30
+                    if self.device.type == "cuda"
+                    else 0.0
+                )
+                self.log_rows.append(row)
+                self.iteration += 1
+                if self.rank == 0 and (self.iteration % 10 == 0 or self.iteration == cfg.iterations):
+                    log.info(
+                        "it %d/%d loss %.4f lr %.2e T %.3f %.1f samples/s",
+                        self.iteration,
+                        cfg.iterations,
+                        row["loss_total"],
+                        row["lr"],
+                        row["teacher_temp"],
+                        row["samples_per_s"],
+                    )
+                stop_now = self._stop or (stop_after is not None and self.iteration >= stop_after)
+                if self.iteration % cfg.checkpoint_every == 0 or stop_now:
+                    self.save_checkpoint()
+                if stop_now:
+                    return {"stopped_at": self.iteration}
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.save_checkpoint()
+        return self.export()
+
+    def export(self) -> dict:
+        """student.safetensors, student_ema.safetensors, train_log.parquet, loss.png, agreement.json."""
+        self.model.eval()
+        before, after, after_ema = (
+            self.agreement_before,
+            self.agreement(self.model.backbone),
+            self.agreement(self.ema),
+        )
+        summary = {
+            "agreement_cka_before": before,
+            "agreement_cka_after": after,
+            "agreement_cka_after_ema": after_ema,
+            "iterations": self.iteration,
+        }
+        if self.rank == 0:
+            meta = provenance(
+                asdict(self.cfg), teacher_cache=str(self.cache_path), tiles=str(self.tiles), **summary
+            )
+            extra = {"provenance": meta}
+            save_student(self.model.backbone, self.student_spec, self.out / "student.safetensors", extra)
+            save_student(self.ema, self.student_spec, self.out / "student_ema.safetensors", extra)
+            frame = pd.DataFrame(self.log_rows)
+            with atomic_path(self.out / "train_log.parquet") as tmp:
+                frame.to_parquet(tmp, index=False)
+            plot_losses(frame, self.out / "loss.png")
+            with atomic_path(self.out / "agreement.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2))
+            log.info(
+                "teacher–student agreement (linear CKA, held-out): %.3f → %.3f (EMA %.3f)",
+                before,
+                after,
+                after_ema,
+            )
+        return summary
+
+
+def plot_losses(frame: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in frame.columns if c.startswith("loss_")]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for c in cols:
+        ax.plot(frame["iteration"], frame[c], label=c.removeprefix("loss_"))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("distillation losses")
+    ax2.plot(frame["iteration"], frame["lr"], label="lr")
+    ax2b = ax2.twinx()
+    ax2b.plot(frame["iteration"], frame["teacher_temp"], color="tab:red", label="teacher temp")
+    ax2.set_xlabel("iteration")
+    ax2.set_title("schedules (lr, teacher temperature)")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for torchrun: python -m histodistill.distill.trainer CONFIG.json TILES CACHE OUT_DIR."""
+    config_path, tiles, cache, out = (argv or sys.argv[1:])[:4]
+    cfg = DistillConfig(**json.loads(Path(config_path).read_text()))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(cfg, tiles, cache, out)
+    result = trainer.fit()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return EXIT_REQUEUE if "stopped_at" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

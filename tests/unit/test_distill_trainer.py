@@ -1,0 +1,173 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, dist_env, linear_cka
+from histodistill.models import load_model
+from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
+from histodistill.tilestore import pack_tiles
+from histodistill.tiling import TilingParams, tile_slide
+
+CFG = DistillConfig(
+    iterations=12,
+    batch_size=4,
+    n_prototypes=128,
+    head_hidden=128,
+    num_workers=0,
+    checkpoint_every=100,
+    warmup_epochs=1,
+    warmup_teacher_temp_epochs=2,
+    lr=2e-3,
+    holdout_fraction=0.2,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, demo_slide):
+    d = tmp_path_factory.mktemp("distill")
+    tile_slide(demo_slide, "a", d / "a.parquet", TilingParams(min_tissue=0.0))
+    pack_tiles([d / "a.parquet"], d / "store.zarr", chunk_tiles=8)
+    cache_teacher(
+        "h_optimus_0_tiny", d / "store.zarr", d / "shard.zarr", views=2, batch_size=8, num_workers=0
+    )
+    gather_teacher_cache([d / "shard.zarr"], d / "cache.zarr")
+    return d / "store.zarr", d / "cache.zarr"
+
+
+def test_sampler_is_deterministic_and_resumable():
+    rows = np.arange(10)
+    full = EpochSampler(rows, seed=3)
+    first = [next(it) for it in [iter(full)] for _ in range(25)]
+    resumed = EpochSampler(rows, seed=3, start=7)
+    assert [next(it) for it in [iter(resumed)] for _ in range(18)] == first[7:]
+    assert sorted(r for r, e in first[:10]) == list(range(10)) and {e for _, e in first[10:20]} == {1}
+    ranks = [EpochSampler(rows, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    epoch0 = [set(s.epoch_rows(0)) for s in ranks]
+    assert not epoch0[0] & epoch0[1] and len(epoch0[0] | epoch0[1]) == 10
+    train, hold = split_rows(50, 0.2, 0)
+    assert len(hold) == 10 and not set(train) & set(hold)
+
+
+def test_dist_env_prefers_torchrun_over_slurm(monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert dist_env() == (3, 1, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dist_env() == (1, 0, 2)
+
+
+def _batch(store, cache, rows):
+    ds = DistillDataset(store, cache, n_local=2, seed=0, cached=True)
+    return default_collate([ds[(r, 0)] for r in rows])
+
+
+def test_cached_and_online_teacher_give_the_same_loss(tmp_path, data):
+    """Tolerance: relative 1e-4 (both use fp16 teacher tokens; only batch-size numerics differ)."""
+    store, cache = data
+    batch = _batch(store, cache, [0, 3, 5, 8])
+    losses = {}
+    for mode in ("cached", "online"):
+        trainer = Trainer(replace(CFG, teacher_mode=mode, n_local=2), store, cache, tmp_path / mode)
+        with torch.no_grad():
+            out = trainer.compute_losses(
+                trainer.get_teacher_output(batch), trainer.get_student_output(batch), 0.05
+            )
+        losses[mode] = {k: float(v) for k, v in out.items()}
+    assert losses["cached"].keys() == {"dino", "ibot", "total"}
+    for key in losses["cached"]:
+        assert losses["online"][key] == pytest.approx(losses["cached"][key], rel=1e-4)
+
+
+def test_kill_at_k_then_resume_gives_the_same_losses(tmp_path, data):
+    store, cache = data
+    full = Trainer(CFG, store, cache, tmp_path / "full")
+    full.fit()
+    interrupted = Trainer(CFG, store, cache, tmp_path / "resumed")
+    assert interrupted.fit(stop_after=5) == {"stopped_at": 5}
+    resumed = Trainer(CFG, store, cache, tmp_path / "resumed")
+    resumed.fit()
+    a = pd.read_parquet(tmp_path / "full" / "train_log.parquet")
+    b = pd.read_parquet(tmp_path / "resumed" / "train_log.parquet")
+    assert len(a) == len(b) == CFG.iterations
+    cols = ["loss_total", "loss_dino", "loss_ibot", "lr", "teacher_temp", "grad_norm"]
+    np.testing.assert_allclose(b[cols].to_numpy(), a[cols].to_numpy(), rtol=1e-6, atol=1e-7)
+    sa = load_model("student:x", weights=tmp_path / "full" / "student.safetensors").model.state_dict()
+    sb = load_model("student:x", weights=tmp_path / "resumed" / "student.safetensors").model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_outputs_and_learning(tmp_path, data):
+    store, cache = data
+    summary = Trainer(replace(CFG, iterations=40), store, cache, tmp_path / "run").fit()
+    out = tmp_path / "run"
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert {
+        "loss_dino",
+        "loss_ibot",
+        "lr",
+        "weight_decay",
+        "teacher_temp",
+        "samples_per_s",
+        "gpu_mem_gb",
+    } <= set(log.columns)
+    assert log["loss_total"].tail(10).mean() < log["loss_total"].head(10).mean()  # it learns
+    assert (out / "loss.png").stat().st_size > 10_000
+    student = load_model("student:run", results_dir=tmp_path / "..", weights=out / "student_ema.safetensors")
+    assert student.spec.num_prefix_tokens == 5
+    assert json.loads((out / "agreement.json").read_text()) == pytest.approx(summary)
+
+
+def test_feature_objective_increases_agreement(tmp_path, data):
+    store, cache = data
+    summary = Trainer(replace(CFG, objective="feature", iterations=40), store, cache, tmp_path / "f").fit()
+    assert summary["agreement_cka_after"] > summary["agreement_cka_before"]
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, data):
+    store, cache = data
+    cfg = replace(CFG, iterations=100_000)
+    (tmp_path / "cfg.json").write_text(json.dumps(asdict(cfg)))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "histodistill.distill.trainer",
+            str(tmp_path / "cfg.json"),
+            str(store),
+            str(cache),
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run").exists():
+        time.sleep(0.5)
+    time.sleep(8)  # let it train a few iterations
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, out[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] > 0 and len(state["log"]) == state["iteration"]
+
+
+def test_linear_cka_by_hand():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    assert linear_cka(x, x @ q * 3) == pytest.approx(1.0)  # invariant to rotation and scale
+    assert linear_cka(x, rng.normal(size=(200, 5))) < 0.2
