@@ -1,5 +1,6 @@
 # histodistill: distill a pathology foundation model into a small student, and benchmark both.
-# Targets: demo, all_tiles (tiling + packing), all_teacher (teacher cache), all_embeddings.
+# Targets: demo, all_tiles (tiling + packing), all_teacher (teacher cache),
+# all_students (distillation), all_embeddings.
 from pathlib import Path
 
 from histodistill.config import load_schema, validate_config
@@ -16,6 +17,7 @@ include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"
 include: "rules/teacher.smk"
+include: "rules/distill.smk"
 include: "rules/embed.smk"
 
 
@@ -24,4 +26,5 @@ rule all:
     input:
         rules.all_tiles.input,
         rules.all_teacher.input,
+        rules.all_students.input,
         rules.all_embeddings.input,

@@ -8,6 +8,11 @@ def embed_cohorts():
 rule embed:
     input:
         store=f"{RESULTS}/tilestore/{{dataset}}.zarr",
+        student=lambda w: (
+            [f"{RESULTS}/students/{w.model.removeprefix('student-')}/student.safetensors"]
+            if w.model.startswith("student-")
+            else []
+        ),
     output:
         embeddings=directory(f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr"),
     params:

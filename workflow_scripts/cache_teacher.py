@@ -3,19 +3,19 @@
 from histodistill.logs import log_to
 from histodistill.teacher_cache import cache_teacher
 
-log_to(snakemake.log[0])  # noqa: F821 (snakemake injects this object)
-p, w = snakemake.params, snakemake.wildcards  # noqa: F821
+log_to(snakemake.log[0])
+p, w = snakemake.params, snakemake.wildcards
 cache_teacher(
     w.teacher,
-    snakemake.input.store,  # noqa: F821
-    snakemake.output.shard,  # noqa: F821
+    snakemake.input.store,
+    snakemake.output.shard,
     views=p.views,
     patch_tokens=p.patch_tokens,
     shard=int(w.shard),
-    num_shards=int(snakemake.output.shard.rsplit("-of-", 1)[1].removesuffix(".zarr")),  # noqa: F821
+    num_shards=int(snakemake.output.shard.rsplit("-of-", 1)[1].removesuffix(".zarr")),
     weights=p.weights,
     batch_size=p.batch_size,
-    num_workers=min(p.num_workers, max(snakemake.threads - 1, 0)),  # noqa: F821
+    num_workers=min(p.num_workers, max(snakemake.threads - 1, 0)),
     precision=p.precision,
     seed=p.seed,
 )

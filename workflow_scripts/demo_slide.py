@@ -3,7 +3,7 @@
 from histodistill.logs import log_to
 from histodistill.synthetic import SlideSpec, make_demo_slide, seed_for
 
-log_to(snakemake.log[0])  # noqa: F821 (snakemake injects this object)
-p = snakemake.params  # noqa: F821
+log_to(snakemake.log[0])
+p = snakemake.params
 spec = SlideSpec(width_px=p.width_px, height_px=p.height_px, mpp=p.mpp)
-make_demo_slide(snakemake.output[0], seed_for(snakemake.wildcards.slide, p.seed), spec)  # noqa: F821
+make_demo_slide(snakemake.output[0], seed_for(snakemake.wildcards.slide, p.seed), spec)

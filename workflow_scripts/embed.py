@@ -3,16 +3,16 @@
 from histodistill.embed import extract_embeddings
 from histodistill.logs import log_to
 
-log_to(snakemake.log[0])  # noqa: F821 (snakemake injects this object)
-p = snakemake.params  # noqa: F821
+log_to(snakemake.log[0])
+p = snakemake.params
 extract_embeddings(
-    snakemake.wildcards.model.replace("student-", "student:", 1),  # noqa: F821 (paths hold no ':')
-    snakemake.input.store,  # noqa: F821
-    snakemake.output.embeddings,  # noqa: F821
+    snakemake.wildcards.model.replace("student-", "student:", 1),  # paths hold no ":"
+    snakemake.input.store,
+    snakemake.output.embeddings,
     pooling=p.pooling,
     weights=p.weights,
     batch_size=p.batch_size,
-    num_workers=min(p.num_workers, max(snakemake.threads - 1, 0)),  # noqa: F821
+    num_workers=min(p.num_workers, max(snakemake.threads - 1, 0)),
     precision=p.precision,
     seed=p.seed,
     results_dir=p.results_dir,

@@ -3,6 +3,6 @@
 from histodistill.export import export_h5, export_plismbench
 from histodistill.logs import log_to
 
-log_to(snakemake.log[0])  # noqa: F821 (snakemake injects this object)
-exporter = {"plismbench": export_plismbench, "h5": export_h5}[snakemake.wildcards.format]  # noqa: F821
-exporter(snakemake.input.embeddings, snakemake.output[0])  # noqa: F821
+log_to(snakemake.log[0])
+exporter = {"plismbench": export_plismbench, "h5": export_h5}[snakemake.wildcards.format]
+exporter(snakemake.input.embeddings, snakemake.output[0])

@@ -3,5 +3,5 @@
 from histodistill.logs import log_to
 from histodistill.teacher_cache import gather_teacher_cache
 
-log_to(snakemake.log[0])  # noqa: F821 (snakemake injects this object)
-gather_teacher_cache(list(snakemake.input.shards), snakemake.output.cache)  # noqa: F821
+log_to(snakemake.log[0])
+gather_teacher_cache(list(snakemake.input.shards), snakemake.output.cache)

@@ -3,13 +3,13 @@
 from histodistill.logs import log_to
 from histodistill.tiling import TilingParams, tile_slide
 
-log_to(snakemake.log[0])  # noqa: F821 (snakemake injects this object)
+log_to(snakemake.log[0])
 tile_slide(
-    snakemake.input.slide,  # noqa: F821
-    snakemake.wildcards.slide,  # noqa: F821
-    snakemake.output.table,  # noqa: F821
-    TilingParams(**snakemake.params.tiling),  # noqa: F821
-    slide_mpp=snakemake.params.slide_mpp,  # noqa: F821
-    qc=snakemake.output.qc,  # noqa: F821
-    qc_max_px=snakemake.params.qc_max_px,  # noqa: F821
+    snakemake.input.slide,
+    snakemake.wildcards.slide,
+    snakemake.output.table,
+    TilingParams(**snakemake.params.tiling),
+    slide_mpp=snakemake.params.slide_mpp,
+    qc=snakemake.output.qc,
+    qc_max_px=snakemake.params.qc_max_px,
 )

@@ -88,3 +88,20 @@ def test_sample_sheet_rejects_missing_columns_and_bad_values(tmp_path):
         read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\tcohort\na\t\tc\n"))
     with pytest.raises(ConfigError, match="not found"):
         read_sample_sheet(tmp_path / "missing.tsv")
+
+
+def test_distill_run_keys_are_exactly_the_trainer_settings():
+    """The schema names every DistillConfig field (so an unknown key is caught at load time, by name)."""
+    from dataclasses import fields
+
+    from histodistill.config import load_schema
+    from histodistill.distill.trainer import DistillConfig
+
+    run = load_schema()["properties"]["distill"]["properties"]["runs"]["additionalProperties"]["properties"]
+    assert set(run) - {"cohort"} == {f.name for f in fields(DistillConfig)} - {
+        "teacher",
+        "teacher_weights",
+        "extra",
+    }
+    with pytest.raises(ConfigError, match=r"unknown config key 'distill\.runs\.r1\.learning_rate'"):
+        validate_config({"samples": "s", "distill": {"runs": {"r1": {"cohort": "c", "learning_rate": 1}}}})

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -122,8 +123,9 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "pack_tiles": 1,
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
-        "embed": 3,
-        "export_embeddings": 6,
+        "distill": 1,
+        "embed": 4,
+        "export_embeddings": 8,
         "all": 1,
     }
 
@@ -134,7 +136,35 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
     finally:
         write_demo_config(demo_run)
-    assert jobs == {"cache_teacher_shard": 2, "cache_teacher": 1, "all": 1}
+    # the student learns from the cache, so it and its embeddings follow; the other models' do not
+    assert jobs == {
+        "cache_teacher_shard": 2,
+        "cache_teacher": 1,
+        "distill": 1,
+        "embed": 1,
+        "export_embeddings": 2,
+        "all": 1,
+    }
+
+
+def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
+    config = yaml.safe_load((demo_run / "config.yaml").read_text())
+    config["distill"]["runs"]["demo"]["lr"] = 0.1
+    (demo_run / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
+    finally:
+        write_demo_config(demo_run)
+    assert jobs == {"distill": 1, "embed": 1, "export_embeddings": 2, "all": 1}
+
+
+def test_demo_distils_a_student(demo_run):
+    out = demo_run / "results" / "students" / "demo"
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert len(log) == 60 and log["loss_total"].notna().all()
+    assert (out / "loss.png").exists() and (out / "student_ema.safetensors").exists()
+    emb = EmbeddingStore(demo_run / "results" / "embeddings" / "student-demo" / "demo.zarr")
+    assert emb.attrs["provenance"]["model_id"] == "student:demo"
 
 
 def test_changing_a_packing_setting_reruns_packing_only(demo_run):

@@ -390,7 +390,11 @@ class Trainer:
             for k, logits in self._center_inputs.items():
                 if logits is not None:
                     self.centers[k].update(logits)
-        return {f"loss_{k}": float(v.detach()) for k, v in losses.items()} | {
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.world > 1:  # log the global batch's losses (the mean of equal-sized local means)
+            dist.all_reduce(values)
+            values /= self.world
+        return {f"loss_{k}": float(v) for k, v in zip(losses, values, strict=True)} | {
             "lr": float(self.schedules.lr[it]),
             "weight_decay": float(self.schedules.weight_decay[it]),
             "teacher_temp": temp,
