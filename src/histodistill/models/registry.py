@@ -175,6 +175,34 @@ _REGISTRY: dict[str, ModelSpec] = {
             "cls",
             _TINY,
         ),
+        # Bare DINOv2-style architectures for students (and benchmark teachers): no published weights, so
+        # seeded random init unless `weights` are given. Same normalisation as the H-optimus family.
+        ModelSpec(
+            "vit_s14_reg4",
+            "vit_small_patch14_reg4_dinov2",
+            None,
+            {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "num_classes": 0},
+            Transform(224, None, "bilinear", *BIOPTIMUS),
+            384,
+            14,
+            4,
+            "cls",
+            _TINY,
+            random_init=True,
+        ),
+        ModelSpec(
+            "vit_l14_reg4",
+            "vit_large_patch14_reg4_dinov2",
+            None,
+            {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "num_classes": 0},
+            Transform(224, None, "bilinear", *BIOPTIMUS),
+            1024,
+            14,
+            4,
+            "cls",
+            _TINY,
+            random_init=True,
+        ),
     )
 }
 
