@@ -31,4 +31,5 @@ command = [
     snakemake.input.cache,
     str(out_dir),
 ]
-sys.exit(subprocess.run(command, check=False).returncode)
+with open(snakemake.log[0], "a") as log_file:  # every process's log lines go to the rule's log
+    sys.exit(subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False).returncode)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs the demo's `all_tiles` through a real one-node SLURM cluster on localhost with profiles/slurm.
+# Runs the demo's `all_tiles` and `all_students` (tiling, packing, teacher cache shards, and distillation
+# with torchrun launching 2 processes inside one SLURM job) through a real one-node SLURM cluster on
+# localhost with profiles/slurm.
 #
 # Installs Debian's slurm-wlm if missing (needs root), writes a private slurm.conf (auth/none,
 # cred/none, no accounting daemon), starts slurmctld + slurmd, runs
@@ -102,7 +104,12 @@ cp "$REPO/configs/demo_samples.tsv" "$WORK/configs/"
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[1]))
 config["demo"].update(width_px=2048, height_px=1536)
-config["resources"] = {"default": {"partition": sys.argv[3], "runtime_min": 10, "mem_mb": 1500, "cpus": 1}}
+config["resources"] = {
+    "default": {"partition": sys.argv[3], "runtime_min": 10, "mem_mb": 1500, "cpus": 1},
+    "distill": {"partition": sys.argv[3], "runtime_min": 20, "mem_mb": 4000, "cpus": 2},
+}
+config["distill"]["nproc_per_node"] = 2  # torchrun inside the SLURM job (gloo on CPU)
+config["distill"]["runs"]["demo"].update(iterations=10, checkpoint_every=5)
 yaml.safe_dump(config, open(sys.argv[2], "w"))
 PYCONF
 
@@ -110,7 +117,7 @@ cd "$WORK"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m snakemake -s "$REPO/Snakefile" --profile "$REPO/profiles/slurm" --configfile "$WORK/config.yaml" \
   --slurm-logdir "$WORK/slurm_logs" --slurm-keep-successful-logs --slurm-status-command squeue \
-  --slurm-init-seconds-before-status-checks 5 --jobs 4 all_tiles
+  --slurm-init-seconds-before-status-checks 5 --jobs 4 all_tiles all_students
 
 # Outputs exist and are real; every job left a SLURM log (so it ran through sbatch, not locally).
 "$PY" - "$WORK" <<'PYCHECK'
@@ -126,7 +133,12 @@ store = TileStore(work / "results/tilestore/demo.zarr")
 assert len(store) == n > 0, (len(store), n)
 assert all((work / f"results/qc/demo/demo_0{i}.png").stat().st_size > 0 for i in range(3))
 logs = sorted((work / "slurm_logs").rglob("*.log"))
-for rule in ("demo_slide", "tile_slide", "pack_tiles"):
-    assert any(rule in str(p) for p in logs), (rule, logs)
-print(f"SLURM run ok: {n} tiles from {len(tables)} slides, {len(logs)} SLURM job logs")
+for rule in ("demo_slide", "tile_slide", "pack_tiles", "cache_teacher_shard", "distill"):
+    assert any(f"rule_{rule}" in str(p) for p in logs), (rule, logs)
+import pandas as pd
+train_log = pd.read_parquet(work / "results/students/demo/train_log.parquet")
+assert len(train_log) == 10 and train_log["loss_total"].notna().all()
+distill_log = (work / "logs/distill/demo.log").read_text()
+assert "world_size=2" in distill_log, distill_log[-2000:]
+print(f"SLURM run ok: {n} tiles from {len(tables)} slides, a student distilled by 2 processes, {len(logs)} SLURM job logs")
 PYCHECK

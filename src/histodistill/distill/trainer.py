@@ -457,6 +457,17 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.model.train()
+        log.info(
+            "distilling %s from %s (%s teacher): rank=%d world_size=%d device=%s batch=%d (%d per process)",
+            cfg.student,
+            cfg.teacher,
+            cfg.teacher_mode,
+            self.rank,
+            self.world,
+            self.device,
+            cfg.batch_size,
+            self.local_batch,
+        )
         t0, seen = time.perf_counter(), 0
         try:
             for batch in loader:
