@@ -208,3 +208,23 @@ def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path, 
     two = pd.read_parquet(tmp_path / "two" / "train_log.parquet")
     cols = ["loss_total", "loss_dino", "loss_ibot", "grad_norm"]
     np.testing.assert_allclose(two[cols].to_numpy(), one[cols].to_numpy(), rtol=1e-4)
+
+
+def test_teacher_heads_load_from_a_checkpoint(tmp_path, data):
+    from safetensors.torch import save_file
+
+    from histodistill.distill.trainer import _teacher_heads
+
+    frozen = _teacher_heads(CFG, 64)
+    state = {
+        k: torch.randn_like(v) if k.endswith("weight") and "mlp" in k else v
+        for k, v in frozen.state_dict().items()
+    }
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "heads.safetensors"))
+    loaded = _teacher_heads(replace(CFG, teacher_heads=str(tmp_path / "heads.safetensors")), 64)
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    learned = _teacher_heads(replace(CFG, teacher_heads="learned"), 64)
+    assert any(p.requires_grad for p in learned.parameters())
+    with pytest.raises(Exception, match="not found"):
+        _teacher_heads(replace(CFG, teacher_heads=str(tmp_path / "missing.safetensors")), 64)

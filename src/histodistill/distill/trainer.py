@@ -469,6 +469,7 @@ class Trainer:
             self.local_batch,
         )
         t0, seen = time.perf_counter(), 0
+        progress = _progress(self.rank == 0 and sys.stderr.isatty(), cfg.iterations, self.iteration)
         try:
             for batch in loader:
                 if self.iteration >= cfg.iterations:
@@ -483,6 +484,7 @@ class Trainer:
                 )
                 self.log_rows.append(row)
                 self.iteration += 1
+                progress.update(self.iteration, row["loss_total"])
                 if self.rank == 0 and (self.iteration % 10 == 0 or self.iteration == cfg.iterations):
                     log.info(
                         "it %d/%d loss %.4f lr %.2e T %.3f %.1f samples/s",
@@ -499,6 +501,7 @@ class Trainer:
                 if stop_now:
                     return {"stopped_at": self.iteration}
         finally:
+            progress.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.save_checkpoint()
@@ -538,6 +541,35 @@ class Trainer:
                 after_ema,
             )
         return summary
+
+
+class _progress:
+    """A rich progress bar with ETA on a terminal; nothing otherwise (log files get plain lines)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("distill"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} it"),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("distill", total=total, completed=done, loss=float("nan"))
+            self.bar.start()
+
+    def update(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, loss=loss)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def plot_losses(frame: pd.DataFrame, out: Path) -> None:
