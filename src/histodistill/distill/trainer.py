@@ -434,15 +434,15 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to `cfg.iterations` (or stop, checkpointed, after `stop_after` iterations: tests)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not self.maybe_resume():
-            self.agreement_before = self.agreement(self.model.backbone)
         previous = {
             signal.SIGUSR1: signal.getsignal(signal.SIGUSR1),
             signal.SIGTERM: signal.getsignal(signal.SIGTERM),
         }
-        for sig in previous:
+        for sig in previous:  # before anything else: a signal from here on ends in a checkpoint
             signal.signal(sig, self._on_signal)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.maybe_resume():
+            self.agreement_before = self.agreement(self.model.backbone)
         dataset = DistillDataset(
             self.tiles, self.cache_path, cfg.n_local, cfg.seed, cached=self.teacher is None
         )
