@@ -410,24 +410,21 @@ class Trainer:
         """
         if not len(self.holdout_rows) or self.cache_patch == "none":
             return float("nan")
-        cache, store = (
-            TeacherCache(self.cache_path),
-            DistillDataset(self.tiles, self.cache_path, 0, self.cfg.seed, cached=True),
-        )
+        views = DistillDataset(self.tiles, self.cache_path, 0, self.cfg.seed, cached=True)
         mean, std = self.student_spec.transform.mean, self.student_spec.transform.std
         prefix = self.student_spec.num_prefix_tokens
         feats_s, feats_t = [], []
         for row in self.holdout_rows:
-            item = store[(int(row), 0)]
+            item = views[(int(row), 0)]  # epoch 0: the cached view pair (0, 1) and its teacher tokens
             tokens = backbone.forward_features(
                 normalise(item["globals"][:1], mean, std).to(self.device)
             ).float()
+            teacher_patch = item["teacher_patch"][0]
             patches = tokens[:, prefix:]
-            entry = cache.get(int(row))
-            if entry["patch"].shape[1] != patches.shape[1]:
+            if teacher_patch.shape[0] != patches.shape[1]:
                 patches = pool_patches(patches)
             feats_s.append(torch.cat([tokens[:, :1], patches], 1)[0].cpu().numpy())
-            feats_t.append(np.concatenate([entry["cls"][:1], entry["patch"][0]], 0).astype(np.float32))
+            feats_t.append(torch.cat([item["teacher_cls"][:1], teacher_patch], 0).numpy())
         return linear_cka(np.concatenate(feats_s), np.concatenate(feats_t))
 
     # ---- the loop ------------------------------------------------------------------------------------
