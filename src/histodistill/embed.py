@@ -138,6 +138,3 @@ class EmbeddingStore:
 
     def index(self) -> dict[str, np.ndarray]:
         return {name: self.root[name][:] for name in INDEX_COLUMNS}
-
-    def slide_ids(self) -> list[str]:
-        return [s["slide_id"] for s in self.attrs["provenance"]["slides"]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.provenance import provenance
 from histodistill.resumable import ResumableStore
-from histodistill.tilestore import TileStore
+from histodistill.tilestore import ProcessLocal, TileStore
 
 log = logging.getLogger(__name__)
 PATCH_MODES = ("full", "pool2", "none")
@@ -57,24 +58,19 @@ class ViewDataset:
         self.slide_ids = [s["slide_id"] for s in index.attrs["slides"]]
         self.slide_index = index.root["slide_index"][lo:hi]
         self.tile_id = index.root["tile_id"][lo:hi]
-        self._store, self._pid = None, None
+        self._store = ProcessLocal(partial(TileStore, self.store_path))
 
     def __len__(self) -> int:
         return self.hi - self.lo
 
     def __getitem__(self, i: int):
-        if self._store is None or self._pid != os.getpid():  # one handle per worker process
-            self._store, self._pid = TileStore(self.store_path), os.getpid()
-        tile = self._store[self.lo + i]
+        tile = self._store.get()[self.lo + i]
         slide_id = self.slide_ids[int(self.slide_index[i])]
         params = draw_views(self.seed, slide_id, int(self.tile_id[i]), self.kinds, tile.shape[:2], self.cfg)
         rendered = [render(tile, p, self.cfg) for p in params]
         digests = torch.tensor([view_digest(v) for v in rendered], dtype=torch.int64)
         views = torch.stack([normalise(v, self.mean, self.std) for v in rendered])
         return views, torch.from_numpy(params), digests, self.lo + i
-
-    def __getstate__(self):
-        return {**self.__dict__, "_store": None, "_pid": None}
 
 
 def pool_patches(patches: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,23 @@ class TileStore:
         return frame
 
 
+class ProcessLocal:
+    """A value made lazily in each process by `factory` (a picklable callable): DataLoader workers never
+    inherit an open handle, and pickling a dataset never carries one."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._value, self._pid = None, None
+
+    def get(self):
+        if self._pid != os.getpid():
+            self._value, self._pid = self._factory(), os.getpid()
+        return self._value
+
+    def __getstate__(self):
+        return {"_factory": self._factory, "_value": None, "_pid": None}
+
+
 class TileStoreDataset:
     """Map-style dataset over a tile store for torch DataLoader: item i → (uint8 tile HWC, i).
 
@@ -151,26 +169,15 @@ class TileStoreDataset:
     def __init__(self, path: str | Path, transform=None):
         self.path = Path(path)
         self.transform = transform
-        self._store: TileStore | None = None
-        self._pid: int | None = None
+        self._store = ProcessLocal(partial(TileStore, self.path))
         self._len = len(TileStore(self.path))
-
-    def _open(self) -> TileStore:
-        if self._store is None or self._pid != os.getpid():
-            self._store, self._pid = TileStore(self.path), os.getpid()
-        return self._store
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, i: int):
-        tile = self._open()[i]
+        tile = self._store.get()[i]
         return (self.transform(tile) if self.transform else tile), int(i)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_store"], state["_pid"] = None, None
-        return state
 
 
 class SlideTileDataset:
@@ -187,26 +194,19 @@ class SlideTileDataset:
             frames.append(table)
         self.table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         self.transform = transform
-        self._handles: dict[str, object] = {}
-        self._pid: int | None = None
+        self._handles = ProcessLocal(dict)  # slide id → this process's OpenSlide handle
 
     def __len__(self) -> int:
         return len(self.table)
 
     def _slide(self, slide_id: str):
-        if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        if slide_id not in self._handles:
-            self._handles[slide_id] = open_slide(self._meta[slide_id]["slide_path"])
-        return self._handles[slide_id]
+        handles = self._handles.get()
+        if slide_id not in handles:
+            handles[slide_id] = open_slide(self._meta[slide_id]["slide_path"])
+        return handles[slide_id]
 
     def __getitem__(self, i: int):
         row = self.table.iloc[int(i)]
         meta = self._meta[row["slide_id"]]
         tile = read_tile(self._slide(row["slide_id"]), row, int(meta["params"]["tile_px"]))
         return (self.transform(tile) if self.transform else tile), int(i)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = {}, None
-        return state

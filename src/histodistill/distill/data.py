@@ -9,7 +9,7 @@ replays exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch.utils.data import Sampler
 
 from histodistill.augment import LOCAL, AugmentConfig, draw_views, render
 from histodistill.teacher_cache import TeacherCache
-from histodistill.tilestore import TileStore
+from histodistill.tilestore import ProcessLocal, TileStore
 
 
 def split_rows(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,19 +72,11 @@ class DistillDataset:
         self.slide_ids = [s["slide_id"] for s in store.attrs["slides"]]
         self.slide_index, self.tile_id = store.root["slide_index"][:], store.root["tile_id"][:]
         self.n_views = int(TeacherCache(self.cache_path).attrs["views"])
-        self._handles, self._pid = None, None
-
-    def _open(self):
-        if self._handles is None or self._pid != os.getpid():  # one handle per worker process
-            self._handles, self._pid = (
-                (TileStore(self.tiles_path), TeacherCache(self.cache_path)),
-                os.getpid(),
-            )
-        return self._handles
+        self._handles = ProcessLocal(partial(_open_pair, self.tiles_path, self.cache_path))
 
     def __getitem__(self, item: tuple[int, int]):
         row, epoch = item
-        store, cache = self._open()
+        store, cache = self._handles.get()
         tile = store[row]
         entry = cache.get(row)
         pair = 2 * (epoch % max(self.n_views // 2, 1))  # cycle through the cached view pairs
@@ -111,5 +103,6 @@ class DistillDataset:
                 out["teacher_patch"] = torch.from_numpy(entry["patch"][pair : pair + 2].astype(np.float32))
         return out
 
-    def __getstate__(self):
-        return {**self.__dict__, "_handles": None, "_pid": None}
+
+def _open_pair(tiles: Path, cache: Path) -> tuple[TileStore, TeacherCache]:
+    return TileStore(tiles), TeacherCache(cache)
