@@ -101,7 +101,6 @@ def test_distill_run_keys_are_exactly_the_trainer_settings():
     assert set(run) - {"cohort"} == {f.name for f in fields(DistillConfig)} - {
         "teacher",
         "teacher_weights",
-        "extra",
     }
     with pytest.raises(ConfigError, match=r"unknown config key 'distill\.runs\.r1\.learning_rate'"):
         validate_config({"samples": "s", "distill": {"runs": {"r1": {"cohort": "c", "learning_rate": 1}}}})

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,6 @@ class DistillConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     ibot_chunk: int = 4096
-    extra: dict = field(default_factory=dict)
 
 
 def dist_env() -> tuple[int, int, int]:
