@@ -1,5 +1,5 @@
 # histodistill: distill a pathology foundation model into a small student, and benchmark both.
-# Targets: demo, all_tiles (tiling + packing), all_teacher (teacher cache),
+# Targets: demo, all_tiles (tiling + packing), plism_tiles / all_plism (PLISM matched tiles), all_teacher (teacher cache),
 # all_students (distillation), all_embeddings.
 from pathlib import Path
 
@@ -16,6 +16,7 @@ validate_config(config, load_schema(Path(workflow.basedir) / "configs" / "schema
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/tiling.smk"
+include: "rules/plism.smk"
 include: "rules/teacher.smk"
 include: "rules/distill.smk"
 include: "rules/embed.smk"
@@ -25,6 +26,7 @@ rule all:
     default_target: True
     input:
         rules.all_tiles.input,
+        rules.all_plism.input,
         rules.all_teacher.input,
         rules.all_students.input,
         rules.all_embeddings.input,

@@ -2,12 +2,20 @@
 
 
 def embed_cohorts():
-    return config["embeddings"]["cohorts"] or COHORTS
+    """Datasets to embed: the configured cohorts (or all), plus the PLISM matched tiles when enabled."""
+    return (config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
+
+
+def dataset_store(dataset):
+    """A dataset's tile store: a cohort's, or the PLISM matched tiles (which read as one flat store)."""
+    if dataset == "plism":
+        return f"{RESULTS}/plism/tiles.zarr"
+    return f"{RESULTS}/tilestore/{dataset}.zarr"
 
 
 rule embed:
     input:
-        store=f"{RESULTS}/tilestore/{{dataset}}.zarr",
+        store=lambda w: dataset_store(w.dataset),
         student=lambda w: (
             [f"{RESULTS}/students/{w.model.removeprefix('student-')}/student.safetensors"]
             if w.model.startswith("student-")

@@ -115,7 +115,11 @@ def pack_tiles(
 
 
 class TileStore:
-    """Read access to a tile store (open one per process)."""
+    """Read access to a tile store (open one per process).
+
+    A cohort store holds `tiles` [N, H, W, 3]; a matched-tile store (PLISM) holds [slide, tile, H, W, 3].
+    Both read as N flat rows (slide-major), so every consumer (embedding, teacher cache) takes either.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -124,16 +128,29 @@ class TileStore:
         self.root = zarr.open_group(self.path, mode="r")
         self.tiles = self.root["tiles"]
         self.attrs = dict(self.root.attrs)
+        self.per_slide = int(self.tiles.shape[1]) if self.tiles.ndim == 5 else None
 
     def __len__(self) -> int:
+        if self.per_slide is not None:
+            return int(self.tiles.shape[0]) * self.per_slide
         return int(self.tiles.shape[0])
 
     def __getitem__(self, i: int) -> np.ndarray:
+        if self.per_slide is not None:
+            return self.tiles[divmod(int(i), self.per_slide)]
         return self.tiles[int(i)]
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """A contiguous block of tiles (the fast path for streaming)."""
-        return self.tiles[start:stop]
+        if self.per_slide is None:
+            return self.tiles[start:stop]
+        parts, n = [], self.per_slide
+        while start < stop:
+            s, t = divmod(start, n)
+            take = min(stop - start, n - t)
+            parts.append(self.tiles[s, t : t + take])
+            start += take
+        return np.concatenate(parts) if parts else np.empty((0, *self.tiles.shape[2:]), np.uint8)
 
     @property
     def index(self) -> pd.DataFrame:
