@@ -1,0 +1,791 @@
+"""PLISM robustness benchmark: the metrics of Owkin's public `plismbench`, computed blockwise.
+
+PLISM images the same tissue under 13 stainings × 7 scanners (91 slides) with matched tiles: tile i of every
+slide is the same tissue. For each unordered slide pair (A, B), with L2-normalised features a_i, b_i:
+
+- cosine = mean_i cos(a_i, b_i);
+- top-k accuracy: in the union of A's and B's tiles (2n rows), a_i scores a hit when b_i is among its k most
+  similar rows other than a_i itself, likewise b_i for a_i; acc@k = (hit rate A→B + hit rate B→A) / 2.
+
+Ties are decided deterministically: a hit is when fewer than k rows (other than the row itself and its
+target) are *strictly* more similar than the target. `plismbench` breaks ties by `argpartition` order, so
+results agree except on exact ties, which happen in practice only with `dtype="float16"`.
+
+Pairs are grouped as in `plismbench`: inter-scanner (same staining), inter-staining (same scanner), both
+different, and all pairs. The leaderboard metric is the mean of four medians: cosine over all pairs and
+top-10 accuracy for each of the three groups.
+
+How it is computed (exact, and without any n × n matrix in memory). The rows that compete with b_i for a_i
+are A's other rows and B's other rows. A's own similarities do not depend on the partner slide, and a
+target can only be a hit for k ≤ kmax when fewer than kmax rows beat it, so each slide's kmax largest
+similarities to its own other tiles are computed once per slide ([n, kmax] floats). A pair then needs only
+the cross similarities A·Bᵀ, in row blocks: per block, each row counts its cross rows above its target and
+each column (a row of B) accumulates the A rows above its target. That is n²·D multiply-adds per pair
+instead of the 4n²·D of the full 2n × 2n matrix, and no sort. Slides are read lazily (one at a time from
+an array, a Zarr array or an embedding store) and a small LRU cache keeps a bounded number of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from histodistill.atomic import atomic_path
+from histodistill.bench import BenchmarkError
+from histodistill.bench.stats import (
+    STATS,
+    bootstrap_statistic,
+    pair_weights,
+    percentile_ci,
+    slide_resamples,
+    summarize,
+)
+from histodistill.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+META_KEY = b"histodistill"
+DEFAULT_TOP_K = (1, 3, 5, 10)
+SLIDE_COLUMNS = ("slide_id", "scanner", "staining")
+COSINE = "cosine"
+INTER_SCANNER = "inter_scanner"  # same staining, different scanner
+INTER_STAINING = "inter_staining"  # same scanner, different staining
+INTER_BOTH = "inter_scanner_staining"  # both different
+REPLICATE = "replicate"  # same scanner and staining (not in PLISM): counted in "all" only
+ALL = "all"
+PAIR_GROUPS = (INTER_SCANNER, INTER_STAINING, INTER_BOTH, REPLICATE)
+LEADERBOARD = ((ALL, COSINE), (INTER_SCANNER, "top_10"), (INTER_STAINING, "top_10"), (INTER_BOTH, "top_10"))
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def metric_names(top_k: Sequence[int] = DEFAULT_TOP_K) -> list[str]:
+    return [COSINE, *(f"top_{k}" for k in top_k)]
+
+
+def pair_group(scanner_a: str, staining_a: str, scanner_b: str, staining_b: str) -> str:
+    """The robustness group of a slide pair, from what differs between the two slides."""
+    if staining_a == staining_b:
+        return INTER_SCANNER if scanner_a != scanner_b else REPLICATE
+    return INTER_STAINING if scanner_a == scanner_b else INTER_BOTH
+
+
+def slide_pairs(slides: pd.DataFrame) -> pd.DataFrame:
+    """All unordered pairs a < b (positions in `slides`) with their slide ids and group."""
+    slides = _check_slides(slides)
+    ids, scanners, stainings = (slides[c].tolist() for c in SLIDE_COLUMNS)
+    rows = [
+        (a, b, ids[a], ids[b], pair_group(scanners[a], stainings[a], scanners[b], stainings[b]))
+        for a, b in itertools.combinations(range(len(slides)), 2)
+    ]
+    return pd.DataFrame(rows, columns=["a", "b", "slide_a", "slide_b", "group"])
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+def _dtype(dtype: Any) -> type:
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _DTYPES:
+        raise BenchmarkError(f"dtype {dtype!r} is not supported; use 'float32' or 'float16'")
+    return _DTYPES[name]
+
+
+def _round(x: np.ndarray, dtype: type) -> np.ndarray:
+    """Similarities rounded to `dtype` (kept in float32 storage so comparisons stay fast)."""
+    if dtype is np.float16:
+        np.copyto(x, x.astype(np.float16))
+    return x
+
+
+def normalize_features(x: np.ndarray, dtype: Any = "float32") -> np.ndarray:
+    """Rows L2-normalised in float32 (after rounding the inputs to float16 when `dtype` is float16).
+
+    A zero row stays zero (norm clamped at 1e-12), so its similarities are 0 rather than NaN.
+    """
+    dt = _dtype(dtype)
+    x = np.array(x, dtype=np.float32, copy=True)
+    if dt is np.float16:
+        x = x.astype(np.float16).astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def _blocks(n: int, block_size: int) -> Iterator[tuple[int, int]]:
+    for r0 in range(0, n, block_size):
+        yield r0, min(r0 + block_size, n)
+
+
+def self_topk(x: np.ndarray, kmax: int, block_size: int = 1024, dtype: Any = "float32") -> np.ndarray:
+    """The kmax largest similarities of each row of normalised `x` to the slide's other rows, [n, kmax].
+
+    Padded with -inf when the slide has at most kmax rows. Blockwise: memory is block_size × n.
+    """
+    dt = _dtype(dtype)
+    n = len(x)
+    out = np.full((n, kmax), -np.inf, dtype=np.float32)
+    keep = min(kmax, n)
+    for r0, r1 in _blocks(n, block_size):
+        sim = _round(x[r0:r1] @ x.T, dt)
+        local = np.arange(r1 - r0)
+        sim[local, r0 + local] = -np.inf
+        if keep < n:
+            sim.partition(n - keep, axis=1)
+        out[r0:r1, :keep] = sim[:, n - keep :]
+    return out
+
+
+def pair_scores(
+    xa: np.ndarray,
+    xb: np.ndarray,
+    top_k: Sequence[int] = DEFAULT_TOP_K,
+    block_size: int = 1024,
+    dtype: Any = "float32",
+    self_a: np.ndarray | None = None,
+    self_b: np.ndarray | None = None,
+) -> np.ndarray:
+    """[cosine, acc@k for k in top_k] of one slide pair, from normalised features xa, xb [n, D].
+
+    `self_a`/`self_b` are the slides' `self_topk` (computed here when not given; the scorer caches them).
+    """
+    dt = _dtype(dtype)
+    kmax = max(top_k)
+    if xa.shape != xb.shape:
+        raise BenchmarkError(f"slide pair: features of shape {xa.shape} and {xb.shape} are not matched tiles")
+    for given in (self_a, self_b):
+        if given is not None and given.shape != (len(xa), kmax):
+            raise BenchmarkError(f"self similarities of shape {given.shape}, expected {(len(xa), kmax)}")
+    if self_a is None:
+        self_a = self_topk(xa, kmax, block_size, dt)
+    if self_b is None:
+        self_b = self_topk(xb, kmax, block_size, dt)
+    n = len(xa)
+    target = _round(np.einsum("ij,ij->i", xa, xb), dt)  # sim(a_i, b_i)
+    above_a = np.empty(n, dtype=np.int64)  # per a_i: rows of B other than b_i more similar than b_i
+    above_b = np.zeros(n, dtype=np.int64)  # per b_i: rows of A other than a_i more similar than a_i
+    for r0, r1 in _blocks(n, block_size):
+        sim = _round(xa[r0:r1] @ xb.T, dt)
+        local = np.arange(r1 - r0)
+        sim[local, r0 + local] = -np.inf  # the target itself never competes
+        above_a[r0:r1] = np.count_nonzero(sim > target[r0:r1, None], axis=1)
+        above_b += np.count_nonzero(sim > target[None, :], axis=0)
+    above_a += np.count_nonzero(self_a > target[:, None], axis=1)
+    above_b += np.count_nonzero(self_b > target[:, None], axis=1)
+    out = [float(target.mean(dtype=np.float64))]
+    out += [(np.mean(above_a < k) + np.mean(above_b < k)) / 2.0 for k in top_k]
+    return np.asarray(out, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+class SlideMajorFeatures:
+    """Per-slide view `[s] → [n, D]` of slide-major rows [S·n, D] (slide s = rows s·n … s·n+n−1).
+
+    Reads one slide at a time (Zarr or memory-mapped arrays are never loaded whole); `order`, when given,
+    permutes the rows of every slide (the PLISM tile subsets index tiles sorted by (x, y)).
+    """
+
+    def __init__(self, rows: Any, n_slides: int, order: np.ndarray | None = None, name: str = "features"):
+        if len(rows.shape) != 2:
+            raise BenchmarkError(f"{name}: expected pooled rows [N, D], got shape {tuple(rows.shape)}")
+        total, dim = rows.shape
+        if n_slides < 1 or total % n_slides:
+            raise BenchmarkError(f"{name}: {total} rows do not split into {n_slides} slides of equal size")
+        self.rows, self.n = rows, total // n_slides
+        self.order = None if order is None else np.asarray(order)
+        self.shape = (n_slides, self.n, dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        s = int(s)
+        if not 0 <= s < self.shape[0]:
+            raise IndexError(s)
+        x = np.asarray(self.rows[s * self.n : (s + 1) * self.n])
+        return x if self.order is None else x[self.order]
+
+
+def _open_embedding_store(path: str | Path) -> zarr.Group:
+    """A finished embedding store, checked as `histodistill.embed.EmbeddingStore` does (without torch)."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise BenchmarkError(f"not an embedding store: {path}")
+    root = zarr.open_group(path, mode="r")
+    if not root.attrs.get("complete"):
+        raise BenchmarkError(f"{path} is incomplete; rerun the extraction to resume it")
+    missing = [name for name in ("embeddings", "slide_index", "x0", "y0") if name not in root]
+    if missing:
+        raise BenchmarkError(f"embedding store {path} lacks array(s) {missing}")
+    return root
+
+
+def open_embedding_features(path: str | Path, sort_xy: bool = True) -> tuple[SlideMajorFeatures, list[str]]:
+    """Matched-tile features of an embedding store (`histodistill.embed`), lazily per slide, + slide ids.
+
+    The store's rows must be slide-major with the same tile count per slide. With `sort_xy`, every slide's
+    rows are put in the (x0, y0) order of the first slide's tiles: the order PLISM tile subsets refer to,
+    applied alike to all slides so that tile i stays the same tissue everywhere.
+    """
+    root = _open_embedding_store(path)
+    emb = root["embeddings"]
+    if emb.ndim != 2:
+        raise BenchmarkError(f"{path}: PLISM scoring needs pooled [N, D] embeddings, not {emb.shape}")
+    attrs = dict(root.attrs)
+    slides = attrs.get("provenance", {}).get("slides") or []
+    ids = [str(s["slide_id"]) for s in slides]
+    slide_index = np.asarray(root["slide_index"][:])
+    n_slides = len(ids) or int(slide_index.max(initial=-1)) + 1
+    ids = ids or [str(i) for i in range(n_slides)]
+    if n_slides == 0:
+        raise BenchmarkError(f"embedding store {path} holds no slides")
+    counts = np.bincount(slide_index, minlength=n_slides)
+    if len(counts) != n_slides:
+        raise BenchmarkError(
+            f"{path}: rows refer to slide {len(counts) - 1} but the store lists {n_slides} slides"
+        )
+    if (counts != counts[0]).any():
+        bad = int(np.flatnonzero(counts != counts[0])[0])
+        raise BenchmarkError(
+            f"{path}: slide {ids[bad]!r} has {counts[bad]} tiles but slide {ids[0]!r} has {counts[0]}; "
+            "PLISM scoring needs the same matched tiles in every slide"
+        )
+    n = int(counts[0])
+    expected = np.repeat(np.arange(n_slides), n)
+    if (slide_index != expected).any():
+        row = int(np.flatnonzero(slide_index != expected)[0])
+        raise BenchmarkError(
+            f"{path}: rows are not slide-major (row {row} belongs to slide {ids[slide_index[row]]!r}); "
+            "embed the matched tile store in slide order"
+        )
+    order = None
+    if sort_xy:
+        order = np.lexsort((np.asarray(root["y0"][:n]), np.asarray(root["x0"][:n])))
+    return SlideMajorFeatures(emb, n_slides, order, name=str(path)), ids
+
+
+def _resolve_features(features: Any) -> tuple[Any, list[str] | None, dict]:
+    """An array-like indexable by slide, the slide ids it carries (if any), and provenance about it."""
+    if not isinstance(features, str | os.PathLike):
+        return features, None, {"features": f"<{type(features).__name__}>"}
+    path = Path(features)
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r"), None, {"features": str(path)}
+    if not (path / "zarr.json").is_file():
+        raise BenchmarkError(f"features {path}: not a .npy file, Zarr array or embedding store")
+    node = zarr.open(path, mode="r")
+    if isinstance(node, zarr.Group):
+        feats, ids = open_embedding_features(path)
+        emb_prov = dict(node.attrs).get("provenance", {})
+        meta = {"features": str(path), "embeddings_config_hash": emb_prov.get("config_hash")}
+        return feats, ids, {**meta, "model_id": emb_prov.get("model_id")}
+    if node.ndim != 3:
+        raise BenchmarkError(f"features {path}: expected a [slide, tile, dim] array, got {node.shape}")
+    return node, None, {"features": str(path)}
+
+
+def _check_slides(slides: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in SLIDE_COLUMNS if c not in slides.columns]
+    if missing:
+        raise BenchmarkError(f"slide table lacks column(s) {missing}; it needs {list(SLIDE_COLUMNS)}")
+    dup = slides["slide_id"][slides["slide_id"].duplicated()]
+    if len(dup):
+        raise BenchmarkError(f"slide table lists slide {dup.iloc[0]!r} more than once")
+    return slides.reset_index(drop=True)
+
+
+def _n_slides(feats: Any) -> int:
+    shape = getattr(feats, "shape", None)
+    return int(shape[0]) if shape is not None else len(feats)
+
+
+def _slide_shapes(feats: Any, ids: Sequence[str]) -> tuple[int, int]:
+    """(n tiles, D) shared by all slides; cheap (shapes only) for arrays and lists of arrays."""
+    shape = getattr(feats, "shape", None)
+    if shape is not None:
+        if len(shape) != 3:
+            raise BenchmarkError(f"features: expected [slide, tile, dim], got shape {tuple(shape)}")
+        return int(shape[1]), int(shape[2])
+    first = None
+    for s, sid in enumerate(ids):
+        sh = tuple(np.shape(feats[s]))
+        if len(sh) != 2:
+            raise BenchmarkError(f"slide {sid!r}: expected features [tile, dim], got shape {sh}")
+        if first is None:
+            first = sh
+        elif sh[0] != first[0]:
+            raise BenchmarkError(
+                f"slide {sid!r} has {sh[0]} tiles but slide {ids[0]!r} has {first[0]}; "
+                "PLISM scoring needs the same matched tiles in every slide"
+            )
+        elif sh[1] != first[1]:
+            raise BenchmarkError(
+                f"slide {sid!r} has {sh[1]}-dim features but slide {ids[0]!r} has {first[1]}"
+            )
+    assert first is not None
+    return first
+
+
+def _check_subset(subset: Any, n: int) -> np.ndarray | None:
+    if subset is None:
+        return None
+    if isinstance(subset, str | os.PathLike):
+        subset = np.load(subset)
+    subset = np.asarray(subset)
+    if subset.ndim != 1 or not np.issubdtype(subset.dtype, np.integer) or subset.size == 0:
+        raise BenchmarkError(
+            f"tile subset must be a non-empty 1-D integer array, got {subset.dtype} {subset.shape}"
+        )
+    bad = np.flatnonzero((subset < 0) | (subset >= n))
+    if len(bad):
+        raise BenchmarkError(
+            f"tile subset entry {int(bad[0])} = {int(subset[bad[0]])} is out of range for {n} tiles per slide"
+        )
+    uniq, first = np.unique(subset, return_index=True)
+    if len(uniq) != len(subset):
+        dup = np.setdiff1d(np.arange(len(subset)), first)[0]
+        raise BenchmarkError(f"tile subset repeats tile {int(subset[dup])} (entry {int(dup)})")
+    return subset.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ scorer
+
+
+class _SlideCache:
+    """Thread-safe LRU of loaded slides; a slide being loaded by one thread is awaited, not loaded twice."""
+
+    def __init__(self, load: Callable[[int], np.ndarray], capacity: int):
+        self._load, self._capacity = load, max(2, capacity)
+        self._items: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._loading: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get(self, s: int) -> np.ndarray:
+        while True:
+            with self._lock:
+                if s in self._items:
+                    self._items.move_to_end(s)
+                    return self._items[s]
+                event = self._loading.get(s)
+                mine = event is None
+                if mine:
+                    event = self._loading[s] = threading.Event()
+            if not mine:
+                event.wait()
+                continue
+            try:
+                value = self._load(s)
+            except BaseException:
+                with self._lock:
+                    self._loading.pop(s).set()
+                raise
+            with self._lock:
+                self._items[s] = value
+                while len(self._items) > self._capacity:
+                    self._items.popitem(last=False)
+                self._loading.pop(s).set()
+            return value
+
+
+def _pair_schedule(n_slides: int, group: int) -> list[tuple[int, int]]:
+    """All pairs a < b, in tiles of `group` × `group` slides so that a small cache serves many pairs."""
+    starts = range(0, n_slides, group)
+    out = []
+    for i, j in itertools.combinations_with_replacement(starts, 2):
+        out += [
+            (a, b)
+            for a in range(i, min(i + group, n_slides))
+            for b in range(j, min(j + group, n_slides))
+            if a < b
+        ]
+    return out
+
+
+def _map(workers: int, fn: Callable, items: Sequence) -> Iterator:
+    if workers <= 1:
+        return map(fn, items)
+
+    def gen():
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plism")
+        try:
+            yield from pool.map(fn, items)
+        finally:  # on error (or an abandoned generator) drop the queued tasks instead of running them
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    return gen()
+
+
+def score_pairs(
+    features: Any,
+    slides: pd.DataFrame,
+    *,
+    tiles_subset: Any = None,
+    top_k: Sequence[int] = DEFAULT_TOP_K,
+    dtype: Any = "float32",
+    block_size: int = 1024,
+    workers: int = 1,
+    cache_slides: int = 4,
+) -> pd.DataFrame:
+    """Score every slide pair: a tidy frame slide_a, slide_b, group, metric, value (pairs in slide order).
+
+    `features[s]` → [n, D] for slide s of `slides` (same order): a numpy / memory-mapped / Zarr array
+    [S, n, D], a list of arrays, or a `SlideMajorFeatures`. `tiles_subset` selects rows of every slide.
+    Memory: `cache_slides` + `workers` normalised slides, S·n·kmax floats, and one block_size × n block per
+    worker. `workers` threads score pairs concurrently (BLAS releases the GIL); results equal the serial
+    path's. `dtype="float16"` rounds features and similarities to float16 like `plismbench`.
+    """
+    slides = _check_slides(slides)
+    ids = slides["slide_id"].astype(str).tolist()
+    n_slides = _n_slides(features)
+    if n_slides != len(slides):
+        raise BenchmarkError(f"features hold {n_slides} slides but the slide table lists {len(slides)}")
+    if n_slides < 2:
+        raise BenchmarkError(f"PLISM scoring needs at least 2 slides, got {n_slides} ({ids})")
+    top_k = [int(k) for k in top_k]
+    if not top_k or min(top_k) < 1 or len(set(top_k)) != len(top_k):
+        raise BenchmarkError(f"top_k must be distinct positive integers, got {top_k}")
+    if int(block_size) < 1 or int(workers) < 1 or int(cache_slides) < 1:
+        raise BenchmarkError(
+            f"block_size, workers, cache_slides must be ≥ 1: {block_size}, {workers}, {cache_slides}"
+        )
+    dt = _dtype(dtype)
+    n, dim = _slide_shapes(features, ids)
+    subset = _check_subset(tiles_subset, n)
+    kmax = max(top_k)
+
+    def load(s: int) -> np.ndarray:
+        x = np.asarray(features[s])
+        if x.shape != (n, dim):
+            raise BenchmarkError(f"slide {ids[s]!r}: features have shape {x.shape}, expected {(n, dim)}")
+        if subset is not None:
+            x = x[subset]
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            tile = int(subset[rows[0]]) if subset is not None else int(rows[0])
+            raise BenchmarkError(
+                f"slide {ids[s]!r}: {len(rows)} tile(s) have NaN/inf features (first: tile {tile})"
+            )
+        return normalize_features(x, dt)
+
+    cache = _SlideCache(load, int(cache_slides) + int(workers))
+    tops: list[np.ndarray | None] = [None] * n_slides
+
+    def prepare(s: int) -> None:
+        tops[s] = self_topk(cache.get(s), kmax, block_size, dt)
+
+    def score(pair: tuple[int, int]) -> np.ndarray:
+        a, b = pair
+        return pair_scores(cache.get(a), cache.get(b), top_k, block_size, dt, tops[a], tops[b])
+
+    start = time.perf_counter()
+    for _ in _map(workers, prepare, range(n_slides)):
+        pass
+    schedule = _pair_schedule(n_slides, max(1, int(cache_slides) // 2))
+    values = np.empty((len(schedule), len(top_k) + 1))
+    last = time.perf_counter()
+    for i, v in enumerate(_map(workers, score, schedule)):
+        values[i] = v
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            rate = (i + 1) / (last - start)
+            log.info("PLISM: %d/%d pairs (%.2f pairs/s)", i + 1, len(schedule), rate)
+    log.info("PLISM: %d pairs in %.1f s", len(schedule), time.perf_counter() - start)
+
+    pairs = slide_pairs(slides)
+    position = {pair: i for i, pair in enumerate(schedule)}
+    values = values[[position[(a, b)] for a, b in zip(pairs["a"], pairs["b"], strict=True)]]
+    names = metric_names(top_k)
+    m = len(names)
+    return pd.DataFrame(
+        {
+            "slide_a": np.repeat(pairs["slide_a"].to_numpy(object), m),
+            "slide_b": np.repeat(pairs["slide_b"].to_numpy(object), m),
+            "group": np.repeat(pairs["group"].to_numpy(object), m),
+            "metric": np.tile(np.array(names, dtype=object), len(pairs)),
+            "value": values.ravel(),
+        }
+    )
+
+
+def _digest(array: np.ndarray | None) -> str | None:
+    return None if array is None else hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _read_slide_table(slides: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    if isinstance(slides, pd.DataFrame):
+        return slides
+    path = Path(slides)
+    if not path.is_file():
+        raise BenchmarkError(f"slide table {path} does not exist")
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def score_plism(
+    features: Any,
+    slides: pd.DataFrame | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | None = None,
+    tiles_subset: Any = None,
+    top_k: Sequence[int] = DEFAULT_TOP_K,
+    dtype: Any = "float32",
+    block_size: int = 1024,
+    workers: int = 1,
+    cache_slides: int = 4,
+) -> pd.DataFrame:
+    """Score all pairs (see `score_pairs`) and write the tidy frame to Parquet `out` atomically.
+
+    `features`: an array-like, or a path to an embedding store, a [S, n, D] Zarr array or a .npy file.
+    `tiles_subset`: int array or .npy path (e.g. the 8,139-tile leaderboard subset). Provenance (settings,
+    subset digest, features' config hash) goes to the schema metadata under b"histodistill".
+    """
+    feats, store_ids, source = _resolve_features(features)
+    slides = _check_slides(_read_slide_table(slides))
+    if store_ids is not None:
+        table_ids = slides["slide_id"].astype(str).tolist()
+        for s, (want, got) in enumerate(zip(store_ids, table_ids, strict=False)):
+            if want != got:
+                raise BenchmarkError(
+                    f"slide table row {s} is {got!r} but the embedding store's slide {s} is {want!r}; "
+                    "list the slides in the store's order"
+                )
+    subset = np.load(tiles_subset) if isinstance(tiles_subset, str | os.PathLike) else tiles_subset
+    subset = None if subset is None else np.asarray(subset)
+    scores = score_pairs(
+        feats,
+        slides,
+        tiles_subset=subset,
+        top_k=top_k,
+        dtype=dtype,
+        block_size=block_size,
+        workers=workers,
+        cache_slides=cache_slides,
+    )
+    n, dim = _slide_shapes(feats, slides["slide_id"].astype(str).tolist())
+    params = {
+        "top_k": [int(k) for k in top_k],
+        "dtype": np.dtype(_dtype(dtype)).name,
+        "tiles_subset_digest": _digest(subset),
+        "n_tiles": int(len(subset) if subset is not None else n),
+        "slides": slides["slide_id"].astype(str).tolist(),
+        "embeddings_config_hash": source.get("embeddings_config_hash"),
+    }
+    meta = provenance(
+        params,
+        benchmark="plism",
+        model=model or source.get("model_id"),
+        source=source,
+        dim=dim,
+        tiles_per_slide=n,
+        block_size=int(block_size),
+        workers=int(workers),
+        slide_table=slides[list(SLIDE_COLUMNS)].astype(str).to_dict(orient="list"),
+    )
+    table = pa.Table.from_pandas(scores, preserve_index=False)
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()}
+    )
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+    return scores
+
+
+def read_scores(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """A per-pair score file written by `score_plism`, and its provenance."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise BenchmarkError(f"cannot read PLISM scores {path}: {exc}") from exc
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise BenchmarkError(f"{path} is not a histodistill score file (no '{META_KEY.decode()}' metadata)")
+    return table.to_pandas(), json.loads(raw)
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def _wide(scores: pd.DataFrame) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray, int]:
+    """Scores as one row per pair: (wide frame, metric names, slide codes a, b, number of slides)."""
+    need = {"slide_a", "slide_b", "group", "metric", "value"}
+    if missing := need - set(scores.columns):
+        raise BenchmarkError(f"score frame lacks column(s) {sorted(missing)}")
+    metrics = list(dict.fromkeys(scores["metric"]))
+    try:
+        wide = scores.pivot(index=["slide_a", "slide_b", "group"], columns="metric", values="value")
+    except ValueError as exc:  # a (pair, metric) listed twice
+        raise BenchmarkError(f"score frame lists a (pair, metric) more than once: {exc}") from exc
+    wide = wide.reset_index()
+    codes, uniques = pd.factorize(pd.concat([wide["slide_a"], wide["slide_b"]], ignore_index=True))
+    return wide, metrics, codes[: len(wide)], codes[len(wide) :], len(uniques)
+
+
+def _groups(wide: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+    present = set(wide["group"])
+    return [(ALL, np.ones(len(wide), bool))] + [
+        (g, (wide["group"] == g).to_numpy()) for g in PAIR_GROUPS if g in present
+    ]
+
+
+def summarize_scores(
+    scores: pd.DataFrame | str | os.PathLike,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Per (group, metric): n_pairs, mean, std (ddof 0), median, IQR and cluster-bootstrap CIs.
+
+    CIs (`mean_ci_low` … `median_ci_high`) resample slides, not pairs (see `histodistill.bench.stats`);
+    every group and metric uses the same seeded replicates, so the result is deterministic for a seed.
+    """
+    if not isinstance(scores, pd.DataFrame):
+        scores = read_scores(scores)[0]
+    wide, metrics, code_a, code_b, n_slides = _wide(scores)
+    counts = slide_resamples(n_slides, n_boot, seed) if n_boot > 0 else None
+    rows = []
+    for group, mask in _groups(wide):
+        values = wide.loc[mask, metrics].to_numpy(np.float64)
+        ci = {}
+        if counts is not None:
+            weights = pair_weights(counts, code_a[mask], code_b[mask])
+            for stat in ("mean", "median"):
+                ci[stat] = percentile_ci(bootstrap_statistic(values, weights, stat), confidence)
+        for j, metric in enumerate(metrics):
+            row = {"group": group, "metric": metric, "n_pairs": int(mask.sum()), **summarize(values[:, j])}
+            for stat in ("mean", "median"):
+                low, high = ci.get(stat, (np.full(len(metrics), np.nan),) * 2)
+                row |= {f"{stat}_ci_low": float(low[j]), f"{stat}_ci_high": float(high[j])}
+            rows.append(row)
+    columns = ["group", "metric", "n_pairs", *STATS]
+    columns += ["mean_ci_low", "mean_ci_high", "median_ci_low", "median_ci_high"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def leaderboard_metric(summary: pd.DataFrame) -> float | pd.Series:
+    """Mean of the four leaderboard medians; a Series by model when `summary` has a `model` column."""
+    if "model" in summary.columns:
+        by_model = {
+            m: leaderboard_metric(g.drop(columns="model")) for m, g in summary.groupby("model", sort=False)
+        }
+        return pd.Series(by_model, name="leaderboard")
+    medians = []
+    for group, metric in LEADERBOARD:
+        hit = summary[(summary["group"] == group) & (summary["metric"] == metric)]
+        if len(hit) != 1:
+            raise BenchmarkError(
+                f"summary has {len(hit)} rows for ({group}, {metric}); the leaderboard needs one"
+            )
+        medians.append(float(hit["median"].iloc[0]))
+    return float(np.mean(medians))
+
+
+def leaderboard_ci(
+    scores: pd.DataFrame | str | os.PathLike, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, float]:
+    """The leaderboard metric with a cluster-bootstrap CI (each replicate recomputes all four medians)."""
+    if not isinstance(scores, pd.DataFrame):
+        scores = read_scores(scores)[0]
+    wide, metrics, code_a, code_b, n_slides = _wide(scores)
+    counts = slide_resamples(n_slides, n_boot, seed)
+    masks = dict(_groups(wide))
+    point, samples = [], []
+    for group, metric in LEADERBOARD:
+        if group not in masks or metric not in metrics:
+            raise BenchmarkError(f"scores have no ({group}, {metric}) values; the leaderboard needs them")
+        col = wide.loc[masks[group], metric].to_numpy(np.float64)
+        point.append(np.median(col))
+        weights = pair_weights(counts, code_a[masks[group]], code_b[masks[group]])
+        samples.append(bootstrap_statistic(col, weights, "median"))
+    low, high = percentile_ci(np.mean(samples, axis=0), confidence)
+    return {"value": float(np.mean(point)), "ci_low": float(low), "ci_high": float(high)}
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _median_of(summary: pd.DataFrame, model: str, group: str, metric: str) -> tuple[float, float, float]:
+    hit = summary[(summary["model"] == model) & (summary["group"] == group) & (summary["metric"] == metric)]
+    if len(hit) != 1:
+        raise BenchmarkError(
+            f"summary has {len(hit)} rows for model {model!r}, ({group}, {metric}); need one"
+        )
+    row = hit.iloc[0]
+    return (
+        float(row["median"]),
+        float(row.get("median_ci_low", np.nan)),
+        float(row.get("median_ci_high", np.nan)),
+    )
+
+
+def _scatter(summary: pd.DataFrame, out, x: tuple[str, str], y: tuple[str, str], labels, title, diagonal):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if "model" not in summary.columns:
+        raise BenchmarkError("figure needs a summary with a 'model' column (concatenate per-model summaries)")
+    fig = Figure(figsize=(5.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for model in dict.fromkeys(summary["model"]):
+        xm, xl, xh = _median_of(summary, model, *x)
+        ym, yl, yh = _median_of(summary, model, *y)
+        xerr = None if np.isnan(xl) else [[xm - xl], [xh - xm]]
+        yerr = None if np.isnan(yl) else [[ym - yl], [yh - ym]]
+        ax.errorbar(xm, ym, xerr=xerr, yerr=yerr, fmt="o", capsize=2)
+        ax.annotate(str(model), (xm, ym), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if diagonal:
+        lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
+        hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(out)
+
+
+def plot_topk_vs_cosine(summary: pd.DataFrame, out: str | os.PathLike, k: int = 5, group: str = ALL) -> Path:
+    """Median top-k accuracy against median cosine per model (bars: median bootstrap CIs) → PNG."""
+    return _scatter(
+        summary,
+        out,
+        (group, COSINE),
+        (group, f"top_{k}"),
+        (f"median cosine similarity ({group})", f"median top-{k} accuracy ({group})"),
+        "PLISM robustness",
+        diagonal=False,
+    )
+
+
+def plot_scanner_vs_staining(summary: pd.DataFrame, out: str | os.PathLike, k: int = 1) -> Path:
+    """Median top-k inter-scanner against inter-staining accuracy per model (dashed: equal) → PNG."""
+    return _scatter(
+        summary,
+        out,
+        (INTER_SCANNER, f"top_{k}"),
+        (INTER_STAINING, f"top_{k}"),
+        (f"median top-{k} accuracy, inter-scanner", f"median top-{k} accuracy, inter-staining"),
+        "scanner vs staining robustness",
+        diagonal=True,
+    )
