@@ -1,0 +1,755 @@
+"""Classification probes on frozen embeddings: EVA linear probe, DINO k-NN, UNI logistic regression, ABMIL.
+
+Protocols and the sources they were checked against:
+
+- **Linear probe (kaiko-ai/eva, offline classification configs, e.g. `crc.yaml`)**: a `torch.nn.Linear`
+  head (one logit + BCE for two classes, K logits + cross-entropy otherwise, as EVA's binary/multiclass
+  configs), AdamW(lr 3e-4), batch 256 with shuffling, a fixed budget of 12,500 steps, validation every
+  epoch (Lightning's default; `eval_every` overrides it), early stopping when the monitored validation
+  metric has not strictly improved for `patience` checks, and the best checkpoint is the one evaluated;
+  5 runs, mean ± sample std (EVA's `statistics.stdev`). We monitor balanced accuracy: EVA's multiclass
+  `MulticlassAccuracy` is macro-averaged (= balanced accuracy); its binary configs monitor plain accuracy.
+- **k-NN (DINO's `knn_classifier`)**: cosine similarity of L2-normalised features, the k most similar
+  training tiles vote with weight exp(sim / 0.07); computed block by block (queries × training blocks,
+  keeping a running top-k), never as an all-pairs matrix. k is chosen on the validation split (best
+  balanced accuracy, smallest k on ties) from `ks` (default 1…50); the test split is scored at that k.
+  Without a validation split DINO's k = 20 is used.
+- **Logistic regression (mahmoodlab/UNI `eval_patch_features/linear_probe.py`)**: L-BFGS, 1000 iterations,
+  C = 1/λ with λ = 100 / (D · K) (UNI: `cost = feats.shape[1] * NUM_C / 100`), fitted on train + val
+  (UNI's `combine_trainval=True`). Here sklearn's `LogisticRegression` on standardised features, as
+  requested; UNI's default path is its own torch L-BFGS on un-standardised features, whose penalty is
+  (1/C)·0.5·‖W‖₂ added to the *mean* loss, so the two are not numerically identical.
+- **Metrics**: balanced accuracy, weighted F1, AUROC (binary: the positive class's probability;
+  multiclass: one-vs-rest, macro over the classes present in the evaluated split).
+- **ABMIL (Ilse et al. 2018, gated attention; EVA's `networks/abmil.py` and `camelyon16_small.yaml`)**:
+  Linear projection to 128 → gated attention (tanh ⊙ sigmoid, hidden 128) → attention-weighted mean →
+  MLP (128, 64) → logits; AdamW(lr 1e-3), cosine annealing over the epochs, batch 32 bags (padded and
+  masked), early stopping on validation balanced accuracy (patience 10), best state kept.
+
+Inputs stay in memory: X [N, D] floats, y [N] labels, split [N] in {train, val, test}, and for slide tasks
+the slide id of each tile. Scores come back as tidy rows: task, method, seed, metric, value. Methods
+without randomness (k-NN, logistic regression) report one run, with seed 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from histodistill.bench import BenchmarkError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("tile_index", "label", "split")
+ROW_COLUMNS = ["task", "method", "seed", "metric", "value"]
+METRICS = ("balanced_accuracy", "f1_weighted", "auroc")
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """EVA's offline linear-probe settings; `eval_every=None` validates once per epoch."""
+
+    max_steps: int = 12_500
+    batch_size: int = 256
+    lr: float = 3e-4
+    eval_every: int | None = None
+    patience: int | None = 7  # validation checks without improvement (EVA crc.yaml); None: never stop
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    threads: int | None = 1  # torch threads while training; None leaves torch's setting
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    ks: tuple[int, ...] = tuple(range(1, 51))
+    temperature: float = 0.07
+    block_size: int = 1024
+    default_k: int = 20  # DINO's default, used when there is no validation split
+    report_all_k: bool = False  # also emit rows for every k (method "knn_k{k}")
+
+
+@dataclass(frozen=True)
+class LogRegConfig:
+    max_iter: int = 1000
+    standardize: bool = True
+    combine_trainval: bool = True
+
+
+@dataclass(frozen=True)
+class AbmilConfig:
+    max_epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    projected_dim: int | None = 128
+    hidden_attention: int = 128
+    hidden_mlp: tuple[int, ...] = (128, 64)
+    patience: int | None = 10
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    threads: int | None = 1
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Labels as integer codes into `classes` (sorted training labels), with the split of each row."""
+
+    classes: np.ndarray
+    codes: np.ndarray
+    split: np.ndarray
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def validate_split(
+    y: Sequence,
+    split: Sequence[str],
+    classes: Sequence | None = None,
+    where: str = "input",
+    row_names: Sequence | None = None,
+) -> Encoded:
+    """Check labels and splits (names the offending row or class) and encode the labels.
+
+    Errors: lengths differ; a split other than train/val/test; a missing label; no training rows; fewer
+    than two training classes; a declared class (`classes`) with no training rows; a val/test label never
+    seen in training.
+    """
+    y = np.asarray(y, dtype=object)
+    split = np.asarray(split, dtype=object)
+    names = row_names if row_names is not None else [f"row {i}" for i in range(len(y))]
+    if len(y) != len(split):
+        raise BenchmarkError(f"{where}: {len(y)} labels but {len(split)} split entries")
+    bad = [i for i, s in enumerate(split) if s not in SPLITS]
+    if bad:
+        raise BenchmarkError(
+            f"{where}: {names[bad[0]]} has unknown split {split[bad[0]]!r}; expected {SPLITS}"
+        )
+    missing = [i for i, v in enumerate(y) if _is_missing(v)]
+    if missing:
+        raise BenchmarkError(f"{where}: {names[missing[0]]} has no label")
+    masks = {s: split == s for s in SPLITS}
+    if not masks["train"].any():
+        raise BenchmarkError(f"{where}: no training rows (split == 'train')")
+    train_classes = set(y[masks["train"]].tolist())
+    if classes is not None:
+        empty = [c for c in classes if c not in train_classes]
+        if empty:
+            raise BenchmarkError(f"{where}: class {empty[0]!r} has no training rows")
+    if len(train_classes) < 2:
+        raise BenchmarkError(
+            f"{where}: the training split has a single class {sorted(train_classes, key=str)}"
+        )
+    for s in ("val", "test"):
+        unseen = [i for i in np.flatnonzero(masks[s]) if y[i] not in train_classes]
+        if unseen:
+            i = unseen[0]
+            raise BenchmarkError(f"{where}: {names[i]} in {s} has label {y[i]!r}, which no training row has")
+    ordered = np.array(sorted(train_classes, key=lambda c: (str(type(c)), c)), dtype=object)
+    lookup = {c: k for k, c in enumerate(ordered.tolist())}
+    codes = np.array([lookup[v] for v in y.tolist()], dtype=np.int64)
+    return Encoded(ordered, codes, split, masks)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Which embedding rows form the dataset, with their label, split and (optionally) slide."""
+
+    tile_index: np.ndarray
+    label: np.ndarray
+    split: np.ndarray
+    slide_id: np.ndarray | None = None
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.tile_index)
+
+    def select(self, embeddings: np.ndarray) -> np.ndarray:
+        """The manifest's rows of an [N, D] embedding array, in manifest order."""
+        n = len(embeddings)
+        too_big = np.flatnonzero(self.tile_index >= n)
+        if too_big.size:
+            i = too_big[0]
+            raise BenchmarkError(
+                f"{self.path or 'manifest'}: row {i} points at tile_index {self.tile_index[i]}, "
+                f"but the embeddings have {n} rows"
+            )
+        return np.asarray(embeddings[self.tile_index])
+
+
+def load_manifest(path: str | Path, n_tiles: int | None = None, classes: Sequence | None = None) -> Manifest:
+    """Read and validate a manifest CSV (or Parquet): tile_index, label, split[, slide_id].
+
+    Labels and slide ids are read as strings. Rows are named by their CSV line in errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"manifest {path} does not exist")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+        offset = 0
+    else:
+        df = pd.read_csv(path, dtype={"label": str, "split": str, "slide_id": str}, keep_default_na=False)
+        offset = 2  # header line + 1-based lines
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise BenchmarkError(f"manifest {path} lacks column {missing[0]!r} (needs {list(MANIFEST_COLUMNS)})")
+    if df.empty:
+        raise BenchmarkError(f"manifest {path} has no rows")
+    where = f"manifest {path}"
+    names = [f"line {i + offset}" if offset else f"row {i}" for i in range(len(df))]
+    index = pd.to_numeric(df["tile_index"], errors="coerce")
+    bad = np.flatnonzero(index.isna().to_numpy() | (index.to_numpy() % 1 != 0) | (index.to_numpy() < 0))
+    if bad.size:
+        i = bad[0]
+        raise BenchmarkError(
+            f"{where}: {names[i]} has tile_index {df['tile_index'].iloc[i]!r}, not an integer ≥ 0"
+        )
+    tile_index = index.to_numpy().astype(np.int64)
+    dup = np.flatnonzero(pd.Series(tile_index).duplicated().to_numpy())
+    if dup.size:
+        raise BenchmarkError(f"{where}: {names[dup[0]]} repeats tile_index {tile_index[dup[0]]}")
+    if n_tiles is not None and tile_index.max() >= n_tiles:
+        i = int(np.argmax(tile_index))
+        raise BenchmarkError(
+            f"{where}: {names[i]} has tile_index {tile_index[i]} but there are {n_tiles} tiles"
+        )
+    label = df["label"].astype(object).to_numpy()
+    split = df["split"].astype(object).to_numpy()
+    validate_split(label, split, classes=classes, where=where, row_names=names)
+    slide_id = None
+    if "slide_id" in df.columns:
+        slide_id = df["slide_id"].astype(object).to_numpy()
+        empty = [i for i, s in enumerate(slide_id) if _is_missing(s)]
+        if empty:
+            raise BenchmarkError(f"{where}: {names[empty[0]]} has no slide_id")
+        _slide_groups(label, split, slide_id, where)
+    return Manifest(tile_index, label, split, slide_id, path)
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+def auroc(codes: np.ndarray, proba: np.ndarray) -> float:
+    """Binary: AUROC of the positive class; multiclass: one-vs-rest, macro over the classes present."""
+    codes = np.asarray(codes)
+    proba = np.asarray(proba, dtype=np.float64)
+    present = np.unique(codes)
+    if len(present) < 2:
+        warnings.warn("AUROC undefined: the evaluated split has a single class", RuntimeWarning, stacklevel=2)
+        return float("nan")
+    if proba.shape[1] == 2:
+        return float(roc_auc_score(codes == 1, proba[:, 1]))
+    return float(np.mean([roc_auc_score(codes == c, proba[:, c]) for c in present]))
+
+
+def classification_metrics(codes: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy, weighted F1 and AUROC of class probabilities [n, K] against integer codes."""
+    codes = np.asarray(codes)
+    pred = np.asarray(proba).argmax(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        bacc = balanced_accuracy_score(codes, pred)
+    f1 = f1_score(codes, pred, average="weighted", labels=np.unique(codes), zero_division=0)
+    return {"balanced_accuracy": float(bacc), "f1_weighted": float(f1), "auroc": auroc(codes, proba)}
+
+
+def _balanced_accuracy(codes: np.ndarray, pred: np.ndarray) -> float:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(codes, pred))
+
+
+# ----------------------------------------------------------------------------------------- linear probe
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` torch threads, then restore the previous count.
+
+    A probe's matmuls are tiny: on a shared CPU, OpenMP's thread wake-ups cost ~20× the work itself, and a
+    fixed thread count keeps a seed's result bit-identical across machines with different core counts.
+    """
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class LinearProbeFit:
+    head: nn.Linear
+    n_classes: int
+    best_step: int
+    best_val: float
+    steps_run: int
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = self.head(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+        return _logits_to_proba(logits, self.n_classes)
+
+
+def _logits_to_proba(logits: torch.Tensor, n_classes: int) -> np.ndarray:
+    if n_classes == 2:
+        p = torch.sigmoid(logits[:, 0]).double().numpy()
+        return np.stack([1.0 - p, p], 1)
+    return torch.softmax(logits.double(), 1).numpy()
+
+
+def _loss(n_classes: int):
+    if n_classes == 2:
+        bce = nn.BCEWithLogitsLoss()
+        return lambda logits, target: bce(logits[:, 0], target.float())
+    return nn.CrossEntropyLoss()
+
+
+def train_linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    n_classes: int,
+    seed: int,
+    config: LinearProbeConfig | None = None,
+) -> LinearProbeFit:
+    """Train EVA's linear head on integer codes; keep the state with the best validation balanced accuracy.
+
+    Deterministic for a seed: the head's init and the batch order come from the seed only (the global
+    torch RNG is left as it was).
+    """
+    cfg = config or LinearProbeConfig()
+    with torch_threads(cfg.threads):
+        return _train_linear_probe(x_train, y_train, x_val, y_val, n_classes, seed, cfg)
+
+
+def _train_linear_probe(x_train, y_train, x_val, y_val, n_classes: int, seed: int, cfg: LinearProbeConfig):
+    x = torch.as_tensor(np.asarray(x_train, dtype=np.float32))
+    t = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
+    n, dim = x.shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(dim, 1 if n_classes == 2 else n_classes)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr)
+    loss_fn = _loss(n_classes)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    eval_every = cfg.eval_every or steps_per_epoch
+    has_val = x_val is not None and len(x_val) > 0
+    best, best_state, best_step, bad, step = -math.inf, None, 0, 0, 0
+    stop = False
+    while step < cfg.max_steps and not stop:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            loss = loss_fn(head(x[idx]), t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if has_val and (step % eval_every == 0 or step == cfg.max_steps):
+                fit = LinearProbeFit(head, n_classes, step, best, step)
+                score = _balanced_accuracy(y_val, fit.predict_proba(x_val).argmax(1))
+                if score > best:  # strictly better, as Lightning's EarlyStopping/ModelCheckpoint (mode=max)
+                    best, best_step, bad = score, step, 0
+                    best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                else:
+                    bad += 1
+                    stop = cfg.patience is not None and bad >= cfg.patience
+            if step >= cfg.max_steps or stop:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    else:
+        best_step = step
+    return LinearProbeFit(head, n_classes, best_step, best, step)
+
+
+# ----------------------------------------------------------------------------------------- k-NN
+
+
+def _l2_normalise(x: np.ndarray) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    return nn.functional.normalize(t, dim=1)
+
+
+def knn_proba(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_query: np.ndarray,
+    n_classes: int,
+    ks: Sequence[int],
+    temperature: float = 0.07,
+    block_size: int = 1024,
+) -> dict[int, np.ndarray]:
+    """DINO's weighted k-NN: for each k, class votes Σ exp(sim / T) over the k nearest, normalised to 1.
+
+    Cosine similarity on L2-normalised features; queries and the training bank are processed in blocks of
+    `block_size`, keeping a running top-k, so memory is O(block² + block · k). k larger than the bank is
+    clipped to the bank's size.
+    """
+    bank = _l2_normalise(x_train)
+    labels = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
+    query = _l2_normalise(x_query)
+    k_max = min(max(ks), len(bank))
+    out = {k: np.zeros((len(query), n_classes)) for k in ks}
+    for qs in range(0, len(query), block_size):
+        q = query[qs : qs + block_size]
+        top_sim = torch.empty((len(q), 0))
+        top_idx = torch.empty((len(q), 0), dtype=torch.int64)
+        for bs in range(0, len(bank), block_size):
+            sim = q @ bank[bs : bs + block_size].T
+            idx = torch.arange(bs, bs + sim.shape[1]).expand(len(q), -1)
+            top_sim, pos = torch.cat([top_sim, sim], 1).topk(
+                min(k_max, top_sim.shape[1] + sim.shape[1]), dim=1
+            )
+            top_idx = torch.cat([top_idx, idx], 1).gather(1, pos)
+        # exp((s - s_max) / T): the same normalised votes as DINO's exp(s / T), without overflow
+        weight = ((top_sim - top_sim[:, :1]) / temperature).double().exp()
+        votes = nn.functional.one_hot(labels[top_idx], n_classes).double() * weight[..., None]
+        cumulative = votes.cumsum(1)
+        for k in ks:
+            v = cumulative[:, min(k, k_max) - 1]
+            out[k][qs : qs + len(q)] = (v / v.sum(1, keepdim=True)).numpy()
+    return out
+
+
+# ------------------------------------------------------------------------------------- logistic regression
+
+
+def fit_logreg(x: np.ndarray, codes: np.ndarray, config: LogRegConfig | None = None):
+    """UNI's logistic regression: L-BFGS, C = D·K/100 (λ = 100/(D·K)); returns a predict_proba callable."""
+    cfg = config or LogRegConfig()
+    x = np.asarray(x, dtype=np.float64)
+    n_classes = len(np.unique(codes))
+    scaler = StandardScaler().fit(x) if cfg.standardize else None
+    c = x.shape[1] * n_classes / 100.0
+    clf = LogisticRegression(C=c, solver="lbfgs", max_iter=cfg.max_iter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(scaler.transform(x) if scaler else x, codes)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        log.info("logistic regression stopped at max_iter=%d before converging (as UNI allows)", cfg.max_iter)
+
+    def predict_proba(q: np.ndarray) -> np.ndarray:
+        q = np.asarray(q, dtype=np.float64)
+        return clf.predict_proba(scaler.transform(q) if scaler else q)
+
+    predict_proba.classifier = clf  # type: ignore[attr-defined]
+    predict_proba.C = c  # type: ignore[attr-defined]
+    return predict_proba
+
+
+# ----------------------------------------------------------------------------------------- patch-level runner
+
+
+def _eval_split(enc: Encoded, where: str) -> str:
+    if enc.masks["test"].any():
+        return "test"
+    if enc.masks["val"].any():
+        log.warning("%s: no test split; reporting on the validation split (as EVA does for CRC, BACH)", where)
+        return "val"
+    raise BenchmarkError(f"{where}: neither a test nor a validation split to evaluate on")
+
+
+def _rows(task: str, method: str, seed: int, metrics: dict[str, float]) -> list[tuple]:
+    return [(task, method, seed, name, float(value)) for name, value in metrics.items()]
+
+
+def run_probe(
+    x: np.ndarray,
+    y: Sequence,
+    split: Sequence[str],
+    task: str,
+    methods: Sequence[str] = ("linear", "knn", "logreg"),
+    linear: LinearProbeConfig | None = None,
+    knn: KnnConfig | None = None,
+    logreg: LogRegConfig | None = None,
+) -> pd.DataFrame:
+    """Score frozen tile embeddings with the chosen probes; tidy rows (task, method, seed, metric, value).
+
+    Models are fitted on train, selected on val (early stopping, k), and scored on test (on val when there
+    is no test split). k-NN adds a row with metric "k", the k chosen on validation.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2 or len(x) != len(y):
+        raise BenchmarkError(f"task {task}: X has shape {x.shape}, expected [{len(y)}, D]")
+    if not np.isfinite(x).all():
+        raise BenchmarkError(f"task {task}: the embeddings hold NaN or inf")
+    unknown = [m for m in methods if m not in ("linear", "knn", "logreg")]
+    if unknown:
+        raise BenchmarkError(f"task {task}: unknown probe method {unknown[0]!r} (linear, knn, logreg)")
+    enc = validate_split(y, split, where=f"task {task}")
+    ev = _eval_split(enc, f"task {task}")
+    tr, va, te = enc.masks["train"], enc.masks["val"], enc.masks[ev]
+    k_classes = enc.n_classes
+    rows: list[tuple] = []
+
+    if "linear" in methods:
+        cfg = linear or LinearProbeConfig()
+        for seed in cfg.seeds:
+            fit = train_linear_probe(x[tr], enc.codes[tr], x[va], enc.codes[va], k_classes, seed, cfg)
+            log.info(
+                "%s linear seed %d: best val bacc %.4f at step %d of %d",
+                task,
+                seed,
+                fit.best_val,
+                fit.best_step,
+                fit.steps_run,
+            )
+            rows += _rows(
+                task, "linear", seed, classification_metrics(enc.codes[te], fit.predict_proba(x[te]))
+            )
+
+    if "knn" in methods:
+        cfg_k = knn or KnnConfig()
+        ks = sorted(set(cfg_k.ks))
+        if va.any():
+            on_val = knn_proba(
+                x[tr], enc.codes[tr], x[va], k_classes, ks, cfg_k.temperature, cfg_k.block_size
+            )
+            scores = {k: _balanced_accuracy(enc.codes[va], p.argmax(1)) for k, p in on_val.items()}
+            best_k = max(ks, key=lambda k: (scores[k], -k))
+        else:
+            best_k = cfg_k.default_k
+            log.warning("task %s: no validation split to choose k; using k = %d", task, best_k)
+        wanted = ks if cfg_k.report_all_k else [best_k]
+        on_eval = knn_proba(
+            x[tr], enc.codes[tr], x[te], k_classes, wanted, cfg_k.temperature, cfg_k.block_size
+        )
+        rows += _rows(task, "knn", 0, {**classification_metrics(enc.codes[te], on_eval[best_k]), "k": best_k})
+        if cfg_k.report_all_k:
+            for k in ks:
+                rows += _rows(task, f"knn_k{k}", 0, classification_metrics(enc.codes[te], on_eval[k]))
+
+    if "logreg" in methods:
+        cfg_l = logreg or LogRegConfig()
+        fit_rows = tr | va if (cfg_l.combine_trainval and ev == "test") else tr
+        predict = fit_logreg(x[fit_rows], enc.codes[fit_rows], cfg_l)
+        rows += _rows(task, "logreg", 0, classification_metrics(enc.codes[te], predict(x[te])))
+
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+def summarize(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std (ddof=1, 0 for a single run; EVA's statistics.stdev) over seeds."""
+    grouped = rows.groupby(["task", "method", "metric"], sort=True)["value"]
+    out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
+    return out.reset_index()
+
+
+# ----------------------------------------------------------------------------------------- ABMIL
+
+
+class GatedAttention(nn.Module):
+    """Ilse et al.'s gated attention: w · (tanh(V h) ⊙ sigmoid(U h)) → one logit per instance."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh())
+        self.b = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid())
+        self.c = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(h) * self.b(h))
+
+
+class ABMIL(nn.Module):
+    """Attention-MIL on a padded batch of bags [B, N, D] with a validity mask [B, N] → logits [B, out]."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_out: int,
+        projected_dim: int | None = 128,
+        hidden_attention: int = 128,
+        hidden_mlp: Sequence[int] = (128, 64),
+    ):
+        super().__init__()
+        self.projector = nn.Linear(dim, projected_dim) if projected_dim else nn.Identity()
+        width = projected_dim or dim
+        self.attention = GatedAttention(width, hidden_attention)
+        layers: list[nn.Module] = []
+        for size in hidden_mlp:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.classifier = nn.Sequential(*layers, nn.Linear(width, n_out))
+
+    def forward(self, bags: torch.Tensor, mask: torch.Tensor, return_attention: bool = False):
+        h = self.projector(bags)
+        logits = self.attention(h).squeeze(-1).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(logits, dim=1)
+        pooled = torch.einsum("bn,bnd->bd", weights, h)
+        out = self.classifier(pooled)
+        return (out, weights) if return_attention else out
+
+
+def _pad(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(b) for b in bags)
+    dim = bags[0].shape[1]
+    x = torch.zeros((len(bags), longest, dim))
+    mask = torch.zeros((len(bags), longest), dtype=torch.bool)
+    for i, b in enumerate(bags):
+        x[i, : len(b)] = torch.as_tensor(np.asarray(b, dtype=np.float32))
+        mask[i, : len(b)] = True
+    return x, mask
+
+
+def abmil_proba(model: ABMIL, bags: Sequence[np.ndarray], n_classes: int, batch_size: int = 32) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(bags), batch_size):
+            x, mask = _pad(bags[s : s + batch_size])
+            out.append(_logits_to_proba(model(x, mask), n_classes))
+    return np.concatenate(out)
+
+
+def train_abmil(
+    bags_train: Sequence[np.ndarray],
+    y_train: np.ndarray,
+    bags_val: Sequence[np.ndarray],
+    y_val: np.ndarray,
+    n_classes: int,
+    seed: int,
+    config: AbmilConfig | None = None,
+) -> ABMIL:
+    """Train ABMIL on integer slide codes; keep the epoch with the best validation balanced accuracy."""
+    cfg = config or AbmilConfig()
+    with torch_threads(cfg.threads):
+        return _train_abmil(bags_train, y_train, bags_val, y_val, n_classes, seed, cfg)
+
+
+def _train_abmil(bags_train, y_train, bags_val, y_val, n_classes: int, seed: int, cfg: AbmilConfig) -> ABMIL:
+    dim = bags_train[0].shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ABMIL(
+            dim, 1 if n_classes == 2 else n_classes, cfg.projected_dim, cfg.hidden_attention, cfg.hidden_mlp
+        )
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs, eta_min=0.0)
+    loss_fn = _loss(n_classes)
+    targets = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
+    best, best_state, bad = -math.inf, None, 0
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        order = torch.randperm(len(bags_train), generator=gen).tolist()
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            x, mask = _pad([bags_train[i] for i in idx])
+            loss = loss_fn(model(x, mask), targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        if len(bags_val):
+            score = _balanced_accuracy(y_val, abmil_proba(model, bags_val, n_classes).argmax(1))
+            if score > best:
+                best, bad = score, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if cfg.patience is not None and bad >= cfg.patience:
+                    log.info(
+                        "ABMIL seed %d: early stop at epoch %d (best val bacc %.4f)", seed, epoch + 1, best
+                    )
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model
+
+
+def _slide_groups(y: np.ndarray, split: np.ndarray, slide_ids: np.ndarray, where: str) -> dict:
+    """slide → (row indices, label, split); a slide whose tiles disagree on label or split is an error."""
+    groups: dict = {}
+    for i, sid in enumerate(slide_ids.tolist()):
+        groups.setdefault(sid, []).append(i)
+    out = {}
+    for sid, rows in groups.items():
+        labels = {y[i] for i in rows}
+        splits = {split[i] for i in rows}
+        if len(labels) > 1:
+            raise BenchmarkError(
+                f"{where}: slide {sid!r} has tiles with different labels {sorted(map(str, labels))}"
+            )
+        if len(splits) > 1:
+            raise BenchmarkError(f"{where}: slide {sid!r} has tiles in different splits {sorted(splits)}")
+        out[sid] = (np.asarray(rows), labels.pop(), splits.pop())
+    return out
+
+
+def run_abmil(
+    x: np.ndarray,
+    y: Sequence,
+    split: Sequence[str],
+    slide_ids: Sequence,
+    task: str,
+    config: AbmilConfig | None = None,
+) -> pd.DataFrame:
+    """Slide-level ABMIL on bags of tile embeddings (tiles grouped by slide id); tidy rows per seed."""
+    cfg = config or AbmilConfig()
+    x = np.asarray(x)
+    y = np.asarray(y, dtype=object)
+    split = np.asarray(split, dtype=object)
+    slide_ids = np.asarray(slide_ids, dtype=object)
+    where = f"task {task}"
+    if x.ndim != 2 or not (len(x) == len(y) == len(split) == len(slide_ids)):
+        raise BenchmarkError(
+            f"{where}: X {x.shape}, {len(y)} labels, {len(split)} splits, {len(slide_ids)} slide ids"
+        )
+    groups = _slide_groups(y, split, slide_ids, where)
+    slides = list(groups)
+    enc = validate_split(
+        [groups[s][1] for s in slides],
+        [groups[s][2] for s in slides],
+        where=where,
+        row_names=[f"slide {s!r}" for s in slides],
+    )
+    bags = [x[groups[s][0]] for s in slides]
+    pick = {name: [i for i in range(len(slides)) if enc.masks[name][i]] for name in SPLITS}
+    ev = _eval_split(enc, where)
+    rows: list[tuple] = []
+    for seed in cfg.seeds:
+        model = train_abmil(
+            [bags[i] for i in pick["train"]],
+            enc.codes[pick["train"]],
+            [bags[i] for i in pick["val"]],
+            enc.codes[pick["val"]],
+            enc.n_classes,
+            seed,
+            cfg,
+        )
+        proba = abmil_proba(model, [bags[i] for i in pick[ev]], enc.n_classes, cfg.batch_size)
+        rows += _rows(task, "abmil", seed, classification_metrics(enc.codes[pick[ev]], proba))
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
