@@ -1,6 +1,6 @@
 # histodistill: distill a pathology foundation model into a small student, and benchmark both.
 # Targets: demo, all_tiles (tiling + packing), plism_tiles / all_plism (PLISM matched tiles), all_teacher (teacher cache),
-# all_students (distillation), all_embeddings.
+# all_students (distillation), all_embeddings, all_benchmarks (scores + report).
 from pathlib import Path
 
 from histodistill.config import load_schema, validate_config
@@ -20,6 +20,7 @@ include: "rules/plism.smk"
 include: "rules/teacher.smk"
 include: "rules/distill.smk"
 include: "rules/embed.smk"
+include: "rules/benchmarks.smk"
 
 
 rule all:
@@ -30,3 +31,4 @@ rule all:
         rules.all_teacher.input,
         rules.all_students.input,
         rules.all_embeddings.input,
+        rules.all_benchmarks.input,

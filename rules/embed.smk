@@ -2,14 +2,20 @@
 
 
 def embed_cohorts():
-    """Datasets to embed: the configured cohorts (or all), plus the PLISM matched tiles when enabled."""
-    return (config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
+    """Datasets to embed: the configured cohorts (or all), the PLISM matched tiles, the HEST tasks."""
+    datasets = list(config["embeddings"]["cohorts"] or COHORTS)
+    if config["plism"]["enabled"]:
+        datasets.append("plism")
+    datasets += [f"hest-{task}" for task in config["benchmarks"]["hest"]["tasks"]]
+    return datasets
 
 
 def dataset_store(dataset):
-    """A dataset's tile store: a cohort's, or the PLISM matched tiles (which read as one flat store)."""
+    """A dataset's tile store: a cohort's, the PLISM matched tiles (read as one flat store), a HEST task's."""
     if dataset == "plism":
         return f"{RESULTS}/plism/tiles.zarr"
+    if dataset.startswith("hest-"):
+        return f"{RESULTS}/hest/{dataset.removeprefix('hest-')}.zarr"
     return f"{RESULTS}/tilestore/{dataset}.zarr"
 
 

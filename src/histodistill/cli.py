@@ -48,6 +48,49 @@ def _pack(args: argparse.Namespace) -> None:
     log.info("packed %d tiles → %s (%.1f s, %.0f tiles/s)", n, args.out, elapsed, n / max(elapsed, 1e-9))
 
 
+def _register(args: argparse.Namespace) -> None:
+    from histodistill.registration import RegistrationParams, register_to_grid
+    from histodistill.tiling import TilingParams, tile_slide
+
+    out = Path(args.out)
+    fixed_id, moving_id = Path(args.fixed).stem, Path(args.moving).stem
+    grid = args.grid
+    if grid is None:  # QC needs tile windows: plan the fixed slide's tile grid
+        grid = out / "grid.parquet"
+        tile_slide(args.fixed, fixed_id, grid, TilingParams(mpp=args.tile_mpp, tile_px=args.tile_px))
+    params = RegistrationParams(
+        fine_mpp=args.fine_mpp,
+        grid_spacing_um=args.grid_spacing_um,
+        iterations=args.iterations,
+        min_ncc=args.min_ncc,
+        max_residual_um=args.max_residual_um,
+    )
+    start = time.perf_counter()
+    qc = register_to_grid(
+        args.fixed,
+        args.moving,
+        grid,
+        out / "transform",
+        out / "qc.json",
+        out / "qc.png",
+        params,
+        names=(fixed_id, moving_id),
+        slide_mpps=(args.fixed_mpp, args.moving_mpp),
+        on_failure=args.on_failure,
+    )
+    log.info(
+        "%s → %s: %s, median NCC %.3f → %.3f, median residual %.2f µm (%.1f s); transform, qc.json, qc.png in %s",
+        moving_id,
+        fixed_id,
+        "passed" if qc["passed"] else "FAILED QC",
+        qc["ncc_before_median"],
+        qc["ncc_after_median"],
+        qc["residual_um_median"],
+        time.perf_counter() - start,
+        out,
+    )
+
+
 def _embed(args: argparse.Namespace) -> None:
     from histodistill.embed import extract_embeddings
     from histodistill.export import export_h5, export_plismbench
@@ -162,6 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tile store (.zarr)")
     p.add_argument("--chunk-tiles", type=int, default=64, help="tiles per shard")
     p.set_defaults(func=_pack)
+
+    p = sub.add_parser(
+        "register", help="register MOVING to FIXED with elastix (affine → B-spline) and QC it on tile windows"
+    )
+    p.add_argument("fixed", help="reference slide")
+    p.add_argument("moving", help="slide to align to the reference")
+    p.add_argument("--out", required=True, help="directory: transform/ (elastix maps), qc.json, qc.png")
+    p.add_argument("--grid", help="tile table of FIXED for QC (default: plan one at --tile-mpp/--tile-px)")
+    p.add_argument("--tile-mpp", type=float, default=0.5)
+    p.add_argument("--tile-px", type=int, default=224)
+    p.add_argument("--fine-mpp", type=float, default=2.0, help="µm/px elastix works at")
+    p.add_argument("--grid-spacing-um", type=float, default=150.0, help="B-spline control point spacing")
+    p.add_argument("--iterations", type=int, default=500, help="per pyramid level")
+    p.add_argument("--min-ncc", type=float, default=0.5, help="QC threshold: median NCC after")
+    p.add_argument("--max-residual-um", type=float, default=4.0, help="QC threshold: median residual")
+    p.add_argument("--fixed-mpp", type=float, help="override FIXED's µm/px")
+    p.add_argument("--moving-mpp", type=float, help="override MOVING's µm/px")
+    p.add_argument("--on-failure", choices=["error", "exclude"], default="error")
+    p.set_defaults(func=_register)
 
     p = sub.add_parser("embed", help="embed every tile of a tile store with a registered model → Zarr [N, D]")
     _add_model_args(p)

@@ -115,7 +115,10 @@ def extract_embeddings(
         output.write({"embeddings": np.concatenate(buffer)})
     if output.rows_done != n:
         raise HistodistillError(f"embedding {store_path}: wrote {output.rows_done} of {n} rows")
-    output.finish()
+    elapsed = time.perf_counter() - t0
+    # Throughput of this run (the report's "measured speed"); a resumed run measures its own part only.
+    rate = (n - start) / elapsed if elapsed > 0 and n > start else None
+    output.finish(tiles_per_s=rate, throughput_device=str(dev))
     log.info("%s: %d embeddings of shape %s → %s", model_name, n, shape[1:], out)
     return n
 

@@ -29,7 +29,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from PIL import Image
-from zarr.codecs import ZstdCodec
 
 from histodistill.atomic import atomic_path
 from histodistill.config import _safe_id
@@ -37,6 +36,7 @@ from histodistill.errors import ConfigError, HistodistillError, SlideError
 from histodistill.provenance import provenance
 from histodistill.registration import load_transform, map_points, tile_centres_um
 from histodistill.slides import best_level, open_slide, read_rgb, resolve_mpp
+from histodistill.tilestore import create_tiles_array, write_index
 from histodistill.tiling import read_tile_table
 
 log = logging.getLogger(__name__)
@@ -190,15 +190,7 @@ def _cut_slide(job: SlideJob, frames: dict, store: str, tile_px: int, mpp: float
 
 def _create_store(tmp: Path, n_slides: int, n_tiles: int, tile_px: int, chunk_tiles: int, zstd_level: int):
     root = zarr.open_group(tmp, mode="w", zarr_format=3)
-    root.create_array(
-        "tiles",
-        shape=(n_slides, n_tiles, tile_px, tile_px, 3),
-        chunks=(1, 1, tile_px, tile_px, 3),
-        shards=(1, max(1, min(chunk_tiles, n_tiles)), tile_px, tile_px, 3),
-        dtype="uint8",
-        compressors=ZstdCodec(level=zstd_level),
-        dimension_names=("slide", "tile", "y", "x", "rgb"),
-    )
+    create_tiles_array(root, (n_slides, n_tiles), tile_px, chunk_tiles, zstd_level)
     return root
 
 
@@ -212,8 +204,7 @@ def _write_index(root, table: pd.DataFrame, n_slides: int, n_tiles: int) -> None
         "level": np.zeros(n_slides * n_tiles, np.int32),
         "tissue_frac": table["tissue_frac"].to_numpy(np.float32),
     }
-    for name, values in index.items():
-        root.create_array(name, data=values, chunks=(max(1, min(len(values), 65536)),))
+    write_index(root, index)
 
 
 def _write_table(table: pd.DataFrame, metadata: dict, out: Path) -> None:

@@ -363,7 +363,8 @@ def register_to_grid(
         raise RegistrationError(
             f"PLISM slide '{names[1]}' ({moving_path}) failed registration QC ({summary}; thresholds: NCC ≥ "
             f"{params.min_ncc}, residual ≤ {params.max_residual_um} µm). Is it the same tissue as the "
-            f"reference? Check plism/qc/{names[1]}.png, or set plism.on_failure: exclude to leave it out."
+            f"reference? Look at {qc_png or 'its checkerboard QC image'}, or set plism.on_failure: exclude to "
+            "leave it out."
         )
     else:
         log.warning("registration failed QC, the slide will be left out: %s", summary)

@@ -28,6 +28,35 @@ from histodistill.tiling import iter_tile_pixels, read_tile, read_tile_table
 INDEX_COLUMNS = ("slide_index", "tile_id", "x0", "y0", "level", "tissue_frac")
 
 
+def create_tiles_array(root, lead: tuple[int, ...], tile_px: int, chunk_tiles: int, zstd_level: int = 3):
+    """The `tiles` array: [N, H, W, 3], or [slide, tile, H, W, 3] for matched tiles (lead = (S, N)).
+
+    One zstd-compressed tile per inner chunk, `chunk_tiles` tiles per shard file (per slide when 5-D).
+    """
+    inner = (1,) * len(lead)
+    shard = (*inner[:-1], max(1, min(chunk_tiles, lead[-1] or 1)))
+    names = ("slide", "tile") if len(lead) == 2 else ("tile",)
+    return root.create_array(
+        "tiles",
+        shape=(*lead, tile_px, tile_px, 3),
+        chunks=(*inner, tile_px, tile_px, 3),
+        shards=(*shard, tile_px, tile_px, 3),
+        dtype="uint8",
+        compressors=ZstdCodec(level=zstd_level),
+        dimension_names=(*names, "y", "x", "rgb"),
+    )
+
+
+def write_index(root, index: dict[str, np.ndarray]) -> None:
+    """The flat per-tile index arrays (INDEX_COLUMNS) beside `tiles`."""
+    missing = set(INDEX_COLUMNS) - set(index)
+    if missing:
+        raise ValueError(f"tile store index lacks {sorted(missing)}")
+    for name in INDEX_COLUMNS:
+        values = index[name]
+        root.create_array(name, data=values, chunks=(max(1, min(len(values), 65536)),))
+
+
 def pack_tiles(
     table_paths: Sequence[str | Path], out: str | Path, chunk_tiles: int = 64, zstd_level: int = 3
 ) -> int:
@@ -54,15 +83,7 @@ def pack_tiles(
 
     with atomic_path(out) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
-        tiles = root.create_array(
-            "tiles",
-            shape=(total, tile_px, tile_px, 3),
-            chunks=(1, tile_px, tile_px, 3),
-            shards=(chunk_tiles, tile_px, tile_px, 3),
-            dtype="uint8",
-            compressors=ZstdCodec(level=zstd_level),
-            dimension_names=("tile", "y", "x", "rgb"),
-        )
+        tiles = create_tiles_array(root, (total,), tile_px, chunk_tiles, zstd_level)
         index = {
             "slide_index": np.concatenate([np.full(len(t), i, np.int32) for i, (t, _) in enumerate(tables)]),
             "tile_id": np.concatenate([t["tile_id"].to_numpy(np.int64) for t, _ in tables]),
@@ -71,8 +92,7 @@ def pack_tiles(
             "level": np.concatenate([t["level"].to_numpy(np.int32) for t, _ in tables]),
             "tissue_frac": np.concatenate([t["tissue_frac"].to_numpy(np.float32) for t, _ in tables]),
         }
-        for name, values in index.items():
-            root.create_array(name, data=values, chunks=(max(1, min(len(values), 65536)),))
+        write_index(root, index)
 
         buffer = np.empty((chunk_tiles, tile_px, tile_px, 3), np.uint8)
         filled, start = 0, 0

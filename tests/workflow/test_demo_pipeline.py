@@ -30,13 +30,23 @@ SNAKEMAKE = [
 ]
 
 
-def write_demo_config(workdir: Path, teacher: dict | None = None, **tiling) -> Path:
+PLISM_SLIDES = ("GMH_S60", "GMH_AT2", "GIV_S60", "GIV_GT450")
+
+
+def write_demo_config(
+    workdir: Path, teacher: dict | None = None, plism: dict | None = None, **tiling
+) -> Path:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["demo"].update(width_px=2048, height_px=1536)
+    config["demo"].update(width_px=2048, height_px=1536, plism_width_px=2048, plism_height_px=1536)
     config["tiling"].update(tiling)
     config["teacher"].update(teacher or {})
+    config["plism"].update(plism or {})
     (workdir / "configs").mkdir(exist_ok=True)
     (workdir / "configs" / "demo_samples.tsv").write_text((REPO / "configs" / "demo_samples.tsv").read_text())
+    # PLISM: the reference, another scanner, another staining, and both different (3 registrations)
+    rows = (REPO / "configs" / "demo_plism.tsv").read_text().splitlines()
+    keep = [r for r in rows if r.split("\t")[0] in ("slide_id", *PLISM_SLIDES)]
+    (workdir / "configs" / "demo_plism.tsv").write_text("\n".join(keep) + "\n")
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -124,8 +134,8 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "distill": 1,
-        "embed": 4,
-        "export_embeddings": 8,
+        "embed": 5,  # 4 models on the cohort, and the student on the PLISM tiles
+        "export_embeddings": 10,
         "all": 1,
     }
 
@@ -141,8 +151,8 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "distill": 1,
-        "embed": 1,
-        "export_embeddings": 2,
+        "embed": 2,
+        "export_embeddings": 4,
         "all": 1,
     }
 
@@ -155,7 +165,33 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
         jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
     finally:
         write_demo_config(demo_run)
-    assert jobs == {"distill": 1, "embed": 1, "export_embeddings": 2, "all": 1}
+    assert jobs == {"distill": 1, "embed": 2, "export_embeddings": 4, "all": 1}
+
+
+def test_demo_makes_plism_matched_tiles_and_embeds_them(demo_run):
+    results = demo_run / "results" / "plism"
+    store = TileStore(results / "tiles.zarr")
+    n_slides, n_tiles = store.tiles.shape[:2]
+    assert n_slides == len(PLISM_SLIDES) and n_tiles >= 5
+    table = pd.read_parquet(results / "tiles.parquet")
+    assert sorted(table["slide_id"].unique()) == sorted(PLISM_SLIDES)
+    summary = pd.read_csv(results / "qc" / "summary.tsv", sep="\t")
+    assert summary["passed"].all() and len(summary) == 3
+    for slide in PLISM_SLIDES[1:]:
+        assert Image.open(results / "qc" / f"{slide}.png").size[0] > 200
+        assert (results / "transforms" / slide / "bspline.txt").exists()
+    emb = EmbeddingStore(demo_run / "results" / "embeddings" / "h0_mini_tiny" / "plism.zarr")
+    assert emb.embeddings.shape == (n_slides * n_tiles, 64)
+    assert (demo_run / "results" / "exports" / "plismbench" / "h0_mini_tiny" / "plism" / "GIV_GT450").is_dir()
+
+
+def test_changing_a_registration_setting_reruns_plism_and_its_embeddings_only(demo_run):
+    write_demo_config(demo_run, plism={"registration": {"iterations": 200}})
+    try:
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
+    finally:
+        write_demo_config(demo_run)
+    assert jobs == {"register_plism": 3, "plism_tiles": 1, "embed": 4, "export_embeddings": 8, "all": 1}
 
 
 def test_demo_distils_a_student(demo_run):

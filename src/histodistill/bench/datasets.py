@@ -1,0 +1,128 @@
+"""Benchmark datasets as tile stores, so the one `embed` rule embeds them like any cohort.
+
+- HEST: a task's patch files (`patches/*.h5`, `img` [N, 224, 224, 3]) → one tile store per task, one "slide"
+  per sample, rows in patch-file order (the order `bench.hest.load_task` aligns expression to).
+- Demo patch classification: labels for the demo cohort's tiles from what the synthetic tissue shows
+  (nuclear density terciles), split by slide, as the manifest `bench.probe.load_manifest` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import zarr
+
+from histodistill.atomic import atomic_path
+from histodistill.bench import BenchmarkError
+from histodistill.bench.hest import load_task
+from histodistill.provenance import provenance
+from histodistill.tilestore import TileStore, create_tiles_array, write_index
+
+log = logging.getLogger(__name__)
+
+HEST_PATCH_MPP = 0.5  # HEST-Benchmark patches: 224 px at 20× (0.5 µm/px)
+DEMO_CLASSES = ("sparse", "medium", "dense")
+
+
+def pack_hest_task(task_dir: str | Path, out: str | Path, chunk_tiles: int = 64) -> int:
+    """Write every sample's patches of one HEST task into a tile store; returns the number of patches."""
+    task = load_task(task_dir)
+    samples = list(task.samples.values())
+    sizes = []
+    for sample in samples:
+        with h5py.File(sample.patches_path, "r") as f:
+            shape = f["img"].shape
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise BenchmarkError(
+                f"HEST {task.name}/{sample.sample_id}: img is {shape}, expected [N, H, H, 3]"
+            )
+        sizes.append(shape)
+    if len({s[1] for s in sizes}) != 1:
+        raise BenchmarkError(
+            f"HEST {task.name}: samples have different patch sizes {sorted({s[1] for s in sizes})}"
+        )
+    tile_px, total = int(sizes[0][1]), sum(s[0] for s in sizes)
+    with atomic_path(out) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        tiles = create_tiles_array(root, (total,), tile_px, chunk_tiles)
+        write_index(
+            root,
+            {
+                "slide_index": np.concatenate([np.full(s[0], i, np.int32) for i, s in enumerate(sizes)]),
+                "tile_id": np.concatenate([np.arange(s[0], dtype=np.int64) for s in sizes]),
+                "x0": np.concatenate([np.asarray(x.coords)[:, 0].astype(np.int64) for x in samples]),
+                "y0": np.concatenate([np.asarray(x.coords)[:, 1].astype(np.int64) for x in samples]),
+                "level": np.zeros(total, np.int32),
+                "tissue_frac": np.full(total, np.nan, np.float32),
+            },
+        )
+        start = 0
+        for sample, shape in zip(samples, sizes, strict=True):
+            with h5py.File(sample.patches_path, "r") as f:
+                for lo in range(0, shape[0], chunk_tiles):
+                    hi = min(shape[0], lo + chunk_tiles)
+                    tiles[start + lo : start + hi] = f["img"][lo:hi]
+            start += shape[0]
+        root.attrs.update(
+            {
+                "tile_px": tile_px,
+                "mpp": HEST_PATCH_MPP,
+                "n_tiles": total,
+                "slides": [
+                    {
+                        "slide_id": s.sample_id,
+                        "path": str(s.patches_path),
+                        "slide_mpp": None,
+                        "mpp_source": "HEST",
+                        "n_tiles": int(n[0]),
+                    }
+                    for s, n in zip(samples, sizes, strict=True)
+                ],
+                "hest_task": task.name,
+                "provenance": provenance(
+                    {"task": task.name, "chunk_tiles": chunk_tiles}, task_dir=str(task_dir)
+                ),
+            }
+        )
+    log.info("HEST task %s: %d patches of %d samples → %s", task.name, total, len(samples), out)
+    return total
+
+
+def embeddings_by_sample(embeddings: np.ndarray, slide_index: np.ndarray, sample_ids: list[str]) -> dict:
+    """Split an embedding store's rows (in tile-store order) back into one array per HEST sample."""
+    return {sid: embeddings[slide_index == i] for i, sid in enumerate(sample_ids)}
+
+
+def nuclear_density(tiles: np.ndarray) -> np.ndarray:
+    """Fraction of dark, blue-purple pixels per tile: the haematoxylin-rich nuclei of the demo tissue."""
+    rgb = tiles.astype(np.float32)
+    dark = rgb.mean(axis=-1) < 140
+    bluish = rgb[..., 2] > rgb[..., 1] + 10
+    return (dark & bluish).mean(axis=(1, 2))
+
+
+def make_demo_probe(store_path: str | Path, out_csv: str | Path, chunk: int = 256) -> pd.DataFrame:
+    """Label the demo cohort's tiles by nuclear-density tercile; split by slide (train / val / test).
+
+    Slides go to train, val, test in turn (slide i → split i mod 3 of that order), so no slide's tiles
+    straddle two splits. The classes are visible tissue properties, so better features classify better.
+    """
+    store = TileStore(store_path)
+    n = len(store)
+    density = np.concatenate([nuclear_density(store.read(i, min(n, i + chunk))) for i in range(0, n, chunk)])
+    cuts = np.quantile(density, [1 / 3, 2 / 3])
+    label = np.array(DEMO_CLASSES, dtype=object)[np.searchsorted(cuts, density, side="right")]
+    slide_index = store.index["slide_index"].to_numpy()
+    if len(np.unique(slide_index)) < 3:
+        raise BenchmarkError(
+            f"demo probe: {store_path} has fewer than 3 slides (one each for train, val, test)"
+        )
+    split = np.array(["train", "val", "test"], dtype=object)[slide_index % 3]
+    frame = pd.DataFrame({"tile_index": np.arange(n), "label": label, "split": split})
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame

@@ -1,0 +1,7 @@
+"""Snakemake adapter: the demo patch-classification manifest (rule probe_demo)."""
+
+from histodistill.bench.datasets import make_demo_probe
+from histodistill.logs import log_to
+
+log_to(snakemake.log[0])
+make_demo_probe(snakemake.input.store, snakemake.output[0])
