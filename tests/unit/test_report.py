@@ -1,0 +1,299 @@
+"""The benchmark report: leaderboard numbers against hand computations, a self-contained escaped page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from histodistill.bench.plism import score_plism
+from histodistill.models.registry import load_model
+from histodistill.provenance import config_hash, provenance
+from histodistill.report import ReportError, build_report, model_profile
+from histodistill.report.figures import model_colors
+
+ALPHA, BETA, GAMMA = "alpha", "<b>beta</b>", "gamma"  # BETA tests escaping; order = colour order
+CONFIG = {"seed": 3, "tiling": {"mpp": 0.5, "tile_px": 224}, "benchmarks": {"models": [ALPHA, BETA, GAMMA]}}
+MODELS = {
+    ALPHA: {"params_m": 86.6, "gflops": 46.2, "tiles_per_s": 410.0, "device": "cuda:0 (H100)"},
+    BETA: {"params_m": 22.1, "gflops": 12.5, "tiles_per_s": None, "device": "cpu"},
+}
+# HEST fold means: task → fold → value, per model (BETA has no HEST scores).
+HEST = {
+    ALPHA: {"t1": [0.30, 0.40], "t2": [0.10, 0.20, 0.60]},
+    GAMMA: {"t1": [0.50, 0.70], "t2": [0.20, 0.20, 0.20]},
+}
+# Probe balanced accuracy: task → linear seeds; GAMMA lacks task "bach".
+PROBE = {
+    ALPHA: {"crc": [0.80, 0.82, 0.84], "bach": [0.60, 0.70, 0.65]},
+    BETA: {"crc": [0.70, 0.71, 0.72], "bach": [0.50, 0.55, 0.60]},
+    GAMMA: {"crc": [0.90, 0.91, 0.92]},
+}
+
+
+def write_tidy(frame: pd.DataFrame, path, **prov) -> str:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = json.dumps(provenance({"test": True}, **prov)).encode()
+    pq.write_table(table.replace_schema_metadata({b"histodistill": meta}), path)
+    return str(path)
+
+
+def hest_rows(folds: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for task, means in folds.items():
+        for fold, m in enumerate(means):
+            rows += [(task, fold, "GENE1", "pearson", m + 0.05), (task, fold, "GENE2", "pearson", m - 0.05)]
+            rows.append((task, fold, "mean", "pearson", m))
+    return pd.DataFrame(rows, columns=["task", "fold", "gene", "metric", "value"])
+
+
+def probe_rows(tasks: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for task, baccs in tasks.items():
+        for seed, b in enumerate(baccs):
+            rows += [(task, "linear", seed, "balanced_accuracy", b), (task, "linear", seed, "auroc", b + 0.1)]
+            rows.append((task, "linear", seed, "f1_weighted", b - 0.1))
+        rows += [(task, "knn", 0, "balanced_accuracy", baccs[0] - 0.05), (task, "knn", 0, "k", 7.0)]
+    return pd.DataFrame(rows, columns=["task", "method", "seed", "metric", "value"])
+
+
+def plism_slides() -> pd.DataFrame:
+    rows = [(f"st{st}_sc{sc}", f"sc{sc}", f"st{st}") for st in range(2) for sc in range(3)]
+    return pd.DataFrame(rows, columns=["slide_id", "scanner", "staining"])
+
+
+class Tables(HTMLParser):
+    """Every <table> of a page as rows of cell texts (entities decoded), header row first."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def find_table(page: str, header: str) -> pd.DataFrame:
+    parser = Tables()
+    parser.feed(page)
+    for t in parser.tables:
+        if header in t[0]:
+            return pd.DataFrame(t[1:], columns=t[0])
+    raise AssertionError(f"no table with column {header!r}")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(size=(30, 16))
+    slides = plism_slides()
+    scores: dict[str, dict[str, str]] = {"plism": {}, "hest": {}, "probe": {}}
+    for name, noise in ((BETA, 0.5), (GAMMA, 1.5)):  # ALPHA has no PLISM scores
+        feats = tissue[None] + noise * rng.normal(size=(len(slides), 30, 16))
+        path = tmp / f"plism_{len(scores['plism'])}.parquet"
+        score_plism(feats, slides, path, model=name)
+        scores["plism"][name] = str(path)
+    for i, (name, folds) in enumerate(HEST.items()):
+        scores["hest"][name] = write_tidy(hest_rows(folds), tmp / f"hest_{i}.parquet", benchmark="hest")
+    for i, (name, tasks) in enumerate(PROBE.items()):
+        scores["probe"][name] = write_tidy(probe_rows(tasks), tmp / f"probe_{i}.parquet", benchmark="probe")
+    out = tmp / "out"
+    board = build_report(scores, out, models=MODELS, config=CONFIG, title="Bench <&> report")
+    return board, out, scores
+
+
+def test_leaderboard_matches_hand_computation(report):
+    board, out, scores = report
+    assert board["model"].tolist() == [ALPHA, BETA, GAMMA]  # `models` order, then new names from scores
+    row = board.set_index("model")
+    for name in (BETA, GAMMA):
+        raw = pd.read_parquet(scores["plism"][name])
+
+        def median(group, metric, raw=raw):
+            hit = raw[raw["metric"] == metric]
+            return float((hit if group == "all" else hit[hit["group"] == group])["value"].median())
+
+        medians = [median("all", "cosine")]
+        medians += [
+            median(g, "top_10") for g in ("inter_scanner", "inter_staining", "inter_scanner_staining")
+        ]
+        assert row.loc[name, "plism_leaderboard"] == pytest.approx(np.mean(medians), abs=1e-12)
+        assert row.loc[name, "plism_cosine_median"] == pytest.approx(medians[0], abs=1e-12)
+        assert row.loc[name, "plism_top10_inter_staining"] == pytest.approx(medians[2], abs=1e-12)
+    assert row.loc[BETA, "plism_leaderboard"] > row.loc[GAMMA, "plism_leaderboard"]  # less noise, more robust
+    # HEST: mean over tasks of the mean over folds.
+    assert row.loc[ALPHA, "hest_pearson_mean"] == pytest.approx((0.35 + 0.3) / 2)
+    assert row.loc[GAMMA, "hest_pearson_mean"] == pytest.approx((0.6 + 0.2) / 2)
+    # Probe: mean over tasks of the mean over seeds, one column per method.
+    assert row.loc[ALPHA, "probe_balanced_accuracy_linear"] == pytest.approx((0.82 + 0.65) / 2)
+    assert row.loc[BETA, "probe_balanced_accuracy_knn"] == pytest.approx((0.65 + 0.45) / 2)
+    # Size columns pass through; None becomes NaN.
+    assert row.loc[ALPHA, "params_m"] == 86.6 and row.loc[ALPHA, "device"] == "cuda:0 (H100)"
+    assert np.isnan(row.loc[BETA, "tiles_per_s"]) and np.isnan(row.loc[GAMMA, "gflops"])
+
+
+def test_missing_scores_are_nan_and_dash(report):
+    board, out, _ = report
+    row = board.set_index("model")
+    assert np.isnan(row.loc[ALPHA, "plism_leaderboard"])  # no PLISM file
+    assert np.isnan(row.loc[BETA, "hest_pearson_mean"])  # no HEST file
+    assert np.isnan(row.loc[GAMMA, "probe_balanced_accuracy_linear"])  # a task missing: no mean
+    page = (out / "index.html").read_text()
+    lead = find_table(page, "HEST Pearson r (mean over tasks)").set_index("model")
+    assert lead.loc[ALPHA, "PLISM leaderboard"] == "\u2013"
+    assert lead.loc[BETA, "HEST Pearson r (mean over tasks)"] == "\u2013"
+    assert lead.loc[GAMMA, "HEST Pearson r (mean over tasks)"] == "0.400"
+    hest = find_table(page, "task").set_index("task")  # per-task HEST table: BETA is a column of dashes
+    assert hest.loc["t1", ALPHA] == "0.350 ± 0.050" and set(hest[BETA]) == {"\u2013"}
+    probe = find_table(page, "method")
+    bach = probe[(probe["task"] == "bach") & (probe["method"] == "linear")].iloc[0]
+    assert bach[GAMMA] == "\u2013" and bach[ALPHA] == "0.650 ± 0.050"
+
+
+def test_page_is_self_contained_and_escaped(report):
+    _, out, _ = report
+    page = (out / "index.html").read_text()
+    for name in (ALPHA, BETA, GAMMA):
+        assert (name.replace("<", "&lt;").replace(">", "&gt;")) in page
+    assert "<b>beta</b>" not in page and "&lt;b&gt;beta&lt;/b&gt;" in page
+    assert "<title>Bench &lt;&amp;&gt; report</title>" in page
+    assert re.search(r"https?:", page) is None and "<script" not in page and "<link" not in page
+    srcs = re.findall(r'src="([^"]*)"', page)
+    pngs = sorted(p.name for p in (out / "figures").iterdir())
+    assert pngs == [
+        "hest_pearson.png",
+        "plism_scanner_vs_staining.png",
+        "plism_topk_vs_cosine.png",
+        "probe_balanced_accuracy.png",
+    ]
+    assert len(srcs) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    assert embedded == {(out / "figures" / p).read_bytes() for p in pngs}
+    assert config_hash(CONFIG) in page and "config: tiling.mpp" in page  # provenance: hash, a chosen key
+
+
+def test_outputs_are_complete_and_leave_no_temp_files(report):
+    board, out, _ = report
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert not [n for n in names if any(part.startswith(".") for part in n.split("/"))]
+    assert {"index.html", "leaderboard.parquet", "figures"} <= set(names)
+    table = pq.read_table(out / "leaderboard.parquet")
+    pd.testing.assert_frame_equal(table.to_pandas(), board)
+    meta = json.loads(table.schema.metadata[b"histodistill"])
+    assert meta["params"]["config_hash"] == config_hash(CONFIG)
+    assert meta["params"]["inputs"]["hest"][ALPHA] is not None  # the input's own config hash
+
+
+def _colour_present(png: bytes, hex_colour: str) -> bool:
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    want = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return bool((np.abs(rgb - want).max(axis=-1) <= 2).sum() >= 10)
+
+
+def test_each_model_keeps_its_colour_across_figures(report):
+    _, out, _ = report
+    colors = model_colors([ALPHA, BETA, GAMMA])
+    assert len(set(colors.values())) == 3
+    figs = {p.stem: p.read_bytes() for p in (out / "figures").iterdir()}
+    present = {  # ALPHA is absent from PLISM, BETA from HEST: a later model must not take their colour
+        "plism_topk_vs_cosine": (BETA, GAMMA),
+        "hest_pearson": (ALPHA, GAMMA),
+        "probe_balanced_accuracy": (ALPHA, BETA, GAMMA),
+    }
+    for fig, shown in present.items():
+        for model in (ALPHA, BETA, GAMMA):
+            assert _colour_present(figs[fig], colors[model]) == (model in shown), (fig, model)
+
+
+def test_mitosis_and_partial_inputs(tmp_path):
+    # bench.mitosis's layout: settings (fraction, domains) beside method/protocol, replicates in `run`.
+    rows = []
+    for model, base in (("m1", 0.6), ("m2", 0.7)):
+        for run in range(3):
+            for fraction in (0.1, 1.0):
+                rows.append(
+                    (model, "lora", "scaling", fraction, "all", "all", run, "f1", base + fraction * run / 10)
+                )
+            rows.append((model, "frozen", "scaling", 1.0, "all", "all", run, "f1", base - 0.1))
+            rows.append((model, "lora", "cross_domain", 1.0, "dogs", "cats", run, "f1", 0.2))
+    columns = [
+        "model",
+        "method",
+        "protocol",
+        "fraction",
+        "train_domain",
+        "test_domain",
+        "run",
+        "metric",
+        "value",
+    ]
+    both = write_tidy(pd.DataFrame(rows, columns=columns), tmp_path / "mitosis.parquet")  # one file, 2 models
+    board = build_report({"mitosis": {"m1": both, "m2": both}}, tmp_path / "out", models={"m3": {}})
+    row = board.set_index("model")
+    # Headline = all the data (fraction 1.0), pooled domains: runs 0.6, 0.7, 0.8 for m1.
+    assert row.loc["m1", "mitosis_lora_scaling_f1"] == pytest.approx(0.7)
+    assert row.loc["m2", "mitosis_frozen_scaling_f1"] == pytest.approx(0.6)
+    assert np.isnan(row.loc["m3", "mitosis_lora_scaling_f1"])
+    assert not [c for c in board.columns if "cross_domain" in c]  # not a headline setting
+    assert "plism_leaderboard" not in board.columns  # absent benchmarks add no columns
+    page = (tmp_path / "out" / "index.html").read_text()
+    headline = find_table(page, "protocol")
+    lora = headline[(headline["method"] == "lora") & (headline["protocol"] == "scaling")].iloc[0]
+    assert lora["m1"] == "0.700 ± 0.100" and lora["m3"] == "\u2013"
+    full = find_table(page, "fraction")  # the breakdown by every setting
+    small = full[(full["method"] == "lora") & (full["fraction"] == "0.1")].iloc[0]
+    assert small["m1"] == "0.610 ± 0.010" and small["train_domain"] == "all"
+    assert "data:image/png" not in page  # no figure without data
+
+
+def test_bad_inputs_name_the_item(tmp_path):
+    with pytest.raises(ReportError, match=r"hest scores of model 'x'.*does not exist"):
+        build_report({"hest": {"x": tmp_path / "nope.parquet"}}, tmp_path / "out")
+    with pytest.raises(ReportError, match="unknown benchmark"):
+        build_report({"plsm": {}}, tmp_path / "out")
+    bad = write_tidy(pd.DataFrame({"task": ["a"], "value": [1.0]}), tmp_path / "bad.parquet")
+    with pytest.raises(ReportError, match=r"probe scores of model 'y'.*lacks column"):
+        build_report({"probe": {"y": bad}}, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_profile_counts_params_and_flops():
+    tiny = model_profile("h0_mini_tiny")
+    model = load_model("h0_mini_tiny", random_init=True).model
+    assert tiny["params"] == sum(p.numel() for p in model.parameters())
+    assert tiny["params_m"] == pytest.approx(tiny["params"] / 1e6) and tiny["gflops"] > 0
+    small = model_profile("vit_s14_reg4")
+    # By hand: 261 tokens (256 patches + CLS + 4 registers), width 384, 12 blocks; 2 FLOPs per multiply-add.
+    t, d = 261, 384
+    block = 2 * t * d * (3 * d + d + 4 * d + 4 * d) + 2 * (2 * t * t * d)  # qkv, proj, fc1, fc2; QKᵀ, AV
+    patch_embed = 2 * 256 * d * (3 * 14 * 14)
+    assert small["flops"] == 12 * block + patch_embed  # attention counted even on CPU (fused SDPA)
+    assert small["gflops"] == pytest.approx(small["flops"] / 1e9)
+    assert 21 < small["params_m"] < 23 and small["gflops"] > 50 * tiny["gflops"]
+    assert torch.is_grad_enabled()  # counting left autograd as it was
