@@ -116,6 +116,57 @@ rule score_probe:
         "../workflow_scripts/score_probe.py"
 
 
+MITOSIS = BENCH["mitosis"]
+MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
+
+
+def mitosis_inputs():
+    """The annotated slides: the demo set's directory, or the user's sheet, annotations and slides."""
+    if MITOSIS["demo"]:
+        return [MITOSIS_DEMO_DIR]
+    sheet = read_sample_sheet(MITOSIS["samples"])
+    return [MITOSIS["samples"], MITOSIS["annotations"], *sheet["path"]]
+
+
+if MITOSIS["enabled"] and MITOSIS["demo"]:
+
+    rule mitosis_demo:
+        output:
+            directory(MITOSIS_DEMO_DIR),
+        params:
+            seed=config["seed"],
+        log:
+            "logs/mitosis_demo.log",
+        script:
+            "../workflow_scripts/mitosis_demo.py"
+
+
+rule score_mitosis:
+    input:
+        data=mitosis_inputs() if MITOSIS["enabled"] else [],
+        student=lambda w: (
+            [f"{RESULTS}/students/{w.model.removeprefix('student-')}/student.safetensors"]
+            if w.model.startswith("student-")
+            else []
+        ),
+    output:
+        f"{RESULTS}/benchmarks/mitosis/{{model}}.parquet",
+    params:
+        settings={k: v for k, v in MITOSIS.items() if k != "enabled"},
+        samples=f"{MITOSIS_DEMO_DIR}/samples.tsv" if MITOSIS["demo"] else MITOSIS["samples"],
+        annotations=f"{MITOSIS_DEMO_DIR}/annotations.csv" if MITOSIS["demo"] else MITOSIS["annotations"],
+        weights=lambda w: model_weights(w.model),
+        seed=config["seed"],
+        results_dir=RESULTS,
+    log:
+        "logs/score_mitosis/{model}.log",
+    threads: threads_for("score_mitosis")
+    resources:
+        **resources_for("score_mitosis"),
+    script:
+        "../workflow_scripts/score_mitosis.py"
+
+
 def enabled_benchmarks():
     out = []
     if BENCH["plism"]["enabled"] and config["plism"]["enabled"]:
@@ -124,6 +175,8 @@ def enabled_benchmarks():
         out.append("hest")
     if PROBE["tasks"]:
         out.append("probe")
+    if MITOSIS["enabled"]:
+        out.append("mitosis")
     return out
 
 

@@ -1,9 +1,24 @@
 # Shared helpers: the sample sheet, result paths, per-rule resources from the config.
+import gc
+
 from histodistill.config import read_sample_sheet
 
 RESULTS = config["results_dir"]
 SAMPLES = read_sample_sheet(config["samples"])
 COHORTS = sorted(SAMPLES["cohort"].unique())
+
+# Plain-dict views of the sheet for the per-job lookups (a 10,000-slide sheet means tens of thousands of
+# calls while the DAG is planned; a dict lookup costs well under 1 µs, a pandas `.loc` ~30 µs).
+SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
+_SLIDE_MPPS = {s: (None if m != m else float(m)) for s, m in zip(SAMPLES["slide_id"], SAMPLES["mpp"])}  # NaN → None
+_COHORT_SLIDES = {}
+for _slide, _cohort in zip(SAMPLES["slide_id"], SAMPLES["cohort"]):
+    _COHORT_SLIDES.setdefault(_cohort, []).append(_slide)
+
+if len(SAMPLES) >= 1000:
+    # Planning a DAG of thousands of jobs allocates millions of objects; CPython's default cyclic-GC
+    # threshold (700) then spends ~10% of the planning time in collections. Collect less often.
+    gc.set_threshold(100_000, 50, 1000)
 
 
 wildcard_constraints:
@@ -16,13 +31,17 @@ wildcard_constraints:
 
 
 def slides_of(cohort):
-    return SAMPLES.loc[SAMPLES["cohort"] == cohort, "slide_id"].tolist()
+    """The cohort's slide ids in sample-sheet order ([] for a cohort not in the sheet)."""
+    return list(_COHORT_SLIDES.get(cohort, ()))
+
+
+def slide_path(slide):
+    return SLIDE_PATHS[slide]
 
 
 def slide_mpp_override(slide):
     """The sample sheet's `mpp` for this slide, or None (then the slide's own metadata is used)."""
-    value = SAMPLES.loc[slide, "mpp"]
-    return None if value != value else float(value)  # NaN → None
+    return _SLIDE_MPPS[slide]
 
 
 def resources_for(rule_name):
@@ -37,8 +56,21 @@ def resources_for(rule_name):
     if spec.get("partition"):
         out["slurm_partition"] = spec["partition"]
     if spec.get("gpus"):
-        out["gpu"] = spec["gpus"]
+        if spec.get("nodes", 1) > 1:
+            # Several nodes (a schema key `nodes`): cpus, mem_mb and gpus are per node, one task per node
+            # (the job's script starts torchrun on each node with srun).
+            out["nodes"] = spec["nodes"]
+            out["gres"] = f"gpu:{spec['gpus']}"
+            out["slurm_extra"] = "--ntasks-per-node=1"
+        else:
+            out["gpu"] = spec["gpus"]
     return out
+
+
+def group_for(rule_name):
+    """The job group of a rule (`resources.<rule>.group`), or None: jobs of one group are sent to SLURM
+    together, `group-components` of them per submission (profiles/slurm)."""
+    return config["resources"].get(rule_name, {}).get("group")
 
 
 def threads_for(rule_name):

@@ -2,12 +2,11 @@
 
 
 def embed_cohorts():
-    """Datasets to embed: the configured cohorts (or all), the PLISM matched tiles, the HEST tasks."""
-    datasets = list(config["embeddings"]["cohorts"] or COHORTS)
-    if config["plism"]["enabled"]:
-        datasets.append("plism")
-    datasets += [f"hest-{task}" for task in config["benchmarks"]["hest"]["tasks"]]
-    return datasets
+    """Datasets every model embeds: the configured cohorts (or all) and the PLISM matched tiles.
+
+    (HEST tasks, datasets `hest-{task}`, are embedded on demand by the models that are scored.)
+    """
+    return list(config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
 
 
 def dataset_store(dataset):

@@ -134,8 +134,17 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "distill": 1,
-        "embed": 5,  # 4 models on the cohort, and the student on the PLISM tiles
+        # 4 models on the cohort, the student on the PLISM tiles, the 3 scored models on the HEST task
+        "embed": 8,
         "export_embeddings": 10,
+        "hest_demo": 1,  # the demo HEST task and probe labels are made from the cohort's tiles
+        "hest_store": 1,
+        "probe_demo": 1,
+        "score_plism": 1,  # only the student's PLISM embeddings change
+        "score_hest": 3,
+        "score_probe": 3,
+        "score_mitosis": 1,  # the student's
+        "report": 1,
         "all": 1,
     }
 
@@ -151,8 +160,13 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "distill": 1,
-        "embed": 2,
+        "embed": 3,
         "export_embeddings": 4,
+        "score_plism": 1,
+        "score_hest": 1,
+        "score_probe": 1,
+        "score_mitosis": 1,
+        "report": 1,
         "all": 1,
     }
 
@@ -165,7 +179,8 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
         jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
     finally:
         write_demo_config(demo_run)
-    assert jobs == {"distill": 1, "embed": 2, "export_embeddings": 4, "all": 1}
+    scores = {"score_plism": 1, "score_hest": 1, "score_probe": 1, "score_mitosis": 1, "report": 1}
+    assert jobs == {"distill": 1, "embed": 3, "export_embeddings": 4, **scores, "all": 1}
 
 
 def test_demo_makes_plism_matched_tiles_and_embeds_them(demo_run):
@@ -191,7 +206,35 @@ def test_changing_a_registration_setting_reruns_plism_and_its_embeddings_only(de
         jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
     finally:
         write_demo_config(demo_run)
-    assert jobs == {"register_plism": 3, "plism_tiles": 1, "embed": 4, "export_embeddings": 8, "all": 1}
+    assert jobs == {
+        "register_plism": 3,
+        "plism_tiles": 1,
+        "embed": 4,
+        "export_embeddings": 8,
+        "score_plism": 3,
+        "report": 1,
+        "all": 1,
+    }
+
+
+def test_demo_scores_every_model_and_writes_the_report(demo_run):
+    results = demo_run / "results"
+    leaderboard = pd.read_parquet(results / "report" / "leaderboard.parquet")
+    assert leaderboard["model"].tolist() == ["h_optimus_0_tiny", "student-demo", "h0_mini_tiny"]
+    for column in ("plism_leaderboard", "hest_pearson_mean", "probe_balanced_accuracy_linear", "gflops"):
+        assert leaderboard[column].notna().all(), column
+    assert leaderboard["tiles_per_s"].gt(0).all()
+    # the random-init student architecture is not the teacher: their scores differ
+    assert leaderboard.loc[0, "plism_leaderboard"] != leaderboard.loc[2, "plism_leaderboard"]
+    html = (results / "report" / "index.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "student-demo" in html
+    mitosis = pd.read_parquet(results / "benchmarks" / "mitosis" / "student-demo.parquet")
+    assert {"linear_probe", "lora"} <= set(mitosis["method"]) and {"scaling", "cross_domain"} <= set(
+        mitosis["protocol"]
+    )
+    assert "mitosis_lora_scaling_auroc" in leaderboard.columns
+    plism = pd.read_parquet(results / "benchmarks" / "plism" / "student-demo.parquet")
+    assert len(plism[plism["metric"] == "cosine"]) == 6  # 4 slides → 6 pairs
 
 
 def test_demo_distils_a_student(demo_run):

@@ -309,7 +309,9 @@ def load_model(
             )
         return LoadedModel(model.eval(), spec, str(path), file_digest(path))
     if spec.random_init or random_init:
-        torch.manual_seed(seed)
+        # Seeded per name: twins that share an architecture (e.g. the tiny teacher and tiny student) must
+        # not start from the same weights, or a "random baseline" would equal the teacher.
+        torch.manual_seed(_name_seed(name, seed))
         return LoadedModel(build_model(spec).eval(), spec, f"random-init(seed={seed})", f"random-init:{seed}")
     if spec.hub_id is None:
         raise ModelError(f"'{name}' has no hub id: give its weights with --weights PATH")
@@ -324,6 +326,10 @@ def load_model(
             + (" (HF_HUB_OFFLINE is set: only the local cache is searched)" if offline else "")
         ) from exc
     return LoadedModel(model.eval(), spec, f"hf-hub:{spec.hub_id}", _hub_digest(spec.hub_id))
+
+
+def _name_seed(name: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
 def _hub_digest(hub_id: str) -> str:
