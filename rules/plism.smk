@@ -1,5 +1,7 @@
 # PLISM matched tiles: a tile grid on the reference slide, one elastix registration per other slide, then
 # the grid cut from every slide (or the public pre-registered tiles read from HDF5).
+import re
+
 from histodistill.plism import read_manifest
 
 PLISM = config["plism"]
@@ -22,7 +24,7 @@ if PLISM["enabled"]:
     PLISM_RECORDS = [{**r, "mpp": plism_mpp(r["slide_id"])} for r in PLISM_SLIDES.to_dict("records")]
 
     wildcard_constraints:
-        plism_slide="|".join(PLISM_MOVING) or "^$",
+        plism_slide="|".join(re.escape(s) for s in PLISM_MOVING) or "^$",
 
     if config["demo"]["enabled"]:
         PLISM_DEMO = [s for s in PLISM_SLIDES["slide_id"] if plism_path(s).startswith(config["demo"]["plism_dir"] + "/")]

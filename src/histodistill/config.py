@@ -103,8 +103,8 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
     dup = sorted(sheet.loc[sheet["slide_id"].duplicated(), "slide_id"].unique())
     if dup:
         raise ConfigError(f"sample sheet {path}: duplicate slide_id(s) {dup}; every slide needs its own id")
-    bad = [s for s in sheet["slide_id"] if not _safe_id(s)]
-    bad += [c for c in sheet["cohort"].unique() if not _safe_id(c)]
+    bad = [s for s in sheet["slide_id"] if not safe_id(s)]
+    bad += [c for c in sheet["cohort"].unique() if not safe_id(c)]
     if bad:
         raise ConfigError(
             f"sample sheet {path}: id(s) {bad} may hold only letters, digits, '.', '_' and '-' "
@@ -120,5 +120,5 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
     return sheet.set_index("slide_id", drop=False)
 
 
-def _safe_id(value: str) -> bool:
+def safe_id(value: str) -> bool:
     return bool(value) and all(ch.isalnum() or ch in "._-" for ch in value) and not value.startswith(".")

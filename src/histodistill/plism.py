@@ -31,7 +31,7 @@ import zarr
 from PIL import Image
 
 from histodistill.atomic import atomic_path
-from histodistill.config import _safe_id
+from histodistill.config import safe_id
 from histodistill.errors import ConfigError, HistodistillError, SlideError
 from histodistill.provenance import provenance
 from histodistill.registration import load_transform, map_points, tile_centres_um
@@ -64,7 +64,7 @@ def read_manifest(path: str | Path, reference: str, stainings: list[str] | None 
         raise ConfigError(
             f"PLISM manifest {path} lacks column(s) {missing}; it needs {list(MANIFEST_COLUMNS)}"
         )
-    bad = [s for s in sheet["slide_id"] if not _safe_id(s)]
+    bad = [s for s in sheet["slide_id"] if not safe_id(s)]
     if bad:
         raise ConfigError(f"PLISM manifest {path}: unsafe slide id(s) {bad} (letters, digits, '.', '_', '-')")
     dup = sorted(sheet.loc[sheet["slide_id"].duplicated(), "slide_id"].unique())

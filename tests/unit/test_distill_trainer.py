@@ -134,7 +134,9 @@ def test_outputs_and_learning(tmp_path, data):
 def test_feature_objective_increases_agreement(tmp_path, data):
     store, cache = data
     summary = Trainer(replace(CFG, objective="feature", iterations=40), store, cache, tmp_path / "f").fit()
-    assert summary["agreement_cka_after"] > summary["agreement_cka_before"]
+    # the objective, measured on held-out tiles: the student's mapped tokens point where the teacher's do
+    assert summary["agreement_feature_cos_after"] > summary["agreement_feature_cos_before"] + 0.1
+    assert np.isfinite(summary["agreement_cka_after"])
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, data):

@@ -239,7 +239,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(_param_groups(trainable), lr=0.0, betas=(0.9, 0.999))
         self.iteration = 0
         self.log_rows: list[dict] = []
-        self.agreement_before = float("nan")
+        self.agreement_before: dict[str, float] = {}
         self._stop = False
 
     # ---- state -------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ class Trainer:
             c.load_state_dict(state["centers"][k])
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.log_rows = int(state["iteration"]), list(state["log"])
-        self.agreement_before = float(state["agreement_before"])
+        self.agreement_before = dict(state["agreement_before"])
         log.info("resumed %s at iteration %d", self.checkpoint_path, self.iteration)
         return True
 
@@ -402,13 +402,15 @@ class Trainer:
 
     # ---- agreement (proof it learns) ------------------------------------------------------------------
     @torch.no_grad()
-    def agreement(self, backbone: nn.Module) -> float:
-        """Linear CKA between student and teacher tokens (CLS + patches) of held-out tiles (cached view 0).
+    def agreement(self, backbone: nn.Module) -> dict[str, float]:
+        """Teacher–student agreement on held-out tiles (cached view 0), tokens = CLS + patches.
 
-        Tokens, not just CLS: a few held-out tiles still give hundreds of samples per feature dimension.
+        `cka`: linear CKA of the tokens (a few held-out tiles still give hundreds of samples per feature
+        dimension). `feature_cos` (objective `feature`): the mean cosine between the adapter-mapped student
+        tokens and the teacher's, i.e. the objective itself measured on tiles it never trained on.
         """
         if not len(self.holdout_rows) or self.cache_patch == "none":
-            return float("nan")
+            return {"cka": float("nan")}
         views = DistillDataset(self.tiles, self.cache_path, 0, self.cfg.seed, cached=True)
         mean, std = self.student_spec.transform.mean, self.student_spec.transform.std
         prefix = self.student_spec.num_prefix_tokens
@@ -424,7 +426,13 @@ class Trainer:
                 patches = pool_patches(patches)
             feats_s.append(torch.cat([tokens[:, :1], patches], 1)[0].cpu().numpy())
             feats_t.append(torch.cat([item["teacher_cls"][:1], teacher_patch], 0).numpy())
-        return linear_cka(np.concatenate(feats_s), np.concatenate(feats_t))
+        student, teacher = np.concatenate(feats_s), np.concatenate(feats_t)
+        out = {"cka": linear_cka(student, teacher)}
+        if self.cfg.objective == "feature":
+            mapped = self.model.adapter(torch.from_numpy(student).to(self.device)).float().cpu()
+            cos = nn.functional.cosine_similarity(mapped, torch.from_numpy(teacher).float(), dim=-1)
+            out["feature_cos"] = float(cos.mean())
+        return out
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
@@ -511,12 +519,11 @@ class Trainer:
             self.agreement(self.model.backbone),
             self.agreement(self.ema),
         )
-        summary = {
-            "agreement_cka_before": before,
-            "agreement_cka_after": after,
-            "agreement_cka_after_ema": after_ema,
-            "iterations": self.iteration,
-        }
+        summary = {"iterations": self.iteration}
+        for key in after:
+            summary[f"agreement_{key}_before"] = before.get(key, float("nan"))
+            summary[f"agreement_{key}_after"] = after[key]
+            summary[f"agreement_{key}_after_ema"] = after_ema[key]
         if self.rank == 0:
             meta = provenance(
                 asdict(self.cfg), teacher_cache=str(self.cache_path), tiles=str(self.tiles), **summary
@@ -530,12 +537,14 @@ class Trainer:
             plot_losses(frame, self.out / "loss.png")
             with atomic_path(self.out / "agreement.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
-            log.info(
-                "teacher–student agreement (linear CKA, held-out): %.3f → %.3f (EMA %.3f)",
-                before,
-                after,
-                after_ema,
-            )
+            for key in after:
+                log.info(
+                    "teacher–student agreement (%s, held-out tiles): %.4f → %.4f (EMA %.4f)",
+                    key,
+                    before.get(key, float("nan")),
+                    after[key],
+                    after_ema[key],
+                )
         return summary
 
 
