@@ -457,9 +457,36 @@ def _probe_section(summary: pd.DataFrame, order: list[str], figs: list[tuple[byt
     return body
 
 
-def _mitosis_section(summary: pd.DataFrame, order: list[str]) -> str:
+def _mitosis_figures(summary: pd.DataFrame, fig_dir: Path) -> list[tuple[bytes, str, str]]:
+    """The mitosis benchmark's own figures: scaling curves and the cross-domain AUROC heat maps."""
+    from histodistill.bench import mitosis
+
+    out = []
+    for plot, name, caption in (
+        (
+            mitosis.plot_scaling,
+            "mitosis_scaling.png",
+            "Mitosis: test scores vs training data (mean ± std over runs).",
+        ),
+        (
+            mitosis.plot_cross_domain,
+            "mitosis_cross_domain.png",
+            "Mitosis: single-source cross-domain AUROC (rows: training domain; diagonal: in-domain holdout).",
+        ),
+    ):
+        try:
+            plot(summary, fig_dir / name)
+        except BenchmarkError as exc:  # e.g. one domain only: no cross-domain protocol
+            log.info("no %s: %s", name, exc)
+            continue
+        out.append(((fig_dir / name).read_bytes(), name, caption))
+    return out
+
+
+def _mitosis_section(summary: pd.DataFrame, order: list[str], figs=()) -> str:
     if summary.empty:
         return page.note("No mitosis scores.")
+    pictures = "".join(page.figure(png, name, caption) for png, name, caption in figs)
     models = order  # every model, so one absent from this benchmark shows as a column of "–"
 
     def cell(r: dict) -> str:
@@ -477,7 +504,7 @@ def _mitosis_section(summary: pd.DataFrame, order: list[str]) -> str:
         body += page.details(
             f"all settings ({' × '.join(full_keys)})", page.wide_table(summary, full_keys, models, cell)
         )
-    return body
+    return pictures + body
 
 
 def _size_section(board: pd.DataFrame, models: Mapping[str, Mapping[str, Any]] | None) -> str:
@@ -621,6 +648,10 @@ def build_report(
                 )
             )
 
+        mitosis = summaries.get("mitosis")
+        if mitosis is not None and len(mitosis) and {"protocol", "mean", "std"} <= set(mitosis.columns):
+            figs["mitosis"] = _mitosis_figures(mitosis, fig_dir)
+
     params = {
         "config_hash": run_hash,
         "inputs": {
@@ -664,7 +695,9 @@ def build_report(
             ("probe", "Classification probes", _probe_section(summaries["probe"], order, figs["probe"]))
         )
     if "mitosis" in summaries:
-        sections.append(("mitosis", "Mitosis", _mitosis_section(summaries["mitosis"], order)))
+        sections.append(
+            ("mitosis", "Mitosis", _mitosis_section(summaries["mitosis"], order, figs["mitosis"]))
+        )
     sections.append(("size", "Model size", _size_section(board, models)))
     document = page.page(title, sections)
     with atomic_path(out_dir / "index.html") as tmp:
