@@ -95,14 +95,41 @@ if config["demo"]["enabled"] and PROBE["demo"]:
             "../workflow_scripts/probe_demo.py"
 
 
+def probe_task(name):
+    """A probe task's dataset and row manifest: a cohort's tiles, or image files packed by `probe_store`."""
+    task = PROBE["tasks"][name]
+    if task.get("images"):
+        return {"dataset": f"probe-{name}", "manifest": f"{RESULTS}/probe/{name}.csv", "level": task["level"]}
+    if not (task.get("dataset") and task.get("manifest")):
+        raise ValueError(f"benchmarks.probe.tasks.{name}: give `images`, or `dataset` and `manifest`")
+    return {"dataset": task["dataset"], "manifest": task["manifest"], "level": task["level"]}
+
+
+PROBE_TASKS = {name: probe_task(name) for name in PROBE["tasks"]}
+
+
+rule probe_store:
+    input:
+        images=lambda w: PROBE["tasks"][w.task]["images"],
+    output:
+        store=directory(f"{RESULTS}/probe/{{task}}.zarr"),
+        manifest=f"{RESULTS}/probe/{{task}}.csv",
+    params:
+        tile_px=config["tiling"]["tile_px"],
+    log:
+        "logs/probe_store/{task}.log",
+    script:
+        "../workflow_scripts/probe_store.py"
+
+
 rule score_probe:
     input:
-        manifests=[t["manifest"] for t in PROBE["tasks"].values()],
-        embeddings=lambda w: [embedding(w.model, t["dataset"]) for t in PROBE["tasks"].values()],
+        manifests=[t["manifest"] for t in PROBE_TASKS.values()],
+        embeddings=lambda w: [embedding(w.model, t["dataset"]) for t in PROBE_TASKS.values()],
     output:
         f"{RESULTS}/benchmarks/probe/{{model}}.parquet",
     params:
-        tasks=PROBE["tasks"],
+        tasks=PROBE_TASKS,
         methods=PROBE["methods"],
         linear=PROBE["linear"],
         knn_ks=PROBE["knn_ks"],

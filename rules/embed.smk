@@ -10,11 +10,14 @@ def embed_cohorts():
 
 
 def dataset_store(dataset):
-    """A dataset's tile store: a cohort's, the PLISM matched tiles (read as one flat store), a HEST task's."""
+    """A dataset's tile store: a cohort's, the PLISM matched tiles (read as one flat store), a HEST task's,
+    or a probe task's image files."""
     if dataset == "plism":
         return f"{RESULTS}/plism/tiles.zarr"
     if dataset.startswith("hest-"):
         return f"{RESULTS}/hest/{dataset.removeprefix('hest-')}.zarr"
+    if dataset.startswith("probe-"):
+        return f"{RESULTS}/probe/{dataset.removeprefix('probe-')}.zarr"
     return f"{RESULTS}/tilestore/{dataset}.zarr"
 
 

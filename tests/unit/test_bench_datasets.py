@@ -73,3 +73,33 @@ def test_demo_probe_needs_three_slides(tmp_path, demo_slide):
     with pytest.raises(BenchmarkError, match="fewer than 3 slides"):
         make_demo_probe(tmp_path / "store.zarr", tmp_path / "probe.csv")
     assert not (tmp_path / "probe.csv").exists()
+
+
+def test_image_dataset_packs_resized_centre_crops_in_manifest_order(tmp_path):
+    from PIL import Image
+
+    from histodistill.bench.datasets import pack_image_dataset
+
+    (tmp_path / "img").mkdir()
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 100:200] = 255  # the centre third is white: the centre crop is all white
+    Image.fromarray(wide).save(tmp_path / "img" / "wide.png")
+    Image.fromarray(np.full((50, 50, 3), 7, np.uint8)).save(tmp_path / "img" / "small.jpg", quality=100)
+    rows = ["img/wide.png,a,train", "img/small.jpg,b,train", "img/wide.png,a,test", "img/small.jpg,b,test"]
+    (tmp_path / "m.csv").write_text("\n".join(["path,label,split", *rows]) + "\n")
+    n = pack_image_dataset(tmp_path / "m.csv", tmp_path / "s.zarr", tmp_path / "rows.csv", tile_px=32)
+    store = TileStore(tmp_path / "s.zarr")
+    assert n == len(store) == 4 and store.tiles.shape == (4, 32, 32, 3)
+    assert store[0][:, 2:-2].min() == 255 and store[0][:, :1].max() < 255  # the white centre, cropped
+    assert abs(int(store[1].mean()) - 7) <= 2
+    manifest = load_manifest(tmp_path / "rows.csv", n_tiles=4)
+    assert manifest.label.tolist() == ["a", "b", "a", "b"] and manifest.split.tolist()[2:] == ["test", "test"]
+
+
+def test_image_dataset_names_a_missing_image(tmp_path):
+    from histodistill.bench.datasets import pack_image_dataset
+
+    (tmp_path / "m.csv").write_text("path,label,split\nnope.png,a,train\n")
+    with pytest.raises(BenchmarkError, match=r"line 2: .*nope.png"):
+        pack_image_dataset(tmp_path / "m.csv", tmp_path / "s.zarr", tmp_path / "rows.csv")
+    assert not (tmp_path / "s.zarr").exists()

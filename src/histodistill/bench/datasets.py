@@ -126,3 +126,104 @@ def make_demo_probe(store_path: str | Path, out_csv: str | Path, chunk: int = 25
     with atomic_path(out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     return frame
+
+
+IMAGE_MANIFEST_COLUMNS = ("path", "label", "split")
+
+
+def pack_image_dataset(
+    manifest: str | Path,
+    out_store: str | Path,
+    out_manifest: str | Path,
+    tile_px: int = 224,
+    chunk_tiles: int = 64,
+) -> int:
+    """Image files listed in a manifest (CSV: path, label, split[, slide_id]) → a tile store + a row manifest.
+
+    Each image is resized so its shorter side is `tile_px`, then centre-cropped to `tile_px` (the patch
+    datasets of EVA, e.g. BACH, CRC, MHIST, PCam, are single images at the dataset's own resolution). Relative
+    paths are taken relative to the manifest. The row manifest (tile_index, label, split[, slide_id]) is what
+    `bench.probe.load_manifest` reads. A missing or unreadable image is an error naming its line.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise BenchmarkError(f"image manifest {manifest} does not exist")
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    missing = [c for c in IMAGE_MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise BenchmarkError(
+            f"image manifest {manifest} lacks column(s) {missing} (needs path, label, split[, slide_id])"
+        )
+    paths = [Path(p) if Path(p).is_absolute() else manifest.parent / p for p in frame["path"]]
+    absent = [f"line {i + 2}: {p}" for i, p in enumerate(paths) if not p.is_file()]
+    if absent:
+        raise BenchmarkError(
+            f"image manifest {manifest}: missing image(s) {absent[:5]} ({len(absent)} in all)"
+        )
+    slide_ids = frame["slide_id"].tolist() if "slide_id" in frame.columns else ["images"] * len(frame)
+    slides = list(dict.fromkeys(slide_ids))
+    slide_index = np.array([slides.index(s) for s in slide_ids], np.int32)
+    n = len(frame)
+    with atomic_path(out_store) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        tiles = create_tiles_array(root, (n,), tile_px, chunk_tiles)
+        write_index(
+            root,
+            {
+                "slide_index": slide_index,
+                "tile_id": np.arange(n, dtype=np.int64),
+                "x0": np.zeros(n, np.int64),
+                "y0": np.zeros(n, np.int64),
+                "level": np.zeros(n, np.int32),
+                "tissue_frac": np.full(n, np.nan, np.float32),
+            },
+        )
+        buffer = np.empty((chunk_tiles, tile_px, tile_px, 3), np.uint8)
+        for start in range(0, n, chunk_tiles):
+            stop = min(n, start + chunk_tiles)
+            for k, i in enumerate(range(start, stop)):
+                try:
+                    with Image.open(paths[i]) as image:
+                        buffer[k] = _square(image.convert("RGB"), tile_px)
+                except (OSError, UnidentifiedImageError) as exc:
+                    raise BenchmarkError(
+                        f"image manifest {manifest}, line {i + 2}: cannot read {paths[i]} ({exc})"
+                    ) from exc
+            tiles[start:stop] = buffer[: stop - start]
+        root.attrs.update(
+            {
+                "tile_px": tile_px,
+                "mpp": None,
+                "n_tiles": n,
+                "slides": [
+                    {"slide_id": s, "path": str(manifest), "slide_mpp": None, "mpp_source": "images"}
+                    for s in slides
+                ],
+                "provenance": provenance(
+                    {"manifest": str(manifest), "tile_px": tile_px, "chunk_tiles": chunk_tiles}
+                ),
+            }
+        )
+    rows = pd.DataFrame({"tile_index": np.arange(n), "label": frame["label"], "split": frame["split"]})
+    if "slide_id" in frame.columns:
+        rows["slide_id"] = frame["slide_id"]
+    with atomic_path(out_manifest) as tmp:
+        rows.to_csv(tmp, index=False)
+    log.info("%d images of %s → %s", n, manifest, out_store)
+    return n
+
+
+def _square(image, side: int) -> np.ndarray:
+    """Resize so the shorter side is `side`, then centre-crop to side × side."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = side / min(w, h)
+    image = image.resize(
+        (max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BILINEAR
+    )
+    w, h = image.size
+    left, top = (w - side) // 2, (h - side) // 2
+    return np.asarray(image.crop((left, top, left + side, top + side)))
