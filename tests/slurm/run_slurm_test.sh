@@ -99,7 +99,7 @@ PARTITION=$(sinfo -h -o "%P" | grep '\*$' | tr -d '*' | head -1)
 
 # A small demo in WORK (the demo config with smaller slides).
 mkdir -p "$WORK/configs"
-cp "$REPO/configs/demo_samples.tsv" "$WORK/configs/"
+cp "$REPO/configs/demo_samples.tsv" "$REPO/configs/demo_plism.tsv" "$WORK/configs/"
 "$PY" - "$REPO/config.yaml" "$WORK/config.yaml" "$PARTITION" <<'PYCONF'
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[1]))
