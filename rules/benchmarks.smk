@@ -210,8 +210,8 @@ def enabled_benchmarks():
 rule report:
     input:
         scores=[f"{RESULTS}/benchmarks/{b}/{m}.parquet" for b in enabled_benchmarks() for m in bench_models()],
-        # throughput is measured by the embedding runs on the first cohort
-        embeddings=[embedding(m, COHORTS[0]) for m in bench_models()],
+        # throughput is measured by the embedding runs on the first embedded dataset (not all of a big cohort)
+        embeddings=[embedding(m, (config["embeddings"]["cohorts"] or COHORTS)[0]) for m in bench_models()],
     output:
         html=report(f"{RESULTS}/report/index.html", category="Benchmarks"),
         leaderboard=f"{RESULTS}/report/leaderboard.parquet",

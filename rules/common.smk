@@ -57,11 +57,13 @@ def resources_for(rule_name):
         out["slurm_partition"] = spec["partition"]
     if spec.get("gpus"):
         if spec.get("nodes", 1) > 1:
-            # Several nodes (a schema key `nodes`): cpus, mem_mb and gpus are per node, one task per node
-            # (the job's script starts torchrun on each node with srun).
-            out["nodes"] = spec["nodes"]
+            # Several nodes (a schema key `nodes`): cpus, mem_mb and gpus are per node and there is one task
+            # per node. `mpi` makes the plugin run the job's script in the batch step (not inside `srun -n1`),
+            # so the script can start torchrun on every node with its own `srun`.
+            out["nodes"] = out["tasks"] = spec["nodes"]
+            out["tasks_per_gpu"] = 0  # else the plugin turns `tasks` into --ntasks-per-gpu
+            out["mpi"] = "srun"
             out["gres"] = f"gpu:{spec['gpus']}"
-            out["slurm_extra"] = "--ntasks-per-node=1"
         else:
             out["gpu"] = spec["gpus"]
     return out

@@ -83,6 +83,7 @@ if PLISM["enabled"]:
             log:
                 "logs/register_plism/{plism_slide}.log",
             threads: threads_for("register_plism")
+            group: group_for("register_plism")
             resources:
                 **resources_for("register_plism"),
             script:

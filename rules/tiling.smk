@@ -5,7 +5,7 @@ TILING_KEYS = ("mpp", "tile_px", "min_tissue", "mask_mpp", "min_object_um2", "mi
 
 rule tile_slide:
     input:
-        slide=lambda w: SAMPLES.loc[w.slide, "path"],
+        slide=lambda w: slide_path(w.slide),
     output:
         table=f"{RESULTS}/tiles/{{cohort}}/{{slide}}.parquet",
         qc=f"{RESULTS}/qc/{{cohort}}/{{slide}}.png",
@@ -16,6 +16,7 @@ rule tile_slide:
     log:
         "logs/tile_slide/{cohort}/{slide}.log",
     threads: threads_for("tile_slide")
+    group: group_for("tile_slide")
     resources:
         **resources_for("tile_slide"),
     script:
@@ -25,7 +26,7 @@ rule tile_slide:
 rule pack_tiles:
     input:
         tables=lambda w: expand(f"{RESULTS}/tiles/{w.cohort}/{{slide}}.parquet", slide=slides_of(w.cohort)),
-        slides=lambda w: [SAMPLES.loc[s, "path"] for s in slides_of(w.cohort)],  # the pixels come from here
+        slides=lambda w: [slide_path(s) for s in slides_of(w.cohort)],  # the pixels come from here
     output:
         store=directory(f"{RESULTS}/tilestore/{{cohort}}.zarr"),
     params:

@@ -1,0 +1,203 @@
+"""DAG planning time at paper scale: `snakemake -n --profile profiles/slurm all_benchmarks` with
+configs/h0mini.yaml on trees of N placeholder slides (empty files: a dry run reads no pixels).
+
+For each N it writes a tree (sample sheet of N TCGA-style slides over 16 sites, the 91 PLISM h5 files, the
+HEST task directories, the EVA image lists, all empty), runs the dry run in a subprocess, and
+prints its wall-clock time, the growth relative to the smallest N, the marginal cost per added slide, a
+linear fit (fixed + per slide; the fixed part includes Snakemake's startup, measured separately) and the
+job counts per rule (only `tile_slide` grows with N).
+
+Usage: python benchmarks/dag_scale.py [--slides 1000 5000 10000] [--repeats 1] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "h0mini.yaml"
+# 16 TCGA sites (projects); slides are spread over them round-robin
+SITES = (
+    "BLCA", "BRCA", "COAD", "HNSC", "KIRC", "KIRP", "LIHC", "LUAD",
+    "LUSC", "OV", "PRAD", "READ", "SKCM", "STAD", "THCA", "UCEC",
+)  # fmt: skip
+
+
+def make_placeholder_tree(root: str | Path, n_slides: int, config: str | Path = CONFIG) -> Path:
+    """Write every leaf input the h0mini DAG needs under `root` as empty files/directories.
+
+    Returns the working directory to run snakemake in (`root`). Paths follow the config's own keys, so a
+    config with other paths still gets its leaves.
+    """
+    root = Path(root)
+    cfg = yaml.safe_load(Path(config).read_text())
+    results = root / cfg.get("results_dir", "results")
+
+    # sample sheet: one cohort, N slides over 16 sites (TCGA-like barcodes), one empty file each
+    sheet = root / cfg["samples"]
+    sheet.parent.mkdir(parents=True, exist_ok=True)
+    slides_dir = sheet.parent / "slides"
+    for site in SITES:
+        (slides_dir / site).mkdir(parents=True, exist_ok=True)
+    rows = ["slide_id\tpath\tcohort"]
+    for i in range(n_slides):
+        site = SITES[i % len(SITES)]
+        slide_id = f"TCGA-{site}-{i:05d}-01Z-00-DX1"
+        path = slides_dir / site / f"{slide_id}.svs"
+        path.touch()
+        rows.append(f"{slide_id}\t{path.relative_to(root)}\ttcga")
+    sheet.write_text("\n".join(rows) + "\n")
+
+    # PLISM: the manifest (copied next to where the config expects it) and one h5 per slide
+    plism = cfg["plism"]
+    manifest = root / plism["manifest"]
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(REPO / plism["manifest"], manifest)
+    h5_dir = root / plism["h5_dir"]
+    h5_dir.mkdir(parents=True, exist_ok=True)
+    for line in manifest.read_text().splitlines()[1:]:
+        slide = line.split("\t")[0]
+        (h5_dir / f"{slide}_to_{plism['reference']}.tif.h5").touch()
+
+    # HEST task directories; the probe tasks' image lists (or a cohort-tile manifest and its store)
+    hest = cfg["benchmarks"]["hest"]
+    for task in hest["tasks"]:
+        (root / hest["tasks_dir"] / task).mkdir(parents=True, exist_ok=True)
+    for task in cfg["benchmarks"]["probe"]["tasks"].values():
+        for key in ("images", "manifest"):
+            if task.get(key):
+                (root / task[key]).parent.mkdir(parents=True, exist_ok=True)
+                (root / task[key]).touch()
+        if task.get("dataset") and task["dataset"] not in _sheet_cohorts(sheet):
+            (results / "tilestore" / f"{task['dataset']}.zarr").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _sheet_cohorts(sheet: Path) -> set[str]:
+    return {line.split("\t")[2] for line in sheet.read_text().splitlines()[1:]}
+
+
+def run_snakemake(workdir: Path, *args: str, target: str = "all_benchmarks", config: Path = CONFIG):
+    """`snakemake --profile profiles/slurm TARGET --configfile CONFIG ARGS…` in `workdir`, as a subprocess;
+    returns (wall-clock seconds, the completed process)."""
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        target,
+        "--configfile",
+        str(config),
+        *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    return time.perf_counter() - start, result
+
+
+def dry_run(workdir: Path, *args: str, target: str = "all_benchmarks", config: Path = CONFIG):
+    """`snakemake -n --profile profiles/slurm TARGET --configfile CONFIG` in `workdir`; (seconds, result)."""
+    return run_snakemake(workdir, "-n", *args, target=target, config=config)
+
+
+def job_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts per rule from the 'Job stats' table of a dry run ({} when nothing is to be done)."""
+    text = result.stdout + result.stderr
+    if "Job stats:" not in text:
+        return {}
+    table = text.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    counts = dict(line.split()[:2] for line in table if line.strip())
+    counts.pop("total", None)
+    return {k: int(v) for k, v in counts.items()}
+
+
+def startup_seconds() -> float:
+    """Wall-clock of `snakemake --version`: interpreter start, imports and the plugin registry (which
+    imports every installed executor plugin, the SLURM one included, whatever the executor)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "snakemake", "--version"], capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def scontrol_seconds() -> float | None:
+    """Wall-clock of `scontrol show config`, which snakemake-executor-plugin-slurm runs when it is imported
+    (to pick its status command): instant on a cluster, up to its 10 s timeout where SLURM's client is
+    installed but no controller answers. None without scontrol."""
+    if shutil.which("scontrol") is None:
+        return None
+    start = time.perf_counter()
+    try:
+        subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=15, check=False)
+    except subprocess.TimeoutExpired:
+        pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slides", type=int, nargs="+", default=[1000, 5000, 10000])
+    parser.add_argument("--repeats", type=int, default=1, help="dry runs per size (the fastest is kept)")
+    parser.add_argument("--keep", type=Path, help="write the trees here (default: a temporary directory)")
+    args = parser.parse_args()
+
+    base = args.keep or Path(tempfile.mkdtemp(prefix="dag_scale-"))
+    rows = []
+    try:
+        startup, scontrol = startup_seconds(), scontrol_seconds()
+        probe = "" if scontrol is None else f", of which `scontrol show config` {scontrol:.1f} s"
+        print(f"snakemake startup (--version): {startup:.1f} s{probe}", flush=True)
+        for n in sorted(args.slides):
+            workdir = make_placeholder_tree(base / f"n{n}", n)
+            times = []
+            for _ in range(args.repeats):
+                seconds, result = dry_run(workdir)
+                if result.returncode != 0:
+                    sys.exit(f"dry run at {n} slides failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+                times.append(seconds)
+            counts = job_counts(result)
+            rows.append((n, min(times), counts))
+            print(f"{n:>6} slides: {min(times):6.1f} s  ({sum(counts.values())} jobs)", flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+    print("\nslides  jobs   dry run (s)  vs smallest  marginal (ms per added slide)")
+    for i, (n, t, counts) in enumerate(rows):
+        marginal = "" if i == 0 else f"{1000 * (t - rows[i - 1][1]) / (n - rows[i - 1][0]):.2f}"
+        print(f"{n:>6}  {sum(counts.values()):>5}  {t:11.1f}  {t / rows[0][1]:10.2f}×  {marginal}")
+    if len(rows) > 1:
+        # least-squares line t = fixed + per_slide × n
+        ns, ts = [r[0] for r in rows], [r[1] for r in rows]
+        mean_n, mean_t = sum(ns) / len(ns), sum(ts) / len(ts)
+        per_slide = sum((n - mean_n) * (t - mean_t) for n, t in zip(ns, ts, strict=True)) / sum(
+            (n - mean_n) ** 2 for n in ns
+        )
+        fixed = mean_t - per_slide * mean_n
+        print(
+            f"fit: {fixed:.1f} s fixed (of which {startup:.1f} s startup) + {1000 * per_slide:.2f} ms per slide "
+            f"→ {fixed + per_slide * 10_000:.1f} s at 10,000 slides, {fixed + per_slide * 60_000:.0f} s at 60,000"
+        )
+    print(f"\njob counts at {rows[-1][0]} slides:")
+    for rule, count in sorted(rows[-1][2].items(), key=lambda kv: -kv[1]):
+        print(f"  {rule:<22} {count}")
+
+
+if __name__ == "__main__":
+    main()
