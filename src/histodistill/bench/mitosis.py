@@ -1278,7 +1278,9 @@ def plot_scaling(summary: pd.DataFrame, path: str | os.PathLike, metrics: Sequen
             ax.set_title(metric.replace("_", " "))
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("test score (mean ± std over runs)")
-        axes[-1].legend(fontsize=7, loc="lower right")
+        labelled = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+        if labelled:  # a metric without rows draws no line
+            labelled[-1].legend(fontsize=7, loc="lower right")
 
 
 def plot_cross_domain(summary: pd.DataFrame, path: str | os.PathLike, metric: str = "auroc") -> None:
