@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -16,3 +19,21 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` torch threads, then restore the previous count (None: leave torch's setting).
+
+    Small models on a shared CPU: OpenMP's thread wake-ups can cost ~20× the work itself, and a fixed
+    thread count keeps a seed's result bit-identical across machines with different core counts.
+    """
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

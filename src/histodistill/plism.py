@@ -15,7 +15,6 @@ x0, y0 (level-0 px of that slide), residual_um.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -25,15 +24,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 from PIL import Image
 
 from histodistill.atomic import atomic_path
 from histodistill.config import safe_id
 from histodistill.errors import ConfigError, HistodistillError, SlideError
-from histodistill.provenance import provenance
+from histodistill.provenance import provenance, read_parquet, write_parquet
 from histodistill.registration import load_transform, map_points, tile_centres_um
 from histodistill.slides import best_level, open_slide, read_rgb, resolve_mpp
 from histodistill.tilestore import create_tiles_array, write_index
@@ -42,7 +39,6 @@ from histodistill.tiling import read_tile_table
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("slide_id", "path", "scanner", "staining")
-META_KEY = b"histodistill"
 _TILE_ID = re.compile(r"^(\d+)_(\d+)_(\d+)$")
 
 
@@ -207,16 +203,8 @@ def _write_index(root, table: pd.DataFrame, n_slides: int, n_tiles: int) -> None
     write_index(root, index)
 
 
-def _write_table(table: pd.DataFrame, metadata: dict, out: Path) -> None:
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    arrow = arrow.replace_schema_metadata({META_KEY: json.dumps(metadata, default=str).encode()})
-    with atomic_path(out) as tmp:
-        pq.write_table(arrow, tmp)
-
-
 def read_matched_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    arrow = pq.read_table(path)
-    return arrow.to_pandas(), json.loads(arrow.schema.metadata[META_KEY])
+    return read_parquet(path, "matched-tile table", PlismError)
 
 
 def cut_matched_tiles(
@@ -322,7 +310,7 @@ def cut_matched_tiles(
             for a in args:
                 _cut_slide(*a)
         root.attrs.update(_store_attrs(manifest, jobs, frames, tile_px, mpp, n_tiles, metadata))
-    _write_table(table, metadata, Path(out_table))
+    write_parquet(table, out_table, metadata)
     return summarise_qc(qc, excluded)
 
 
@@ -474,5 +462,5 @@ def ingest_h5(
             log.info("ingested %d tiles of %s", n, s)
         jobs = [SlideJob(i, s, str(paths[s]), None, None) for i, s in enumerate(slides)]
         root.attrs.update(_store_attrs(manifest, jobs, [None] * len(jobs), tile_px, None, n, metadata))
-    _write_table(table, metadata, Path(out_table))
+    write_parquet(table, out_table, metadata)
     return n

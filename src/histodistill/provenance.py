@@ -38,3 +38,36 @@ def provenance(params: dict[str, Any], **extra: Any) -> dict[str, Any]:
         "versions": library_versions(),
         **extra,
     }
+
+
+META_KEY = b"histodistill"  # the Parquet schema-metadata key holding an artifact's provenance (JSON)
+
+
+def write_parquet(frame, out, metadata: dict[str, Any]) -> None:
+    """Write a frame to Parquet atomically, with `metadata` as JSON under META_KEY (pandas' own kept)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from histodistill.atomic import atomic_path
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), META_KEY: json.dumps(dict(metadata), default=str).encode()}
+    )
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet(path, what: str, error: type[Exception]) -> tuple[Any, dict[str, Any]]:
+    """A frame written by `write_parquet` and its metadata; `error(...)` names `what` and the path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise error(f"{path} is not a histodistill {what} (no '{META_KEY.decode()}' metadata)")
+    return table.to_pandas(), json.loads(raw)

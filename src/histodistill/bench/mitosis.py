@@ -81,8 +81,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch import nn
@@ -90,10 +88,11 @@ from torchvision.transforms.v2 import functional as TF
 
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
-from histodistill.devices import autocast_dtype, pick_device
+from histodistill.devices import autocast_dtype, pick_device, torch_threads
 from histodistill.errors import SlideError
 from histodistill.models.registry import LoadedModel, ModelSpec, pool_tokens
 from histodistill.models.transforms import _MODES, ModelTransform
+from histodistill.provenance import read_parquet, write_parquet
 from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
 from histodistill.tissue import MaskParams, tissue_mask
 
@@ -130,7 +129,6 @@ METRICS = ("balanced_accuracy", "f1_weighted", "auroc")
 SCALING, CROSS_DOMAIN = "scaling", "cross_domain"
 ALL = "all"  # train_domain / test_domain of the scaling protocol (every domain pooled)
 FRACTIONS = (0.001, 0.01, 0.1, 1.0)
-META_KEY = b"histodistill"
 UPSAMPLE_TOLERANCE = 0.10  # a slide at most 10% coarser than the target µm/px is upsampled, not refused
 LORA_TARGET_PATTERN = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|fc1_g|fc1_x))")
 
@@ -825,20 +823,6 @@ class ArrayPatchSource:
 # ----------------------------------------------------------------------------------------- LoRA
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with `n` torch threads, then restore (as probe.torch_threads, which would import scikit-learn)."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA fine-tuning settings (defaults: the paper's); shrink epochs/samples for CPU tests."""
@@ -974,7 +958,7 @@ def train_lora(
     Deterministic on CPU for a seed: draws come from a numpy generator, dropout from a forked torch RNG.
     """
     cfg = settings or LoraSettings()
-    with _torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _train_lora(classifier, train, val_images, np.asarray(val_targets, np.float32), cfg, seed)
 
@@ -1147,7 +1131,7 @@ def predict_lora(
     amp = autocast_dtype(dev, cfg.precision)
     targets = annotations["target"].to_numpy()
     frames = []
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         for test_domain, test in split.tests.items():
             logits = np.zeros(len(test), np.float32)
             position = {int(r): i for i, r in enumerate(test)}
@@ -1224,24 +1208,12 @@ def cross_domain_matrix(rows: pd.DataFrame, model: str, method: str, metric: str
 
 def write_results(rows: pd.DataFrame, path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
     """Tidy rows → Parquet (atomic), with the provenance as JSON under schema metadata b"histodistill"."""
-    table = pa.Table.from_pandas(rows, preserve_index=False)
-    table = table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), META_KEY: json.dumps(dict(meta), default=str).encode()}
-    )
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(rows, path, dict(meta))
 
 
 def read_results(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """A result (or split) file written by `write_results`, and its provenance."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise BenchmarkError(f"cannot read mitosis results {path}: {exc}") from exc
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise BenchmarkError(f"{path} is not a histodistill result file (no '{META_KEY.decode()}' metadata)")
-    return table.to_pandas(), json.loads(raw)
+    return read_parquet(path, "result file", BenchmarkError)
 
 
 @contextlib.contextmanager

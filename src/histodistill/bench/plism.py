@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
 import threading
@@ -42,8 +41,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from histodistill.atomic import atomic_path
@@ -56,11 +53,10 @@ from histodistill.bench.stats import (
     slide_resamples,
     summarize,
 )
-from histodistill.provenance import provenance
+from histodistill.provenance import provenance, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 
-META_KEY = b"histodistill"
 DEFAULT_TOP_K = (1, 3, 5, 10)
 SLIDE_COLUMNS = ("slide_id", "scanner", "staining")
 COSINE = "cosine"
@@ -598,25 +594,13 @@ def score_plism(
         workers=int(workers),
         slide_table=slides[list(SLIDE_COLUMNS)].astype(str).to_dict(orient="list"),
     )
-    table = pa.Table.from_pandas(scores, preserve_index=False)
-    table = table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()}
-    )
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(scores, out, meta)
     return scores
 
 
 def read_scores(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """A per-pair score file written by `score_plism`, and its provenance."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise BenchmarkError(f"cannot read PLISM scores {path}: {exc}") from exc
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise BenchmarkError(f"{path} is not a histodistill score file (no '{META_KEY.decode()}' metadata)")
-    return table.to_pandas(), json.loads(raw)
+    return read_parquet(path, "score file", BenchmarkError)
 
 
 # ----------------------------------------------------------------------------------------------- summary

@@ -33,11 +33,10 @@ without randomness (k-NN, logistic regression) report one run, with seed 0.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from histodistill.bench import BenchmarkError
+from histodistill.devices import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -285,24 +285,6 @@ def _balanced_accuracy(codes: np.ndarray, pred: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------- linear probe
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with `n` torch threads, then restore the previous count.
-
-    A probe's matmuls are tiny: on a shared CPU, OpenMP's thread wake-ups cost ~20× the work itself, and a
-    fixed thread count keeps a seed's result bit-identical across machines with different core counts.
-    """
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from histodistill.bench import BenchmarkError
 from histodistill.bench import hest as hest_bench
 from histodistill.bench import plism as plism_bench
 from histodistill.bench import probe as probe_bench
-from histodistill.provenance import config_hash, library_versions, provenance
+from histodistill.provenance import META_KEY, config_hash, library_versions, provenance, write_parquet
 from histodistill.report import figures
 from histodistill.report import html as page
 from histodistill.report.model_card import FLOP_CONVENTION, count_flops, model_profile
@@ -48,7 +48,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-META_KEY = b"histodistill"
+
 BENCHMARKS = ("plism", "hest", "probe", "mitosis")
 REQUIRED = {
     "plism": {"slide_a", "slide_b", "group", "metric", "value"},
@@ -666,12 +666,7 @@ def build_report(
         "boot_seed": BOOT_SEED,
     }
     meta = provenance(params, artifact="leaderboard", created=created)
-    table = pa.Table.from_pandas(board, preserve_index=False)
-    table = table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), META_KEY: json.dumps(meta, default=str).encode()}
-    )
-    with atomic_path(out_dir / "leaderboard.parquet") as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(board, out_dir / "leaderboard.parquet", meta)
 
     labels = _leaderboard_labels(board)
     shown = board.drop(columns=["gflops", "tiles_per_s", "device"])
