@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
 from histodistill.distill.data import DistillDataset, EpochSampler
 from histodistill.distill.trainer import DistillConfig, Trainer
-from histodistill.synthetic import SlideSpec, make_demo_slide
 from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
 from histodistill.tilestore import pack_tiles
 from histodistill.tiling import TilingParams, tile_slide
@@ -78,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         child = multiprocessing.get_context("spawn").Process(
-            target=make_demo_slide, args=(tmp / "s.tiff", 2, SlideSpec(3072, 2048))
+            target=make_demo_slide, args=(tmp / "s.tiff", 2, DemoSlideConfig(3072, 2048))
         )
         child.start()
         child.join()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
 from histodistill.devices import autocast_dtype, pick_device
 from histodistill.embed import extract_embeddings
 from histodistill.models import load_model
-from histodistill.synthetic import SlideSpec, make_demo_slide
 from histodistill.tilestore import TileStore, pack_tiles
 from histodistill.tiling import TilingParams, tile_slide
 
@@ -75,7 +75,7 @@ def main() -> None:
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        spec = SlideSpec(*args.slide_px, mpp=0.25)
+        spec = DemoSlideConfig(*args.slide_px, mpp=0.25)
         child = multiprocessing.get_context("spawn").Process(
             target=make_demo_slide, args=(tmp / "s.tiff", 1, spec)
         )

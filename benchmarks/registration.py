@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from histodistill.plism import cut_tile, local_frames, read_manifest
+from histodistill.demo.plism import PlismDemoConfig, make_plism_demo, reference_to_moving
+from histodistill.matched_tiles import cut_tile, local_frames, read_manifest
 from histodistill.registration import (
     RegistrationParams,
     load_transform,
@@ -34,7 +35,6 @@ from histodistill.registration import (
     tile_centres_um,
 )
 from histodistill.slides import open_slide, read_rgb, resolve_mpp
-from histodistill.synthetic import PlismDemoSpec, make_plism_demo, reference_to_moving
 from histodistill.tiling import TilingParams, plan_tiles
 
 REF = "GMH_S60"
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         demo = Path(tmp) / "demo"
-        spec = PlismDemoSpec(args.width_px, args.height_px, scanners=("S60", "AT2", "GT450", "P"))
+        spec = PlismDemoConfig(args.width_px, args.height_px, scanners=("S60", "AT2", "GT450", "P"))
         # Rendered in a child: Linux keeps a process's peak RSS across fork + exec, so the parent stays small
         # and each phase's child reports its own peak.
         manifest = read_manifest(in_child(make_plism_demo, demo, 0, spec), REF)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
 from histodistill.slides import open_slide, read_rgb
-from histodistill.synthetic import SlideSpec, make_demo_slide
 from histodistill.tiling import MAX_RUN_TILES, TilingParams, iter_tile_pixels, plan_tiles
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     params = TilingParams(mpp=0.5, tile_px=224, min_tissue=args.min_tissue)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.tiff"
-        spec = SlideSpec(args.width_px, args.height_px, mpp=0.25)
+        spec = DemoSlideConfig(args.width_px, args.height_px, mpp=0.25)
         # Rendered in a child process, so the peak RSS below is the tiling's alone.
         child = multiprocessing.get_context("spawn").Process(target=make_demo_slide, args=(path, 1, spec))
         child.start()

@@ -2,7 +2,7 @@
 # the grid cut from every slide (or the public pre-registered tiles read from HDF5).
 import re
 
-from histodistill.plism import read_manifest
+from histodistill.matched_tiles import read_manifest
 
 PLISM = config["plism"]
 PLISM_OUT = f"{RESULTS}/plism"

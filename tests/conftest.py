@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from histodistill.synthetic import SlideSpec, make_demo_slide
+from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = SlideSpec(width_px=2048, height_px=1536, mpp=0.25, levels=4)
+SMALL = DemoSlideConfig(width_px=2048, height_px=1536, mpp=0.25, levels=4)
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +25,13 @@ def demo_slide(slides_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def slide_without_mpp(slides_dir) -> Path:
-    return make_demo_slide(slides_dir / "no_mpp.tiff", seed=8, spec=SlideSpec(1024, 1024, mpp=None, levels=3))
+    return make_demo_slide(
+        slides_dir / "no_mpp.tiff", seed=8, spec=DemoSlideConfig(1024, 1024, mpp=None, levels=3)
+    )
 
 
 @pytest.fixture(scope="session")
 def blank_slide(slides_dir) -> Path:
     return make_demo_slide(
-        slides_dir / "blank.tiff", seed=9, spec=SlideSpec(1024, 1024, mpp=0.25, levels=3, blank=True)
+        slides_dir / "blank.tiff", seed=9, spec=DemoSlideConfig(1024, 1024, mpp=0.25, levels=3, blank=True)
     )

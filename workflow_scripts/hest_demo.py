@@ -1,8 +1,8 @@
 """Snakemake adapter: a synthetic HEST task from the demo cohort's tiles (rule hest_demo)."""
 
-from histodistill.bench.hest import make_demo_hest
+from histodistill.demo.slides import seed_for
+from histodistill.demo.tasks import make_demo_hest
 from histodistill.logs import log_to
-from histodistill.synthetic import seed_for
 from histodistill.tilestore import TileStore
 
 log_to(snakemake.log[0])

@@ -1,7 +1,8 @@
 """Snakemake adapter: annotated mitosis demo slides in two domains (rule mitosis_demo)."""
 
+from histodistill.demo.mitosis import make_mitosis_demo
+from histodistill.demo.slides import seed_for
 from histodistill.logs import log_to
-from histodistill.synthetic import make_mitosis_demo, seed_for
 
 log_to(snakemake.log[0])
 make_mitosis_demo(snakemake.output[0], seed=seed_for("mitosis", snakemake.params.seed))

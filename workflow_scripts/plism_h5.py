@@ -3,7 +3,7 @@
 import pandas as pd
 
 from histodistill.logs import log_to
-from histodistill.plism import ingest_h5
+from histodistill.matched_tiles import ingest_h5
 
 log_to(snakemake.log[0])
 p = snakemake.params

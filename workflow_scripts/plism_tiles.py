@@ -7,7 +7,7 @@ import pandas as pd
 
 from histodistill.atomic import atomic_path
 from histodistill.logs import log_to
-from histodistill.plism import cut_matched_tiles
+from histodistill.matched_tiles import cut_matched_tiles
 
 log_to(snakemake.log[0])
 p = snakemake.params

@@ -1,6 +1,6 @@
 """Snakemake adapter: the demo patch-classification manifest (rule probe_demo)."""
 
-from histodistill.bench.datasets import make_demo_probe
+from histodistill.demo.tasks import make_demo_probe
 from histodistill.logs import log_to
 
 log_to(snakemake.log[0])

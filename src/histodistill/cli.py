@@ -16,9 +16,9 @@ log = logging.getLogger("histodistill")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from histodistill.synthetic import SlideSpec, make_demo_cohort
+    from histodistill.demo.slides import DemoSlideConfig, make_demo_cohort
 
-    spec = SlideSpec(width_px=args.width_px, height_px=args.height_px, mpp=args.mpp)
+    spec = DemoSlideConfig(width_px=args.width_px, height_px=args.height_px, mpp=args.mpp)
     sheet = make_demo_cohort(args.out, n_slides=args.n_slides, seed=args.seed, spec=spec, cohort=args.cohort)
     log.info("wrote %d demo slides and the sample sheet %s", args.n_slides, sheet)
 

@@ -7,14 +7,10 @@ import pandas as pd
 import pytest
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.datasets import (
-    embeddings_by_sample,
-    make_demo_probe,
-    nuclear_density,
-    pack_hest_task,
-)
-from histodistill.bench.hest import load_task, make_demo_hest, read_patch_images
+from histodistill.bench.datasets import embeddings_by_sample, pack_hest_task
+from histodistill.bench.hest import load_task, read_patch_images
 from histodistill.bench.probe import load_manifest
+from histodistill.demo.tasks import make_demo_hest, make_demo_probe, nuclear_density
 from histodistill.tilestore import TileStore, pack_tiles
 from histodistill.tiling import TilingParams, tile_slide
 

@@ -13,15 +13,14 @@ from histodistill.bench.hest import (
     HestTask,
     fit_predict_ridge,
     load_task,
-    make_demo_hest,
     pearson_per_gene,
     read_expression,
     read_patch_images,
     score_task,
     summarize,
-    tile_content_features,
     write_h5ad,
 )
+from histodistill.demo.tasks import make_demo_hest, tile_content_features
 
 
 def synthetic_tiles(n: int, seed: int = 0, size: int = 224) -> np.ndarray:

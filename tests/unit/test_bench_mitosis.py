@@ -15,13 +15,16 @@ from skimage import measure
 from histodistill.bench import BenchmarkError
 from histodistill.bench import mitosis as M
 from histodistill.config import read_sample_sheet
+from histodistill.demo.mitosis import MitosisDemoConfig, make_mitosis_demo
+from histodistill.demo.slides import write_pyramid_tiff
 from histodistill.errors import SlideError
 from histodistill.models import load_model
 from histodistill.models.registry import LoadedModel
 from histodistill.models.transforms import ModelTransform
-from histodistill.synthetic import MitosisDemoSpec, make_mitosis_demo, write_pyramid_tiff
 
-SMALL_DEMO = MitosisDemoSpec(1024, 768, levels=3, n_mitotic_figures=8, n_hard_negatives=8, min_spacing_um=32)
+SMALL_DEMO = MitosisDemoConfig(
+    1024, 768, levels=3, n_mitotic_figures=8, n_hard_negatives=8, min_spacing_um=32
+)
 
 
 # ----------------------------------------------------------------------------------------- fixtures

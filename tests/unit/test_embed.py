@@ -8,12 +8,12 @@ import pytest
 import torch
 import zarr
 
+from histodistill.demo.slides import make_demo_slide
 from histodistill.embed import EmbeddingStore, extract_embeddings
 from histodistill.errors import HistodistillError
 from histodistill.export import export_h5, export_plismbench
 from histodistill.models import load_model
 from histodistill.models.transforms import ModelTransform
-from histodistill.synthetic import make_demo_slide
 from histodistill.tilestore import TileStore, pack_tiles
 from histodistill.tiling import TilingParams, tile_slide
 from tests.conftest import SMALL

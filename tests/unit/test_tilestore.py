@@ -4,9 +4,9 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
+from histodistill.demo.slides import make_demo_slide
 from histodistill.errors import SlideError
 from histodistill.slides import open_slide
-from histodistill.synthetic import make_demo_slide
 from histodistill.tilestore import SlideTileDataset, TileStore, TileStoreDataset, pack_tiles
 from histodistill.tiling import TilingParams, read_tile, read_tile_table, tile_slide
 from tests.conftest import SMALL

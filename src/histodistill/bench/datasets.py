@@ -20,12 +20,11 @@ from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
 from histodistill.bench.hest import load_task
 from histodistill.provenance import provenance
-from histodistill.tilestore import TileStore, create_tiles_array, write_index
+from histodistill.tilestore import create_tiles_array, write_index
 
 log = logging.getLogger(__name__)
 
 HEST_PATCH_MPP = 0.5  # HEST-Benchmark patches: 224 px at 20× (0.5 µm/px)
-DEMO_CLASSES = ("sparse", "medium", "dense")
 
 
 def pack_hest_task(task_dir: str | Path, out: str | Path, chunk_tiles: int = 64) -> int:
@@ -95,37 +94,6 @@ def pack_hest_task(task_dir: str | Path, out: str | Path, chunk_tiles: int = 64)
 def embeddings_by_sample(embeddings: np.ndarray, slide_index: np.ndarray, sample_ids: list[str]) -> dict:
     """Split an embedding store's rows (in tile-store order) back into one array per HEST sample."""
     return {sid: embeddings[slide_index == i] for i, sid in enumerate(sample_ids)}
-
-
-def nuclear_density(tiles: np.ndarray) -> np.ndarray:
-    """Fraction of dark, blue-purple pixels per tile: the haematoxylin-rich nuclei of the demo tissue."""
-    rgb = tiles.astype(np.float32)
-    dark = rgb.mean(axis=-1) < 140
-    bluish = rgb[..., 2] > rgb[..., 1] + 10
-    return (dark & bluish).mean(axis=(1, 2))
-
-
-def make_demo_probe(store_path: str | Path, out_csv: str | Path, chunk: int = 256) -> pd.DataFrame:
-    """Label the demo cohort's tiles by nuclear-density tercile; split by slide (train / val / test).
-
-    Slides go to train, val, test in turn (slide i → split i mod 3 of that order), so no slide's tiles
-    straddle two splits. The classes are visible tissue properties, so better features classify better.
-    """
-    store = TileStore(store_path)
-    n = len(store)
-    density = np.concatenate([nuclear_density(store.read(i, min(n, i + chunk))) for i in range(0, n, chunk)])
-    cuts = np.quantile(density, [1 / 3, 2 / 3])
-    label = np.array(DEMO_CLASSES, dtype=object)[np.searchsorted(cuts, density, side="right")]
-    slide_index = store.index["slide_index"].to_numpy()
-    if len(np.unique(slide_index)) < 3:
-        raise BenchmarkError(
-            f"demo probe: {store_path} has fewer than 3 slides (one each for train, val, test)"
-        )
-    split = np.array(["train", "val", "test"], dtype=object)[slide_index % 3]
-    frame = pd.DataFrame({"tile_index": np.arange(n), "label": label, "split": split})
-    with atomic_path(out_csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    return frame
 
 
 IMAGE_MANIFEST_COLUMNS = ("path", "label", "split")

@@ -11,8 +11,22 @@ import pandas as pd
 import pytest
 
 from histodistill import slides as slides_module
+from histodistill.demo import _random_warp
+from histodistill.demo.plism import (
+    DEMO_SCANNERS,
+    PlismDemoConfig,
+    make_plism_demo,
+    reference_to_moving,
+    warp_to_reference,
+)
 from histodistill.errors import ConfigError, SlideError
-from histodistill.plism import PlismError, cut_matched_tiles, ingest_h5, read_manifest, read_matched_table
+from histodistill.matched_tiles import (
+    PlismError,
+    cut_matched_tiles,
+    ingest_h5,
+    read_manifest,
+    read_matched_table,
+)
 from histodistill.registration import (
     RegistrationError,
     RegistrationParams,
@@ -21,14 +35,6 @@ from histodistill.registration import (
     ncc,
     register_to_grid,
     tile_centres_um,
-)
-from histodistill.synthetic import (
-    DEMO_SCANNERS,
-    PlismDemoSpec,
-    _random_warp,
-    make_plism_demo,
-    reference_to_moving,
-    warp_to_reference,
 )
 from histodistill.tilestore import TileStore
 from histodistill.tiling import TilingParams, read_tile_table, tile_slide
@@ -42,7 +48,7 @@ FAST = RegistrationParams(iterations=250)
 @pytest.fixture(scope="module")
 def plism_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plism_demo")
-    spec = PlismDemoSpec(2048, 1536, scanners=("S60", "AT2", "GT450"), stainings=("GMH", "GIV"))
+    spec = PlismDemoConfig(2048, 1536, scanners=("S60", "AT2", "GT450"), stainings=("GMH", "GIV"))
     make_plism_demo(out, seed=0, spec=spec)
     return out
 
@@ -72,7 +78,7 @@ def registered(plism_demo, grid) -> dict[str, dict]:
 
 
 def test_demo_warp_inverse_is_exact():
-    warp = _random_warp(np.random.default_rng(3), PlismDemoSpec(), (1024.0, 768.0))
+    warp = _random_warp(np.random.default_rng(3), PlismDemoConfig(), (1024.0, 768.0))
     q = np.random.default_rng(4).uniform(0, 800, (50, 2))
     u = reference_to_moving(warp, q)
     np.testing.assert_allclose(warp_to_reference(warp, u), q, atol=1e-6)
@@ -148,7 +154,7 @@ def test_registration_never_reads_level_0(plism_demo, grid, tmp_path, monkeypatc
 
 def test_different_tissue_fails_qc(plism_demo, grid, tmp_path):
     other = make_plism_demo(
-        tmp_path / "other", seed=5, spec=PlismDemoSpec(2048, 1536, scanners=("S60",), stainings=("GMH",))
+        tmp_path / "other", seed=5, spec=PlismDemoConfig(2048, 1536, scanners=("S60",), stainings=("GMH",))
     ).parent
     args = (plism_demo / f"{REF}.tiff", other / "GMH_S60.tiff", grid)
     with pytest.raises(RegistrationError, match="'intruder'.*failed registration QC"):

@@ -2,12 +2,18 @@ import hashlib
 
 import numpy as np
 
+from histodistill.demo.slides import (
+    DemoSlideConfig,
+    make_demo_cohort,
+    make_demo_slide,
+    render_tissue,
+    seed_for,
+)
 from histodistill.slides import open_slide, read_rgb
-from histodistill.synthetic import SlideSpec, make_demo_cohort, make_demo_slide, render_tissue, seed_for
 
 
 def test_same_seed_same_bytes(tmp_path):
-    spec = SlideSpec(1024, 768)
+    spec = DemoSlideConfig(1024, 768)
     a = make_demo_slide(tmp_path / "a.tiff", 3, spec)
     b = make_demo_slide(tmp_path / "b.tiff", 3, spec)
     c = make_demo_slide(tmp_path / "c.tiff", 4, spec)
@@ -22,7 +28,7 @@ def test_seed_for_is_stable_and_distinct():
 
 
 def test_h_and_e_like_content():
-    rgb = render_tissue(SlideSpec(2048, 1536), seed=5).reshape(-1, 3).astype(int)
+    rgb = render_tissue(DemoSlideConfig(2048, 1536), seed=5).reshape(-1, 3).astype(int)
     r, g, b = rgb.T
     background = (np.abs(r - 242) < 12) & (np.abs(g - 242) < 12) & (np.abs(b - 242) < 12)
     nuclei = (r < 120) & (b > r) & (g < r)  # dark blue-purple haematoxylin
@@ -33,7 +39,7 @@ def test_h_and_e_like_content():
 
 
 def test_cohort_sheet(tmp_path):
-    sheet = make_demo_cohort(tmp_path, n_slides=2, spec=SlideSpec(768, 768))
+    sheet = make_demo_cohort(tmp_path, n_slides=2, spec=DemoSlideConfig(768, 768))
     lines = sheet.read_text().splitlines()
     assert lines[0] == "slide_id\tpath\tcohort" and len(lines) == 3
     with open_slide(lines[1].split("\t")[1]) as slide:

@@ -1,0 +1,150 @@
+"""Demo benchmark tasks whose labels come from what the synthetic tissue shows, so better features score higher.
+
+- Patch classification (`make_demo_probe`): the demo cohort's tiles labelled by nuclear-density tercile, split
+  by slide, as the manifest `bench.probe.load_manifest` reads.
+- HEST-like expression (`make_demo_hest`): a task in HEST-Benchmark's layout whose counts depend on tile content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from histodistill.atomic import atomic_path
+from histodistill.bench import BenchmarkError
+from histodistill.bench.hest import GENE_LIST, write_h5ad
+from histodistill.provenance import provenance
+from histodistill.tilestore import TileStore
+
+log = logging.getLogger(__name__)
+
+DEMO_CLASSES = ("sparse", "medium", "dense")
+
+
+def nuclear_density(tiles: np.ndarray) -> np.ndarray:
+    """Fraction of dark, blue-purple pixels per tile: the haematoxylin-rich nuclei of the demo tissue."""
+    rgb = tiles.astype(np.float32)
+    dark = rgb.mean(axis=-1) < 140
+    bluish = rgb[..., 2] > rgb[..., 1] + 10
+    return (dark & bluish).mean(axis=(1, 2))
+
+
+def make_demo_probe(store_path: str | Path, out_csv: str | Path, chunk: int = 256) -> pd.DataFrame:
+    """Label the demo cohort's tiles by nuclear-density tercile; split by slide (train / val / test).
+
+    Slides go to train, val, test in turn (slide i → split i mod 3 of that order), so no slide's tiles
+    straddle two splits. The classes are visible tissue properties, so better features classify better.
+    """
+    store = TileStore(store_path)
+    n = len(store)
+    density = np.concatenate([nuclear_density(store.read(i, min(n, i + chunk))) for i in range(0, n, chunk)])
+    cuts = np.quantile(density, [1 / 3, 2 / 3])
+    label = np.array(DEMO_CLASSES, dtype=object)[np.searchsorted(cuts, density, side="right")]
+    slide_index = store.index["slide_index"].to_numpy()
+    if len(np.unique(slide_index)) < 3:
+        raise BenchmarkError(
+            f"demo probe: {store_path} has fewer than 3 slides (one each for train, val, test)"
+        )
+    split = np.array(["train", "val", "test"], dtype=object)[slide_index % 3]
+    frame = pd.DataFrame({"tile_index": np.arange(n), "label": label, "split": split})
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
+def tile_content_features(tiles: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Per tile: mean R, G, B (0..1) and the fraction of dark, nucleus-like pixels (grey < 120)."""
+    out = np.empty((len(tiles), 4))
+    for s in range(0, len(tiles), chunk):
+        block = np.asarray(tiles[s : s + chunk])
+        out[s : s + len(block), :3] = block.mean(axis=(1, 2)) / 255.0
+        out[s : s + len(block), 3] = (block.sum(-1, dtype=np.uint16) < 3 * 120).mean(axis=(1, 2))
+    return out
+
+
+def make_demo_hest(
+    out_dir: str | Path,
+    tiles: np.ndarray,
+    seed: int = 0,
+    n_samples: int = 2,
+    spots_per_sample: int = 60,
+    n_genes: int = 50,
+    extra_genes: int = 10,
+    sparse: bool = True,
+) -> Path:
+    """Write a small HEST task whose counts depend on tile content, so better features score higher.
+
+    Spots draw tiles from `tiles` (uint8 [N, H, W, 3]; without replacement when there are enough).
+    Each of the `n_genes` benchmark genes has a Poisson rate log-linear in the tile's standardised mean
+    colour and dark-pixel (nuclear) density; `extra_genes` more genes do not depend on the tile and are
+    left out of `var_50genes.json`. The AnnData rows are shuffled relative to the patch file, so readers
+    must align by barcode. Folds leave one sample out (fold i tests sample i).
+    """
+    tiles = np.asarray(tiles)
+    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8 or len(tiles) == 0:
+        raise BenchmarkError(f"demo tiles must be uint8 [N, H, W, 3], got {tiles.dtype} {tiles.shape}")
+    if n_samples < 2:
+        raise BenchmarkError("the demo needs at least 2 samples (folds leave one sample out)")
+    rng = np.random.default_rng(seed)
+    n_spots = n_samples * spots_per_sample
+    pick = rng.choice(len(tiles), n_spots, replace=len(tiles) < n_spots)
+    content = tile_content_features(tiles[pick])
+    spread = content.std(0)
+    z = (content - content.mean(0)) / np.where(spread > 0, spread, 1.0)
+
+    n_total = n_genes + extra_genes
+    genes = [f"GENE{g:03d}" for g in range(n_total)]
+    weights = np.zeros((z.shape[1], n_total))
+    weights[:, :n_genes] = rng.normal(0.0, 0.6, size=(z.shape[1], n_genes))
+    base = rng.uniform(0.5, 2.5, size=n_total)
+    counts = rng.poisson(np.exp(base + z @ weights)).astype(np.int32)
+
+    params = {
+        "seed": seed,
+        "n_samples": n_samples,
+        "spots_per_sample": spots_per_sample,
+        "n_genes": n_genes,
+        "extra_genes": extra_genes,
+        "sparse": sparse,
+        "n_tiles": int(len(tiles)),
+    }
+    out_dir = Path(out_dir)
+    side = int(np.ceil(np.sqrt(spots_per_sample)))
+    with atomic_path(out_dir) as tmp:
+        for sub in ("patches", "adata", "splits"):
+            (tmp / sub).mkdir(parents=True)
+        ids = [f"DEMO{s}" for s in range(n_samples)]
+        for s, sid in enumerate(ids):
+            rows = slice(s * spots_per_sample, (s + 1) * spots_per_sample)
+            barcodes = np.array([f"SPOT{j:05d}-1" for j in range(spots_per_sample)])
+            coords = (
+                np.stack([np.arange(spots_per_sample) % side, np.arange(spots_per_sample) // side], 1) * 100
+            )
+            with h5py.File(tmp / "patches" / f"{sid}.h5", "w") as f:
+                f.create_dataset("img", data=tiles[pick[rows]], chunks=(1, *tiles.shape[1:]))
+                f.create_dataset("barcode", data=barcodes.astype("S").reshape(-1, 1))
+                f.create_dataset("coords", data=coords.astype(np.int64))
+            order = rng.permutation(spots_per_sample)
+            write_h5ad(tmp / "adata" / f"{sid}.h5ad", counts[rows][order], barcodes[order], genes, sparse)
+        for i, sid in enumerate(ids):
+            for kind, members in (("train", [t for t in ids if t != sid]), ("test", [sid])):
+                pd.DataFrame(
+                    {
+                        "sample_id": members,
+                        "patches_path": [f"patches/{m}.h5" for m in members],
+                        "expr_path": [f"adata/{m}.h5ad" for m in members],
+                    }
+                ).to_csv(tmp / "splits" / f"{kind}_{i}.csv", index=False)
+        (tmp / GENE_LIST).write_text(json.dumps({"genes": genes[:n_genes]}, indent=1))
+        (tmp / "provenance.json").write_text(
+            json.dumps(provenance(params, generator="make_demo_hest"), indent=1)
+        )
+    log.info(
+        "demo HEST task: %d samples × %d spots, %d genes → %s", n_samples, spots_per_sample, n_genes, out_dir
+    )
+    return out_dir
