@@ -27,7 +27,7 @@ from histodistill.distill.data import DistillDataset, EpochSampler
 from histodistill.distill.trainer import DistillConfig, Trainer
 from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
 from histodistill.tilestore import pack_tiles
-from histodistill.tiling import TilingParams, tile_slide
+from histodistill.tiling import TilingConfig, tile_slide
 
 
 def gflops(name: str) -> float:
@@ -82,7 +82,7 @@ def main() -> None:
         )
         child.start()
         child.join()
-        tile_slide(tmp / "s.tiff", "bench", tmp / "t.parquet", TilingParams(min_tissue=0.0))
+        tile_slide(tmp / "s.tiff", "bench", tmp / "t.parquet", TilingConfig(min_tissue=0.0))
         pack_tiles([tmp / "t.parquet"], tmp / "store.zarr")
         cache_teacher(
             args.teacher,

@@ -24,7 +24,7 @@ from histodistill.devices import autocast_dtype, pick_device
 from histodistill.embed import extract_embeddings
 from histodistill.models import load_model
 from histodistill.tilestore import TileStore, pack_tiles
-from histodistill.tiling import TilingParams, tile_slide
+from histodistill.tiling import TilingConfig, tile_slide
 
 
 def model_only(name: str, n: int, batch_size: int, device: torch.device, precision: str) -> float:
@@ -81,7 +81,7 @@ def main() -> None:
         )
         child.start()
         child.join()
-        tile_slide(tmp / "s.tiff", "bench", tmp / "t.parquet", TilingParams(min_tissue=0.0))
+        tile_slide(tmp / "s.tiff", "bench", tmp / "t.parquet", TilingConfig(min_tissue=0.0))
         pack_tiles([tmp / "t.parquet"], tmp / "store.zarr")
         n = len(TileStore(tmp / "store.zarr"))
         print(

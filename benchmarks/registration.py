@@ -28,35 +28,35 @@ from PIL import Image
 from histodistill.demo.plism import PlismDemoConfig, make_plism_demo, reference_to_moving
 from histodistill.matched_tiles import cut_tile, local_frames, read_manifest
 from histodistill.registration import (
-    RegistrationParams,
+    RegistrationConfig,
     load_transform,
     map_points,
     register_slides,
-    tile_centres_um,
+    tile_centers_um,
 )
 from histodistill.slides import open_slide, read_rgb, resolve_mpp
-from histodistill.tiling import TilingParams, plan_tiles
+from histodistill.tiling import TilingConfig, plan_tiles
 
 REF = "GMH_S60"
 
 
-def _centres(ref_path: Path) -> np.ndarray:
-    plan = plan_tiles(ref_path, REF, TilingParams(min_tissue=0.25))
-    return tile_centres_um(plan.table, plan.metadata)
+def _centers(ref_path: Path) -> np.ndarray:
+    plan = plan_tiles(ref_path, REF, TilingConfig(min_tissue=0.25))
+    return tile_centers_um(plan.table, plan.metadata)
 
 
 def register_phase(demo: Path, slides: list[str], fine_mpp: float, out: Path) -> dict:
     """Child process: register every pair, report seconds per pair, errors and peak RSS."""
     truth = json.loads((demo / "truth.json").read_text())["slides"]
-    centres = _centres(demo / f"{REF}.tiff")
-    params = RegistrationParams(fine_mpp=fine_mpp)
+    centers = _centers(demo / f"{REF}.tiff")
+    params = RegistrationConfig(fine_mpp=fine_mpp)
     times, errors = [], []
     for slide in slides:
         start = time.perf_counter()
-        register_slides(demo / f"{REF}.tiff", demo / f"{slide}.tiff", out / slide, centres, 112.0, params)
+        register_slides(demo / f"{REF}.tiff", demo / f"{slide}.tiff", out / slide, centers, 112.0, params)
         times.append(time.perf_counter() - start)
-        mapped = map_points(load_transform(out / slide), centres)
-        errors.append(np.linalg.norm(mapped - reference_to_moving(truth[slide]["warp"], centres), axis=1))
+        mapped = map_points(load_transform(out / slide), centers)
+        errors.append(np.linalg.norm(mapped - reference_to_moving(truth[slide]["warp"], centers), axis=1))
     err = np.concatenate(errors)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"s_per_pair": float(np.mean(times)), "err_mean": err.mean(), "err_max": err.max(), "rss": rss}
@@ -64,8 +64,8 @@ def register_phase(demo: Path, slides: list[str], fine_mpp: float, out: Path) ->
 
 def cut_phase(demo: Path, slides: list[str], transforms: Path, level0: bool) -> dict:
     """Child process: cut every reference tile from every slide; report tiles/s and peak RSS."""
-    centres = _centres(demo / f"{REF}.tiff")
-    frames = [local_frames(load_transform(transforms / s), centres, 56.0) for s in slides]
+    centers = _centers(demo / f"{REF}.tiff")
+    frames = [local_frames(load_transform(transforms / s), centers, 56.0) for s in slides]
     start, n = time.perf_counter(), 0
     for slide_id, (mapped, jac) in zip(slides, frames, strict=True):
         with open_slide(demo / f"{slide_id}.tiff") as slide:
@@ -78,10 +78,10 @@ def cut_phase(demo: Path, slides: list[str], transforms: Path, level0: bool) -> 
     return {"tiles_per_s": n / elapsed, "tiles": n, "rss": rss}
 
 
-def naive_cut(slide, slide_mpp: float, centre_um, jac, tile_px: int = 224, mpp: float = 0.5) -> np.ndarray:
+def naive_cut(slide, slide_mpp: float, center_um, jac, tile_px: int = 224, mpp: float = 0.5) -> np.ndarray:
     """Baseline: the tile's bounding box from level 0, the affine applied at full resolution."""
     lin = jac * mpp / slide_mpp
-    offset = np.asarray(centre_um) / slide_mpp - lin @ np.array([tile_px / 2, tile_px / 2])
+    offset = np.asarray(center_um) / slide_mpp - lin @ np.array([tile_px / 2, tile_px / 2])
     corners = np.array([[0, 0], [tile_px, 0], [0, tile_px], [tile_px, tile_px]], np.float64) @ lin.T + offset
     lo, hi = np.floor(corners.min(0)).astype(int) - 2, np.ceil(corners.max(0)).astype(int) + 2
     region = Image.fromarray(read_rgb(slide, lo[0], lo[1], 0, *(hi - lo)))

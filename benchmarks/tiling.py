@@ -22,10 +22,10 @@ from PIL import Image
 
 from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
 from histodistill.slides import open_slide, read_rgb
-from histodistill.tiling import MAX_RUN_TILES, TilingParams, iter_tile_pixels, plan_tiles
+from histodistill.tiling import MAX_RUN_TILES, TilingConfig, iter_tile_pixels, plan_tiles
 
 
-def ours(path: Path, params: TilingParams) -> int:
+def ours(path: Path, params: TilingConfig) -> int:
     plan = plan_tiles(path, "bench", params)
     n = 0
     with open_slide(path) as slide:
@@ -34,7 +34,7 @@ def ours(path: Path, params: TilingParams) -> int:
     return n
 
 
-def naive(path: Path, params: TilingParams) -> int:
+def naive(path: Path, params: TilingConfig) -> int:
     plan = plan_tiles(path, "bench", params)  # same tile set; the difference is how pixels are read
     side0 = round(plan.metadata["footprint_px0"])
     n = 0
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-tissue", type=float, default=0.5)
     args = parser.parse_args()
-    params = TilingParams(mpp=0.5, tile_px=224, min_tissue=args.min_tissue)
+    params = TilingConfig(mpp=0.5, tile_px=224, min_tissue=args.min_tissue)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.tiff"
         spec = DemoSlideConfig(args.width_px, args.height_px, mpp=0.25)

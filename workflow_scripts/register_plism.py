@@ -1,7 +1,7 @@
 """Snakemake adapter: register one PLISM slide to the reference (rule register_plism)."""
 
 from histodistill.logs import log_to
-from histodistill.registration import RegistrationParams, register_to_grid
+from histodistill.registration import RegistrationConfig, register_to_grid
 
 log_to(snakemake.log[0])
 p = snakemake.params
@@ -12,7 +12,7 @@ register_to_grid(
     snakemake.output.transform,
     snakemake.output.qc,
     snakemake.output.png,
-    RegistrationParams(**p.registration),
+    RegistrationConfig(**p.registration),
     names=(p.reference, snakemake.wildcards.plism_slide),
     slide_mpps=tuple(p.slide_mpps),
     on_failure=p.on_failure,

@@ -184,7 +184,7 @@ def view_digest(view: torch.Tensor) -> int:
     )
 
 
-def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [..., 3, H, W] → float, normalised with a model's mean/std."""
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

@@ -24,9 +24,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _tile(args: argparse.Namespace) -> None:
-    from histodistill.tiling import TilingParams, tile_slide
+    from histodistill.tiling import TilingConfig, tile_slide
 
-    params = TilingParams(
+    params = TilingConfig(
         mpp=args.mpp,
         tile_px=args.tile_px,
         min_tissue=args.min_tissue,
@@ -49,16 +49,16 @@ def _pack(args: argparse.Namespace) -> None:
 
 
 def _register(args: argparse.Namespace) -> None:
-    from histodistill.registration import RegistrationParams, register_to_grid
-    from histodistill.tiling import TilingParams, tile_slide
+    from histodistill.registration import RegistrationConfig, register_to_grid
+    from histodistill.tiling import TilingConfig, tile_slide
 
     out = Path(args.out)
     fixed_id, moving_id = Path(args.fixed).stem, Path(args.moving).stem
     grid = args.grid
     if grid is None:  # QC needs tile windows: plan the fixed slide's tile grid
         grid = out / "grid.parquet"
-        tile_slide(args.fixed, fixed_id, grid, TilingParams(mpp=args.tile_mpp, tile_px=args.tile_px))
-    params = RegistrationParams(
+        tile_slide(args.fixed, fixed_id, grid, TilingConfig(mpp=args.tile_mpp, tile_px=args.tile_px))
+    params = RegistrationConfig(
         fine_mpp=args.fine_mpp,
         grid_spacing_um=args.grid_spacing_um,
         iterations=args.iterations,

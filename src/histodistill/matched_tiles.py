@@ -31,7 +31,7 @@ from histodistill.atomic import atomic_path
 from histodistill.config import safe_id
 from histodistill.errors import ConfigError, HistodistillError, SlideError
 from histodistill.provenance import provenance, read_parquet, write_parquet
-from histodistill.registration import load_transform, map_points, tile_centres_um
+from histodistill.registration import load_transform, map_points, tile_centers_um
 from histodistill.slides import best_level, open_slide, read_rgb, resolve_mpp
 from histodistill.tilestore import create_tiles_array, write_index
 from histodistill.tiling import read_tile_table
@@ -103,22 +103,22 @@ class SlideJob:
     transform_dir: str | None  # None: the reference itself (identity)
 
 
-def local_frames(maps: list | None, centres_um: np.ndarray, half_um: float) -> tuple[np.ndarray, np.ndarray]:
+def local_frames(maps: list | None, centers_um: np.ndarray, half_um: float) -> tuple[np.ndarray, np.ndarray]:
     """Map each tile centre into the moving slide, with the local linear part of the map (a 2×2 Jacobian).
 
     The Jacobian comes from mapping the centre nudged by half a tile along x and along y.
     """
-    n = len(centres_um)
+    n = len(centers_um)
     if maps is None:
-        return centres_um.copy(), np.tile(np.eye(2), (n, 1, 1))
-    probes = np.concatenate([centres_um, centres_um + [half_um, 0.0], centres_um + [0.0, half_um]])
+        return centers_um.copy(), np.tile(np.eye(2), (n, 1, 1))
+    probes = np.concatenate([centers_um, centers_um + [half_um, 0.0], centers_um + [0.0, half_um]])
     mapped = map_points(maps, probes)
     c, px, py = mapped[:n], mapped[n : 2 * n], mapped[2 * n :]
     jac = np.stack([(px - c) / half_um, (py - c) / half_um], axis=2)  # columns: d/dx, d/dy
     return c, jac
 
 
-def cut_tile(slide, slide_mpp: float, centre_um, jac, tile_px: int, mpp: float) -> np.ndarray:
+def cut_tile(slide, slide_mpp: float, center_um, jac, tile_px: int, mpp: float) -> np.ndarray:
     """Resample one tile of `tile_px` at `mpp` µm/px centred at `centre_um` through the local map `jac`.
 
     Reads only the tile's bounding box at the best pyramid level, box-reduces it close to `mpp`, then applies
@@ -129,7 +129,7 @@ def cut_tile(slide, slide_mpp: float, centre_um, jac, tile_px: int, mpp: float) 
     reduce = max(1, int(mpp / level_mpp + 1e-6))
     # output continuous (x, y) → level px: (centre + jac @ ((x, y) - tile_px/2) * mpp) / level_mpp
     lin = jac * mpp / level_mpp
-    offset = np.asarray(centre_um) / level_mpp - lin @ np.array([tile_px / 2, tile_px / 2])
+    offset = np.asarray(center_um) / level_mpp - lin @ np.array([tile_px / 2, tile_px / 2])
     corners = np.array([[0, 0], [tile_px, 0], [0, tile_px], [tile_px, tile_px]], np.float64)
     spots = corners @ lin.T + offset
     lo = np.floor(spots.min(axis=0)).astype(int) - 2 * reduce
@@ -156,29 +156,29 @@ def _slide_mpp(slide, job: SlideJob) -> tuple[float, str]:
     return mpp.mean, mpp.source
 
 
-def _map_slide(job: SlideJob, centres_um: np.ndarray, half_um: float) -> dict:
+def _map_slide(job: SlideJob, centers_um: np.ndarray, half_um: float) -> dict:
     """Phase 1 for one slide: mapped centres, local frames, and which tiles lie inside the slide."""
     maps = load_transform(job.transform_dir) if job.transform_dir else None
-    centres, jac = local_frames(maps, centres_um, half_um)
+    centers, jac = local_frames(maps, centers_um, half_um)
     with open_slide(job.path) as slide:
         slide_mpp, source = _slide_mpp(slide, job)
         width_um, height_um = (d * slide_mpp for d in slide.dimensions)
     reach = np.abs(jac).sum(axis=2) * half_um  # half extent of the tile's footprint along x and y
-    inside = np.all((centres - reach >= 0) & (centres + reach <= [width_um, height_um]), axis=1)
-    return {"centres": centres, "jac": jac, "inside": inside, "slide_mpp": slide_mpp, "mpp_source": source}
+    inside = np.all((centers - reach >= 0) & (centers + reach <= [width_um, height_um]), axis=1)
+    return {"centers": centers, "jac": jac, "inside": inside, "slide_mpp": slide_mpp, "mpp_source": source}
 
 
 def _cut_slide(job: SlideJob, frames: dict, store: str, tile_px: int, mpp: float, chunk_tiles: int) -> None:
     """Phase 2 for one slide: cut every kept tile and write them into the slide's row of the store."""
     tiles = zarr.open_array(f"{store}/tiles", mode="r+")
     buffer = np.empty((chunk_tiles, tile_px, tile_px, 3), np.uint8)
-    n = len(frames["centres"])
+    n = len(frames["centers"])
     with open_slide(job.path) as slide:
         for start in range(0, n, chunk_tiles):
             stop = min(n, start + chunk_tiles)
             for k, i in enumerate(range(start, stop)):
                 buffer[k] = cut_tile(
-                    slide, frames["slide_mpp"], frames["centres"][i], frames["jac"][i], tile_px, mpp
+                    slide, frames["slide_mpp"], frames["centers"][i], frames["jac"][i], tile_px, mpp
                 )
             tiles[job.index, start:stop] = buffer[: stop - start]
     log.info("cut %d matched tiles from %s", n, job.slide_id)
@@ -253,15 +253,15 @@ def cut_matched_tiles(
         )
         for i, s in enumerate(kept)
     ]
-    centres_um = tile_centres_um(grid, grid_meta)
-    frames = [_map_slide(job, centres_um, half_um) for job in jobs]
+    centers_um = tile_centers_um(grid, grid_meta)
+    frames = [_map_slide(job, centers_um, half_um) for job in jobs]
     inside = np.logical_and.reduce([f["inside"] for f in frames]) if frames else np.zeros(0, bool)
     if (~inside).any():
         log.warning(
             "%d of %d reference tiles fall outside some slide; dropped from all", (~inside).sum(), len(inside)
         )
     for f in frames:
-        for key in ("centres", "jac"):
+        for key in ("centers", "jac"):
             f[key] = f[key][inside]
     grid = grid[inside].reset_index(drop=True)
     n_slides, n_tiles = len(jobs), len(grid)
@@ -279,8 +279,8 @@ def cut_matched_tiles(
                     "staining": manifest.loc[job.slide_id, "staining"],
                     "tile_index": np.arange(n_tiles, dtype=np.int64),
                     "tile_id": [f"0_{x}_{y}" for x, y in zip(grid["x0"], grid["y0"], strict=True)],
-                    "x0": np.round(f["centres"][:, 0] / f["slide_mpp"] - footprint).astype(np.int64),
-                    "y0": np.round(f["centres"][:, 1] / f["slide_mpp"] - footprint).astype(np.int64),
+                    "x0": np.round(f["centers"][:, 0] / f["slide_mpp"] - footprint).astype(np.int64),
+                    "y0": np.round(f["centers"][:, 1] / f["slide_mpp"] - footprint).astype(np.int64),
                     "residual_um": residual,
                     "tissue_frac": grid["tissue_frac"].to_numpy(np.float32),
                 }
@@ -311,7 +311,7 @@ def cut_matched_tiles(
                 _cut_slide(*a)
         root.attrs.update(_store_attrs(manifest, jobs, frames, tile_px, mpp, n_tiles, metadata))
     write_parquet(table, out_table, metadata)
-    return summarise_qc(qc, excluded)
+    return summarize_qc(qc, excluded)
 
 
 def _nan_to_none(value) -> float | None:
@@ -341,7 +341,7 @@ def _store_attrs(manifest, jobs, frames, tile_px, mpp, n_tiles, metadata) -> dic
     }
 
 
-def summarise_qc(qc: dict[str, dict], excluded: list[str]) -> pd.DataFrame:
+def summarize_qc(qc: dict[str, dict], excluded: list[str]) -> pd.DataFrame:
     keys = (
         "ncc_before_median",
         "ncc_after_median",

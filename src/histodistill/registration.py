@@ -44,7 +44,7 @@ class RegistrationError(HistodistillError):
 
 
 @dataclass(frozen=True)
-class RegistrationParams:
+class RegistrationConfig:
     """Every setting that changes a registration (stored with it and hashed)."""
 
     fine_mpp: float = 2.0  # µm/px of the images elastix sees (the B-spline's finest level)
@@ -84,7 +84,7 @@ def load_registration_image(path: str | Path, name: str, fine_mpp: float, slide_
     return SlideImage(image, rgb, mpp.mean, mpp.source)
 
 
-def _parameter_maps(params: RegistrationParams) -> list:
+def _parameter_maps(params: RegistrationConfig) -> list:
     affine = sitk.GetDefaultParameterMap("affine", len(params.affine_schedule))
     bspline = sitk.GetDefaultParameterMap("bspline", len(params.bspline_schedule), params.grid_spacing_um)
     for pm, schedule in ((affine, params.affine_schedule), (bspline, params.bspline_schedule)):
@@ -102,7 +102,7 @@ def _parameter_maps(params: RegistrationParams) -> list:
     return [affine, bspline]
 
 
-def run_elastix(fixed: sitk.Image, moving: sitk.Image, params: RegistrationParams, workdir: Path) -> list:
+def run_elastix(fixed: sitk.Image, moving: sitk.Image, params: RegistrationConfig, workdir: Path) -> list:
     """Register `moving` onto `fixed`; returns elastix's transform parameter maps (affine, B-spline)."""
     elastix = sitk.ElastixImageFilter()
     elastix.SetFixedImage(fixed)
@@ -192,7 +192,7 @@ def load_transform(transform_dir: str | Path) -> list:
     return maps
 
 
-def tile_centres_um(table, metadata: dict) -> np.ndarray:
+def tile_centers_um(table, metadata: dict) -> np.ndarray:
     """Centres (µm from the slide's top-left corner) of a tile table's tiles."""
     half = metadata["footprint_px0"] / 2
     x = (table["x0"].to_numpy() + half) * metadata["slide_mpp_x"]
@@ -200,9 +200,9 @@ def tile_centres_um(table, metadata: dict) -> np.ndarray:
     return np.stack([x, y], axis=1).astype(np.float64)
 
 
-def _windows(image: np.ndarray, centres_px: np.ndarray, half: int) -> list[np.ndarray | None]:
+def _windows(image: np.ndarray, centers_px: np.ndarray, half: int) -> list[np.ndarray | None]:
     out = []
-    for cx, cy in np.round(centres_px).astype(int):
+    for cx, cy in np.round(centers_px).astype(int):
         if cy - half < 0 or cx - half < 0 or cy + half > image.shape[0] or cx + half > image.shape[1]:
             out.append(None)
         else:
@@ -217,10 +217,10 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
-def tile_qc(fixed: np.ndarray, before: np.ndarray, after: np.ndarray, centres_px: np.ndarray, half: int, mpp):
+def tile_qc(fixed: np.ndarray, before: np.ndarray, after: np.ndarray, centers_px: np.ndarray, half: int, mpp):
     """Per tile: NCC before and after registration, and the residual shift (µm) after it."""
     rows = []
-    for f, b, a in zip(*(_windows(x, centres_px, half) for x in (fixed, before, after)), strict=True):
+    for f, b, a in zip(*(_windows(x, centers_px, half) for x in (fixed, before, after)), strict=True):
         if f is None:
             rows.append((np.nan, np.nan, np.nan))
             continue
@@ -272,9 +272,9 @@ def register_slides(
     fixed_path: str | Path,
     moving_path: str | Path,
     out_dir: str | Path,
-    centres_um: np.ndarray,
+    centers_um: np.ndarray,
     tile_um: float,
-    params: RegistrationParams = RegistrationParams(),
+    params: RegistrationConfig = RegistrationConfig(),
     names: tuple[str, str] = ("reference", "moving"),
     slide_mpps: tuple[float | None, float | None] = (None, None),
     qc_png: str | Path | None = None,
@@ -294,10 +294,10 @@ def register_slides(
     after = sitk.GetArrayFromImage(warp_to_fixed(maps, moving.image, fixed.image))
     fixed_arr = sitk.GetArrayFromImage(fixed.image)
     spacing = np.asarray(fixed.image.GetSpacing())
-    centres_um = np.asarray(centres_um, np.float64).reshape(-1, 2)
-    centres_px = centres_um / spacing - 0.5
+    centers_um = np.asarray(centers_um, np.float64).reshape(-1, 2)
+    centers_px = centers_um / spacing - 0.5
     half = max(4, round(tile_um / 2 / spacing.mean()))
-    per_tile = tile_qc(fixed_arr, before, after, centres_px, half, float(spacing.mean()))
+    per_tile = tile_qc(fixed_arr, before, after, centers_px, half, float(spacing.mean()))
     valid = per_tile[~np.isnan(per_tile[:, 0])]
     if len(valid) == 0:
         raise RegistrationError(f"{names[1]}: no reference tile lies inside the registration image")
@@ -334,7 +334,7 @@ def register_to_grid(
     out_dir: str | Path,
     qc_json: str | Path,
     qc_png: str | Path | None,
-    params: RegistrationParams = RegistrationParams(),
+    params: RegistrationConfig = RegistrationConfig(),
     names: tuple[str, str] = ("reference", "moving"),
     slide_mpps: tuple[float | None, float | None] = (None, None),
     on_failure: str = "error",
@@ -345,10 +345,10 @@ def register_to_grid(
     recorded as failed so that the matched tiles leave the slide out (`"exclude"`).
     """
     grid, meta = read_tile_table(grid_table)
-    centres = tile_centres_um(grid, meta)
+    centers = tile_centers_um(grid, meta)
     tile_um = meta["params"]["tile_px"] * meta["params"]["mpp"]
     qc = register_slides(
-        fixed_path, moving_path, out_dir, centres, tile_um, params, names, slide_mpps, qc_png
+        fixed_path, moving_path, out_dir, centers, tile_um, params, names, slide_mpps, qc_png
     )
     qc["on_failure"] = on_failure
     with atomic_path(qc_json) as tmp:

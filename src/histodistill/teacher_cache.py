@@ -27,7 +27,7 @@ from histodistill.augment import (
     AugmentConfig,
     draw_views,
     global_kinds,
-    normalise,
+    normalize,
     render,
     view_digest,
 )
@@ -69,7 +69,7 @@ class ViewDataset:
         params = draw_views(self.seed, slide_id, int(self.tile_id[i]), self.kinds, tile.shape[:2], self.cfg)
         rendered = [render(tile, p, self.cfg) for p in params]
         digests = torch.tensor([view_digest(v) for v in rendered], dtype=torch.int64)
-        views = torch.stack([normalise(v, self.mean, self.std) for v in rendered])
+        views = torch.stack([normalize(v, self.mean, self.std) for v in rendered])
         return views, torch.from_numpy(params), digests, self.lo + i
 
 

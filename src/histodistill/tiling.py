@@ -25,7 +25,7 @@ from histodistill.atomic import atomic_path
 from histodistill.errors import NoTissueError, SlideError
 from histodistill.provenance import provenance
 from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
-from histodistill.tissue import MaskParams, tile_fractions, tissue_mask
+from histodistill.tissue import MaskConfig, tile_fractions, tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MAX_RUN_TILES = 32  # the most neighbouring tiles read by one read_region call (
 
 
 @dataclass(frozen=True)
-class TilingParams:
+class TilingConfig:
     """Every setting that changes the tile table (stored in its metadata and hashed)."""
 
     mpp: float = 0.5
@@ -59,8 +59,8 @@ class TilingParams:
     on_no_tissue: str = "warn"
 
     @property
-    def mask(self) -> MaskParams:
-        return MaskParams(self.mask_mpp, self.min_saturation, self.min_object_um2, self.min_hole_um2)
+    def mask(self) -> MaskConfig:
+        return MaskConfig(self.mask_mpp, self.min_saturation, self.min_object_um2, self.min_hole_um2)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class TilePlan:
 
 
 def plan_tiles(
-    slide_path: str | Path, slide_id: str, params: TilingParams, slide_mpp: float | None = None
+    slide_path: str | Path, slide_id: str, params: TilingConfig, slide_mpp: float | None = None
 ) -> TilePlan:
     """Compute the tissue mask and the tile grid of one slide; read no level-0 pixels."""
     with open_slide(slide_path) as slide:
@@ -192,7 +192,7 @@ def tile_slide(
     slide_path: str | Path,
     slide_id: str,
     out: str | Path,
-    params: TilingParams,
+    params: TilingConfig,
     slide_mpp: float | None = None,
     qc: str | Path | None = None,
     qc_max_px: int = 1024,

@@ -13,14 +13,14 @@ from skimage import color, filters, morphology
 
 
 @dataclass(frozen=True)
-class MaskParams:
+class MaskConfig:
     mask_mpp: float = 8.0
     min_saturation: float = 0.05
     min_object_um2: float = 20000.0
     min_hole_um2: float = 5000.0
 
 
-def tissue_mask(rgb: np.ndarray, params: MaskParams) -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, params: MaskConfig) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail taken at `params.mask_mpp` µm/px."""
     saturation = color.rgb2hsv(rgb)[..., 1]
     smooth = filters.gaussian(saturation, sigma=1.0, preserve_range=True)

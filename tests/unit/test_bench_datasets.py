@@ -12,7 +12,7 @@ from histodistill.bench.hest import load_task, read_patch_images
 from histodistill.bench.probe import load_manifest
 from histodistill.demo.tasks import make_demo_hest, make_demo_probe, nuclear_density
 from histodistill.tilestore import TileStore, pack_tiles
-from histodistill.tiling import TilingParams, tile_slide
+from histodistill.tiling import TilingConfig, tile_slide
 
 
 def _tiles(n: int, seed: int = 0) -> np.ndarray:
@@ -47,7 +47,7 @@ def test_demo_probe_labels_by_density_and_splits_by_slide(tmp_path, demo_slide):
     tables = []
     for i in range(3):
         table = tmp_path / f"s{i}.parquet"
-        tile_slide(demo_slide, f"s{i}", table, TilingParams(min_tissue=0.3))
+        tile_slide(demo_slide, f"s{i}", table, TilingConfig(min_tissue=0.3))
         tables.append(table)
     pack_tiles(tables, tmp_path / "store.zarr")
     frame = make_demo_probe(tmp_path / "store.zarr", tmp_path / "probe.csv")
@@ -64,14 +64,14 @@ def test_demo_probe_labels_by_density_and_splits_by_slide(tmp_path, demo_slide):
 
 def test_demo_probe_needs_three_slides(tmp_path, demo_slide):
     table = tmp_path / "s.parquet"
-    tile_slide(demo_slide, "s", table, TilingParams(min_tissue=0.3))
+    tile_slide(demo_slide, "s", table, TilingConfig(min_tissue=0.3))
     pack_tiles([table], tmp_path / "store.zarr")
     with pytest.raises(BenchmarkError, match="fewer than 3 slides"):
         make_demo_probe(tmp_path / "store.zarr", tmp_path / "probe.csv")
     assert not (tmp_path / "probe.csv").exists()
 
 
-def test_image_dataset_packs_resized_centre_crops_in_manifest_order(tmp_path):
+def test_image_dataset_packs_resized_center_crops_in_manifest_order(tmp_path):
     from PIL import Image
 
     from histodistill.bench.datasets import pack_image_dataset

@@ -143,7 +143,7 @@ def marked_slide(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mpp", [0.25, 0.5, 0.4])  # level 0 as is, level 1 as is, level 0 resized
-def test_patches_are_centred_on_the_point(marked_slide, mpp):
+def test_patches_are_centered_on_the_point(marked_slide, mpp):
     patches = M.extract_patches(marked_slide, np.array([[601, 403], [100, 100]]), patch_px=64, mpp=mpp)
     assert patches.shape == (2, 64, 64, 3) and patches.dtype == np.uint8
     weight = 255.0 - patches[0].mean(-1)
@@ -177,11 +177,11 @@ def test_demo_has_domains_labels_and_visible_figures(demo):
             order.append(rows)
     patches, order = np.concatenate(patches), np.concatenate(order)
     gray = patches.mean(-1)
-    centre, typical = gray[:, 56:72, 56:72].min((1, 2)), np.median(gray, axis=(1, 2))
-    assert (centre < typical - 60).mean() > 0.95  # a dark figure sits on (almost) every annotated point
+    center, typical = gray[:, 56:72, 56:72].min((1, 2)), np.median(gray, axis=(1, 2))
+    assert (center < typical - 60).mean() > 0.95  # a dark figure sits on (almost) every annotated point
     domain = a["domain"].to_numpy()[order]
-    colour = {d: patches[domain == d].reshape(-1, 3).mean(0) for d in ("scanner_a", "scanner_b")}
-    assert np.abs(colour["scanner_a"] - colour["scanner_b"]).max() > 8  # visibly different domains
+    color = {d: patches[domain == d].reshape(-1, 3).mean(0) for d in ("scanner_a", "scanner_b")}
+    assert np.abs(color["scanner_a"] - color["scanner_b"]).max() > 8  # visibly different domains
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -337,12 +337,12 @@ def handcrafted(patches: np.ndarray) -> np.ndarray:
     out = []
     for p in patches:
         gray = p.mean(-1)
-        centre = gray[80:144, 80:144]
-        dark = centre < 0.55 * np.median(gray)
+        center = gray[80:144, 80:144]
+        dark = center < 0.55 * np.median(gray)
         labels = measure.label(dark)
         props = max(measure.regionprops(labels), key=lambda r: r.area, default=None)
         shape = [props.solidity, props.eccentricity, props.perimeter**2 / props.area] if props else [1, 0, 0]
-        out.append([dark.mean(), centre.min() / 255, *shape])
+        out.append([dark.mean(), center.min() / 255, *shape])
     return np.asarray(out, np.float32)
 
 

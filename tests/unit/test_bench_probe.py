@@ -30,10 +30,10 @@ FAST = LinearProbeConfig(max_steps=600, eval_every=300, patience=None, seeds=(0,
 
 def blobs(n_per_split=(300, 100, 100), k=3, dim=16, spread=10.0, seed=0):
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(k, dim)) * spread
+    centers = rng.normal(size=(k, dim)) * spread
     n = sum(n_per_split)
     y = np.arange(n) % k
-    x = centres[y] + rng.normal(size=(n, dim))
+    x = centers[y] + rng.normal(size=(n, dim))
     split = np.repeat(["train", "val", "test"], n_per_split)
     return x, np.array(["tumour", "stroma", "normal"])[y], split
 

@@ -82,7 +82,7 @@ def test_sinkhorn_balances_prototypes():
     assert plain.std() > 10 * q.sum(0).std()
 
 
-def test_projection_head_shapes_and_normalisation():
+def test_projection_head_shapes_and_normalization():
     head = ProjectionHead(32, n_prototypes=50, hidden_dim=64, bottleneck_dim=16)
     x = torch.randn(5, 32)
     code = head.bottleneck(x)

@@ -17,7 +17,7 @@ from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, d
 from histodistill.models import load_model
 from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
 from histodistill.tilestore import pack_tiles
-from histodistill.tiling import TilingParams, tile_slide
+from histodistill.tiling import TilingConfig, tile_slide
 
 CFG = DistillConfig(
     iterations=12,
@@ -36,7 +36,7 @@ CFG = DistillConfig(
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, demo_slide):
     d = tmp_path_factory.mktemp("distill")
-    tile_slide(demo_slide, "a", d / "a.parquet", TilingParams(min_tissue=0.0))
+    tile_slide(demo_slide, "a", d / "a.parquet", TilingConfig(min_tissue=0.0))
     pack_tiles([d / "a.parquet"], d / "store.zarr", chunk_tiles=8)
     cache_teacher(
         "h_optimus_0_tiny", d / "store.zarr", d / "shard.zarr", views=2, batch_size=8, num_workers=0

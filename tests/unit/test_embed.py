@@ -15,7 +15,7 @@ from histodistill.export import export_h5, export_plismbench
 from histodistill.models import load_model
 from histodistill.models.transforms import ModelTransform
 from histodistill.tilestore import TileStore, pack_tiles
-from histodistill.tiling import TilingParams, tile_slide
+from histodistill.tiling import TilingConfig, tile_slide
 from tests.conftest import SMALL
 
 
@@ -23,8 +23,8 @@ from tests.conftest import SMALL
 def store(tmp_path_factory, demo_slide):
     d = tmp_path_factory.mktemp("embed")
     other = make_demo_slide(d / "other.tiff", seed=21, spec=SMALL)
-    tile_slide(demo_slide, "a", d / "a.parquet", TilingParams(min_tissue=0.0))
-    tile_slide(other, "b", d / "b.parquet", TilingParams(min_tissue=0.0))
+    tile_slide(demo_slide, "a", d / "a.parquet", TilingConfig(min_tissue=0.0))
+    tile_slide(other, "b", d / "b.parquet", TilingConfig(min_tissue=0.0))
     pack_tiles([d / "a.parquet", d / "b.parquet"], d / "store.zarr", chunk_tiles=8)
     return d / "store.zarr"
 

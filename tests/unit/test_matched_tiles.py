@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from histodistill import slides as slides_module
-from histodistill.demo import _random_warp
 from histodistill.demo.plism import (
     DEMO_SCANNERS,
     PlismDemoConfig,
+    _random_warp,
     make_plism_demo,
     reference_to_moving,
     warp_to_reference,
@@ -28,21 +28,21 @@ from histodistill.matched_tiles import (
     read_matched_table,
 )
 from histodistill.registration import (
+    RegistrationConfig,
     RegistrationError,
-    RegistrationParams,
     load_transform,
     map_points,
     ncc,
     register_to_grid,
-    tile_centres_um,
+    tile_centers_um,
 )
 from histodistill.tilestore import TileStore
-from histodistill.tiling import TilingParams, read_tile_table, tile_slide
+from histodistill.tiling import TilingConfig, read_tile_table, tile_slide
 
 REF = "GMH_S60"
 # One inter-scanner, one inter-staining and one both-different pair are registered (each ~8 s on 2 CPUs).
 MOVING = ("GMH_AT2", "GIV_S60", "GIV_GT450")
-FAST = RegistrationParams(iterations=250)
+FAST = RegistrationConfig(iterations=250)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def plism_demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def grid(plism_demo) -> Path:
     out = plism_demo / "grid.parquet"
-    tile_slide(plism_demo / f"{REF}.tiff", REF, out, TilingParams(min_tissue=0.5))
+    tile_slide(plism_demo / f"{REF}.tiff", REF, out, TilingConfig(min_tissue=0.5))
     return out
 
 
@@ -85,7 +85,7 @@ def test_demo_warp_inverse_is_exact():
     assert np.linalg.norm(u - q, axis=1).max() > 1.0  # the warp is not the identity
 
 
-def test_demo_set_has_variants_with_own_mpp_and_colour(plism_demo):
+def test_demo_set_has_variants_with_own_mpp_and_color(plism_demo):
     manifest = read_manifest(plism_demo / "plism.tsv", REF)
     assert len(manifest) == 6 and set(manifest["scanner"]) == {"S60", "AT2", "GT450"}
     truth = json.loads((plism_demo / "truth.json").read_text())
@@ -101,16 +101,16 @@ def test_demo_set_has_variants_with_own_mpp_and_colour(plism_demo):
     assert np.abs(means["GIV_S60"] - means[REF]).max() > 2  # another staining, another colour
 
 
-def test_registration_maps_tile_centres_within_2um(plism_demo, grid, registered):
+def test_registration_maps_tile_centers_within_2um(plism_demo, grid, registered):
     table, meta = read_tile_table(grid)
-    centres = tile_centres_um(table, meta)
-    assert len(centres) >= 5
+    centers = tile_centers_um(table, meta)
+    assert len(centers) >= 5
     truth = json.loads((plism_demo / "truth.json").read_text())["slides"]
     errors = []
     for slide in MOVING:
-        mapped = map_points(load_transform(plism_demo / "transforms" / slide), centres)
-        expected = reference_to_moving(truth[slide]["warp"], centres)
-        before = np.linalg.norm(centres - expected, axis=1)
+        mapped = map_points(load_transform(plism_demo / "transforms" / slide), centers)
+        expected = reference_to_moving(truth[slide]["warp"], centers)
+        before = np.linalg.norm(centers - expected, axis=1)
         assert before.mean() > 5  # the slides really are displaced
         errors.append(np.linalg.norm(mapped - expected, axis=1))
     errors = np.concatenate(errors)
@@ -146,7 +146,7 @@ def test_registration_never_reads_level_0(plism_demo, grid, tmp_path, monkeypatc
         tmp_path / "t",
         tmp_path / "qc.json",
         None,
-        RegistrationParams(iterations=50, min_ncc=-1, max_residual_um=1e9),
+        RegistrationConfig(iterations=50, min_ncc=-1, max_residual_um=1e9),
         names=(REF, "GMH_GT450"),
     )
     assert levels and 0 not in levels

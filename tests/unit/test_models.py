@@ -141,7 +141,7 @@ def test_offline_hub_without_cache_says_how_to_provide_weights(tmp_path):
     assert "--weights" in result.stderr and "HF_HUB_OFFLINE is set" in result.stderr
 
 
-def test_transform_resizes_crops_and_normalises():
+def test_transform_resizes_crops_and_normalizes():
     t = ModelTransform(get_spec("h_optimus_0").transform)
     tile = torch.full((256, 256, 3), 255, dtype=torch.uint8)
     x = t(tile.numpy())

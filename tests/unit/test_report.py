@@ -210,13 +210,13 @@ def test_outputs_are_complete_and_leave_no_temp_files(report):
     assert meta["params"]["inputs"]["hest"][ALPHA] is not None  # the input's own config hash
 
 
-def _colour_present(png: bytes, hex_colour: str) -> bool:
+def _color_present(png: bytes, hex_color: str) -> bool:
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    want = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    want = np.array([int(hex_color[i : i + 2], 16) for i in (1, 3, 5)])
     return bool((np.abs(rgb - want).max(axis=-1) <= 2).sum() >= 10)
 
 
-def test_each_model_keeps_its_colour_across_figures(report):
+def test_each_model_keeps_its_color_across_figures(report):
     _, out, _ = report
     colors = model_colors([ALPHA, BETA, GAMMA])
     assert len(set(colors.values())) == 3
@@ -228,7 +228,7 @@ def test_each_model_keeps_its_colour_across_figures(report):
     }
     for fig, shown in present.items():
         for model in (ALPHA, BETA, GAMMA):
-            assert _colour_present(figs[fig], colors[model]) == (model in shown), (fig, model)
+            assert _color_present(figs[fig], colors[model]) == (model in shown), (fig, model)
 
 
 def test_mitosis_and_partial_inputs(tmp_path):

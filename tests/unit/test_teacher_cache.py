@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from histodistill.augment import normalise, render, view_digest
+from histodistill.augment import normalize, render, view_digest
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.teacher_cache import (
@@ -18,7 +18,7 @@ from histodistill.teacher_cache import (
     shard_range,
 )
 from histodistill.tilestore import TileStore, pack_tiles
-from histodistill.tiling import TilingParams, tile_slide
+from histodistill.tiling import TilingConfig, tile_slide
 
 TEACHER = "h_optimus_0_tiny"
 
@@ -26,7 +26,7 @@ TEACHER = "h_optimus_0_tiny"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, demo_slide):
     d = tmp_path_factory.mktemp("tc")
-    tile_slide(demo_slide, "a", d / "a.parquet", TilingParams(min_tissue=0.0))
+    tile_slide(demo_slide, "a", d / "a.parquet", TilingConfig(min_tissue=0.0))
     pack_tiles([d / "a.parquet"], d / "store.zarr", chunk_tiles=8)
     return d / "store.zarr"
 
@@ -59,7 +59,7 @@ def test_cached_outputs_equal_a_fresh_forward_on_the_rebuilt_view(store, cache):
     mean, std = teacher.spec.transform.mean, teacher.spec.transform.std
     for row in (0, len(tc) // 2, len(tc) - 1):
         entry = tc.get(row)
-        views = torch.stack([normalise(render(tiles[row], p), mean, std) for p in entry["params"]])
+        views = torch.stack([normalize(render(tiles[row], p), mean, std) for p in entry["params"]])
         with torch.inference_mode():
             tokens = teacher.model.forward_features(views)
         np.testing.assert_allclose(

@@ -8,7 +8,7 @@ from histodistill.demo.slides import make_demo_slide
 from histodistill.errors import SlideError
 from histodistill.slides import open_slide
 from histodistill.tilestore import SlideTileDataset, TileStore, TileStoreDataset, pack_tiles
-from histodistill.tiling import TilingParams, read_tile, read_tile_table, tile_slide
+from histodistill.tiling import TilingConfig, read_tile, read_tile_table, tile_slide
 from tests.conftest import SMALL
 
 
@@ -16,7 +16,7 @@ from tests.conftest import SMALL
 def two_tables(tmp_path_factory, demo_slide):
     d = tmp_path_factory.mktemp("tables")
     second = make_demo_slide(d / "second.tiff", seed=11, spec=SMALL)
-    params = TilingParams(min_tissue=0.3)
+    params = TilingConfig(min_tissue=0.3)
     tile_slide(demo_slide, "first", d / "first.parquet", params)
     tile_slide(second, "second", d / "second.parquet", params)
     return [d / "first.parquet", d / "second.parquet"]
@@ -92,11 +92,11 @@ def test_pack_failure_leaves_no_store(tmp_path, two_tables, monkeypatch):
 
 def test_pack_handles_empty_tables_and_rejects_mixed_geometry(tmp_path, two_tables, blank_slide, demo_slide):
     empty = tmp_path / "blank.parquet"
-    tile_slide(blank_slide, "blank", empty, TilingParams())
+    tile_slide(blank_slide, "blank", empty, TilingConfig())
     n = pack_tiles([two_tables[0], empty], tmp_path / "s.zarr")
     assert n == len(read_tile_table(two_tables[0])[0]) == len(TileStore(tmp_path / "s.zarr"))
     other = tmp_path / "other.parquet"
-    tile_slide(demo_slide, "third", other, TilingParams(tile_px=112))
+    tile_slide(demo_slide, "third", other, TilingConfig(tile_px=112))
     with pytest.raises(SlideError, match="disagree"):
         pack_tiles([two_tables[0], other], tmp_path / "bad.zarr")
     with pytest.raises(SlideError, match="twice"):
@@ -113,7 +113,7 @@ def test_corrupt_tile_data_is_a_clear_error_and_leaves_no_store(tmp_path):
     slide.write_bytes(bytes(data))
     table = tmp_path / "t.parquet"
     tile_slide(
-        slide, "corrupt", table, TilingParams(mpp=0.25, min_tissue=0.0)
+        slide, "corrupt", table, TilingConfig(mpp=0.25, min_tissue=0.0)
     )  # the mask reads level 3: fine
     with pytest.raises(SlideError, match=r"corrupt slide .*corrupt\.tiff: cannot read"):
         pack_tiles([table], tmp_path / "s.zarr")

@@ -10,9 +10,9 @@ from PIL import Image
 
 from histodistill.errors import MppError, NoTissueError, SlideError
 from histodistill.slides import open_slide, read_rgb
-from histodistill.tiling import TilingParams, iter_tile_pixels, read_tile, read_tile_table, tile_slide
+from histodistill.tiling import TilingConfig, iter_tile_pixels, read_tile, read_tile_table, tile_slide
 
-PARAMS = TilingParams(mpp=0.5, tile_px=224, min_tissue=0.5)
+PARAMS = TilingConfig(mpp=0.5, tile_px=224, min_tissue=0.5)
 
 
 def test_tile_table_schema_and_metadata(tmp_path, demo_slide):
@@ -38,8 +38,8 @@ def test_tile_table_schema_and_metadata(tmp_path, demo_slide):
 
 
 def test_min_tissue_filters_tiles(tmp_path, demo_slide):
-    loose = tile_slide(demo_slide, "s", tmp_path / "a.parquet", TilingParams(min_tissue=0.0))
-    strict = tile_slide(demo_slide, "s", tmp_path / "b.parquet", TilingParams(min_tissue=0.9))
+    loose = tile_slide(demo_slide, "s", tmp_path / "a.parquet", TilingConfig(min_tissue=0.0))
+    strict = tile_slide(demo_slide, "s", tmp_path / "b.parquet", TilingConfig(min_tissue=0.9))
     assert len(loose) == (1536 // 448) * (2048 // 448)  # every grid cell
     assert 0 < len(strict) < len(loose)
     assert set(strict["tile_id"]) <= set(loose["tile_id"])
@@ -47,7 +47,7 @@ def test_min_tissue_filters_tiles(tmp_path, demo_slide):
 
 def test_tiles_are_mostly_tissue(tmp_path, demo_slide):
     """Kept tiles are stained; dropped grid cells are mostly glass."""
-    table = tile_slide(demo_slide, "s", tmp_path / "a.parquet", TilingParams(min_tissue=0.0))
+    table = tile_slide(demo_slide, "s", tmp_path / "a.parquet", TilingConfig(min_tissue=0.0))
     with open_slide(demo_slide) as slide:
         sat = []
         for _, row in table.iterrows():
@@ -60,7 +60,7 @@ def test_tiles_are_mostly_tissue(tmp_path, demo_slide):
 
 
 def test_band_reading_equals_one_read_per_tile(tmp_path, demo_slide):
-    table = tile_slide(demo_slide, "s", tmp_path / "t.parquet", TilingParams(min_tissue=0.2))
+    table = tile_slide(demo_slide, "s", tmp_path / "t.parquet", TilingConfig(min_tissue=0.2))
     _, meta = read_tile_table(tmp_path / "t.parquet")
     with open_slide(demo_slide) as slide:
         got = list(iter_tile_pixels(slide, table, meta))
@@ -70,7 +70,7 @@ def test_band_reading_equals_one_read_per_tile(tmp_path, demo_slide):
 
 
 def test_resize_when_no_level_is_at_the_target(tmp_path, demo_slide):
-    params = TilingParams(mpp=0.6, tile_px=112, min_tissue=0.5)
+    params = TilingConfig(mpp=0.6, tile_px=112, min_tissue=0.5)
     table = tile_slide(demo_slide, "s", tmp_path / "t.parquet", params)
     _, meta = read_tile_table(tmp_path / "t.parquet")
     assert (table["level"] == 1).all()  # 0.5 µm/px is the coarsest level finer than 0.6
@@ -86,7 +86,7 @@ def test_resize_when_no_level_is_at_the_target(tmp_path, demo_slide):
 
 def test_target_finer_than_scan_is_an_error(tmp_path, demo_slide):
     with pytest.raises(SlideError, match="finer than the scan"):
-        tile_slide(demo_slide, "s", tmp_path / "t.parquet", TilingParams(mpp=0.1))
+        tile_slide(demo_slide, "s", tmp_path / "t.parquet", TilingConfig(mpp=0.1))
     assert not (tmp_path / "t.parquet").exists()
 
 
@@ -99,7 +99,7 @@ def test_slide_without_mpp_errors_without_output(tmp_path, slide_without_mpp):
 
 def test_slide_without_mpp_works_with_override(tmp_path, slide_without_mpp):
     table = tile_slide(
-        slide_without_mpp, "nompp", tmp_path / "t.parquet", TilingParams(min_tissue=0.0), slide_mpp=0.25
+        slide_without_mpp, "nompp", tmp_path / "t.parquet", TilingConfig(min_tissue=0.0), slide_mpp=0.25
     )
     _, meta = read_tile_table(tmp_path / "t.parquet")
     assert meta["mpp_source"] == "override" and len(table) == 4
@@ -121,7 +121,7 @@ def test_blank_slide_error_mode_leaves_nothing(tmp_path, blank_slide):
             blank_slide,
             "blank",
             tmp_path / "t.parquet",
-            TilingParams(on_no_tissue="error"),
+            TilingConfig(on_no_tissue="error"),
             qc=tmp_path / "q.png",
         )
     assert list(tmp_path.iterdir()) == []

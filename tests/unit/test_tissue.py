@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image, ImageDraw
 
-from histodistill.tissue import MaskParams, tile_fractions, tissue_mask
+from histodistill.tissue import MaskConfig, tile_fractions, tissue_mask
 
 
 def _pink_disk(size=200, radius=60, noise=3.0, seed=0):
@@ -17,7 +17,7 @@ def _pink_disk(size=200, radius=60, noise=3.0, seed=0):
 
 def test_mask_finds_a_stained_disk():
     img, truth = _pink_disk()
-    mask = tissue_mask(img, MaskParams(mask_mpp=8.0, min_object_um2=8 * 8 * 50, min_hole_um2=0))
+    mask = tissue_mask(img, MaskConfig(mask_mpp=8.0, min_object_um2=8 * 8 * 50, min_hole_um2=0))
     iou = (mask & truth).sum() / (mask | truth).sum()
     assert iou > 0.95
 
@@ -29,7 +29,7 @@ def test_small_objects_are_removed_and_holes_filled():
     d.ellipse([10, 10, 16, 16], fill=(225, 140, 190))  # a speck of ~28 px
     d.ellipse([97, 97, 103, 103], fill=(242, 242, 242))  # a small hole in the disk
     img = np.asarray(draw_img)
-    mask = tissue_mask(img, MaskParams(mask_mpp=8.0, min_object_um2=8 * 8 * 100, min_hole_um2=8 * 8 * 100))
+    mask = tissue_mask(img, MaskConfig(mask_mpp=8.0, min_object_um2=8 * 8 * 100, min_hole_um2=8 * 8 * 100))
     assert not mask[8:19, 8:19].any()
     assert mask[98:103, 98:103].all()
 
@@ -37,8 +37,8 @@ def test_small_objects_are_removed_and_holes_filled():
 def test_blank_and_constant_images_have_no_tissue():
     rng = np.random.default_rng(1)
     noisy = np.clip(242 + rng.normal(0, 2.5, (120, 160, 1)), 0, 255).astype(np.uint8).repeat(3, 2)
-    assert not tissue_mask(noisy, MaskParams()).any()
-    assert not tissue_mask(np.full((50, 50, 3), 200, np.uint8), MaskParams()).any()
+    assert not tissue_mask(noisy, MaskConfig()).any()
+    assert not tissue_mask(np.full((50, 50, 3), 200, np.uint8), MaskConfig()).any()
 
 
 def test_tile_fractions_match_brute_force():

@@ -94,7 +94,7 @@ from histodistill.models.registry import LoadedModel, ModelSpec, pool_tokens
 from histodistill.models.transforms import _MODES, ModelTransform
 from histodistill.provenance import read_parquet, write_parquet
 from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
-from histodistill.tissue import MaskParams, tissue_mask
+from histodistill.tissue import MaskConfig, tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +350,8 @@ class PatchReader:
             # The default clean-up sizes suit WSIs; on a small ROI (MIDOG, the demo) they would erase the
             # tissue, so objects/holes of 2% of the image area count too.
             area_um2 = g.width0 * g.height0 * g.mpp**2
-            defaults = MaskParams()
-            params = MaskParams(
+            defaults = MaskConfig()
+            params = MaskConfig(
                 mask_mpp=mask_mpp,
                 min_object_um2=min(defaults.min_object_um2, 0.02 * area_um2),
                 min_hole_um2=min(defaults.min_hole_um2, 0.005 * area_um2),

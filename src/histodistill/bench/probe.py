@@ -379,7 +379,7 @@ def _train_linear_probe(x_train, y_train, x_val, y_val, n_classes: int, seed: in
 # ----------------------------------------------------------------------------------------- k-NN
 
 
-def _l2_normalise(x: np.ndarray) -> torch.Tensor:
+def _l2_normalize(x: np.ndarray) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x, dtype=np.float32))
     return nn.functional.normalize(t, dim=1)
 
@@ -399,9 +399,9 @@ def knn_proba(
     `block_size`, keeping a running top-k, so memory is O(block² + block · k). k larger than the bank is
     clipped to the bank's size.
     """
-    bank = _l2_normalise(x_train)
+    bank = _l2_normalize(x_train)
     labels = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
-    query = _l2_normalise(x_query)
+    query = _l2_normalize(x_query)
     k_max = min(max(ks), len(bank))
     out = {k: np.zeros((len(query), n_classes)) for k in ks}
     for qs in range(0, len(query), block_size):

@@ -55,8 +55,8 @@ class MitosisDemoConfig:
     min_spacing_um: float = 40.0  # between annotated figures: a patch never holds two of them
 
 
-def _blobs(draw: ImageDraw.ImageDraw, centres: np.ndarray, radii: np.ndarray, value: int) -> None:
-    for (x, y), r in zip(centres, radii, strict=True):
+def _blobs(draw: ImageDraw.ImageDraw, centers: np.ndarray, radii: np.ndarray, value: int) -> None:
+    for (x, y), r in zip(centers, radii, strict=True):
         draw.ellipse([x - r, y - r, x + r, y + r], fill=value)
 
 
@@ -76,8 +76,8 @@ def _mitotic_figure(rng: np.random.Generator, um: float, size: int) -> tuple[np.
         n = int(rng.integers(22, 32))
         r = rng.uniform(1.0, 3.8, n) * um
         t = rng.uniform(0, 2 * np.pi, n)
-        centres = c + np.stack([r * np.cos(t), r * np.sin(t)], 1)
-        bands = [centres]
+        centers = c + np.stack([r * np.cos(t), r * np.sin(t)], 1)
+        bands = [centers]
     else:
         length, width = rng.uniform(7, 11) * um, rng.uniform(0.8, 1.5) * um
         offsets = [0.0] if kind == "metaphase" else [-rng.uniform(2.5, 4) * um, rng.uniform(2.5, 4) * um]
@@ -87,10 +87,10 @@ def _mitotic_figure(rng: np.random.Generator, um: float, size: int) -> tuple[np.
             s = rng.uniform(-length / 2, length / 2, n) * (0.7 if kind == "anaphase" else 1.0)
             w = rng.normal(0, width / 2, n) + off
             bands.append(c + s[:, None] * along + w[:, None] * across)
-    for centres in bands:
-        _blobs(draw, centres, rng.uniform(0.35, 0.8, len(centres)) * um, 255)
+    for centers in bands:
+        _blobs(draw, centers, rng.uniform(0.35, 0.8, len(centers)) * um, 255)
         # chromosome arms: short spikes leaving the plate in random directions
-        for start in centres[rng.choice(len(centres), size=min(10, len(centres)), replace=False)]:
+        for start in centers[rng.choice(len(centers), size=min(10, len(centers)), replace=False)]:
             direction = rng.normal(size=2)
             direction /= np.linalg.norm(direction)
             end = start + direction * rng.uniform(1.0, 2.5) * um

@@ -57,8 +57,8 @@ def _random_warp(rng: np.random.Generator, spec: PlismDemoConfig, size_um: tuple
     shear = rng.uniform(-0.01, 0.01)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     a = rot @ np.array([[scale[0], shear], [0.0, scale[1]]])
-    centre = np.array(size_um) / 2
-    t = centre - a @ centre + rng.uniform(-spec.max_shift_um, spec.max_shift_um, 2)
+    center = np.array(size_um) / 2
+    t = center - a @ center + rng.uniform(-spec.max_shift_um, spec.max_shift_um, 2)
     terms = []
     for _ in range(3):
         direction = rng.normal(size=2)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from histodistill.atomic import atomic_path
-from histodistill.augment import normalise
+from histodistill.augment import normalize
 from histodistill.devices import autocast_dtype
 from histodistill.distill.centering import SoftmaxCenter, sinkhorn_knopp
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
@@ -302,7 +302,7 @@ class Trainer:
             patch = batch.get("teacher_patch")
             return cls, None if patch is None else patch.to(self.device).transpose(0, 1)
         spec = self.teacher_spec
-        views = normalise(
+        views = normalize(
             batch["globals"].transpose(0, 1).flatten(0, 1), spec.transform.mean, spec.transform.std
         )
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -318,12 +318,12 @@ class Trainer:
     def get_student_output(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Student tokens of the 2 global views [2B, T, D] and CLS of the local views [L·B, D]."""
         mean, std = self.student_spec.transform.mean, self.student_spec.transform.std
-        globals_ = normalise(batch["globals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
+        globals_ = normalize(batch["globals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             tokens = self.ddp(globals_)
             local_cls = None
             if batch["locals"].shape[1]:
-                locals_ = normalise(batch["locals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
+                locals_ = normalize(batch["locals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
                 local_cls = self.ddp(locals_)[:, 0]
         return tokens, local_cls
 
@@ -418,7 +418,7 @@ class Trainer:
         for row in self.holdout_rows:
             item = views[(int(row), 0)]  # epoch 0: the cached view pair (0, 1) and its teacher tokens
             tokens = backbone.forward_features(
-                normalise(item["globals"][:1], mean, std).to(self.device)
+                normalize(item["globals"][:1], mean, std).to(self.device)
             ).float()
             teacher_patch = item["teacher_patch"][0]
             patches = tokens[:, prefix:]
