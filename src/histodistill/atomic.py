@@ -1,7 +1,9 @@
 """Atomic writes: every artifact is written under a temporary name beside its target and renamed.
 
 A crash (or a killed job) therefore never leaves a half-written file or directory at the final path,
-so a rerun never trusts a partial artifact.
+so a rerun never trusts a partial artifact. A file lands with the mode the process umask gives a new file
+(0644 under the usual 022), whatever its writer chose: some writers (safetensors) create files 0600, which
+colleagues sharing a results folder could not read.
 """
 
 from __future__ import annotations
@@ -12,6 +14,19 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -29,6 +44,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_sibling(target)
     try:
         yield tmp
+        if tmp.is_file() and not tmp.is_symlink():
+            os.chmod(tmp, 0o666 & ~_umask())
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(tmp, target)
