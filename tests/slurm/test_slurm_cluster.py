@@ -1,4 +1,4 @@
-"""The demo's all_tiles through a real local SLURM cluster (profiles/slurm + snakemake-executor-plugin-slurm)."""
+"""README's `snakemake --profile profiles/slurm all_benchmarks` on the demo, through a real local SLURM cluster."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 
 @pytest.mark.slurm
-def test_all_tiles_through_local_slurm(tmp_path):
+def test_all_benchmarks_through_local_slurm(tmp_path):
     script = REPO / "tests" / "slurm" / "run_slurm_test.sh"
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(
