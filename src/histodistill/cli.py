@@ -157,7 +157,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="registry name (e.g. h_optimus_0, h0_mini_tiny) or student:<run> (then --weights is its checkpoint)",
+        help="registry name (e.g. h_optimus_0, phikon_tiny) or student:<run> (--weights: its checkpoint)",
     )
     p.add_argument(
         "--weights", help="local weights (.safetensors, or a torch checkpoint); default: the hub id"
