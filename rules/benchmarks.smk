@@ -171,11 +171,7 @@ if MITOSIS["enabled"] and MITOSIS["demo"]:
 rule score_mitosis:
     input:
         data=mitosis_inputs() if MITOSIS["enabled"] else [],
-        student=lambda w: (
-            [f"{RESULTS}/students/{w.model.removeprefix('student-')}/student.safetensors"]
-            if w.model.startswith("student-")
-            else []
-        ),
+        student=lambda w: student_checkpoint(w.model),
     output:
         f"{RESULTS}/benchmarks/mitosis/{{model}}.parquet",
     params:
@@ -184,7 +180,6 @@ rule score_mitosis:
         annotations=f"{MITOSIS_DEMO_DIR}/annotations.csv" if MITOSIS["demo"] else MITOSIS["annotations"],
         weights=lambda w: model_weights(w.model),
         seed=config["seed"],
-        results_dir=RESULTS,
     log:
         "logs/score_mitosis/{model}.log",
     threads: threads_for("score_mitosis")

@@ -2,6 +2,7 @@
 import gc
 
 from histodistill.config import read_sample_sheet
+from histodistill.models.ref import ModelRef
 
 RESULTS = config["results_dir"]
 SAMPLES = read_sample_sheet(config["samples"])
@@ -73,6 +74,13 @@ def group_for(rule_name):
     """The job group of a rule (`resources.<rule>.group`), or None: jobs of one group are sent to SLURM
     together, `group-components` of them per submission (profiles/slurm)."""
     return config["resources"].get(rule_name, {}).get("group")
+
+
+def student_checkpoint(model):
+    """[the distill rule's checkpoint] for a `student-<run>` model wildcard, else []: the job's
+    `input.student`, the path the student is loaded from (models/ref.py parses the name)."""
+    ref = ModelRef.parse(model)
+    return [f"{RESULTS}/students/{ref.run}/student.safetensors"] if ref.is_student else []
 
 
 def threads_for(rule_name):

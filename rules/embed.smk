@@ -24,11 +24,7 @@ def dataset_store(dataset):
 rule embed:
     input:
         store=lambda w: dataset_store(w.dataset),
-        student=lambda w: (
-            [f"{RESULTS}/students/{w.model.removeprefix('student-')}/student.safetensors"]
-            if w.model.startswith("student-")
-            else []
-        ),
+        student=lambda w: student_checkpoint(w.model),
     output:
         embeddings=directory(f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr"),
     params:
@@ -38,7 +34,6 @@ rule embed:
         precision=config["embeddings"]["precision"],
         seed=config["seed"],
         weights=lambda w: model_weights(w.model),
-        results_dir=RESULTS,
     log:
         "logs/embed/{model}/{dataset}.log",
     threads: threads_for("embed")

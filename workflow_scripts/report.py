@@ -4,6 +4,7 @@ from pathlib import Path
 
 from histodistill.embed import EmbeddingStore
 from histodistill.logs import log_to
+from histodistill.models.ref import ModelRef
 from histodistill.report import build_report, model_profile
 
 log_to(snakemake.log[0])
@@ -15,7 +16,8 @@ for path in snakemake.input.scores:
 models = {}
 for model, emb_path in zip(p.models, snakemake.input.embeddings, strict=True):
     # a distilled student has its run's architecture; its size is that of the architecture
-    arch = p.students.get(model.removeprefix("student-"), model) if model.startswith("student-") else model
+    ref = ModelRef.parse(model)
+    arch = p.students.get(ref.run, model) if ref.is_student else model
     attrs = EmbeddingStore(emb_path).attrs
     models[model] = {
         **model_profile(arch),

@@ -17,13 +17,15 @@ from histodistill.bench.mitosis import (
 from histodistill.config import read_sample_sheet
 from histodistill.logs import log_to
 from histodistill.models import load_model
+from histodistill.models.ref import ModelRef
 from histodistill.provenance import provenance
 
 log_to(snakemake.log[0])
 p = snakemake.params
 s = p.settings
 model = snakemake.wildcards.model
-name = f"student:{model.removeprefix('student-')}" if model.startswith("student-") else model
+name = ModelRef.parse(model).id
+weights = snakemake.input.student[0] if snakemake.input.student else p.weights  # a student's checkpoint
 paths, mpps = slides_from_sheet(read_sample_sheet(p.samples))
 annotations = read_annotations(p.annotations, slide_ids=list(paths))
 splits = scaling_splits(
@@ -36,12 +38,12 @@ if s["cross_domain"] and annotations["domain"].nunique() > 1:
 frames = []
 with PatchReader(paths, mpps, patch_px=s["patch_px"], mpp=s["mpp"]) as reader:
     if "linear" in s["methods"]:
-        loaded = load_model(name, p.weights, seed=p.seed, results_dir=p.results_dir)
+        loaded = load_model(name, weights, seed=p.seed)
         features = embed_annotations(loaded, annotations, reader)
         frames.append(run_linear_protocol(features, annotations, splits, model))
     if "lora" in s["methods"]:
         lora = LoraSettings(**s["lora"], seed=p.seed)
-        loaded = load_model(name, p.weights, seed=p.seed, results_dir=p.results_dir)  # fresh weights
+        loaded = load_model(name, weights, seed=p.seed)  # fresh weights
         frames.append(run_lora_protocol(loaded, annotations, splits, reader, model, lora))
 rows = pd.concat(frames, ignore_index=True)
 write_results(rows, snakemake.output[0], provenance(s, benchmark="mitosis", model=model, seed=p.seed))

@@ -155,7 +155,9 @@ def _gather_teacher(args: argparse.Namespace) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", required=True, help="registry name (e.g. h_optimus_0, h0_mini_tiny) or student:<run>"
+        "--model",
+        required=True,
+        help="registry name (e.g. h_optimus_0, phikon_tiny) or student:<run> (--weights: its checkpoint)",
     )
     p.add_argument(
         "--weights", help="local weights (.safetensors, or a torch checkpoint); default: the hub id"
@@ -227,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed every tile of a tile store with a registered model → Zarr [N, D]")
     _add_model_args(p)
-    p.add_argument("--pooling", choices=["cls", "cls_mean", "patch_tokens"], help="default: the model's own")
+    p.add_argument(
+        "--pooling",
+        choices=["cls", "cls_mean", "patch_tokens", "pooled"],  # models/encoders.py POOLINGS
+        help="default: the model's own (pooled: its own projected embedding, e.g. CONCH, PLIP)",
+    )
     p.add_argument("--out", required=True, help="embedding store (.zarr); resumes OUT.partial after a kill")
     p.add_argument(
         "--export-plismbench", help="also write {slide}/features.npy ([level, x, y, features…]) here"

@@ -14,11 +14,17 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 on GPU by default; full precision on CPU (CPU autocast is slower than fp32 there)."""
+def autocast_dtype(device: torch.device, precision: str, model_precision: str = "bf16") -> torch.dtype | None:
+    """The autocast dtype of a run (None: full precision).
+
+    `precision` `auto`: the model's own precision (`model_precision`, a registry entry's `precision`; bf16
+    by default) on GPU, full precision on CPU (CPU autocast is slower than fp32 there); `fp32`, `bf16`,
+    `fp16`: that, everywhere.
+    """
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return dtypes[model_precision] if device.type == "cuda" else None
+    return dtypes[precision]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from histodistill.devices import autocast_dtype, pick_device
 from histodistill.errors import HistodistillError
-from histodistill.models import load_model, pool_tokens
+from histodistill.models import encode, load_model
 from histodistill.models.transforms import ModelTransform
 from histodistill.provenance import provenance
 from histodistill.resumable import ResumableStore
@@ -40,16 +40,20 @@ def extract_embeddings(
     precision: str = "auto",
     chunk_batches: int = 8,
     seed: int = 0,
-    results_dir: str | Path = "results",
     random_init: bool = False,
 ) -> int:
-    """Embed every tile of `store_path` with `model_name` into `out`; returns the number of rows."""
+    """Embed every tile of `store_path` with `model_name` into `out`; returns the number of rows.
+
+    `model_name`: a registry name or `student:<run>` (then `weights` is its checkpoint). The store holds
+    `embeddings` float32 [N, D'] (D' = the pooling's width, `ModelSpec.pooled_dim`) or [N, P, D] for
+    `patch_tokens`, in tile-store row order, plus the store's index columns.
+    """
     out = Path(out)
-    loaded = load_model(model_name, weights, seed=seed, results_dir=results_dir, random_init=random_init)
+    loaded = load_model(model_name, weights, seed=seed, random_init=random_init)
     spec = loaded.spec
     pooling = pooling or spec.default_pooling
     dev = pick_device(device)
-    amp = autocast_dtype(dev, precision)
+    amp = autocast_dtype(dev, precision, spec.precision)
     store = TileStore(store_path)
     n = len(store)
     chunk_rows = batch_size * chunk_batches
@@ -104,8 +108,8 @@ def extract_embeddings(
     with torch.inference_mode():
         for images, _ in loader:
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                tokens = model.forward_features(images.to(dev, non_blocking=True))
-            buffer.append(pool_tokens(tokens, spec.num_prefix_tokens, pooling).float().cpu().numpy())
+                pooled = encode(model, images.to(dev, non_blocking=True), spec.num_prefix_tokens, pooling)
+            buffer.append(pooled.float().cpu().numpy())
             if sum(len(b) for b in buffer) >= chunk_rows:
                 written = output.write({"embeddings": np.concatenate(buffer)})
                 buffer.clear()

@@ -96,16 +96,15 @@ def cache_teacher(
     precision: str = "auto",
     chunk_batches: int = 4,
     seed: int = 0,
-    results_dir: str | Path = "results",
     augment: AugmentConfig = AugmentConfig(),
 ) -> int:
     """Fill one shard of the teacher cache; returns its number of tiles."""
     if patch_tokens not in PATCH_MODES:
         raise HistodistillError(f"patch_tokens must be one of {PATCH_MODES}, not '{patch_tokens}'")
-    loaded = load_model(model_name, weights, seed=seed, results_dir=results_dir)
+    loaded = load_model(model_name, weights, seed=seed)
     spec = loaded.spec
     dev = pick_device(device)
-    amp = autocast_dtype(dev, precision)
+    amp = autocast_dtype(dev, precision, spec.precision)
     store = TileStore(store_path)
     lo, hi = shard_range(len(store), shard, num_shards)
     n, d = hi - lo, spec.embed_dim

@@ -126,7 +126,7 @@ def test_outputs_and_learning(tmp_path, data):
     } <= set(log.columns)
     assert log["loss_total"].tail(10).mean() < log["loss_total"].head(10).mean()  # it learns
     assert (out / "loss.png").stat().st_size > 10_000
-    student = load_model("student:run", results_dir=tmp_path / "..", weights=out / "student_ema.safetensors")
+    student = load_model("student:run", weights=out / "student_ema.safetensors")
     assert student.spec.num_prefix_tokens == 5
     assert json.loads((out / "agreement.json").read_text()) == pytest.approx(summary)
 

@@ -121,13 +121,15 @@ def test_student_checkpoint_round_trip(tmp_path):
     loaded = load_model("h0_mini_tiny", seed=4)
     path = tmp_path / "students" / "run1" / "student.safetensors"
     save_student(loaded.model, loaded.spec, path, extra={"run": "run1"})
-    student = load_model("student:run1", results_dir=tmp_path / "")
+    student = load_model("student:run1", weights=path)  # the path arrives explicitly (input.student)
     assert student.spec.num_prefix_tokens == 5 and student.spec.arch == loaded.spec.arch
     x = torch.rand(1, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(student.model.forward_features(x), loaded.model.forward_features(x))
     with pytest.raises(ModelError, match="run the distill rule"):
-        load_model("student:nope", results_dir=tmp_path)
+        load_model("student:nope")  # no checkpoint given
+    with pytest.raises(ModelError, match="run the distill rule"):
+        load_model("student-nope", weights=tmp_path / "students" / "nope" / "student.safetensors")
 
 
 def test_offline_hub_without_cache_says_how_to_provide_weights(tmp_path):

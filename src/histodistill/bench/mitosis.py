@@ -90,7 +90,8 @@ from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
 from histodistill.devices import autocast_dtype, pick_device, torch_threads
 from histodistill.errors import SlideError
-from histodistill.models.registry import LoadedModel, ModelSpec, pool_tokens
+from histodistill.models.encoders import encode
+from histodistill.models.registry import LoadedModel, ModelSpec
 from histodistill.models.transforms import _MODES, ModelTransform
 from histodistill.provenance import read_parquet, write_parquet
 from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
@@ -453,7 +454,7 @@ def embed_annotations(
     if pooling == "patch_tokens":
         raise BenchmarkError("linear probing needs one vector per patch: pooling 'cls' or 'cls_mean'")
     dev = pick_device(device)
-    amp = autocast_dtype(dev, precision)
+    amp = autocast_dtype(dev, precision, spec.precision)
     model = loaded.model.to(dev).eval()
     transform = ModelTransform(spec.transform)
     out = np.zeros((len(annotations), spec.pooled_dim(pooling)), np.float32)
@@ -464,8 +465,8 @@ def embed_annotations(
         ):
             x = _to_batch(transform, patches).to(dev)
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                tokens = model.forward_features(x)
-            out[rows] = pool_tokens(tokens, spec.num_prefix_tokens, pooling).float().cpu().numpy()
+                pooled = encode(model, x, spec.num_prefix_tokens, pooling)
+            out[rows] = pooled.float().cpu().numpy()
             done += len(rows)
             log.debug(
                 "%s: %d/%d patches (%.1f/s)", spec.name, done, len(out), done / (time.perf_counter() - t0)
@@ -869,7 +870,7 @@ class MitosisClassifier(nn.Module):
         self.head = head
 
     def _vit(self) -> nn.Module:
-        """The timm model itself (inside a PeftModel its Linear layers carry the adapters)."""
+        """The encoder itself (inside a PeftModel its Linear layers carry the adapters)."""
         try:
             from peft import PeftModel
         except ImportError:  # pragma: no cover - peft is a dependency
@@ -877,8 +878,7 @@ class MitosisClassifier(nn.Module):
         return self.backbone.base_model.model if isinstance(self.backbone, PeftModel) else self.backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self._vit().forward_features(x)
-        return self.head(pool_tokens(tokens, self.spec.num_prefix_tokens, self.pooling)).squeeze(-1)
+        return self.head(encode(self._vit(), x, self.spec.num_prefix_tokens, self.pooling)).squeeze(-1)
 
 
 def build_lora_classifier(
@@ -967,7 +967,7 @@ def _train_lora(
     classifier, train: PatchSource, val_images, val_targets, cfg: LoraSettings, seed: int
 ) -> LoraFit:
     dev = pick_device(cfg.device)
-    amp = autocast_dtype(dev, cfg.precision)
+    amp = autocast_dtype(dev, cfg.precision, classifier.spec.precision)
     classifier.to(dev)
     transform = ModelTransform(classifier.spec.transform)
     params = [p for p in classifier.parameters() if p.requires_grad]
@@ -1128,7 +1128,7 @@ def predict_lora(
     classifier = build_lora_classifier(loaded, cfg, seed)
     fit = train_lora(classifier, train_source, val_images, val_targets, cfg, seed)
     dev = pick_device(cfg.device)
-    amp = autocast_dtype(dev, cfg.precision)
+    amp = autocast_dtype(dev, cfg.precision, loaded.spec.precision)
     targets = annotations["target"].to_numpy()
     frames = []
     with torch_threads(cfg.threads):
