@@ -329,3 +329,44 @@ def test_distill_run_keys_have_no_schema_default():
     assert [k for k, sub in run.items() if "default" in sub] == []
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     assert set(run) - {"cohort"} == fields - set(NOT_CONFIG[DistillConfig])
+
+
+def test_cli_defaults_are_the_librarys():
+    from histodistill.cli import _MODEL_OPTIONS, _given, build_parser
+
+    parser = build_parser()
+    tile = parser.parse_args(["tile", "s.svs", "--out", "t.parquet"])
+    tiling = TilingConfig()
+    assert (tile.mpp, tile.tile_px, tile.min_tissue, tile.mask_mpp, tile.on_no_tissue) == (
+        tiling.mpp,
+        tiling.tile_px,
+        tiling.min_tissue,
+        tiling.mask_mpp,
+        tiling.on_no_tissue,
+    )
+    reg = parser.parse_args(["register", "a.svs", "b.svs", "--out", "o"])
+    config = RegistrationConfig()
+    assert (reg.fine_mpp, reg.grid_spacing_um, reg.iterations, reg.min_ncc, reg.max_residual_um) == (
+        config.fine_mpp,
+        config.grid_spacing_um,
+        config.iterations,
+        config.min_ncc,
+        config.max_residual_um,
+    )
+    assert (reg.tile_mpp, reg.tile_px) == (tiling.mpp, tiling.tile_px)
+    assert reg.on_failure == _library_default(register_to_grid, "on_failure")
+    pack = parser.parse_args(["pack", "t.parquet", "--out", "s.zarr"])
+    assert pack.chunk_tiles == _library_default(pack_tiles, "chunk_tiles")
+    demo = parser.parse_args(["demo", "--out", "d"])
+    spec = DemoSlideConfig()
+    assert (demo.width_px, demo.height_px, demo.mpp) == (spec.width_px, spec.height_px, spec.mpp)
+    # torch stages: an option not given is not passed, so the function's own default applies
+    embed = parser.parse_args(["embed", "--model", "m", "--tiles", "t.zarr", "--out", "e.zarr"])
+    assert _given(embed, *_MODEL_OPTIONS) == {}
+    teacher = parser.parse_args(
+        ["cache-teacher", "--model", "m", "--tiles", "t", "--out", "c", "--views", "4", "--batch-size", "8"]
+    )
+    assert _given(teacher, "views", "patch_tokens", "shard", "num_shards", *_MODEL_OPTIONS) == {
+        "views": 4,
+        "batch_size": 8,
+    }
