@@ -1,16 +1,15 @@
 # histodistill: distill a pathology foundation model into a small student, and benchmark both.
 # Targets: demo, all_tiles (tiling + packing), plism_tiles / all_plism (PLISM matched tiles), all_teacher (teacher cache),
 # all_students (distillation), all_embeddings, all_benchmarks (scores + report).
-from pathlib import Path
-
-from histodistill.config import load_schema, validate_config
+from histodistill.config import validate_config
 
 
 configfile: "config.yaml"
 
 
-# Validate first: an unknown key or a wrong type stops the run before any job, naming the key.
-validate_config(config, load_schema(Path(workflow.basedir) / "configs" / "schema.yaml"))
+# Validate first against the schema shipped in the package (histodistill/schema.yaml): an unknown key or a
+# wrong type stops the run before any job, naming the key.
+validate_config(config)
 
 
 include: "rules/common.smk"

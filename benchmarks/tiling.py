@@ -29,14 +29,14 @@ def ours(path: Path, params: TilingConfig) -> int:
     plan = plan_tiles(path, "bench", params)
     n = 0
     with open_slide(path) as slide:
-        for _, tile in iter_tile_pixels(slide, plan.table, plan.metadata):
+        for _, tile in iter_tile_pixels(slide, plan.table, plan.grid):
             n += tile.shape[0] > 0
     return n
 
 
 def naive(path: Path, params: TilingConfig) -> int:
     plan = plan_tiles(path, "bench", params)  # same tile set; the difference is how pixels are read
-    side0 = round(plan.metadata["footprint_px0"])
+    side0 = round(plan.grid.footprint_px0)
     n = 0
     with open_slide(path) as slide:
         for x0, y0 in zip(plan.table["x0"], plan.table["y0"], strict=True):

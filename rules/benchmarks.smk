@@ -214,6 +214,7 @@ rule report:
         benchmarks=enabled_benchmarks(),
         models=bench_models(),
         students={name: run.get("student") for name, run in config["distill"]["runs"].items()},
+        n_boot=BENCH["plism"]["n_boot"],
         config=config,
     log:
         "logs/report.log",

@@ -3,6 +3,7 @@ import gc
 
 from histodistill.config import read_sample_sheet
 from histodistill.models.ref import ModelRef
+from histodistill.slides import parse_mpp
 
 RESULTS = config["results_dir"]
 SAMPLES = read_sample_sheet(config["samples"])
@@ -11,7 +12,7 @@ COHORTS = sorted(SAMPLES["cohort"].unique())
 # Plain-dict views of the sheet for the per-job lookups (a 10,000-slide sheet means tens of thousands of
 # calls while the DAG is planned; a dict lookup costs well under 1 µs, a pandas `.loc` ~30 µs).
 SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
-_SLIDE_MPPS = {s: (None if m != m else float(m)) for s, m in zip(SAMPLES["slide_id"], SAMPLES["mpp"])}  # NaN → None
+_SLIDE_MPPS = {s: parse_mpp(m) for s, m in zip(SAMPLES["slide_id"], SAMPLES["mpp"])}
 _COHORT_SLIDES = {}
 for _slide, _cohort in zip(SAMPLES["slide_id"], SAMPLES["cohort"]):
     _COHORT_SLIDES.setdefault(_cohort, []).append(_slide)

@@ -17,8 +17,7 @@ if PLISM["enabled"]:
         return PLISM_SLIDES.loc[slide, "path"]
 
     def plism_mpp(slide):
-        value = PLISM_SLIDES.loc[slide, "mpp"]
-        return None if value != value else float(value)  # NaN (no override) → None
+        return parse_mpp(PLISM_SLIDES.loc[slide, "mpp"])  # None: no override
 
     # The manifest as rule params (NaN-free, so an unchanged manifest never looks changed).
     PLISM_RECORDS = [{**r, "mpp": plism_mpp(r["slide_id"])} for r in PLISM_SLIDES.to_dict("records")]

@@ -24,4 +24,4 @@ for model, emb_path in zip(p.models, snakemake.input.embeddings, strict=True):
         "tiles_per_s": attrs.get("tiles_per_s"),
         "device": attrs.get("throughput_device"),
     }
-build_report(scores, Path(snakemake.output.html).parent, models=models, config=p.config)
+build_report(scores, Path(snakemake.output.html).parent, models=models, config=p.config, n_boot=p.n_boot)

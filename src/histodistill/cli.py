@@ -1,30 +1,53 @@
-"""`histodistill <stage> …`: every pipeline stage without Snakemake (the rules call the same functions)."""
+"""`histodistill <stage> …`: every pipeline stage without Snakemake (the rules call the same functions).
+
+Option defaults are the library's: a settings dataclass field (`TilingConfig().mpp`) or a function's
+parameter default (`pack_tiles`' chunk_tiles). The stages that need torch (embed, cache-teacher) leave an
+option unset when it is not given, so the function's own default applies without importing torch for --help.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.logging import RichHandler
 
+from histodistill.demo.slides import DemoSlideConfig, make_demo_cohort
 from histodistill.errors import HistodistillError
+from histodistill.registration import RegistrationConfig, register_to_grid
+from histodistill.tilestore import pack_tiles
+from histodistill.tiling import TilingConfig
 
 log = logging.getLogger("histodistill")
+LIBRARY_DEFAULT = "default: the library's"  # help text of an option left to the function's own default
+
+
+def param_default(func, name: str) -> Any:
+    """The default of parameter `name` of `func` (ValueError if it has none)."""
+    default = inspect.signature(func).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise ValueError(f"{func.__qualname__}() has no default for {name!r}")
+    return default
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among `names` that were given (not None): the others keep the library's defaults."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from histodistill.demo.slides import DemoSlideConfig, make_demo_cohort
-
     spec = DemoSlideConfig(width_px=args.width_px, height_px=args.height_px, mpp=args.mpp)
     sheet = make_demo_cohort(args.out, n_slides=args.n_slides, seed=args.seed, spec=spec, cohort=args.cohort)
     log.info("wrote %d demo slides and the sample sheet %s", args.n_slides, sheet)
 
 
 def _tile(args: argparse.Namespace) -> None:
-    from histodistill.tiling import TilingConfig, tile_slide
+    from histodistill.tiling import tile_slide
 
     params = TilingConfig(
         mpp=args.mpp,
@@ -40,8 +63,6 @@ def _tile(args: argparse.Namespace) -> None:
 
 
 def _pack(args: argparse.Namespace) -> None:
-    from histodistill.tilestore import pack_tiles
-
     start = time.perf_counter()
     n = pack_tiles(args.tables, args.out, chunk_tiles=args.chunk_tiles)
     elapsed = time.perf_counter() - start
@@ -49,8 +70,7 @@ def _pack(args: argparse.Namespace) -> None:
 
 
 def _register(args: argparse.Namespace) -> None:
-    from histodistill.registration import RegistrationConfig, register_to_grid
-    from histodistill.tiling import TilingConfig, tile_slide
+    from histodistill.tiling import tile_slide
 
     out = Path(args.out)
     fixed_id, moving_id = Path(args.fixed).stem, Path(args.moving).stem
@@ -102,11 +122,7 @@ def _embed(args: argparse.Namespace) -> None:
         args.out,
         pooling=args.pooling,
         weights=args.weights,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
+        **_given(args, *_MODEL_OPTIONS),
     )
     log.info("embedded %d tiles with %s in %.1f s → %s", n, args.model, time.perf_counter() - start, args.out)
     if args.export_plismbench:
@@ -126,18 +142,10 @@ def _cache_teacher(args: argparse.Namespace) -> None:
         args.model,
         args.tiles,
         args.out,
-        views=args.views,
-        patch_tokens=args.patch_tokens,
-        shard=args.shard,
-        num_shards=args.num_shards,
         weights=args.weights,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
+        **_given(args, "views", "patch_tokens", "shard", "num_shards", *_MODEL_OPTIONS),
     )
-    log.info("teacher cache: %d tiles × %d views → %s", n, args.views, args.out)
+    log.info("teacher cache: %d tiles → %s", n, args.out)
 
 
 def _gather_teacher(args: argparse.Namespace) -> None:
@@ -163,13 +171,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--weights", help="local weights (.safetensors, or a torch checkpoint); default: the hub id"
     )
     p.add_argument("--tiles", required=True, help="tile store (.zarr) from `histodistill pack`")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, …")
+    p.add_argument("--batch-size", type=int, help=LIBRARY_DEFAULT)
+    p.add_argument("--num-workers", type=int, help=f"DataLoader worker processes ({LIBRARY_DEFAULT})")
     p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on GPU"
+        "--device", help=f"auto (GPU when present), cpu, cuda, cuda:1, … ({LIBRARY_DEFAULT}: auto)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"], help=f"auto: bf16 on GPU ({LIBRARY_DEFAULT})"
+    )
+    p.add_argument("--seed", type=int, help=LIBRARY_DEFAULT)
+
+
+_MODEL_OPTIONS = ("batch_size", "num_workers", "device", "precision", "seed")  # from _add_model_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,33 +192,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="write deterministic synthetic H&E slides and their sample sheet")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n-slides", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cohort", default="demo")
-    p.add_argument("--width-px", type=int, default=4096)
-    p.add_argument("--height-px", type=int, default=3072)
-    p.add_argument("--mpp", type=float, default=0.25, help="µm/px of level 0")
+    p.add_argument("--n-slides", type=int, default=param_default(make_demo_cohort, "n_slides"))
+    p.add_argument("--seed", type=int, default=param_default(make_demo_cohort, "seed"))
+    p.add_argument("--cohort", default=param_default(make_demo_cohort, "cohort"))
+    p.add_argument("--width-px", type=int, default=DemoSlideConfig().width_px)
+    p.add_argument("--height-px", type=int, default=DemoSlideConfig().height_px)
+    p.add_argument("--mpp", type=float, default=DemoSlideConfig().mpp, help="µm/px of level 0")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("tile", help="tissue mask + tile grid of one slide → tile table (Parquet) [+ QC PNG]")
     p.add_argument("slide", help="slide file (any format OpenSlide reads)")
     p.add_argument("--out", required=True, help="tile table (.parquet)")
     p.add_argument("--slide-id", help="id stored in the table (default: the file name without extension)")
-    p.add_argument("--mpp", type=float, default=0.5, help="target µm/px of the tiles")
-    p.add_argument("--tile-px", type=int, default=224, help="tile side in px at the target µm/px")
+    tiling = TilingConfig()
+    p.add_argument("--mpp", type=float, default=tiling.mpp, help="target µm/px of the tiles")
+    p.add_argument("--tile-px", type=int, default=tiling.tile_px, help="tile side in px at the target µm/px")
     p.add_argument(
-        "--min-tissue", type=float, default=0.5, help="drop tiles with less tissue than this fraction"
+        "--min-tissue",
+        type=float,
+        default=tiling.min_tissue,
+        help="drop tiles with less tissue than this fraction",
     )
-    p.add_argument("--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-mask thumbnail")
+    p.add_argument(
+        "--mask-mpp", type=float, default=tiling.mask_mpp, help="µm/px of the tissue-mask thumbnail"
+    )
     p.add_argument("--slide-mpp", type=float, help="override the slide's own µm/px (level 0)")
-    p.add_argument("--on-no-tissue", choices=["warn", "error"], default="warn")
+    p.add_argument("--on-no-tissue", choices=["warn", "error"], default=tiling.on_no_tissue)
     p.add_argument("--qc", help="write a QC PNG (thumbnail, tissue mask, tile grid) here")
     p.set_defaults(func=_tile)
 
     p = sub.add_parser("pack", help="read the tiles of tile tables into one Zarr tile store")
     p.add_argument("tables", nargs="+", help="tile tables (.parquet) from `histodistill tile`")
     p.add_argument("--out", required=True, help="tile store (.zarr)")
-    p.add_argument("--chunk-tiles", type=int, default=64, help="tiles per shard")
+    p.add_argument(
+        "--chunk-tiles", type=int, default=param_default(pack_tiles, "chunk_tiles"), help="tiles per shard"
+    )
     p.set_defaults(func=_pack)
 
     p = sub.add_parser(
@@ -215,16 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("moving", help="slide to align to the reference")
     p.add_argument("--out", required=True, help="directory: transform/ (elastix maps), qc.json, qc.png")
     p.add_argument("--grid", help="tile table of FIXED for QC (default: plan one at --tile-mpp/--tile-px)")
-    p.add_argument("--tile-mpp", type=float, default=0.5)
-    p.add_argument("--tile-px", type=int, default=224)
-    p.add_argument("--fine-mpp", type=float, default=2.0, help="µm/px elastix works at")
-    p.add_argument("--grid-spacing-um", type=float, default=150.0, help="B-spline control point spacing")
-    p.add_argument("--iterations", type=int, default=500, help="per pyramid level")
-    p.add_argument("--min-ncc", type=float, default=0.5, help="QC threshold: median NCC after")
-    p.add_argument("--max-residual-um", type=float, default=4.0, help="QC threshold: median residual")
+    registration = RegistrationConfig()
+    p.add_argument("--tile-mpp", type=float, default=tiling.mpp)
+    p.add_argument("--tile-px", type=int, default=tiling.tile_px)
+    p.add_argument("--fine-mpp", type=float, default=registration.fine_mpp, help="µm/px elastix works at")
+    p.add_argument(
+        "--grid-spacing-um",
+        type=float,
+        default=registration.grid_spacing_um,
+        help="B-spline control point spacing",
+    )
+    p.add_argument("--iterations", type=int, default=registration.iterations, help="per pyramid level")
+    p.add_argument(
+        "--min-ncc", type=float, default=registration.min_ncc, help="QC threshold: median NCC after"
+    )
+    p.add_argument(
+        "--max-residual-um",
+        type=float,
+        default=registration.max_residual_um,
+        help="QC threshold: median residual",
+    )
     p.add_argument("--fixed-mpp", type=float, help="override FIXED's µm/px")
     p.add_argument("--moving-mpp", type=float, help="override MOVING's µm/px")
-    p.add_argument("--on-failure", choices=["error", "exclude"], default="error")
+    p.add_argument(
+        "--on-failure", choices=["error", "exclude"], default=param_default(register_to_grid, "on_failure")
+    )
     p.set_defaults(func=_register)
 
     p = sub.add_parser("embed", help="embed every tile of a tile store with a registered model → Zarr [N, D]")
@@ -245,10 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cache-teacher", help="run the teacher once per tile and view → teacher cache (one shard)"
     )
     _add_model_args(p)
-    p.add_argument("--views", type=int, default=2, help="augmented global views per tile")
-    p.add_argument("--patch-tokens", choices=["full", "pool2", "none"], default="full")
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--views", type=int, help=f"augmented global views per tile ({LIBRARY_DEFAULT})")
+    p.add_argument("--patch-tokens", choices=["full", "pool2", "none"], help=LIBRARY_DEFAULT)
+    p.add_argument("--shard", type=int, help=LIBRARY_DEFAULT)
+    p.add_argument("--num-shards", type=int, help=LIBRARY_DEFAULT)
     p.add_argument("--out", required=True, help="cache store (.zarr) of this shard")
     p.set_defaults(func=_cache_teacher)
 

@@ -7,22 +7,33 @@ from __future__ import annotations
 
 import copy
 import csv
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pandas as pd
 import yaml
 
 from histodistill.errors import ConfigError
+from histodistill.slides import parse_mpp
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "configs" / "schema.yaml"
+SCHEMA_RESOURCE = "schema.yaml"  # package data of `histodistill` (pyproject: tool.setuptools.package-data)
 SAMPLE_COLUMNS = ("slide_id", "path", "cohort")
 
 
 def load_schema(path: str | Path | None = None) -> dict[str, Any]:
-    with open(path or SCHEMA_PATH) as fh:
-        return yaml.safe_load(fh)
+    """The config's JSON Schema (a dict): the packaged `histodistill/schema.yaml`, or the file at `path`.
+
+    The packaged schema is read with importlib.resources, so it works from an installed wheel as well as
+    from a source checkout. Raises OSError if `path` cannot be read.
+    """
+    if path is not None:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    return yaml.safe_load(
+        resources.files("histodistill").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+    )
 
 
 def _with_defaults(validator_class):
@@ -110,14 +121,30 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
             f"sample sheet {path}: id(s) {bad} may hold only letters, digits, '.', '_' and '-' "
             "(they become file names)"
         )
-    if "mpp" not in sheet.columns:
-        sheet["mpp"] = ""
-    mpp = pd.to_numeric(sheet["mpp"].replace("", None), errors="coerce")
-    bad_mpp = sheet.loc[mpp.isna() & (sheet["mpp"] != ""), "slide_id"].tolist()
-    if bad_mpp:
-        raise ConfigError(f"sample sheet {path}: 'mpp' is not a number for slide(s) {bad_mpp}")
-    sheet["mpp"] = mpp.astype("float64")
+    sheet["mpp"] = mpp_column(sheet, f"sample sheet {path}")
     return sheet.set_index("slide_id", drop=False)
+
+
+def mpp_column(sheet: pd.DataFrame, where: str) -> pd.Series:
+    """The optional `mpp` column of a sheet (µm/px overrides) as float64, NaN where none is given.
+
+    Each cell goes through `histodistill.slides.parse_mpp` (blank → none). Raises ConfigError naming
+    `where` and the slide ids whose `mpp` is not a number > 0. Turn a cell back into float | None with
+    `parse_mpp` as well.
+    """
+    if "mpp" not in sheet.columns:
+        return pd.Series(np.nan, index=sheet.index, dtype="float64")
+    values, bad = [], []
+    for slide_id, raw in zip(sheet["slide_id"], sheet["mpp"], strict=True):
+        try:
+            value = parse_mpp(raw)
+        except ValueError:
+            bad.append(slide_id)
+            continue
+        values.append(np.nan if value is None else value)
+    if bad:
+        raise ConfigError(f"{where}: 'mpp' is not a number > 0 for slide(s) {bad}")
+    return pd.Series(values, index=sheet.index, dtype="float64")
 
 
 def safe_id(value: str) -> bool:

@@ -28,11 +28,11 @@ import zarr
 from PIL import Image
 
 from histodistill.atomic import atomic_path
-from histodistill.config import safe_id
+from histodistill.config import mpp_column, safe_id
 from histodistill.errors import ConfigError, HistodistillError, SlideError
 from histodistill.provenance import provenance, read_parquet, write_parquet
 from histodistill.registration import load_transform, map_points, tile_centers_um
-from histodistill.slides import best_level, open_slide, read_rgb, resolve_mpp
+from histodistill.slides import best_level, open_slide, parse_mpp, read_rgb, resolve_mpp
 from histodistill.tilestore import create_tiles_array, write_index
 from histodistill.tiling import read_tile_table
 
@@ -83,12 +83,7 @@ def read_manifest(path: str | Path, reference: str, stainings: list[str] | None 
         if ref_staining not in stainings:
             raise ConfigError(f"plism.stainings must include the reference's staining '{ref_staining}'")
         sheet = sheet[sheet["staining"].isin(stainings)]
-    if "mpp" not in sheet.columns:
-        sheet["mpp"] = ""
-    mpp = pd.to_numeric(sheet["mpp"].replace("", None), errors="coerce")
-    if (mpp.isna() & (sheet["mpp"] != "")).any():
-        raise ConfigError(f"PLISM manifest {path}: 'mpp' is not a number for some slides")
-    sheet = sheet.assign(mpp=mpp.astype("float64"))
+    sheet = sheet.assign(mpp=mpp_column(sheet, f"PLISM manifest {path}"))
     return sheet.set_index("slide_id", drop=False)
 
 
@@ -226,13 +221,14 @@ def cut_matched_tiles(
     record: slides that failed it are left out (and named in the metadata). A tile whose footprint leaves
     any kept slide is dropped from every slide, so rows stay aligned. Returns the slide QC summary.
     """
-    grid, grid_meta = read_tile_table(grid_table)
-    if grid_meta["slide_id"] != reference:
+    reference_tiles = read_tile_table(grid_table)
+    grid, header = reference_tiles.frame, reference_tiles.grid
+    if header.slide_id != reference:
         raise PlismError(
-            f"the tile grid {grid_table} is of '{grid_meta['slide_id']}', not the reference '{reference}'"
+            f"the tile grid {grid_table} is of '{header.slide_id}', not the reference '{reference}'"
         )
-    tile_px, mpp = int(grid_meta["params"]["tile_px"]), float(grid_meta["params"]["mpp"])
-    half_um = tile_px * mpp / 2
+    tile_px, mpp = header.tile_px, header.mpp
+    half_um = header.tile_um / 2
     excluded = sorted(s for s, record in qc.items() if not record.get("passed", False))
     for s in excluded:
         log.warning("PLISM slide %s failed registration QC and is left out: %s", s, qc[s])
@@ -248,12 +244,12 @@ def cut_matched_tiles(
             i,
             s,
             manifest.loc[s, "path"],
-            _nan_to_none(manifest.loc[s, "mpp"]),
+            parse_mpp(manifest.loc[s, "mpp"]),
             transforms.get(s) if s != reference else None,
         )
         for i, s in enumerate(kept)
     ]
-    centers_um = tile_centers_um(grid, grid_meta)
+    centers_um = tile_centers_um(grid, header)
     frames = [_map_slide(job, centers_um, half_um) for job in jobs]
     inside = np.logical_and.reduce([f["inside"] for f in frames]) if frames else np.zeros(0, bool)
     if (~inside).any():
@@ -312,10 +308,6 @@ def cut_matched_tiles(
         root.attrs.update(_store_attrs(manifest, jobs, frames, tile_px, mpp, n_tiles, metadata))
     write_parquet(table, out_table, metadata)
     return summarize_qc(qc, excluded)
-
-
-def _nan_to_none(value) -> float | None:
-    return None if value != value or value is None else float(value)
 
 
 def _store_attrs(manifest, jobs, frames, tile_px, mpp, n_tiles, metadata) -> dict:

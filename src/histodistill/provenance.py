@@ -43,14 +43,19 @@ def provenance(params: dict[str, Any], **extra: Any) -> dict[str, Any]:
 META_KEY = b"histodistill"  # the Parquet schema-metadata key holding an artifact's provenance (JSON)
 
 
-def write_parquet(frame, out, metadata: dict[str, Any]) -> None:
-    """Write a frame to Parquet atomically, with `metadata` as JSON under META_KEY (pandas' own kept)."""
+def write_parquet(frame, out, metadata: dict[str, Any], schema=None) -> None:
+    """Write a frame to Parquet atomically, with `metadata` as JSON under META_KEY (pandas' own kept).
+
+    `schema` (a pyarrow.Schema) fixes the column order and types, so that an empty frame is written with
+    the same types as a full one; columns it does not name are dropped. The index is not written.
+    Raises what pyarrow raises for a frame that does not fit `schema`, and OSError for the file.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from histodistill.atomic import atomic_path
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), META_KEY: json.dumps(dict(metadata), default=str).encode()}
     )
@@ -59,7 +64,11 @@ def write_parquet(frame, out, metadata: dict[str, Any]) -> None:
 
 
 def read_parquet(path, what: str, error: type[Exception]) -> tuple[Any, dict[str, Any]]:
-    """A frame written by `write_parquet` and its metadata; `error(...)` names `what` and the path."""
+    """A frame written by `write_parquet` (pandas.DataFrame) and its metadata (the JSON under META_KEY).
+
+    Raises `error` naming `what` and the path when the file cannot be read as Parquet or carries no
+    histodistill metadata.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -20,8 +20,10 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,7 +34,7 @@ from histodistill.atomic import atomic_path
 from histodistill.errors import HistodistillError
 from histodistill.provenance import provenance
 from histodistill.slides import open_slide, read_scaled, resolve_mpp
-from histodistill.tiling import read_tile_table
+from histodistill.tiling import TileGrid, read_tile_table
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +194,15 @@ def load_transform(transform_dir: str | Path) -> list:
     return maps
 
 
-def tile_centers_um(table, metadata: dict) -> np.ndarray:
-    """Centres (µm from the slide's top-left corner) of a tile table's tiles."""
-    half = metadata["footprint_px0"] / 2
-    x = (table["x0"].to_numpy() + half) * metadata["slide_mpp_x"]
-    y = (table["y0"].to_numpy() + half) * metadata["slide_mpp_y"]
+def tile_centers_um(table, grid: TileGrid | Mapping[str, Any]) -> np.ndarray:
+    """Centres of a tile table's tiles: float64 [N, 2] (x, y) in µm from the slide's top-left corner.
+
+    `grid` is the table's TileGrid (or the tile table metadata it is stored in).
+    """
+    grid = TileGrid.of(grid)
+    half = grid.footprint_px0 / 2
+    x = (table["x0"].to_numpy() + half) * grid.slide_mpp_x
+    y = (table["y0"].to_numpy() + half) * grid.slide_mpp_y
     return np.stack([x, y], axis=1).astype(np.float64)
 
 
@@ -344,9 +350,9 @@ def register_to_grid(
     A registration that fails QC raises a RegistrationError naming the slide (`on_failure="error"`), or is
     recorded as failed so that the matched tiles leave the slide out (`"exclude"`).
     """
-    grid, meta = read_tile_table(grid_table)
-    centers = tile_centers_um(grid, meta)
-    tile_um = meta["params"]["tile_px"] * meta["params"]["mpp"]
+    tiles = read_tile_table(grid_table)
+    centers = tile_centers_um(tiles.frame, tiles.grid)
+    tile_um = tiles.grid.tile_um
     qc = register_slides(
         fixed_path, moving_path, out_dir, centers, tile_um, params, names, slide_mpps, qc_png
     )

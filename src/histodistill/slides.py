@@ -50,6 +50,34 @@ def open_slide(path: str | Path) -> openslide.OpenSlide:
         raise SlideError(f"corrupt or unreadable slide: {path} ({exc})") from exc
 
 
+def parse_mpp(value: object) -> float | None:
+    """A µm/px override as a sample sheet, a manifest or a rule param gives it: a float, or None for none.
+
+    None, NaN (pandas' missing value) and a blank string mean "no override" and give None (the slide's own
+    metadata is then used). A number, or a string holding one, gives that float. Raises ValueError for
+    anything else: text that is not a number, inf, zero or a negative value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            out = float(value.strip())
+        except ValueError:
+            raise ValueError(f"µm/px {value!r} is not a number") from None
+    else:
+        try:
+            out = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"µm/px {value!r} is not a number") from None
+        if math.isnan(out):
+            return None
+    if math.isnan(out) or not math.isfinite(out) or out <= 0:
+        raise ValueError(f"µm/px {value!r} is not a number > 0")
+    return out
+
+
 def _float(value: str | None) -> float | None:
     if value is None:
         return None
@@ -92,8 +120,12 @@ def resolve_mpp(props: dict[str, str], override: float | None = None, slide_name
     a silent default would make every tile the wrong physical size.
     """
     found: tuple[float, float, str] | None = None
-    if override is not None and not (isinstance(override, float) and math.isnan(override)):
-        found = (float(override), float(override), "override")
+    try:
+        given = parse_mpp(override)
+    except ValueError as exc:
+        raise MppError(f"{slide_name}: override {exc}") from None
+    if given is not None:
+        found = (given, given, "override")
     if found is None:
         mx, my = (
             _float(props.get(openslide.PROPERTY_NAME_MPP_X)),

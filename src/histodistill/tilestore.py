@@ -68,13 +68,14 @@ def pack_tiles(
     tables = [read_tile_table(p) for p in table_paths]
     if not tables:
         raise SlideError("pack: no tile tables given")
-    geometry = {(m["params"]["tile_px"], m["params"]["mpp"]) for _, m in tables}
+    grids = [t.grid for t in tables]
+    geometry = {(g.tile_px, g.mpp) for g in grids}
     if len(geometry) > 1:
         raise SlideError(
             f"pack: tile tables disagree on (tile_px, mpp): {sorted(geometry)}; retile them alike"
         )
     ((tile_px, mpp),) = geometry
-    ids = [m["slide_id"] for _, m in tables]
+    ids = [g.slide_id for g in grids]
     if len(set(ids)) != len(ids):
         raise SlideError(
             f"pack: the same slide appears twice: {sorted({i for i in ids if ids.count(i) > 1})}"
@@ -96,11 +97,11 @@ def pack_tiles(
 
         buffer = np.empty((chunk_tiles, tile_px, tile_px, 3), np.uint8)
         filled, start = 0, 0
-        for table, meta in tables:
+        for (table, _), grid in zip(tables, grids, strict=True):
             if table.empty:
                 continue
-            with open_slide(meta["slide_path"]) as slide:
-                for _, pixels in iter_tile_pixels(slide, table, meta):
+            with open_slide(grid.slide_path) as slide:
+                for _, pixels in iter_tile_pixels(slide, table, grid):
                     buffer[filled] = pixels
                     filled += 1
                     if filled == chunk_tiles:
@@ -117,14 +118,14 @@ def pack_tiles(
                 "n_tiles": int(total),
                 "slides": [
                     {
-                        "slide_id": m["slide_id"],
-                        "path": m["slide_path"],
-                        "slide_mpp": m["slide_mpp_x"],
-                        "mpp_source": m["mpp_source"],
+                        "slide_id": g.slide_id,
+                        "path": g.slide_path,
+                        "slide_mpp": g.slide_mpp_x,
+                        "mpp_source": g.mpp_source,
                         "n_tiles": len(t),
                         "table_config_hash": m["config_hash"],
                     }
-                    for t, m in tables
+                    for (t, m), g in zip(tables, grids, strict=True)
                 ],
                 "provenance": provenance(
                     {"chunk_tiles": chunk_tiles, "zstd_level": zstd_level, "tables": ids}
@@ -224,11 +225,11 @@ class SlideTileDataset:
     """
 
     def __init__(self, table_paths: Sequence[str | Path], transform=None):
-        frames, self._meta = [], {}
+        frames, self._grids = [], {}
         for p in table_paths:
-            table, meta = read_tile_table(p)
-            self._meta[meta["slide_id"]] = meta
-            frames.append(table)
+            table = read_tile_table(p)
+            self._grids[table.grid.slide_id] = table.grid
+            frames.append(table.frame)
         self.table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         self.transform = transform
         self._handles = ProcessLocal(dict)  # slide id → this process's OpenSlide handle
@@ -239,11 +240,11 @@ class SlideTileDataset:
     def _slide(self, slide_id: str):
         handles = self._handles.get()
         if slide_id not in handles:
-            handles[slide_id] = open_slide(self._meta[slide_id]["slide_path"])
+            handles[slide_id] = open_slide(self._grids[slide_id].slide_path)
         return handles[slide_id]
 
     def __getitem__(self, i: int):
         row = self.table.iloc[int(i)]
-        meta = self._meta[row["slide_id"]]
-        tile = read_tile(self._slide(row["slide_id"]), row, int(meta["params"]["tile_px"]))
+        grid = self._grids[row["slide_id"]]
+        tile = read_tile(self._slide(row["slide_id"]), row, grid.tile_px)
         return (self.transform(tile) if self.transform else tile), int(i)

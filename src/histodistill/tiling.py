@@ -3,33 +3,36 @@
 A tile is defined physically: `tile_px` pixels at `mpp` µm/px, i.e. a square of tile_px·mpp µm. Its
 pixels are read from the coarsest pyramid level at or finer than `mpp` and resized only when that level is
 not exactly at `mpp`. Reads are batched: one `read_region` per run of neighbouring tiles in a grid row.
+
+A tile table is a Parquet file (one row per tile, TABLE_SCHEMA) whose header is a `TileGrid`: the geometry
+its tiles share. `write_tile_table` and `read_tile_table` are the only functions that write and read it,
+through `histodistill.provenance.write_parquet/read_parquet` like every other Parquet artifact.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from skimage import morphology
 
 from histodistill.atomic import atomic_path
 from histodistill.errors import NoTissueError, SlideError
-from histodistill.provenance import provenance
+from histodistill.provenance import provenance, read_parquet, write_parquet
 from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
 from histodistill.tissue import MaskConfig, tile_fractions, tissue_mask
 
 log = logging.getLogger(__name__)
 
-META_KEY = b"histodistill"
+QC_MAX_PX = 1024  # longest side of the QC image (config key tiling.qc_max_px)
 TABLE_SCHEMA = pa.schema(
     [
         ("slide_id", pa.string()),
@@ -63,10 +66,78 @@ class TilingConfig:
         return MaskConfig(self.mask_mpp, self.min_saturation, self.min_object_um2, self.min_hole_um2)
 
 
+@dataclass(frozen=True)
+class TileGrid:
+    """The header of a tile table: the geometry all its tiles share (stored in its Parquet metadata).
+
+    - `slide_id`, `slide_path` (absolute): the slide the tiles are cut from;
+    - `mpp` (µm/px) and `tile_px` (px): a tile is `tile_px` pixels at `mpp`, a square of `tile_um` µm;
+    - `level`, `read_px`: the pyramid level the pixels are read from and the tile side (px) there; tiles are
+      resized to `tile_px` when `read_px != tile_px`;
+    - `slide_mpp_x`, `slide_mpp_y` (µm per level-0 px) and `mpp_source`: the slide's resolution and where it
+      came from (`histodistill.slides.resolve_mpp`);
+    - `footprint_px0`: the tile side in level-0 px (tile_px · mpp / slide µm/px; not rounded).
+    """
+
+    slide_id: str
+    slide_path: str
+    mpp: float
+    tile_px: int
+    level: int
+    read_px: int
+    slide_mpp_x: float
+    slide_mpp_y: float
+    mpp_source: str
+    footprint_px0: float
+
+    @property
+    def tile_um(self) -> float:
+        """Side of a tile in µm."""
+        return self.tile_px * self.mpp
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The grid as top-level keys of a tile table's metadata (plain JSON types)."""
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> TileGrid:
+        """The grid stored in a tile table's metadata by `to_metadata`.
+
+        Raises SlideError naming the missing keys for metadata without a grid (e.g. a tile table written by
+        an older histodistill: tile the slide again).
+        """
+        missing = [f.name for f in fields(cls) if f.name not in metadata]
+        if missing:
+            raise SlideError(
+                f"tile table metadata of slide {metadata.get('slide_id', '?')!r} lacks the grid key(s) "
+                f"{missing}; tile the slide again with this version of histodistill"
+            )
+        return cls(**{f.name: metadata[f.name] for f in fields(cls)})
+
+    @classmethod
+    def of(cls, grid_or_metadata: TileGrid | Mapping[str, Any]) -> TileGrid:
+        """`grid_or_metadata` as a TileGrid: a TileGrid as is, a tile table's metadata through `from_metadata`."""
+        if isinstance(grid_or_metadata, TileGrid):
+            return grid_or_metadata
+        return cls.from_metadata(grid_or_metadata)
+
+
+class TileTable(NamedTuple):
+    """A tile table as `read_tile_table` returns it: unpacks as (frame, metadata); `.grid` is its header."""
+
+    frame: pd.DataFrame  # one row per tile, the columns of TABLE_SCHEMA
+    metadata: dict[str, Any]  # provenance (params = the TilingConfig, config_hash, …) and the grid's keys
+
+    @property
+    def grid(self) -> TileGrid:
+        return TileGrid.from_metadata(self.metadata)
+
+
 @dataclass
 class TilePlan:
     table: pd.DataFrame
-    metadata: dict
+    grid: TileGrid
+    metadata: dict  # everything `write_tile_table` stores: provenance, the grid's keys, slide facts
     thumbnail: np.ndarray
     mask: np.ndarray
 
@@ -119,49 +190,66 @@ def plan_tiles(
         if params.on_no_tissue == "error":
             raise NoTissueError(message + "; set tiling.on_no_tissue: warn to keep an empty table instead")
         log.warning("%s; writing an empty tile table", message)
-    metadata = provenance(
-        asdict(params),
+    grid = TileGrid(
         slide_id=slide_id,
         slide_path=str(Path(slide_path).resolve()),
+        mpp=float(params.mpp),
+        tile_px=int(params.tile_px),
+        level=int(level),
+        read_px=int(read_px),
         slide_mpp_x=mpp.x,
         slide_mpp_y=mpp.y,
         mpp_source=mpp.source,
+        footprint_px0=footprint0,
+    )
+    metadata = tile_table_metadata(
+        grid,
+        asdict(params),
         slide_dimensions=[width0, height0],
         level_count=level_count,
-        footprint_px0=footprint0,
         grid=[rows, cols],
         n_tiles=len(table),
         tissue_found=not table.empty,
     )
-    return TilePlan(table, metadata, thumbnail, mask)
+    return TilePlan(table, grid, metadata, thumbnail, mask)
 
 
-def write_tile_table(table: pd.DataFrame, metadata: dict, out: str | Path) -> None:
-    arrow = pa.Table.from_pandas(table, schema=TABLE_SCHEMA, preserve_index=False)
-    arrow = arrow.replace_schema_metadata({META_KEY: json.dumps(metadata).encode()})
-    with atomic_path(out) as tmp:
-        pq.write_table(arrow, tmp)
+def tile_table_metadata(tile_grid: TileGrid, params: dict[str, Any], /, **extra: Any) -> dict[str, Any]:
+    """A tile table's metadata: the provenance of `params` (hashed), the grid's keys and `extra` facts.
+
+    Raises ValueError when a key of `extra` would overwrite one of the grid's.
+    """
+    header = tile_grid.to_metadata()
+    if clash := sorted(set(header) & set(extra)):
+        raise ValueError(f"tile table metadata: {clash} are the grid's keys")
+    return provenance(params, **header, **extra)
 
 
-def read_tile_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """A tile table and its run metadata."""
-    try:
-        arrow = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise SlideError(f"cannot read tile table {path}: {exc}") from exc
-    raw = (arrow.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise SlideError(f"{path} is not a histodistill tile table (no '{META_KEY.decode()}' metadata)")
-    return arrow.to_pandas(), json.loads(raw)
+def write_tile_table(table: pd.DataFrame, metadata: dict[str, Any], out: str | Path) -> None:
+    """Write a tile table (Parquet, TABLE_SCHEMA) atomically, with `metadata` (see `tile_table_metadata`).
+
+    Raises SlideError when `metadata` holds no TileGrid (so a table without a header is never written).
+    """
+    TileGrid.from_metadata(metadata)
+    write_parquet(table, out, metadata, schema=TABLE_SCHEMA)
 
 
-def render_qc(plan: TilePlan, out: str | Path, max_px: int = 1024) -> None:
+def read_tile_table(path: str | Path) -> TileTable:
+    """A tile table: (frame, metadata), and `.grid`, its TileGrid.
+
+    Raises SlideError naming the path when it is not a readable Parquet file with histodistill metadata.
+    """
+    frame, metadata = read_parquet(path, "tile table", SlideError)
+    return TileTable(frame, metadata)
+
+
+def render_qc(plan: TilePlan, out: str | Path, max_px: int = QC_MAX_PX) -> None:
     """QC image: a thumbnail with the tissue outline (green), non-tissue faded, kept tiles outlined (blue)."""
-    md = plan.metadata
+    md, grid = plan.metadata, plan.grid
     width0, height0 = md["slide_dimensions"]
-    qc_mpp = max(md["slide_mpp_x"] * max(width0, height0) / max_px, md["slide_mpp_x"])
-    with open_slide(md["slide_path"]) as slide:
-        image = Image.fromarray(read_scaled(slide, md["slide_mpp_x"], qc_mpp))
+    qc_mpp = max(grid.slide_mpp_x * max(width0, height0) / max_px, grid.slide_mpp_x)
+    with open_slide(grid.slide_path) as slide:
+        image = Image.fromarray(read_scaled(slide, grid.slide_mpp_x, qc_mpp))
     size = image.size
     mask = (
         np.asarray(Image.fromarray(plan.mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST))
@@ -174,14 +262,14 @@ def render_qc(plan: TilePlan, out: str | Path, max_px: int = 1024) -> None:
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     per_px0 = size[0] / width0
-    side = md["footprint_px0"] * per_px0
+    side = grid.footprint_px0 * per_px0
     for x0, y0 in zip(plan.table["x0"], plan.table["y0"], strict=True):
         x, y = x0 * per_px0, y0 * per_px0
         draw.rectangle([x, y, x + side, y + side], outline=(30, 60, 220), width=1)
     draw.text(
         (4, 4),
-        f"{md['slide_id']}: {md['n_tiles']} tiles of {md['params']['tile_px']} px at {md['params']['mpp']} um/px; "
-        f"slide {md['slide_mpp_x']:.4g} um/px ({md['mpp_source']})",
+        f"{grid.slide_id}: {len(plan.table)} tiles of {grid.tile_px} px at {grid.mpp} um/px; "
+        f"slide {grid.slide_mpp_x:.4g} um/px ({grid.mpp_source})",
         fill=(0, 0, 0),
     )
     with atomic_path(out) as tmp:
@@ -195,7 +283,7 @@ def tile_slide(
     params: TilingConfig,
     slide_mpp: float | None = None,
     qc: str | Path | None = None,
-    qc_max_px: int = 1024,
+    qc_max_px: int = QC_MAX_PX,
 ) -> pd.DataFrame:
     """Plan the tiles of one slide and write the tile table (and the QC image)."""
     plan = plan_tiles(slide_path, slide_id, params, slide_mpp)
@@ -214,18 +302,19 @@ def _runs(cols: np.ndarray) -> Iterator[tuple[int, int]]:
             start = i
 
 
-def iter_tile_pixels(slide, table: pd.DataFrame, metadata: dict) -> Iterator[tuple[int, np.ndarray]]:
+def iter_tile_pixels(
+    slide, table: pd.DataFrame, grid: TileGrid | Mapping[str, Any]
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row position in `table`, uint8 [tile_px, tile_px, 3]) for every tile, in table order.
 
-    One read_region covers a run of neighbouring tiles of a grid row at the chosen level; each tile is then
-    cut out and resized to tile_px only if the level is not exactly at the target µm/px.
+    `grid` is the table's TileGrid (or the metadata it is stored in). One read_region covers a run of
+    neighbouring tiles of a grid row at the grid's level; each tile is then cut out and resized to tile_px
+    only if the level is not exactly at the target µm/px.
     """
     if table.empty:
         return
-    tile_px = int(metadata["params"]["tile_px"])
-    footprint0 = float(metadata["footprint_px0"])
-    level = int(table["level"].iloc[0])
-    read_px = int(table["read_px"].iloc[0])
+    grid = TileGrid.of(grid)
+    tile_px, footprint0, level, read_px = grid.tile_px, grid.footprint_px0, grid.level, grid.read_px
     downsample = slide.level_downsamples[level]
     x0s, y0s = table["x0"].to_numpy(), table["y0"].to_numpy()
     cols = np.round(x0s / footprint0).astype(np.int64)

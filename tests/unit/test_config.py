@@ -2,6 +2,7 @@ import pytest
 
 from histodistill.config import load_config, read_sample_sheet, validate_config
 from histodistill.errors import ConfigError
+from histodistill.slides import parse_mpp
 
 
 def test_defaults_are_filled_in_nested_sections():
@@ -70,6 +71,17 @@ def test_sample_sheet_reads_paths_with_spaces_and_quotes(tmp_path):
     assert sheet.loc["a", "path"] == "/data/my \"odd\" 'dir'/a b.svs"
     assert sheet.loc["a", "mpp"] == 0.25
     assert sheet.loc["b", "mpp"] != sheet.loc["b", "mpp"]  # NaN: no override
+
+
+def test_sample_sheet_mpp_is_parsed_by_parse_mpp(tmp_path):
+    sheet = read_sample_sheet(
+        _sheet(tmp_path, "slide_id\tpath\tcohort\tmpp\na\ta.svs\tc\t 0.5 \nb\tb.svs\tc\t \n")
+    )
+    assert sheet["mpp"].dtype == "float64" and sheet.loc["a", "mpp"] == 0.5
+    assert [parse_mpp(v) for v in sheet["mpp"]] == [0.5, None]
+    assert read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\tcohort\na\ta.svs\tc\n"))["mpp"].isna().all()
+    with pytest.raises(ConfigError, match=r"'mpp' is not a number > 0 for slide\(s\) \['b'\]"):
+        read_sample_sheet(_sheet(tmp_path, "slide_id\tpath\tcohort\tmpp\na\ta.svs\tc\t1\nb\tb.svs\tc\t-1\n"))
 
 
 def test_sample_sheet_rejects_duplicate_ids(tmp_path):

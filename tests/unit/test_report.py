@@ -231,6 +231,33 @@ def test_each_model_keeps_its_color_across_figures(report):
             assert _color_present(figs[fig], colors[model]) == (model in shown), (fig, model)
 
 
+def test_n_boot_sets_the_plism_bootstrap(report, tmp_path, monkeypatch):
+    """benchmarks.plism.n_boot reaches the PLISM CIs: the replicates drawn, the CIs, the provenance."""
+    import histodistill.bench.plism as plism_bench
+    from histodistill.report import summarize_benchmarks
+
+    drawn = []
+
+    def spy(n_slides, n_boot, seed):
+        drawn.append(n_boot)
+        return resamples(n_slides, n_boot, seed)
+
+    resamples = plism_bench.slide_resamples
+    monkeypatch.setattr(plism_bench, "slide_resamples", spy)
+    _, _, scores = report
+    plism = {"plism": scores["plism"]}
+    few = summarize_benchmarks(plism, n_boot=20)[0]["plism"]
+    assert drawn == [20, 20]  # one draw per model, of n_boot replicates
+    many = summarize_benchmarks(plism, n_boot=plism_bench.N_BOOT)[0]["plism"]
+    assert drawn[2:] == [plism_bench.N_BOOT] * 2
+    assert not np.allclose(few["median_ci_low"], many["median_ci_low"])
+    none = summarize_benchmarks(plism, n_boot=0)[0]["plism"]
+    assert none["median_ci_low"].isna().all() and len(drawn) == 4
+    build_report(plism, tmp_path, n_boot=20)
+    meta = json.loads(pq.read_schema(tmp_path / "leaderboard.parquet").metadata[b"histodistill"])
+    assert meta["params"]["n_boot"] == 20 and drawn[4:] == [20, 20]
+
+
 def test_mitosis_and_partial_inputs(tmp_path):
     # bench.mitosis's layout: settings (fraction, domains) beside method/protocol, replicates in `run`.
     rows = []

@@ -3,7 +3,7 @@ import openslide
 import pytest
 
 from histodistill.errors import MppError, SlideError
-from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
+from histodistill.slides import best_level, open_slide, parse_mpp, read_rgb, read_scaled, resolve_mpp
 
 
 def test_mpp_from_openslide_properties():
@@ -121,3 +121,25 @@ def test_slide_without_mpp_has_none(slide_without_mpp):
         assert openslide.PROPERTY_NAME_MPP_X not in slide.properties
         with pytest.raises(MppError):
             resolve_mpp(dict(slide.properties))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("  ", None), (float("nan"), None), (np.float64("nan"), None)]
+    + [(0.25, 0.25), ("0.5", 0.5), (" 0.46 ", 0.46), (np.float64(0.3), 0.3), (1, 1.0)],
+)
+def test_parse_mpp_blank_or_nan_is_none(value, expected):
+    assert parse_mpp(value) == expected
+    if expected is not None:
+        assert type(parse_mpp(value)) is float
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "-0.25", 0.0, -1, float("inf"), "inf", [0.25]])
+def test_parse_mpp_rejects_what_is_not_a_positive_number(value):
+    with pytest.raises(ValueError, match="not a number"):
+        parse_mpp(value)
+
+
+def test_bad_override_is_an_mpp_error_naming_the_slide():
+    with pytest.raises(MppError, match="slide 'x': override .*'fast'"):
+        resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}, "fast", slide_name="slide 'x'")

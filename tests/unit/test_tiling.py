@@ -4,13 +4,21 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from histodistill.errors import MppError, NoTissueError, SlideError
 from histodistill.slides import open_slide, read_rgb
-from histodistill.tiling import TilingConfig, iter_tile_pixels, read_tile, read_tile_table, tile_slide
+from histodistill.tiling import (
+    TileGrid,
+    TilingConfig,
+    iter_tile_pixels,
+    read_tile,
+    read_tile_table,
+    tile_slide,
+)
 
 PARAMS = TilingConfig(mpp=0.5, tile_px=224, min_tissue=0.5)
 
@@ -35,6 +43,39 @@ def test_tile_table_schema_and_metadata(tmp_path, demo_slide):
     assert frame["tile_id"].is_unique
     qc_image = Image.open(qc)
     assert qc_image.format == "PNG" and max(qc_image.size) == 1024
+
+
+def test_tile_grid_is_the_table_header(tmp_path, demo_slide):
+    out = tmp_path / "t.parquet"
+    table = tile_slide(demo_slide, "small", out, TilingConfig(mpp=0.6, tile_px=112))
+    grid = read_tile_table(out).grid
+    assert grid == TileGrid(
+        slide_id="small",
+        slide_path=str(demo_slide.resolve()),
+        mpp=0.6,
+        tile_px=112,
+        level=1,
+        read_px=134,
+        slide_mpp_x=pytest.approx(0.25),
+        slide_mpp_y=pytest.approx(0.25),
+        mpp_source="openslide.mpp",
+        footprint_px0=pytest.approx(112 * 0.6 / 0.25),
+    )
+    assert grid.tile_um == pytest.approx(67.2)
+    assert (table["level"] == grid.level).all() and (table["read_px"] == grid.read_px).all()
+    assert TileGrid.of(grid) is grid and TileGrid.from_metadata(grid.to_metadata()) == grid
+
+
+def test_tile_table_without_a_grid_is_a_clear_error(tmp_path, demo_slide):
+    from histodistill.provenance import provenance, write_parquet
+
+    out = tmp_path / "old.parquet"
+    write_parquet(pd.DataFrame({"x0": [0]}), out, provenance({}, slide_id="old"))
+    with pytest.raises(SlideError, match=r"slide 'old' lacks the grid key\(s\) \['slide_path', 'mpp'"):
+        TileGrid.from_metadata(read_tile_table(out).metadata)
+    pq.write_table(pq.read_table(out).replace_schema_metadata({}), out)
+    with pytest.raises(SlideError, match="not a histodistill tile table"):
+        read_tile_table(out)
 
 
 def test_min_tissue_filters_tiles(tmp_path, demo_slide):
@@ -128,12 +169,10 @@ def test_blank_slide_error_mode_leaves_nothing(tmp_path, blank_slide):
 
 
 def test_failure_mid_write_leaves_no_partial_file(tmp_path, demo_slide, monkeypatch):
-    import histodistill.tiling as tiling
-
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tiling.pq, "write_table", boom)
+    monkeypatch.setattr(pq, "write_table", boom)
     with pytest.raises(OSError, match="disk full"):
         tile_slide(demo_slide, "s", tmp_path / "t.parquet", PARAMS)
     assert list(tmp_path.iterdir()) == []

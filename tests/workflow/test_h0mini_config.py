@@ -44,9 +44,7 @@ def expected_jobs(n_slides: int) -> dict[str, int]:
 
 
 def test_h0mini_config_is_valid_and_is_the_papers_recipe():
-    config = validate_config(
-        yaml.safe_load(CONFIG.read_text()), load_schema(REPO / "configs" / "schema.yaml")
-    )
+    config = validate_config(yaml.safe_load(CONFIG.read_text()), load_schema())
     run = config["distill"]["runs"]["h0mini"]
     assert (run["iterations"], run["batch_size"], run["n_prototypes"]) == (105_000, 2048, 131_072)
     assert (run["dino_bottleneck"], run["ibot_bottleneck"]) == (384, 256)

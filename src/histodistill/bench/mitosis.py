@@ -94,7 +94,7 @@ from histodistill.models.encoders import encode
 from histodistill.models.registry import LoadedModel, ModelSpec
 from histodistill.models.transforms import _MODES, ModelTransform
 from histodistill.provenance import read_parquet, write_parquet
-from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
+from histodistill.slides import best_level, open_slide, parse_mpp, read_rgb, read_scaled, resolve_mpp
 from histodistill.tissue import MaskConfig, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -236,11 +236,8 @@ def validate_annotations(
 def slides_from_sheet(sheet: pd.DataFrame) -> tuple[dict[str, str], dict[str, float | None]]:
     """Slide paths and MPP overrides from a sample sheet (as `histodistill.config.read_sample_sheet` gives)."""
     paths = {str(s): str(p) for s, p in zip(sheet["slide_id"], sheet["path"], strict=True)}
-    raw = sheet["mpp"] if "mpp" in sheet.columns else pd.Series([None] * len(sheet))
-    values = pd.to_numeric(raw.replace("", None), errors="coerce").to_numpy(dtype=np.float64)
-    mpps = {
-        str(s): (None if np.isnan(v) else float(v)) for s, v in zip(sheet["slide_id"], values, strict=True)
-    }
+    raw = sheet["mpp"] if "mpp" in sheet.columns else [None] * len(sheet)
+    mpps = {str(s): parse_mpp(v) for s, v in zip(sheet["slide_id"], raw, strict=True)}
     return paths, mpps
 
 

@@ -55,6 +55,7 @@ from histodistill.bench.stats import (
 )
 from histodistill.provenance import provenance, read_parquet, write_parquet
 
+N_BOOT = 1000  # cluster-bootstrap replicates (slides) of the CIs: config key benchmarks.plism.n_boot
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = (1, 3, 5, 10)
@@ -631,7 +632,7 @@ def _groups(wide: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
 def summarize_scores(
     scores: pd.DataFrame | str | os.PathLike,
     *,
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
     confidence: float = 0.95,
 ) -> pd.DataFrame:
@@ -682,7 +683,7 @@ def leaderboard_metric(summary: pd.DataFrame) -> float | pd.Series:
 
 
 def leaderboard_ci(
-    scores: pd.DataFrame | str | os.PathLike, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
+    scores: pd.DataFrame | str | os.PathLike, *, n_boot: int = N_BOOT, seed: int = 0, confidence: float = 0.95
 ) -> dict[str, float]:
     """The leaderboard metric with a cluster-bootstrap CI (each replicate recomputes all four medians)."""
     if not isinstance(scores, pd.DataFrame):

@@ -12,8 +12,8 @@ Protocols and the sources they were checked against:
 - **k-NN (DINO's `knn_classifier`)**: cosine similarity of L2-normalised features, the k most similar
   training tiles vote with weight exp(sim / 0.07); computed block by block (queries × training blocks,
   keeping a running top-k), never as an all-pairs matrix. k is chosen on the validation split (best
-  balanced accuracy, smallest k on ties) from `ks` (default 1…50); the test split is scored at that k.
-  Without a validation split DINO's k = 20 is used.
+  balanced accuracy, smallest k on ties) from `ks` (default 1, 2, 5, 10, 20, 50); the test split is scored
+  at that k. Without a validation split DINO's k = 20 is used.
 - **Logistic regression (mahmoodlab/UNI `eval_patch_features/linear_probe.py`)**: L-BFGS, 1000 iterations,
   C = 1/λ with λ = 100 / (D · K) (UNI: `cost = feats.shape[1] * NUM_C / 100`), fitted on train + val
   (UNI's `combine_trainval=True`). Here sklearn's `LogisticRegression` on standardised features, as
@@ -78,7 +78,7 @@ class LinearProbeConfig:
 
 @dataclass(frozen=True)
 class KnnConfig:
-    ks: tuple[int, ...] = tuple(range(1, 51))
+    ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50)  # tried on validation (config key benchmarks.probe.knn_ks)
     temperature: float = 0.07
     block_size: int = 1024
     default_k: int = 20  # DINO's default, used when there is no validation split

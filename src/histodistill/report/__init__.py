@@ -56,7 +56,6 @@ REQUIRED = {
     "probe": {"task", "method", "seed", "metric", "value"},
     "mitosis": {"metric", "value"},
 }
-N_BOOT = 1000  # cluster-bootstrap replicates of the PLISM CIs
 BOOT_SEED = 0
 PLISM_TOP10_GROUPS = (plism_bench.INTER_SCANNER, plism_bench.INTER_STAINING, plism_bench.INTER_BOTH)
 PROBE_METHOD_ORDER = ("linear", "knn", "logreg", "abmil")
@@ -129,9 +128,9 @@ def _mitosis_rows(frame: pd.DataFrame, model: str, path: Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------- summaries
 
 
-def _summarize_one(benchmark: str, frame: pd.DataFrame) -> pd.DataFrame:
+def _summarize_one(benchmark: str, frame: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     if benchmark == "plism":
-        return plism_bench.summarize_scores(frame, n_boot=N_BOOT, seed=BOOT_SEED)
+        return plism_bench.summarize_scores(frame, n_boot=n_boot, seed=BOOT_SEED)
     if benchmark == "hest":
         rows = hest_bench.summarize(frame)
         rows = rows[rows["task"] != hest_bench.MEAN]
@@ -150,10 +149,11 @@ def _summarize_one(benchmark: str, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize_benchmarks(
-    scores: Mapping[str, Mapping[str, str | os.PathLike]],
+    scores: Mapping[str, Mapping[str, str | os.PathLike]], n_boot: int = plism_bench.N_BOOT
 ) -> tuple[dict[str, pd.DataFrame], list[dict[str, Any]]]:
     """Per benchmark, the concatenated per-model summaries (a `model` column first), and the inputs read.
 
+    `n_boot` is the number of cluster-bootstrap replicates of the PLISM CIs (0: no CIs, NaN bounds).
     An empty score file counts as the model being absent from that benchmark (with a warning).
     """
     if unknown := sorted(set(scores) - set(BENCHMARKS)):
@@ -184,7 +184,7 @@ def summarize_benchmarks(
                 log.warning("%s scores of model %r (%s) are empty; shown as missing", benchmark, model, path)
                 continue
             try:
-                summary = _summarize_one(benchmark, frame)
+                summary = _summarize_one(benchmark, frame, n_boot)
             except BenchmarkError as exc:
                 raise ReportError(f"{benchmark} scores of model {model!r} ({path}): {exc}") from exc
             parts.append(summary.assign(model=model))
@@ -605,17 +605,19 @@ def build_report(
     models: dict[str, dict] | None = None,
     config: dict | None = None,
     title: str = "histodistill benchmarks",
+    n_boot: int = plism_bench.N_BOOT,
 ) -> pd.DataFrame:
     """Write `out_dir/leaderboard.parquet`, `out_dir/figures/*.png` and `out_dir/index.html`; return the board.
 
     `scores[benchmark][model]` is that model's tidy score file; `models[model]` holds params_m, gflops,
-    tiles_per_s and device (see `model_profile`); `config` is the run's config, hashed into the provenance.
+    tiles_per_s and device (see `model_profile`); `config` is the run's config, hashed into the provenance;
+    `n_boot` is the number of cluster-bootstrap replicates of the PLISM CIs (benchmarks.plism.n_boot).
     """
     out_dir = Path(out_dir)
     scores = {str(b): dict(v) for b, v in (scores or {}).items()}
     order = _model_order(scores, models)
     colors = figures.model_colors(order)
-    summaries, inputs = summarize_benchmarks(scores)
+    summaries, inputs = summarize_benchmarks(scores, n_boot)
     board = leaderboard(summaries, models, order)
     run_hash = config_hash(config) if config is not None else None
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -662,7 +664,7 @@ def build_report(
             for b, v in scores.items()
         },
         "models": models or {},
-        "n_boot": N_BOOT,
+        "n_boot": n_boot,
         "boot_seed": BOOT_SEED,
     }
     meta = provenance(params, artifact="leaderboard", created=created)
