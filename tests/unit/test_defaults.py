@@ -45,7 +45,6 @@ SCHEMA = load_schema()
 # Where each schema default comes from: (settings class, field) or (function, parameter). The key path and
 # the field name are the same unless the row says otherwise.
 SOURCES: dict[str, tuple] = {
-    "results_dir": (extract_embeddings, "results_dir"),
     "demo.width_px": (DemoSlideConfig, "width_px"),
     "demo.height_px": (DemoSlideConfig, "height_px"),
     "demo.mpp": (DemoSlideConfig, "mpp"),
@@ -147,6 +146,7 @@ SOURCES: dict[str, tuple] = {
 
 # Schema defaults with no library counterpart: switches, paths and selections of the pipeline itself.
 PIPELINE_ONLY = {
+    "results_dir": "the workflow's output folder; the library takes explicit paths",
     "seed": "the run's seed; each rule passes it (or one derived from it) to the library",
     "demo.enabled": "switch: make the demo slides",
     "demo.slides_dir": "path of the pipeline's demo slides",

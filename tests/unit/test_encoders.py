@@ -16,7 +16,7 @@ from histodistill.models import Encoder, ModelRef, encode, get_spec, load_model,
 from histodistill.models.registry import ModelSpec, Transform
 from histodistill.models.transforms import ModelTransform
 from histodistill.tilestore import TileStore, pack_tiles
-from histodistill.tiling import TilingParams, tile_slide
+from histodistill.tiling import TilingConfig, tile_slide
 
 # name → (backend, prefix tokens, patch grid side, default pooling, mean): the published layouts.
 COMPARISON = {
@@ -143,7 +143,7 @@ def test_registered_transformers_vit_embeds_the_demo(tmp_path, demo_slide, monke
     )
     with pytest.raises(ModelError, match="already registered"):
         register_model(spec)
-    tile_slide(demo_slide, "a", tmp_path / "a.parquet", TilingParams(min_tissue=0.0))
+    tile_slide(demo_slide, "a", tmp_path / "a.parquet", TilingConfig(min_tissue=0.0))
     pack_tiles([tmp_path / "a.parquet"], tmp_path / "store.zarr", chunk_tiles=8)
     out = tmp_path / "emb.zarr"
     n = extract_embeddings("hf_vit_test", tmp_path / "store.zarr", out, batch_size=4, num_workers=0)
