@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import default_collate
 
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.objectives import StepState
 from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, dist_env, linear_cka
 from histodistill.models import load_model
 from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
@@ -83,8 +84,8 @@ def test_cached_and_online_teacher_give_the_same_loss(tmp_path, data):
     for mode in ("cached", "online"):
         trainer = Trainer(replace(CFG, teacher_mode=mode, n_local=2), store, cache, tmp_path / mode)
         with torch.no_grad():
-            out = trainer.compute_losses(
-                trainer.get_teacher_output(batch), trainer.get_student_output(batch), 0.05
+            out, _ = trainer.compute_losses(
+                trainer.get_teacher_output(batch), trainer.get_student_output(batch), StepState(0, 0.05)
             )
         losses[mode] = {k: float(v) for k, v in out.items()}
     assert losses["cached"].keys() == {"dino", "ibot", "total"}
@@ -215,7 +216,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path, 
 def test_teacher_heads_load_from_a_checkpoint(tmp_path, data):
     from safetensors.torch import save_file
 
-    from histodistill.distill.trainer import _teacher_heads
+    from histodistill.distill.objectives import build_teacher_heads as _teacher_heads
 
     frozen = _teacher_heads(CFG, 64)
     state = {
