@@ -396,13 +396,25 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to `cfg.iterations` (or stop, checkpointed, after `stop_after` iterations: tests)."""
-        cfg = self.cfg
         previous = {
             signal.SIGUSR1: signal.getsignal(signal.SIGUSR1),
             signal.SIGTERM: signal.getsignal(signal.SIGTERM),
         }
         for sig in previous:  # before anything else: a signal from here on ends in a checkpoint
             signal.signal(sig, self._on_signal)
+        try:  # the handlers go back whatever happens (e.g. a checkpoint that cannot be resumed)
+            stopped = self._train(stop_after)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stopped is not None:
+            return stopped
+        self.save_checkpoint()
+        return self.export()
+
+    def _train(self, stop_after: int | None) -> dict | None:
+        """fit's loop, under its signal handlers: {"stopped_at": k} when it stopped early, else None."""
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.maybe_resume():
             self.agreement_before = self.agreement(self.model.backbone)
@@ -466,10 +478,7 @@ class Trainer:
                     return {"stopped_at": self.iteration}
         finally:
             progress.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        self.save_checkpoint()
-        return self.export()
+        return None
 
     def export(self) -> dict:
         """student.safetensors, student_ema.safetensors, train_log.parquet, loss.png, agreement.json."""
