@@ -1,6 +1,6 @@
 """The objectives of distill/objectives.py against by-hand formulas, their state, and the registry."""
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -140,3 +140,17 @@ def test_registry_matches_the_schema_and_rejects_unknown_names_and_options():
         build_objective(replace(CFG, objective="vicreg"), D, DT, True)
     with pytest.raises(HistodistillError, match=r"no option\(s\) \['temperature'\]"):
         build_objective(replace(CFG, objective_params={"temperature": 0.5}), D, DT, True)
+
+
+def test_options_parse_objective_params_into_the_class_dataclass():
+    @dataclass(frozen=True)
+    class Options:
+        temperature: float = 0.5
+
+    class Paired(Feature):
+        name = "paired"
+
+    Paired.Options = Options
+    assert Paired.options({"temperature": 0.2}) == Options(0.2) and Paired.options(None) == Options(0.5)
+    with pytest.raises(HistodistillError, match=r"no option\(s\) \['lambda'\].*takes: \['temperature'\]"):
+        Paired.options({"lambda": 25})
