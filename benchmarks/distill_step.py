@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
 from histodistill.distill.data import DistillDataset, EpochSampler
+from histodistill.distill.objectives import TeacherTokens
 from histodistill.distill.trainer import DistillConfig, Trainer
 from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
 from histodistill.tilestore import pack_tiles
@@ -50,12 +51,12 @@ def time_steps(trainer: Trainer, mode: str, steps: int) -> float:
     batches = iter(loader)
     if mode == "student_only":  # fixed targets of the right shapes: no teacher, no cache reads in the step
         first = next(batches)
-        fixed = (
+        fixed = TeacherTokens(
             first["teacher_cls"].transpose(0, 1).contiguous(),
             first["teacher_patch"].transpose(0, 1).contiguous(),
         )
         trainer.get_teacher_output = lambda batch: fixed
-        trainer.teacher_heads.requires_grad_(False)
+        trainer.objective.teacher_heads.requires_grad_(False)
     trainer.step(next(batches))  # warm-up
     start = time.perf_counter()
     for _ in range(steps):

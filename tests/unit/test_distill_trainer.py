@@ -10,10 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import default_collate
 
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.objectives import OBJECTIVES, Objective, StepState
 from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, dist_env, linear_cka
+from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
 from histodistill.tilestore import pack_tiles
@@ -83,8 +86,8 @@ def test_cached_and_online_teacher_give_the_same_loss(tmp_path, data):
     for mode in ("cached", "online"):
         trainer = Trainer(replace(CFG, teacher_mode=mode, n_local=2), store, cache, tmp_path / mode)
         with torch.no_grad():
-            out = trainer.compute_losses(
-                trainer.get_teacher_output(batch), trainer.get_student_output(batch), 0.05
+            out, _ = trainer.compute_losses(
+                trainer.get_teacher_output(batch), trainer.get_student_output(batch), StepState(0, 0.05)
             )
         losses[mode] = {k: float(v) for k, v in out.items()}
     assert losses["cached"].keys() == {"dino", "ibot", "total"}
@@ -215,7 +218,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path, 
 def test_teacher_heads_load_from_a_checkpoint(tmp_path, data):
     from safetensors.torch import save_file
 
-    from histodistill.distill.trainer import _teacher_heads
+    from histodistill.distill.objectives import build_teacher_heads as _teacher_heads
 
     frozen = _teacher_heads(CFG, 64)
     state = {
@@ -230,3 +233,65 @@ def test_teacher_heads_load_from_a_checkpoint(tmp_path, data):
     assert any(p.requires_grad for p in learned.parameters())
     with pytest.raises(Exception, match="not found"):
         _teacher_heads(replace(CFG, teacher_heads=str(tmp_path / "missing.safetensors")), 64)
+
+
+def test_feature_objective_resumes_exactly(tmp_path, data):
+    store, cache = data
+    cfg = replace(CFG, objective="feature", iterations=6)
+    Trainer(cfg, store, cache, tmp_path / "full").fit()
+    assert Trainer(cfg, store, cache, tmp_path / "resumed").fit(stop_after=3) == {"stopped_at": 3}
+    Trainer(cfg, store, cache, tmp_path / "resumed").fit()
+    a = pd.read_parquet(tmp_path / "full" / "train_log.parquet")
+    b = pd.read_parquet(tmp_path / "resumed" / "train_log.parquet")
+    cols = ["loss_total", "loss_feature", "grad_norm"]
+    np.testing.assert_allclose(b[cols].to_numpy(), a[cols].to_numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_of_the_old_format_is_refused_by_name(tmp_path, data):
+    """A checkpoint from before objectives were plug-ins (heads under "model", centres under "centers")."""
+    store, cache = data
+    trainer = Trainer(CFG, store, cache, tmp_path / "run")
+    old = trainer.state_dict()
+    del old["format"], old["objective"], old["backbone"]
+    old |= {"model": trainer.model.state_dict(), "centers": {}, "teacher_heads": {}}
+    (tmp_path / "run").mkdir()
+    torch.save(old, trainer.checkpoint_path)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(HistodistillError, match="checkpoint of format 1.*delete it to start over"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) is before  # fit's handlers are gone again
+
+
+class _ClsRegression(Objective):
+    """A toy plug-in: MSE of the student's CLS through a linear map to the teacher's, and a step counter."""
+
+    name = "cls_regression"
+
+    def __init__(self, cfg, student_dim, teacher_dim, teacher_patches):
+        super().__init__()
+        self.student_heads["proj"] = nn.Linear(student_dim, teacher_dim)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def teacher_targets(self, teacher, step):
+        return teacher.cls.flatten(0, 1).detach()
+
+    def losses(self, student, targets, step):
+        loss = (self.student_heads["proj"](student.cls) - targets).pow(2).mean()
+        return {"mse": loss, "total": loss}
+
+    def update_state(self, targets):
+        self.updates += 1
+
+
+def test_a_new_objective_plugs_in_with_its_state_checkpointed(tmp_path, data, monkeypatch):
+    store, cache = data
+    monkeypatch.setitem(OBJECTIVES, "cls_regression", _ClsRegression)
+    cfg = replace(CFG, objective="cls_regression", iterations=4)
+    assert Trainer(cfg, store, cache, tmp_path / "run").fit(stop_after=2) == {"stopped_at": 2}
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert int(state["objective"]["updates"]) == 2 and "student_heads.proj.weight" in state["objective"]
+    resumed = Trainer(cfg, store, cache, tmp_path / "run")
+    resumed.fit()
+    assert int(resumed.objective.updates) == 4  # the counter came back from the checkpoint
+    log = pd.read_parquet(tmp_path / "run" / "train_log.parquet")
+    assert len(log) == 4 and np.isfinite(log["loss_mse"]).all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -20,33 +21,32 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class SoftmaxCenter:
+class SoftmaxCenter(nn.Module):
     """softmax((t − c) / τ) with c an EMA (momentum 0.9) of the teacher's mean logits over the global batch.
 
-    With a frozen teacher the centre converges to a constant: `set(center)` installs one computed once.
+    The centre is a buffer `center` [1, K] (float32), so it is saved in the state_dict of whatever module
+    holds it and moves with `.to(device)`. Source: DINOv2 `DINOLoss.softmax_center_teacher` /
+    `update_center` (dinov2/loss/dino_clstoken_loss.py), without the asynchronous all-reduce.
     """
 
     def __init__(self, n_prototypes: int, momentum: float = 0.9):
+        super().__init__()
         self.momentum = momentum
-        self.center = torch.zeros(1, n_prototypes)
+        self.register_buffer("center", torch.zeros(1, n_prototypes))
 
     def probs(self, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[N, K] logits → [N, K] target probabilities (gradient flows to the logits)."""
         center = self.center.to(teacher_logits.device, teacher_logits.dtype)
         return torch.softmax((teacher_logits - center) / temperature, dim=-1)
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
+        """c ← m·c + (1 − m)·mean of `teacher_logits` [..., K] over all rows of all processes."""
         flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
         total = _all_reduce_sum(flat.sum(dim=0, keepdim=True))
         count = _all_reduce_sum(torch.tensor([float(flat.shape[0])], device=flat.device))
-        batch_center = (total / count).cpu()
+        batch_center = (total / count).to(self.center.device)
         self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
-
-    def state_dict(self) -> dict:
-        return {"center": self.center.clone(), "momentum": self.momentum}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.center, self.momentum = state["center"].clone(), state["momentum"]
 
 
 @torch.no_grad()

@@ -1,5 +1,9 @@
 """The distillation loop: get_teacher_output → get_student_output → compute_losses → step.
 
+What is learned and how (heads, teacher targets, loss terms, centres) is the objective's business
+(`distill.objectives`, chosen by `objective`); the trainer runs the student, the optimiser, the EMA,
+checkpoints and processes, and knows no objective by name.
+
 Single process or DDP (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE, read first; then SLURM's variables; else
 one process). Checkpoints are written atomically every `checkpoint_every` iterations and on SIGUSR1/SIGTERM
 (then the process exits with EXIT_REQUEUE so the scheduler or Snakemake's retries restart it); a restart
@@ -15,8 +19,9 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,10 +33,8 @@ from torch.utils.data import DataLoader
 from histodistill.atomic import atomic_path
 from histodistill.augment import normalize
 from histodistill.devices import autocast_dtype
-from histodistill.distill.centering import SoftmaxCenter, sinkhorn_knopp
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
-from histodistill.distill.heads import ProjectionHead
-from histodistill.distill.losses import FeatureAdapter, dino_loss, feature_loss, ibot_loss
+from histodistill.distill.objectives import StepState, StudentTokens, TeacherTokens, build_objective
 from histodistill.distill.schedules import Schedules
 from histodistill.errors import HistodistillError
 from histodistill.models import get_spec, load_model, save_student
@@ -41,6 +44,9 @@ from histodistill.teacher_cache import TeacherCache, pool_patches
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal, run me again
+# 2: the objective's heads and centres under "objective", the backbone under "backbone" (1: "model",
+# "teacher_heads", "centers"; not loadable)
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ class DistillConfig:
     student: str = "h0_mini_tiny"  # a registry architecture, trained from random init
     teacher: str = "h_optimus_0_tiny"
     teacher_weights: str | None = None
-    objective: str = "dino_ibot"  # or "feature"
+    objective: str = "dino_ibot"  # a name in distill.objectives.OBJECTIVES: dino_ibot | feature
+    objective_params: dict[str, Any] = field(default_factory=dict)  # options of objectives that take any
     teacher_mode: str = "cached"  # or "online"
     teacher_heads: str = "frozen"  # frozen (seeded) | learned | a path to a safetensors file of heads
     n_prototypes: int = 1024
@@ -96,42 +103,17 @@ def dist_env() -> tuple[int, int, int]:
 
 
 class StudentWithHeads(nn.Module):
-    """The trained module: student backbone + DINO head + iBOT head (or the feature adapter)."""
+    """The module wrapped in DDP: the student backbone + the objective's student heads (the same
+    ModuleDict the objective holds), so DDP all-reduces the heads' gradients too. `forward` runs only the
+    backbone (images [N, 3, S, S] → tokens [N, T, D]); the objective applies its heads itself."""
 
-    def __init__(self, backbone: nn.Module, cfg: DistillConfig, teacher_dim: int):
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict):
         super().__init__()
         self.backbone = backbone
-        dim = backbone.embed_dim
-        if cfg.objective == "feature":
-            self.adapter = FeatureAdapter(dim, teacher_dim)
-        else:
-            self.dino_head = ProjectionHead(dim, cfg.n_prototypes, cfg.head_hidden, cfg.dino_bottleneck)
-            self.ibot_head = ProjectionHead(dim, cfg.n_prototypes, cfg.head_hidden, cfg.ibot_bottleneck)
+        self.heads = heads
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(images)
-
-
-def _teacher_heads(cfg: DistillConfig, teacher_dim: int) -> nn.ModuleDict:
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed + 7919)  # recorded: the heads depend only on the seed
-        heads = nn.ModuleDict(
-            {
-                "dino": ProjectionHead(teacher_dim, cfg.n_prototypes, cfg.head_hidden, cfg.dino_bottleneck),
-                "ibot": ProjectionHead(teacher_dim, cfg.n_prototypes, cfg.head_hidden, cfg.ibot_bottleneck),
-            }
-        )
-    if cfg.teacher_heads not in ("frozen", "learned"):
-        from safetensors.torch import load_file
-
-        path = Path(cfg.teacher_heads)
-        if not path.is_file():
-            raise HistodistillError(f"teacher heads checkpoint not found: {path}")
-        heads.load_state_dict(load_file(path))
-    heads.requires_grad_(cfg.teacher_heads == "learned")
-    for head in heads.values():  # the weight-norm's g stays fixed in every mode
-        head.prototypes.parametrizations.weight.original0.requires_grad = False
-    return heads
 
 
 def _param_groups(modules: list[nn.Module]) -> list[dict]:
@@ -179,15 +161,6 @@ class Trainer:
         self.teacher_spec = get_spec(cache.attrs["teacher"]) if cfg.teacher_mode == "online" else None
         self.teacher_dim = int(cache.attrs["embed_dim"])
         self.cache_patch = cache.attrs["patch_tokens"]
-        if (
-            cfg.objective != "feature"
-            and cfg.ibot_weight > 0
-            and self.cache_patch == "none"
-            and cfg.teacher_mode == "cached"
-        ):
-            raise HistodistillError(
-                "the iBOT loss needs patch tokens: cache them (teacher.patch_tokens: full|pool2)"
-            )
         n_tiles = len(cache)
         self.train_rows, self.holdout_rows = split_rows(n_tiles, cfg.holdout_fraction, cfg.seed)
         if cfg.batch_size % self.world:
@@ -215,19 +188,17 @@ class Trainer:
         # the two the same patch embedding (agreement before training would then be trivially perfect).
         torch.manual_seed(cfg.seed + 1)
         backbone = build_model(self.student_spec)
-        self.model = StudentWithHeads(backbone, cfg, self.teacher_dim).to(self.device)
+        teacher_patches = self.cache_patch != "none" or cfg.teacher_mode == "online"
+        self.objective = build_objective(cfg, backbone.embed_dim, self.teacher_dim, teacher_patches)
+        self.objective.to(self.device)
+        self.model = StudentWithHeads(backbone, self.objective.student_heads).to(self.device)
         self.ema = copy.deepcopy(self.model.backbone).requires_grad_(False)
-        self.teacher_heads = _teacher_heads(cfg, self.teacher_dim).to(self.device)
         self.teacher = None
         if cfg.teacher_mode == "online":
             self.teacher = load_model(cache.attrs["teacher"], cfg.teacher_weights, seed=cfg.seed).model.to(
                 self.device
             )
             self.teacher.requires_grad_(False)
-        self.centers = {
-            "dino": SoftmaxCenter(cfg.n_prototypes, cfg.center_momentum),
-            "ibot": SoftmaxCenter(cfg.n_prototypes, cfg.center_momentum),
-        }
         self.ddp = (
             nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -235,7 +206,9 @@ class Trainer:
             if self.world > 1
             else self.model
         )
-        trainable = [self.model] + ([self.teacher_heads] if cfg.teacher_heads == "learned" else [])
+        # the student with its heads, then the objective's teacher-side heads where they are learned
+        # (_param_groups skips parameters without requires_grad, e.g. frozen teacher heads)
+        trainable = [self.model, self.objective.teacher_heads]
         self.optimizer = torch.optim.AdamW(_param_groups(trainable), lr=0.0, betas=(0.9, 0.999))
         self.iteration = 0
         self.log_rows: list[dict] = []
@@ -248,14 +221,16 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def state_dict(self) -> dict:
+        """Everything an exact resume needs. The objective's heads (student and teacher side) and buffers
+        (centres) are under "objective"; the backbone alone under "backbone"."""
         return {
+            "format": CHECKPOINT_FORMAT,
             "iteration": self.iteration,
-            "model": self.model.state_dict(),
+            "backbone": self.model.backbone.state_dict(),
+            "objective": self.objective.state_dict(),
             "ema": self.ema.state_dict(),
-            "teacher_heads": self.teacher_heads.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "centers": {k: c.state_dict() for k, c in self.centers.items()},
             "torch_rng": torch.get_rng_state(),
             "log": self.log_rows,
             "agreement_before": self.agreement_before,
@@ -271,19 +246,26 @@ class Trainer:
             dist.barrier()
 
     def maybe_resume(self) -> bool:
+        """Load `checkpoint.pt` if there is one written with the same settings (True), else start over
+        (False, with a warning). HistodistillError for a checkpoint of another format (e.g. one written
+        before objectives were plug-ins): it cannot be resumed exactly, so it is never loaded in part."""
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise HistodistillError(
+                f"{self.checkpoint_path} is a checkpoint of format {state.get('format', 1)}, this version "
+                f"reads format {CHECKPOINT_FORMAT} (objective state under its own key): it cannot be "
+                "resumed; delete it to start over"
+            )
         if state["config"] != json.dumps(asdict(self.cfg), sort_keys=True):
             log.warning("checkpoint %s was written with other settings: starting over", self.checkpoint_path)
             return False
-        self.model.load_state_dict(state["model"])
+        self.model.backbone.load_state_dict(state["backbone"])
+        self.objective.load_state_dict(state["objective"])
         self.ema.load_state_dict(state["ema"])
-        self.teacher_heads.load_state_dict(state["teacher_heads"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        for k, c in self.centers.items():
-            c.load_state_dict(state["centers"][k])
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.log_rows = int(state["iteration"]), list(state["log"])
         self.agreement_before = dict(state["agreement_before"])
@@ -295,12 +277,12 @@ class Trainer:
         self._stop = True
 
     # ---- one step ----------------------------------------------------------------------------------
-    def get_teacher_output(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def get_teacher_output(self, batch: dict) -> TeacherTokens:
         """Teacher CLS [2, B, Dt] and patch tokens [2, B, P, Dt] (None without patches)."""
         if self.teacher is None:
             cls = batch["teacher_cls"].to(self.device).transpose(0, 1)
             patch = batch.get("teacher_patch")
-            return cls, None if patch is None else patch.to(self.device).transpose(0, 1)
+            return TeacherTokens(cls, None if patch is None else patch.to(self.device).transpose(0, 1))
         spec = self.teacher_spec
         views = normalize(
             batch["globals"].transpose(0, 1).flatten(0, 1), spec.transform.mean, spec.transform.std
@@ -313,7 +295,7 @@ class Trainer:
         patch = tokens[:, spec.num_prefix_tokens :]
         if self.cache_patch == "pool2":
             patch = pool_patches(patch)
-        return cls, patch.reshape(2, b, patch.shape[1], -1)
+        return TeacherTokens(cls, patch.reshape(2, b, patch.shape[1], -1))
 
     def get_student_output(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Student tokens of the 2 global views [2B, T, D] and CLS of the local views [L·B, D]."""
@@ -327,53 +309,35 @@ class Trainer:
                 local_cls = self.ddp(locals_)[:, 0]
         return tokens, local_cls
 
-    def compute_losses(self, teacher, student, temp: float) -> dict[str, torch.Tensor]:
-        t_cls, t_patch = teacher
+    def compute_losses(
+        self,
+        teacher: TeacherTokens,
+        student: tuple[torch.Tensor, torch.Tensor | None],
+        step: StepState,
+    ) -> tuple[dict[str, torch.Tensor], Any]:
+        """The objective's loss terms (with "total") and its targets (for `update_state` after the step).
+
+        `student`: get_student_output's (tokens [2B, T, D], local CLS [L·B, D] | None); its patch tokens
+        are 2×2-pooled when the teacher's are (a pooled cache).
+        """
         tokens, local_cls = student
-        cfg, b = self.cfg, t_cls.shape[1]
         prefix = self.student_spec.num_prefix_tokens
         s_cls, s_patch = tokens[:, 0].float(), tokens[:, prefix:].float()
-        if t_patch is not None and t_patch.shape[2] != s_patch.shape[1]:
+        if teacher.patch is not None and teacher.patch.shape[2] != s_patch.shape[1]:
             s_patch = pool_patches(s_patch)  # a 2×2-pooled cache: pool the student's grid alike
-        if cfg.objective == "feature":
-            s_all = torch.cat([s_cls[:, None], s_patch], 1) if t_patch is not None else s_cls[:, None]
-            t_all = (
-                torch.cat([t_cls.flatten(0, 1)[:, None], t_patch.flatten(0, 1)], 1)
-                if t_patch is not None
-                else t_cls.flatten(0, 1)[:, None]
-            )
-            loss = feature_loss(self.model.adapter(s_all), t_all)
-            return {"total": loss, "feature": loss}
-        with torch.set_grad_enabled(cfg.teacher_heads == "learned"):
-            t_dino = self.teacher_heads["dino"](t_cls.flatten(0, 1))  # [2B, K]
-            t_ibot = self.teacher_heads["ibot"](t_patch.flatten(0, 2)) if t_patch is not None else None
-        if cfg.centering == "sinkhorn":
-            t_probs = sinkhorn_knopp(t_dino, temp).reshape(2, b, -1)
-        else:
-            t_probs = self.centers["dino"].probs(t_dino, temp).reshape(2, b, -1)
-        s_dino = self.model.dino_head(s_cls).reshape(2, b, -1)
-        students = [s_dino[0], s_dino[1]]
-        if local_cls is not None:
-            students += list(self.model.dino_head(local_cls.float()).reshape(-1, b, cfg.n_prototypes))
-        losses = {"dino": dino_loss([t_probs[0], t_probs[1]], students, cfg.student_temp)}
-        total = cfg.dino_weight * losses["dino"]
-        if t_ibot is not None and cfg.ibot_weight > 0:
-            s_ibot = self.model.ibot_head(s_patch.reshape(-1, s_patch.shape[-1]))
-            losses["ibot"] = ibot_loss(
-                s_ibot, t_ibot, self.centers["ibot"].center, cfg.student_temp, temp, cfg.ibot_chunk
-            )
-            total = total + cfg.ibot_weight * losses["ibot"]
-        self._center_inputs = {"dino": t_dino.detach(), "ibot": None if t_ibot is None else t_ibot.detach()}
-        losses["total"] = total
-        return losses
+        targets = self.objective.teacher_targets(teacher, step)
+        losses = self.objective.losses(StudentTokens(s_cls, s_patch, local_cls), targets, step)
+        return losses, targets
 
     def step(self, batch: dict) -> dict[str, float]:
         it = self.iteration
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.schedules.lr[it])
             group["weight_decay"] = float(self.schedules.weight_decay[it]) if group["apply_wd"] else 0.0
-        temp = float(self.schedules.teacher_temp[it])
-        losses = self.compute_losses(self.get_teacher_output(batch), self.get_student_output(batch), temp)
+        state = StepState(iteration=it, teacher_temp=float(self.schedules.teacher_temp[it]))
+        losses, targets = self.compute_losses(
+            self.get_teacher_output(batch), self.get_student_output(batch), state
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total"]).backward()
         self.scaler.unscale_(self.optimizer)
@@ -385,10 +349,7 @@ class Trainer:
             m = float(self.schedules.ema_momentum[it])
             for e, s in zip(self.ema.parameters(), self.model.backbone.parameters(), strict=True):
                 e.lerp_(s.detach(), 1 - m)
-        if self.cfg.objective != "feature" and self.cfg.centering == "softmax":
-            for k, logits in self._center_inputs.items():
-                if logits is not None:
-                    self.centers[k].update(logits)
+        self.objective.update_state(targets)
         values = torch.stack([v.detach().float() for v in losses.values()])
         if self.world > 1:  # log the global batch's losses (the mean of equal-sized local means)
             dist.all_reduce(values)
@@ -396,7 +357,7 @@ class Trainer:
         return {f"loss_{k}": float(v) for k, v in zip(losses, values, strict=True)} | {
             "lr": float(self.schedules.lr[it]),
             "weight_decay": float(self.schedules.weight_decay[it]),
-            "teacher_temp": temp,
+            "teacher_temp": state.teacher_temp,
             "grad_norm": grad_norm,
         }
 
@@ -406,8 +367,8 @@ class Trainer:
         """Teacher–student agreement on held-out tiles (cached view 0), tokens = CLS + patches.
 
         `cka`: linear CKA of the tokens (a few held-out tiles still give hundreds of samples per feature
-        dimension). `feature_cos` (objective `feature`): the mean cosine between the adapter-mapped student
-        tokens and the teacher's, i.e. the objective itself measured on tiles it never trained on.
+        dimension); then the objective's own `holdout_metrics` (e.g. `feature_cos` of the `feature`
+        objective: the objective itself measured on tiles it never trained on).
         """
         if not len(self.holdout_rows) or self.cache_patch == "none":
             return {"cka": float("nan")}
@@ -428,22 +389,32 @@ class Trainer:
             feats_t.append(torch.cat([item["teacher_cls"][:1], teacher_patch], 0).numpy())
         student, teacher = np.concatenate(feats_s), np.concatenate(feats_t)
         out = {"cka": linear_cka(student, teacher)}
-        if self.cfg.objective == "feature":
-            mapped = self.model.adapter(torch.from_numpy(student).to(self.device)).float().cpu()
-            cos = nn.functional.cosine_similarity(mapped, torch.from_numpy(teacher).float(), dim=-1)
-            out["feature_cos"] = float(cos.mean())
-        return out
+        return out | self.objective.holdout_metrics(
+            torch.from_numpy(student).to(self.device), torch.from_numpy(teacher)
+        )
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to `cfg.iterations` (or stop, checkpointed, after `stop_after` iterations: tests)."""
-        cfg = self.cfg
         previous = {
             signal.SIGUSR1: signal.getsignal(signal.SIGUSR1),
             signal.SIGTERM: signal.getsignal(signal.SIGTERM),
         }
         for sig in previous:  # before anything else: a signal from here on ends in a checkpoint
             signal.signal(sig, self._on_signal)
+        try:  # the handlers go back whatever happens (e.g. a checkpoint that cannot be resumed)
+            stopped = self._train(stop_after)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stopped is not None:
+            return stopped
+        self.save_checkpoint()
+        return self.export()
+
+    def _train(self, stop_after: int | None) -> dict | None:
+        """fit's loop, under its signal handlers: {"stopped_at": k} when it stopped early, else None."""
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.maybe_resume():
             self.agreement_before = self.agreement(self.model.backbone)
@@ -461,6 +432,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.model.train()
+        self.objective.train()
         log.info(
             "distilling %s from %s (%s teacher): rank=%d world_size=%d device=%s batch=%d (%d per process)",
             cfg.student,
@@ -506,14 +478,12 @@ class Trainer:
                     return {"stopped_at": self.iteration}
         finally:
             progress.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        self.save_checkpoint()
-        return self.export()
+        return None
 
     def export(self) -> dict:
         """student.safetensors, student_ema.safetensors, train_log.parquet, loss.png, agreement.json."""
         self.model.eval()
+        self.objective.eval()
         before, after, after_ema = (
             self.agreement_before,
             self.agreement(self.model.backbone),

@@ -1,0 +1,156 @@
+"""The objectives of distill/objectives.py against by-hand formulas, their state, and the registry."""
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from histodistill.config import load_schema
+from histodistill.distill.losses import feature_loss
+from histodistill.distill.objectives import (
+    OBJECTIVES,
+    DinoIbot,
+    Feature,
+    StepState,
+    StudentTokens,
+    TeacherTokens,
+    build_objective,
+)
+from histodistill.distill.trainer import DistillConfig
+from histodistill.errors import HistodistillError
+
+CFG = DistillConfig(n_prototypes=16, head_hidden=32, dino_bottleneck=8, ibot_bottleneck=6, ibot_weight=0.5)
+B, P, L, D, DT, K = 3, 4, 2, 12, 20, 16
+
+
+def _tokens(seed: int = 0, patches: bool = True, local: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    teacher = TeacherTokens(
+        torch.randn(2, B, DT, generator=g), torch.randn(2, B, P, DT, generator=g) if patches else None
+    )
+    student = StudentTokens(
+        torch.randn(2 * B, D, generator=g),
+        torch.randn(2 * B, P, D, generator=g),
+        torch.randn(L * B, D, generator=g) if local else None,
+    )
+    return teacher, student
+
+
+def _h(t: torch.Tensor, s: torch.Tensor, tau: float) -> torch.Tensor:
+    """Mean over rows of −Σ_k t_k log softmax(s/τ)_k, in float64."""
+    return -(t.double() * torch.log_softmax(s.double() / tau, -1)).sum(-1).mean()
+
+
+def test_dino_ibot_losses_are_the_formulas_by_hand():
+    torch.manual_seed(0)
+    obj = DinoIbot(CFG, D, DT, teacher_patches=True)
+    c_dino, c_ibot = torch.randn(1, K) * 0.1, torch.randn(1, K) * 0.1
+    obj.centers["dino"].center.copy_(c_dino)
+    obj.centers["ibot"].center.copy_(c_ibot)
+    teacher, student = _tokens()
+    step = StepState(iteration=3, teacher_temp=0.05)
+    targets = obj.teacher_targets(teacher, step)
+    losses = obj.losses(student, targets, step)
+    assert list(losses) == ["dino", "ibot", "total"]
+    assert not targets.dino_probs.requires_grad and not targets.ibot_logits.requires_grad  # frozen heads
+
+    with torch.no_grad():
+        t_dino = obj.teacher_heads["dino"](teacher.cls.reshape(2 * B, DT))
+        t_probs = torch.softmax((t_dino - c_dino) / 0.05, -1).reshape(2, B, K)
+        s_views = list(obj.student_heads["dino"](student.cls).reshape(2, B, K))
+        s_views += list(obj.student_heads["dino"](student.local_cls).reshape(L, B, K))
+        # each teacher global view against every other student view: 2 × 3 pairs
+        pairs = [_h(t_probs[i], s, 0.1) for i in range(2) for j, s in enumerate(s_views) if j != i]
+        dino = torch.stack(pairs).mean()
+        t_ibot = obj.teacher_heads["ibot"](teacher.patch.reshape(-1, DT))
+        s_ibot = obj.student_heads["ibot"](student.patch.reshape(-1, D))
+        ibot = _h(torch.softmax((t_ibot.double() - c_ibot.double()) / 0.05, -1), s_ibot, 0.1)
+    assert losses["dino"].item() == pytest.approx(dino.item(), rel=1e-5)
+    assert losses["ibot"].item() == pytest.approx(ibot.item(), rel=1e-5)
+    assert losses["total"].item() == pytest.approx((dino + 0.5 * ibot).item(), rel=1e-5)
+
+    losses["total"].backward()  # the student heads get gradients, the frozen teacher heads none
+    assert all(p.grad is not None for p in obj.student_heads.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in obj.teacher_heads.parameters())
+
+    obj.update_state(targets)  # the centres' EMA (momentum 0.9) of the batch's mean teacher logits
+    assert torch.allclose(obj.centers["dino"].center, 0.9 * c_dino + 0.1 * t_dino.mean(0, keepdim=True))
+    assert torch.allclose(obj.centers["ibot"].center, 0.9 * c_ibot + 0.1 * t_ibot.mean(0, keepdim=True))
+
+
+def test_dino_ibot_variants_sinkhorn_learned_heads_and_no_patches():
+    teacher, student = _tokens(1)
+    step = StepState(0, 0.04)
+    sinkhorn = DinoIbot(replace(CFG, centering="sinkhorn"), D, DT, teacher_patches=True)
+    targets = sinkhorn.teacher_targets(teacher, step)
+    assert torch.allclose(targets.dino_probs.sum(-1), torch.ones(2, B), atol=1e-5)
+    sinkhorn.update_state(targets)  # no centre under Sinkhorn-Knopp
+    assert not sinkhorn.centers["dino"].center.any() and not sinkhorn.centers["ibot"].center.any()
+
+    learned = DinoIbot(replace(CFG, teacher_heads="learned"), D, DT, teacher_patches=True)
+    targets = learned.teacher_targets(teacher, step)
+    assert targets.dino_probs.requires_grad and not targets.dino_logits.requires_grad
+    learned.losses(student, targets, step)["total"].backward()
+    assert learned.teacher_heads["dino"].mlp[0].weight.grad is not None
+
+    no_patches = DinoIbot(replace(CFG, ibot_weight=0.0), D, DT, teacher_patches=False)
+    out = no_patches.losses(student, no_patches.teacher_targets(_tokens(patches=False)[0], step), step)
+    assert list(out) == ["dino", "total"] and torch.equal(out["total"], out["dino"])
+    with pytest.raises(HistodistillError, match="iBOT loss needs patch tokens"):
+        DinoIbot(CFG, D, DT, teacher_patches=False)
+
+
+def test_dino_ibot_state_dict_holds_heads_and_centres():
+    obj = DinoIbot(CFG, D, DT, teacher_patches=True)
+    obj.update_state(obj.teacher_targets(_tokens()[0], StepState(0, 0.04)))
+    state = obj.state_dict()
+    assert {"centers.dino.center", "centers.ibot.center"} <= set(state)
+    assert any(k.startswith("student_heads.dino.") for k in state)
+    assert any(k.startswith("teacher_heads.ibot.") for k in state)
+    restored = DinoIbot(replace(CFG, seed=5), D, DT, teacher_patches=True)
+    restored.load_state_dict(state)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in state.items())
+
+
+def test_feature_objective_is_cosine_plus_smooth_l1_through_the_adapter():
+    obj = Feature(CFG, D, DT, teacher_patches=True)
+    teacher, student = _tokens(2)
+    step = StepState(0, 0.04)
+    targets = obj.teacher_targets(teacher, step)
+    assert targets.shape == (2 * B, 1 + P, DT)
+    assert torch.equal(targets[B + 1, 0], teacher.cls[1, 1]) and torch.equal(
+        targets[B + 1, 1:], teacher.patch[1, 1]
+    )
+    losses = obj.losses(student, targets, step)
+    s_all = torch.cat([student.cls[:, None], student.patch], 1)
+    assert torch.equal(losses["feature"], feature_loss(obj.student_heads["adapter"](s_all), targets))
+    assert list(losses) == ["total", "feature"]
+    cls_only = obj.teacher_targets(_tokens(2, patches=False)[0], step)
+    assert cls_only.shape == (2 * B, 1, DT) and obj.losses(student, cls_only, step)["total"].ndim == 0
+    x = torch.randn(7, D)
+    assert obj.holdout_metrics(x, obj.student_heads["adapter"](x)) == {"feature_cos": pytest.approx(1.0)}
+    assert set(obj.state_dict()) == {"student_heads.adapter.proj.weight", "student_heads.adapter.proj.bias"}
+
+
+def test_registry_matches_the_schema_and_rejects_unknown_names_and_options():
+    run = load_schema()["properties"]["distill"]["properties"]["runs"]["additionalProperties"]["properties"]
+    assert set(run["objective"]["enum"]) == set(OBJECTIVES) == {"dino_ibot", "feature"}
+    assert isinstance(build_objective(replace(CFG, objective="feature"), D, DT, True), Feature)
+    with pytest.raises(HistodistillError, match="unknown objective 'vicreg'"):
+        build_objective(replace(CFG, objective="vicreg"), D, DT, True)
+    with pytest.raises(HistodistillError, match=r"no option\(s\) \['temperature'\]"):
+        build_objective(replace(CFG, objective_params={"temperature": 0.5}), D, DT, True)
+
+
+def test_options_parse_objective_params_into_the_class_dataclass():
+    @dataclass(frozen=True)
+    class Options:
+        temperature: float = 0.5
+
+    class Paired(Feature):
+        name = "paired"
+
+    Paired.Options = Options
+    assert Paired.options({"temperature": 0.2}) == Options(0.2) and Paired.options(None) == Options(0.5)
+    with pytest.raises(HistodistillError, match=r"no option\(s\) \['lambda'\].*takes: \['temperature'\]"):
+        Paired.options({"lambda": 25})
