@@ -31,6 +31,7 @@ from histodistill.devices import autocast_dtype
 from histodistill.distill.centering import SoftmaxCenter, sinkhorn_knopp
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
 from histodistill.distill.heads import ProjectionHead
+from histodistill.distill.launch import REQUEUE_EXIT_CODE
 from histodistill.distill.losses import FeatureAdapter, dino_loss, feature_loss, ibot_loss
 from histodistill.distill.schedules import Schedules
 from histodistill.errors import HistodistillError
@@ -40,7 +41,7 @@ from histodistill.provenance import provenance
 from histodistill.teacher_cache import TeacherCache, pool_patches
 
 log = logging.getLogger(__name__)
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal, run me again
+EXIT_REQUEUE = REQUEUE_EXIT_CODE  # checkpointed on a signal, run me again (see distill/launch.py)
 
 
 @dataclass(frozen=True)
