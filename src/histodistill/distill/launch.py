@@ -50,7 +50,13 @@ def launch_command(
     if nproc_per_node < 1 or nodes < 1:
         raise ValueError(f"nproc_per_node ({nproc_per_node}) and nodes ({nodes}) must be at least 1")
     if nodes == 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc_per_node}",
+        ]
     else:
         launcher = [
             "srun",
@@ -66,7 +72,15 @@ def launch_command(
             f"--rdzv_endpoint={host or socket.gethostname()}:{RDZV_PORT}",
             f"--rdzv_id={job_id or os.environ.get('SLURM_JOB_ID', 'histodistill')}",
         ]
-    return [*launcher, "-m", "histodistill.distill.trainer", str(config_path), str(tiles), str(cache), str(out_dir)]
+    return [
+        *launcher,
+        "-m",
+        "histodistill.distill.trainer",
+        str(config_path),
+        str(tiles),
+        str(cache),
+        str(out_dir),
+    ]
 
 
 def launch(
