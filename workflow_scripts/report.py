@@ -2,24 +2,17 @@
 
 from pathlib import Path
 
-from histodistill.embed import EmbeddingStore
+from histodistill import report
 from histodistill.logs import log_to
-from histodistill.report import build_report, model_profile
 
 log_to(snakemake.log[0])
 p = snakemake.params
-scores = {b: {} for b in p.benchmarks}
-for path in snakemake.input.scores:
-    path = Path(path)
-    scores[path.parent.name][path.stem] = path
-models = {}
-for model, emb_path in zip(p.models, snakemake.input.embeddings, strict=True):
-    # a distilled student has its run's architecture; its size is that of the architecture
-    arch = p.students.get(model.removeprefix("student-"), model) if model.startswith("student-") else model
-    attrs = EmbeddingStore(emb_path).attrs
-    models[model] = {
-        **model_profile(arch),
-        "tiles_per_s": attrs.get("tiles_per_s"),
-        "device": attrs.get("throughput_device"),
-    }
-build_report(scores, Path(snakemake.output.html).parent, models=models, config=p.config)
+report.run(
+    snakemake.input.scores,
+    snakemake.input.embeddings,
+    Path(snakemake.output.html).parent,
+    benchmarks=p.benchmarks,
+    models=p.models,
+    students=p.students,
+    config=p.config,
+)
