@@ -1,34 +1,10 @@
 # Embedding extraction: every configured model × cohort → Zarr [N, D] (+ optional export formats).
 
 
-def embed_cohorts():
-    """Datasets every model embeds: the configured cohorts (or all) and the PLISM matched tiles.
-
-    (HEST tasks, datasets `hest-{task}`, are embedded on demand by the models that are scored.)
-    """
-    return list(config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
-
-
-def dataset_store(dataset):
-    """A dataset's tile store: a cohort's, the PLISM matched tiles (read as one flat store), a HEST task's,
-    or a probe task's image files."""
-    if dataset == "plism":
-        return f"{RESULTS}/plism/tiles.zarr"
-    if dataset.startswith("hest-"):
-        return f"{RESULTS}/hest/{dataset.removeprefix('hest-')}.zarr"
-    if dataset.startswith("probe-"):
-        return f"{RESULTS}/probe/{dataset.removeprefix('probe-')}.zarr"
-    return f"{RESULTS}/tilestore/{dataset}.zarr"
-
-
 rule embed:
     input:
         store=lambda w: dataset_store(w.dataset),
-        student=lambda w: (
-            [f"{RESULTS}/students/{w.model.removeprefix('student-')}/student.safetensors"]
-            if w.model.startswith("student-")
-            else []
-        ),
+        student=lambda w: student_checkpoint(w.model),
     output:
         embeddings=directory(f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr"),
     params:
@@ -38,12 +14,14 @@ rule embed:
         precision=config["embeddings"]["precision"],
         seed=config["seed"],
         weights=lambda w: model_weights(w.model),
-        results_dir=RESULTS,
+        results_dir=lambda w, output: results_dir_of(output.embeddings, 2),  # where students are
     log:
         "logs/embed/{model}/{dataset}.log",
     threads: threads_for("embed")
     resources:
         **resources_for("embed"),
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/embed.py"
 
@@ -57,6 +35,8 @@ rule export_embeddings:
         format="plismbench|h5",
     log:
         "logs/export_embeddings/{format}/{model}/{dataset}.log",
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/export_embeddings.py"
 
