@@ -1,22 +1,5 @@
 # Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, then
 # the report. Each scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task}, cohorts).
-BENCH = config["benchmarks"]
-HEST = BENCH["hest"]
-PROBE = BENCH["probe"]
-
-
-def bench_models():
-    return BENCH["models"] or config["embeddings"]["models"]
-
-
-def hest_task_dir(task):
-    return f"{HEST['tasks_dir']}/{task}"
-
-
-def embedding(model, dataset):
-    return f"{RESULTS}/embeddings/{model}/{dataset}.zarr"
-
-
 rule score_plism:
     input:
         embeddings=lambda w: embedding(w.model, "plism"),
@@ -33,6 +16,8 @@ rule score_plism:
     threads: threads_for("score_plism")
     resources:
         **resources_for("score_plism"),
+    conda:
+        "../envs/bench.yaml"
     script:
         "../workflow_scripts/score_plism.py"
 
@@ -48,6 +33,8 @@ if config["demo"]["enabled"] and HEST["demo"]:
             seed=config["seed"],
         log:
             "logs/hest_demo/{task}.log",
+        conda:
+            "../envs/bench.yaml"
         script:
             "../workflow_scripts/hest_demo.py"
 
@@ -59,6 +46,8 @@ rule hest_store:
         directory(f"{RESULTS}/hest/{{task}}.zarr"),
     log:
         "logs/hest_store/{task}.log",
+    conda:
+        "../envs/bench.yaml"
     script:
         "../workflow_scripts/hest_store.py"
 
@@ -78,6 +67,8 @@ rule score_hest:
     threads: threads_for("score_hest")
     resources:
         **resources_for("score_hest"),
+    conda:
+        "../envs/bench.yaml"
     script:
         "../workflow_scripts/score_hest.py"
 
@@ -91,21 +82,10 @@ if config["demo"]["enabled"] and PROBE["demo"]:
             f"{RESULTS}/demo/probe/{PROBE['demo']}_tissue.csv",
         log:
             "logs/probe_demo.log",
+        conda:
+            "../envs/bench.yaml"
         script:
             "../workflow_scripts/probe_demo.py"
-
-
-def probe_task(name):
-    """A probe task's dataset and row manifest: a cohort's tiles, or image files packed by `probe_store`."""
-    task = PROBE["tasks"][name]
-    if task.get("images"):
-        return {"dataset": f"probe-{name}", "manifest": f"{RESULTS}/probe/{name}.csv", "level": task["level"]}
-    if not (task.get("dataset") and task.get("manifest")):
-        raise ValueError(f"benchmarks.probe.tasks.{name}: give `images`, or `dataset` and `manifest`")
-    return {"dataset": task["dataset"], "manifest": task["manifest"], "level": task["level"]}
-
-
-PROBE_TASKS = {name: probe_task(name) for name in PROBE["tasks"]}
 
 
 rule probe_store:
@@ -118,6 +98,8 @@ rule probe_store:
         tile_px=config["tiling"]["tile_px"],
     log:
         "logs/probe_store/{task}.log",
+    conda:
+        "../envs/bench.yaml"
     script:
         "../workflow_scripts/probe_store.py"
 
@@ -139,20 +121,10 @@ rule score_probe:
     threads: threads_for("score_probe")
     resources:
         **resources_for("score_probe"),
+    conda:
+        "../envs/bench.yaml"
     script:
         "../workflow_scripts/score_probe.py"
-
-
-MITOSIS = BENCH["mitosis"]
-MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
-
-
-def mitosis_inputs():
-    """The annotated slides: the demo set's directory, or the user's sheet, annotations and slides."""
-    if MITOSIS["demo"]:
-        return [MITOSIS_DEMO_DIR]
-    sheet = read_sample_sheet(MITOSIS["samples"])
-    return [MITOSIS["samples"], MITOSIS["annotations"], *sheet["path"]]
 
 
 if MITOSIS["enabled"] and MITOSIS["demo"]:
@@ -164,6 +136,8 @@ if MITOSIS["enabled"] and MITOSIS["demo"]:
             seed=config["seed"],
         log:
             "logs/mitosis_demo.log",
+        conda:
+            "../envs/wsi.yaml"
         script:
             "../workflow_scripts/mitosis_demo.py"
 
@@ -185,21 +159,10 @@ rule score_mitosis:
     threads: threads_for("score_mitosis")
     resources:
         **resources_for("score_mitosis"),
+    conda:
+        "../envs/bench.yaml"
     script:
         "../workflow_scripts/score_mitosis.py"
-
-
-def enabled_benchmarks():
-    out = []
-    if BENCH["plism"]["enabled"] and config["plism"]["enabled"]:
-        out.append("plism")
-    if HEST["tasks"]:
-        out.append("hest")
-    if PROBE["tasks"]:
-        out.append("probe")
-    if MITOSIS["enabled"]:
-        out.append("mitosis")
-    return out
 
 
 rule report:
@@ -221,6 +184,8 @@ rule report:
     threads: threads_for("report")
     resources:
         **resources_for("report"),
+    conda:
+        "../envs/bench.yaml"
     script:
         "../workflow_scripts/report.py"
 

@@ -1,7 +1,11 @@
-# Shared helpers: the sample sheet, result paths, per-rule resources from the config.
+# Shared helpers of all rules/*.smk files. The sample sheet, result paths, per-rule resources from the
+# config, and each stage's path and settings functions. Only functions and settings live here, the other
+# .smk files hold only rules, so none of them depends on another's definitions or on the include order.
 import gc
+from pathlib import Path
 
 from histodistill.config import read_sample_sheet
+from histodistill.matched_tiles import read_manifest
 from histodistill.models.ref import ModelRef
 from histodistill.slides import parse_mpp
 
@@ -72,7 +76,7 @@ def resources_for(rule_name):
 
 
 def group_for(rule_name):
-    """The job group of a rule (`resources.<rule>.group`), or None: jobs of one group are sent to SLURM
+    """The job group from `resources.<rule_name>.group`, or None. Jobs of one group are sent to SLURM
     together, `group-components` of them per submission (profiles/slurm)."""
     return config["resources"].get(rule_name, {}).get("group")
 
@@ -86,3 +90,129 @@ def student_checkpoint(model):
 
 def threads_for(rule_name):
     return resources_for(rule_name)["cpus_per_task"]
+
+
+def model_weights(name):
+    """A model's configured weights file (`models.<name>.weights`), or None."""
+    return config["models"].get(name, {}).get("weights")
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+
+TILING_KEYS = ("mpp", "tile_px", "min_tissue", "mask_mpp", "min_object_um2", "min_hole_um2", "min_saturation", "on_no_tissue")
+
+
+# ------------------------------------------------------------------------------------------------ PLISM
+
+PLISM = config["plism"]
+PLISM_OUT = f"{RESULTS}/plism"
+if PLISM["enabled"]:
+    if not PLISM["manifest"]:
+        raise ValueError("plism.enabled needs plism.manifest (a TSV: slide_id, path, scanner, staining)")
+    PLISM_SLIDES = read_manifest(PLISM["manifest"], PLISM["reference"], PLISM["stainings"] or None)
+    PLISM_MOVING = [s for s in PLISM_SLIDES["slide_id"] if s != PLISM["reference"]]
+    PLISM_SETTINGS = {k: PLISM[k] for k in ("reference", "stainings", "mpp", "tile_px", "min_tissue")}
+
+
+def plism_path(slide):
+    return PLISM_SLIDES.loc[slide, "path"]
+
+
+def plism_mpp(slide):
+    return parse_mpp(PLISM_SLIDES.loc[slide, "mpp"])  # no override → None
+
+
+if PLISM["enabled"]:
+    # The manifest as rule params (NaN-free, so an unchanged manifest never looks changed).
+    PLISM_RECORDS = [{**r, "mpp": plism_mpp(r["slide_id"])} for r in PLISM_SLIDES.to_dict("records")]
+
+
+# ------------------------------------------------------------------------------------------------ teacher, distillation
+
+NUM_SHARDS = config["teacher"]["num_shards"]
+
+
+def teacher_cohorts():
+    return config["teacher"]["cohorts"] or COHORTS
+
+
+def distill_run(run):
+    return config["distill"]["runs"][run]
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+
+
+def embed_cohorts():
+    """Datasets every model embeds: the configured cohorts (or all) and the PLISM matched tiles.
+
+    (HEST tasks, datasets `hest-{task}`, are embedded on demand by the models that are scored.)
+    """
+    return list(config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
+
+
+def dataset_store(dataset):
+    """A dataset's tile store: a cohort's, the PLISM matched tiles (read as one flat store), a HEST task's,
+    or a probe task's image files."""
+    if dataset == "plism":
+        return f"{RESULTS}/plism/tiles.zarr"
+    if dataset.startswith("hest-"):
+        return f"{RESULTS}/hest/{dataset.removeprefix('hest-')}.zarr"
+    if dataset.startswith("probe-"):
+        return f"{RESULTS}/probe/{dataset.removeprefix('probe-')}.zarr"
+    return f"{RESULTS}/tilestore/{dataset}.zarr"
+
+
+def embedding(model, dataset):
+    return f"{RESULTS}/embeddings/{model}/{dataset}.zarr"
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+
+BENCH = config["benchmarks"]
+HEST = BENCH["hest"]
+PROBE = BENCH["probe"]
+MITOSIS = BENCH["mitosis"]
+MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
+
+
+def bench_models():
+    return BENCH["models"] or config["embeddings"]["models"]
+
+
+def hest_task_dir(task):
+    return f"{HEST['tasks_dir']}/{task}"
+
+
+def probe_task(name):
+    """A probe task's dataset and row manifest: a cohort's tiles, or image files packed by `probe_store`."""
+    task = PROBE["tasks"][name]
+    if task.get("images"):
+        return {"dataset": f"probe-{name}", "manifest": f"{RESULTS}/probe/{name}.csv", "level": task["level"]}
+    if not (task.get("dataset") and task.get("manifest")):
+        raise ValueError(f"benchmarks.probe.tasks.{name}: give `images`, or `dataset` and `manifest`")
+    return {"dataset": task["dataset"], "manifest": task["manifest"], "level": task["level"]}
+
+
+PROBE_TASKS = {name: probe_task(name) for name in PROBE["tasks"]}
+
+
+def mitosis_inputs():
+    """The annotated slides: the demo set's directory, or the user's sheet, annotations and slides."""
+    if MITOSIS["demo"]:
+        return [MITOSIS_DEMO_DIR]
+    sheet = read_sample_sheet(MITOSIS["samples"])
+    return [MITOSIS["samples"], MITOSIS["annotations"], *sheet["path"]]
+
+
+def enabled_benchmarks():
+    out = []
+    if BENCH["plism"]["enabled"] and config["plism"]["enabled"]:
+        out.append("plism")
+    if HEST["tasks"]:
+        out.append("hest")
+    if PROBE["tasks"]:
+        out.append("probe")
+    if MITOSIS["enabled"]:
+        out.append("mitosis")
+    return out

@@ -14,6 +14,8 @@ if config["demo"]["enabled"]:
         threads: threads_for("demo_slide")
         resources:
             **resources_for("demo_slide"),
+        conda:
+            "../envs/wsi.yaml"
         script:
             "../workflow_scripts/demo_slide.py"
 

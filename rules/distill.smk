@@ -1,10 +1,6 @@
 # Distillation: one student per configured run, from the cohort's cached teacher (torchrun when >1 process).
 
 
-def distill_run(run):
-    return config["distill"]["runs"][run]
-
-
 rule distill:
     input:
         tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
@@ -28,6 +24,8 @@ rule distill:
     threads: threads_for("distill")
     resources:
         **resources_for("distill"),
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/distill.py"
 

@@ -1,26 +1,6 @@
 # Embedding extraction: every configured model × cohort → Zarr [N, D] (+ optional export formats).
 
 
-def embed_cohorts():
-    """Datasets every model embeds: the configured cohorts (or all) and the PLISM matched tiles.
-
-    (HEST tasks, datasets `hest-{task}`, are embedded on demand by the models that are scored.)
-    """
-    return list(config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
-
-
-def dataset_store(dataset):
-    """A dataset's tile store: a cohort's, the PLISM matched tiles (read as one flat store), a HEST task's,
-    or a probe task's image files."""
-    if dataset == "plism":
-        return f"{RESULTS}/plism/tiles.zarr"
-    if dataset.startswith("hest-"):
-        return f"{RESULTS}/hest/{dataset.removeprefix('hest-')}.zarr"
-    if dataset.startswith("probe-"):
-        return f"{RESULTS}/probe/{dataset.removeprefix('probe-')}.zarr"
-    return f"{RESULTS}/tilestore/{dataset}.zarr"
-
-
 rule embed:
     input:
         store=lambda w: dataset_store(w.dataset),
@@ -39,6 +19,8 @@ rule embed:
     threads: threads_for("embed")
     resources:
         **resources_for("embed"),
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/embed.py"
 
@@ -52,6 +34,8 @@ rule export_embeddings:
         format="plismbench|h5",
     log:
         "logs/export_embeddings/{format}/{model}/{dataset}.log",
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/export_embeddings.py"
 

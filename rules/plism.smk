@@ -2,25 +2,7 @@
 # the grid cut from every slide (or the public pre-registered tiles read from HDF5).
 import re
 
-from histodistill.matched_tiles import read_manifest
-
-PLISM = config["plism"]
-PLISM_OUT = f"{RESULTS}/plism"
 if PLISM["enabled"]:
-    if not PLISM["manifest"]:
-        raise ValueError("plism.enabled needs plism.manifest (a TSV: slide_id, path, scanner, staining)")
-    PLISM_SLIDES = read_manifest(PLISM["manifest"], PLISM["reference"], PLISM["stainings"] or None)
-    PLISM_MOVING = [s for s in PLISM_SLIDES["slide_id"] if s != PLISM["reference"]]
-    PLISM_SETTINGS = {k: PLISM[k] for k in ("reference", "stainings", "mpp", "tile_px", "min_tissue")}
-
-    def plism_path(slide):
-        return PLISM_SLIDES.loc[slide, "path"]
-
-    def plism_mpp(slide):
-        return parse_mpp(PLISM_SLIDES.loc[slide, "mpp"])  # None: no override
-
-    # The manifest as rule params (NaN-free, so an unchanged manifest never looks changed).
-    PLISM_RECORDS = [{**r, "mpp": plism_mpp(r["slide_id"])} for r in PLISM_SLIDES.to_dict("records")]
 
     wildcard_constraints:
         plism_slide="|".join(re.escape(s) for s in PLISM_MOVING) or "^$",
@@ -40,6 +22,8 @@ if PLISM["enabled"]:
                 stainings=sorted(set(PLISM_SLIDES.loc[PLISM_DEMO, "staining"])),
             log:
                 "logs/plism_demo.log",
+            conda:
+                "../envs/wsi.yaml"
             script:
                 "../workflow_scripts/plism_demo.py"
 
@@ -62,6 +46,8 @@ if PLISM["enabled"]:
                 qc_max_px=config["tiling"]["qc_max_px"],
             log:
                 "logs/plism_grid.log",
+            conda:
+                "../envs/wsi.yaml"
             script:
                 "../workflow_scripts/plism_grid.py"
 
@@ -85,6 +71,8 @@ if PLISM["enabled"]:
             group: group_for("register_plism")
             resources:
                 **resources_for("register_plism"),
+            conda:
+                "../envs/registration.yaml"
             script:
                 "../workflow_scripts/register_plism.py"
 
@@ -108,6 +96,8 @@ if PLISM["enabled"]:
             threads: threads_for("plism_tiles")
             resources:
                 **resources_for("plism_tiles"),
+            conda:
+                "../envs/registration.yaml"
             script:
                 "../workflow_scripts/plism_tiles.py"
 
@@ -130,6 +120,8 @@ if PLISM["enabled"]:
             threads: threads_for("plism_tiles")
             resources:
                 **resources_for("plism_tiles"),
+            conda:
+                "../envs/registration.yaml"
             script:
                 "../workflow_scripts/plism_h5.py"
 

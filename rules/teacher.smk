@@ -1,17 +1,6 @@
 # Teacher feature cache: one job per shard (GPU on SLURM), then a manifest joining the shards.
 
 
-def teacher_cohorts():
-    return config["teacher"]["cohorts"] or COHORTS
-
-
-def model_weights(name):
-    return config["models"].get(name, {}).get("weights")
-
-
-NUM_SHARDS = config["teacher"]["num_shards"]
-
-
 rule cache_teacher_shard:
     input:
         store=f"{RESULTS}/tilestore/{{cohort}}.zarr",
@@ -30,6 +19,8 @@ rule cache_teacher_shard:
     threads: threads_for("cache_teacher")
     resources:
         **resources_for("cache_teacher"),
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/cache_teacher.py"
 
@@ -45,6 +36,8 @@ rule cache_teacher:
     log:
         "logs/gather_teacher/{teacher}/{cohort}.log",
     localrule: True
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/gather_teacher.py"
 

@@ -1,7 +1,5 @@
 # Tiling: tissue mask + tile grid per slide (tile table + QC image), then one tile store per cohort.
 
-TILING_KEYS = ("mpp", "tile_px", "min_tissue", "mask_mpp", "min_object_um2", "min_hole_um2", "min_saturation", "on_no_tissue")
-
 
 rule tile_slide:
     input:
@@ -19,6 +17,8 @@ rule tile_slide:
     group: group_for("tile_slide")
     resources:
         **resources_for("tile_slide"),
+    conda:
+        "../envs/wsi.yaml"
     script:
         "../workflow_scripts/tile_slide.py"
 
@@ -37,6 +37,8 @@ rule pack_tiles:
     threads: threads_for("pack_tiles")
     resources:
         **resources_for("pack_tiles"),
+    conda:
+        "../envs/wsi.yaml"
     script:
         "../workflow_scripts/pack_tiles.py"
 

@@ -1,14 +1,12 @@
 """Snakemake adapter: read the public pre-registered PLISM tiles (rule plism_tiles, source h5)."""
 
-import pandas as pd
-
 from histodistill.logs import log_to
 from histodistill.matched_tiles import ingest_h5
 
 log_to(snakemake.log[0])
 p = snakemake.params
 ingest_h5(
-    pd.DataFrame(p.manifest).set_index("slide_id", drop=False),
+    p.manifest,
     p.settings["reference"],
     p.h5_dir,
     snakemake.output.store,

@@ -1,17 +1,13 @@
 """Snakemake adapter: PLISM robustness of one model (rule score_plism)."""
 
-import pandas as pd
-
-from histodistill.bench.plism import score_plism
+from histodistill.bench import plism
 from histodistill.logs import log_to
 
 log_to(snakemake.log[0])
 p = snakemake.params
-tiles = pd.read_parquet(snakemake.input.tiles, columns=["slide_id", "scanner", "staining"])
-slides = tiles.drop_duplicates("slide_id").reset_index(drop=True)  # the store's slide order
-score_plism(
+plism.run(
     snakemake.input.embeddings,
-    slides,
+    snakemake.input.tiles,
     snakemake.output[0],
     model=snakemake.wildcards.model,
     tiles_subset=p.tiles_subset,

@@ -15,6 +15,7 @@ x0, y0 (level-0 px of that slide), residual_um.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -202,8 +203,16 @@ def read_matched_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return read_parquet(path, "matched-tile table", PlismError)
 
 
+def as_manifest(manifest: pd.DataFrame | list[dict]) -> pd.DataFrame:
+    """A manifest frame indexed by slide_id: `manifest` itself, or one built from its records (rule params
+    hold the manifest as a list of dicts, one per slide, with the `MANIFEST_COLUMNS` and `mpp`)."""
+    if isinstance(manifest, pd.DataFrame):
+        return manifest
+    return pd.DataFrame(list(manifest)).set_index("slide_id", drop=False)
+
+
 def cut_matched_tiles(
-    manifest: pd.DataFrame,
+    manifest: pd.DataFrame | list[dict],
     reference: str,
     grid_table: str | Path,
     transforms: dict[str, str],
@@ -219,8 +228,10 @@ def cut_matched_tiles(
 
     `transforms` maps each non-reference slide to its saved registration; `qc` holds each registration's QC
     record: slides that failed it are left out (and named in the metadata). A tile whose footprint leaves
-    any kept slide is dropped from every slide, so rows stay aligned. Returns the slide QC summary.
+    any kept slide is dropped from every slide, so rows stay aligned. `manifest`: see `as_manifest`.
+    Returns the slide QC summary.
     """
+    manifest = as_manifest(manifest)
     reference_tiles = read_tile_table(grid_table)
     grid, header = reference_tiles.frame, reference_tiles.grid
     if header.slide_id != reference:
@@ -310,6 +321,46 @@ def cut_matched_tiles(
     return summarize_qc(qc, excluded)
 
 
+def cut_registered(
+    manifest: pd.DataFrame | list[dict],
+    reference: str,
+    grid_table: str | Path,
+    transform_dirs: list[str | Path],
+    qc_files: list[str | Path],
+    out_store: str | Path,
+    out_table: str | Path,
+    out_summary: str | Path,
+    chunk_tiles: int = 64,
+    zstd_level: int = 3,
+    workers: int = 1,
+    params: dict | None = None,
+) -> pd.DataFrame:
+    """`cut_matched_tiles` from the registration stage's files, then the QC summary as a TSV `out_summary`.
+
+    `transform_dirs`: one saved registration per non-reference slide, named by the slide id;
+    `qc_files`: its QC records, `<slide_id>.json`. Returns the summary (one row per slide, see
+    `summarize_qc`); raises what `cut_matched_tiles` raises, and ValueError on an unreadable QC file.
+    """
+    transforms = {Path(t).name: str(t) for t in transform_dirs}
+    qc = {Path(q).stem: json.loads(Path(q).read_text()) for q in qc_files}
+    summary = cut_matched_tiles(
+        manifest,
+        reference,
+        grid_table,
+        transforms,
+        qc,
+        out_store,
+        out_table,
+        chunk_tiles=chunk_tiles,
+        zstd_level=zstd_level,
+        workers=workers,
+        params=params,
+    )
+    with atomic_path(out_summary) as tmp:
+        summary.to_csv(tmp, sep="\t", index=False)
+    return summary
+
+
 def _store_attrs(manifest, jobs, frames, tile_px, mpp, n_tiles, metadata) -> dict:
     return {
         "tile_px": tile_px,
@@ -367,7 +418,7 @@ def _sorted_tile_ids(ids) -> list[str]:
 
 
 def ingest_h5(
-    manifest: pd.DataFrame,
+    manifest: pd.DataFrame | list[dict],
     reference: str,
     h5_dir: str | Path,
     out_store: str | Path,
@@ -379,8 +430,9 @@ def ingest_h5(
     """Read the public pre-registered PLISM tiles into the matched-tile layout; rows sorted by (x, y).
 
     Every file must hold exactly the reference file's tile ids: a missing or extra id is an error naming the
-    slide and the ids. Returns the number of tiles per slide.
+    slide and the ids. `manifest`: see `as_manifest`. Returns the number of tiles per slide.
     """
+    manifest = as_manifest(manifest)
     slides = manifest["slide_id"].tolist()
     paths = {s: h5_path(h5_dir, s, reference) for s in slides}
     absent = [str(p) for p in paths.values() if not p.is_file()]

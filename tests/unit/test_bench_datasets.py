@@ -10,7 +10,13 @@ from histodistill.bench import BenchmarkError
 from histodistill.bench.datasets import embeddings_by_sample, pack_hest_task
 from histodistill.bench.hest import load_task, read_patch_images
 from histodistill.bench.probe import load_manifest
-from histodistill.demo.tasks import make_demo_hest, make_demo_probe, nuclear_density
+from histodistill.demo.slides import seed_for
+from histodistill.demo.tasks import (
+    make_demo_hest,
+    make_demo_hest_from_store,
+    make_demo_probe,
+    nuclear_density,
+)
 from histodistill.tilestore import TileStore, pack_tiles
 from histodistill.tiling import TilingConfig, tile_slide
 
@@ -35,6 +41,22 @@ def test_hest_task_packs_into_a_tile_store_in_patch_order(tmp_path):
         np.testing.assert_array_equal(
             store.read(int(rows[sample_id][0, 0]), int(rows[sample_id][-1, 0]) + 1), pixels
         )
+
+
+def test_demo_hest_from_store_uses_every_tile_and_a_per_task_seed(tmp_path):
+    tiles = _tiles(30)
+    pack_hest_task(make_demo_hest(tmp_path / "src", tiles, seed=1, spots_per_sample=15), tmp_path / "s.zarr")
+    every = TileStore(tmp_path / "s.zarr").read(0, 30)
+    out = make_demo_hest_from_store(tmp_path / "s.zarr", tmp_path / "a", task="t1", seed=7)
+    expected = make_demo_hest(tmp_path / "b", every, seed=seed_for("hest:t1", 7))
+    got, want = load_task(out), load_task(expected)
+    for sample_id, sample in want.samples.items():
+        np.testing.assert_array_equal(got.samples[sample_id].expression, sample.expression)
+        np.testing.assert_array_equal(
+            read_patch_images(got.samples[sample_id].patches_path), read_patch_images(sample.patches_path)
+        )
+    other = load_task(make_demo_hest_from_store(tmp_path / "s.zarr", tmp_path / "c", task="t2", seed=7))
+    assert not np.array_equal(other.samples["DEMO0"].expression, got.samples["DEMO0"].expression)
 
 
 def test_nuclear_density_counts_dark_bluish_pixels():

@@ -5,6 +5,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 from histodistill.bench import BenchmarkError
 from histodistill.bench.hest import (
@@ -16,11 +17,14 @@ from histodistill.bench.hest import (
     pearson_per_gene,
     read_expression,
     read_patch_images,
+    run,
     score_task,
     summarize,
     write_h5ad,
 )
 from histodistill.demo.tasks import make_demo_hest, tile_content_features
+from histodistill.provenance import read_parquet
+from histodistill.tilestore import INDEX_COLUMNS
 
 
 def synthetic_tiles(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
@@ -253,3 +257,35 @@ def test_demo_write_is_atomic(tmp_path, tiles):
     with pytest.raises(BenchmarkError, match="uint8"):
         make_demo_hest(tmp_path / "bad", tiles[:4].astype(np.float32))
     assert not (tmp_path / "bad").exists()
+
+
+def _embedding_store(path, by_sample: dict[str, np.ndarray], config_hash: str):
+    """A finished embedding store as `embed` writes it for a HEST tile store: one slide per sample."""
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.create_array("embeddings", data=np.concatenate(list(by_sample.values())).astype(np.float32))
+    slide_index = np.concatenate([np.full(len(x), i, np.int32) for i, x in enumerate(by_sample.values())])
+    for name in INDEX_COLUMNS:
+        root.create_array(name, data=slide_index if name == "slide_index" else np.zeros(len(slide_index)))
+    slides = [{"slide_id": sid} for sid in by_sample]
+    root.attrs.update({"complete": True, "provenance": {"config_hash": config_hash, "slides": slides}})
+    return path
+
+
+def test_run_scores_every_task_and_writes_provenance(tmp_path, demo_dir, demo):
+    content = {
+        sid: tile_content_features(read_patch_images(s.patches_path)).astype(np.float32)
+        for sid, s in demo.samples.items()
+    }  # float32, as the store holds them
+    store = _embedding_store(tmp_path / "emb.zarr", content, "abc")
+    rows = run([demo_dir], [store], tmp_path / "hest.parquet", model="m", latent_dim=8, seed=1)
+    expected = score_task(demo, content, latent_dim=8, seed=1)
+    pd.testing.assert_frame_equal(rows, expected)
+    written, meta = read_parquet(tmp_path / "hest.parquet", "HEST scores", BenchmarkError)
+    pd.testing.assert_frame_equal(written, expected)
+    assert meta["benchmark"] == "hest" and meta["model"] == "m"
+    assert meta["params"] == {"tasks": ["DEMO_TASK"], "latent_dim": 8, "seed": 1}
+    assert meta["embeddings_config_hash"] == {"DEMO_TASK": "abc"}
+    assert meta["summary"] == summarize(expected).to_dict("records")
+    with pytest.raises(BenchmarkError, match="1 HEST task"):
+        run([demo_dir], [], tmp_path / "x.parquet", model="m")
+    assert not (tmp_path / "x.parquet").exists()

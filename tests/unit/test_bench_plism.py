@@ -26,6 +26,7 @@ from histodistill.bench.plism import (
     plot_scanner_vs_staining,
     plot_topk_vs_cosine,
     read_scores,
+    run,
     score_pairs,
     score_plism,
     slide_pairs,
@@ -290,6 +291,24 @@ def test_reads_embedding_store_and_zarr_array(tmp_path):
     )
     with pytest.raises(BenchmarkError, match="0_2"):
         score_plism(store, slides.iloc[::-1], tmp_path / "c.parquet")
+
+
+def test_run_reads_the_slide_order_from_the_matched_tiles_table(tmp_path):
+    rng = np.random.default_rng(11)
+    feats = noisy_slides(rng, n_slides=3, n=25, dim=8)
+    slides = slide_table(1, 3)
+    store = tmp_path / "emb.zarr"
+    _embedding_store(store, feats, slides["slide_id"].tolist(), rng)
+    tiles = slides.loc[np.repeat(np.arange(3), 25)].assign(tile=np.tile(np.arange(25), 3))  # one row per tile
+    tiles.to_parquet(tmp_path / "tiles.parquet")
+    got = run(store, tmp_path / "tiles.parquet", tmp_path / "a.parquet", model="m", top_k=(1, 5))
+    pd.testing.assert_frame_equal(got, score_pairs(feats, slides, top_k=(1, 5)))
+    assert read_scores(tmp_path / "a.parquet")[1]["model"] == "m"
+    tiles.iloc[::-1].to_parquet(tmp_path / "reversed.parquet")  # slides out of the store's order
+    with pytest.raises(BenchmarkError, match="store's order"):
+        run(store, tmp_path / "reversed.parquet", tmp_path / "b.parquet", model="m")
+    with pytest.raises(BenchmarkError, match="does not exist"):
+        run(store, tmp_path / "nope.parquet", tmp_path / "c.parquet", model="m")
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import zarr
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from histodistill.bench import BenchmarkError
@@ -16,12 +17,14 @@ from histodistill.bench.probe import (
     fit_logreg,
     knn_proba,
     load_manifest,
+    run,
     run_abmil,
     run_probe,
     summarize,
     train_linear_probe,
     validate_split,
 )
+from histodistill.provenance import read_parquet
 
 # First validation check at step 300: the head kept is then well past the first state that merely separates
 # the validation tiles (EVA keeps the first best state; with 100 val tiles that can miss a test tile).
@@ -274,3 +277,30 @@ def test_manifest_structure_errors(tmp_path):
         load_manifest(_manifest(tmp_path, ["0,a,train", "7,b,train"]), n_tiles=5)
     with pytest.raises(BenchmarkError, match="does not exist"):
         load_manifest(tmp_path / "nope.csv")
+
+
+def test_run_scores_every_task_and_writes_provenance(tmp_path):
+    x, y, split = blobs()
+    order = np.random.default_rng(0).permutation(len(x))  # manifest rows point anywhere into the store
+    store = tmp_path / "emb.zarr"
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    emb = np.empty_like(x, dtype=np.float32)
+    emb[order] = x
+    root.create_array("embeddings", data=emb)
+    root.attrs.update({"complete": True, "provenance": {"config_hash": "abc"}})
+    rows = [f"{order[i]},{y[i]},{split[i]}" for i in range(len(x))]
+    manifest = _manifest(tmp_path, rows)
+    tasks = {"blobs": {"dataset": "d", "manifest": str(manifest), "level": "tile"}}
+    got = run(tasks, [store], tmp_path / "probe.parquet", model="m", methods=["knn", "logreg"], knn_ks=[1, 5])
+    expected = run_probe(x.astype(np.float32), y, split, "blobs", ["knn", "logreg"], knn=KnnConfig(ks=(1, 5)))
+    pd.testing.assert_frame_equal(got, expected)
+    written, meta = read_parquet(tmp_path / "probe.parquet", "probe scores", BenchmarkError)
+    pd.testing.assert_frame_equal(written, expected)
+    assert meta["benchmark"] == "probe" and meta["model"] == "m"
+    assert meta["params"]["tasks"] == tasks and meta["params"]["knn_ks"] == [1, 5]
+    slide_task = {"s": {"dataset": "d", "manifest": str(manifest), "level": "slide"}}
+    with pytest.raises(BenchmarkError, match="probe task s: level slide needs a slide_id column"):
+        run(slide_task, [store], tmp_path / "x.parquet", model="m")
+    with pytest.raises(BenchmarkError, match="1 probe task"):
+        run(tasks, [], tmp_path / "x.parquet", model="m")
+    assert not (tmp_path / "x.parquet").exists()

@@ -23,6 +23,7 @@ from histodistill.errors import ConfigError, SlideError
 from histodistill.matched_tiles import (
     PlismError,
     cut_matched_tiles,
+    cut_registered,
     ingest_h5,
     read_manifest,
     read_matched_table,
@@ -221,6 +222,20 @@ def test_failed_slide_is_excluded_and_named(plism_demo, grid, registered, tmp_pa
     table, meta = read_matched_table(tmp_path / "t.parquet")
     assert meta["excluded"] == ["GIV_S60"] and "GIV_S60" not in set(table["slide_id"])
     assert TileStore(tmp_path / "t.zarr").tiles.shape[0] == 3
+
+
+def test_cut_registered_reads_the_registration_files(plism_demo, grid, registered, tmp_path):
+    records = read_manifest(plism_demo / "plism.tsv", REF).loc[[REF, *MOVING]].to_dict("records")
+    qc_files = [plism_demo / "qc" / f"{s}.json" for s in MOVING]  # written by register_to_grid
+    transforms = [plism_demo / "transforms" / s for s in MOVING]
+    out = tmp_path / "out"
+    summary = cut_registered(
+        records, REF, grid, transforms, qc_files, out / "t.zarr", out / "t.parquet", out / "summary.tsv"
+    )
+    assert summary["passed"].all() and sorted(summary["slide_id"]) == sorted(MOVING)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.tsv", sep="\t"), summary, check_dtype=False)
+    table, meta = read_matched_table(out / "t.parquet")
+    assert meta["excluded"] == [] and list(dict.fromkeys(table["slide_id"])) == [REF, *MOVING]
 
 
 def test_missing_slide_file_leaves_no_store(plism_demo, grid, registered, tmp_path):

@@ -14,12 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import zarr
 from PIL import Image
 
 from histodistill.bench.plism import score_plism
 from histodistill.models.registry import load_model
 from histodistill.provenance import config_hash, provenance
 from histodistill.report import ReportError, build_report, model_profile
+from histodistill.report import run as run_report
 from histodistill.report.figures import model_colors
 
 ALPHA, BETA, GAMMA = "alpha", "<b>beta</b>", "gamma"  # BETA tests escaping; order = colour order
@@ -327,3 +329,36 @@ def test_model_profile_counts_params_and_flops():
     assert small["gflops"] == pytest.approx(small["flops"] / 1e9)
     assert 21 < small["params_m"] < 23 and small["gflops"] > 50 * tiny["gflops"]
     assert torch.is_grad_enabled()  # counting left autograd as it was
+
+
+def test_run_profiles_models_and_reads_throughput(tmp_path):
+    stores = []
+    for model, rate in (("h0_mini_tiny", 120.0), ("student-r1", 900.0)):
+        store = tmp_path / "emb" / model / "cohort.zarr"
+        zarr.open_group(store, mode="w", zarr_format=3).attrs.update(
+            {"complete": True, "tiles_per_s": rate, "throughput_device": "cpu"}
+        )
+        stores.append(store)
+    (tmp_path / "hest").mkdir()
+    files = [
+        write_tidy(hest_rows(HEST[ALPHA]), tmp_path / "hest" / "h0_mini_tiny.parquet", benchmark="hest"),
+        write_tidy(hest_rows(HEST[GAMMA]), tmp_path / "hest" / "student-r1.parquet", benchmark="hest"),
+    ]
+    models = ["h0_mini_tiny", "student-r1"]
+    board = run_report(
+        files,
+        stores,
+        tmp_path / "report",
+        benchmarks=["hest", "probe"],
+        models=models,
+        students={"r1": "h0_mini_tiny"},
+    ).set_index("model")
+    size = model_profile("h0_mini_tiny")  # the student is profiled as its run's architecture
+    assert board["params_m"].tolist() == pytest.approx([size["params_m"]] * 2)
+    assert board["tiles_per_s"].tolist() == [120.0, 900.0] and board["device"].tolist() == ["cpu", "cpu"]
+    assert board.loc["student-r1", "hest_pearson_mean"] == pytest.approx(np.mean([0.6, 0.2]))
+    assert (tmp_path / "report" / "index.html").is_file()
+    with pytest.raises(ReportError, match="benchmark 'hest' is not one of"):
+        run_report(files, stores, tmp_path / "r2", benchmarks=["probe"], models=models)
+    with pytest.raises(ReportError, match="2 model"):
+        run_report(files, stores[:1], tmp_path / "r2", benchmarks=["hest"], models=models)

@@ -418,6 +418,52 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([out.sort_values(["task", "metric"]), overall], ignore_index=True)
 
 
+def run(
+    task_dirs: Sequence[str | Path],
+    embedding_stores: Sequence[str | Path],
+    out: str | Path,
+    *,
+    model: str,
+    latent_dim: int = 256,
+    seed: int = 1,
+) -> pd.DataFrame:
+    """Score one model on every HEST task and write the tidy rows to Parquet `out`, with provenance.
+
+    `task_dirs[i]` is a task directory (layout in the module docstring) and `embedding_stores[i]` the
+    model's embedding store of that task's tile store (made by `bench.datasets.pack_hest_task`, one slide
+    per sample in the order of the store's provenance). Returns the rows of `score_task` for every task
+    (task, fold, gene, metric, value); the provenance holds the settings, each task's embeddings config
+    hash and the summary (`summarize`). Raises BenchmarkError when the two lists differ in length or a
+    task's layout or embeddings do not fit (see `load_task`, `score_task`).
+    """
+    from histodistill.bench import write_scores
+    from histodistill.bench.datasets import embeddings_by_sample
+    from histodistill.embed import EmbeddingStore
+    from histodistill.provenance import provenance
+
+    if len(task_dirs) != len(embedding_stores):
+        raise BenchmarkError(f"{len(task_dirs)} HEST task(s) but {len(embedding_stores)} embedding store(s)")
+    frames, sources, names = [], {}, []
+    for task_dir, emb_path in zip(task_dirs, embedding_stores, strict=True):
+        task = load_task(task_dir)
+        store = EmbeddingStore(emb_path)
+        samples = [s["slide_id"] for s in store.attrs["provenance"]["slides"]]
+        by_sample = embeddings_by_sample(store.embeddings, store.index()["slide_index"], samples)
+        frames.append(score_task(task, by_sample, latent_dim=latent_dim, seed=seed))
+        sources[task.name] = store.attrs["provenance"]["config_hash"]
+        names.append(task.name)
+    rows = pd.concat(frames, ignore_index=True)
+    meta = provenance(
+        {"tasks": names, "latent_dim": latent_dim, "seed": seed},
+        benchmark="hest",
+        model=model,
+        embeddings_config_hash=sources,
+        summary=summarize(rows).to_dict("records"),
+    )
+    write_scores(rows, out, meta)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- demo data
 
 

@@ -599,6 +599,47 @@ def score_plism(
     return scores
 
 
+def slides_of_matched_tiles(tiles_table: str | os.PathLike) -> pd.DataFrame:
+    """The slide table (slide_id, scanner, staining) of a matched-tiles table (`matched_tiles.py`), in the
+    order of its tile store's slides. Raises BenchmarkError when the file does not exist."""
+    path = Path(tiles_table)
+    if not path.is_file():
+        raise BenchmarkError(f"matched-tiles table {path} does not exist")
+    tiles = pd.read_parquet(path, columns=list(SLIDE_COLUMNS))
+    return tiles.drop_duplicates("slide_id").reset_index(drop=True)
+
+
+def run(
+    embeddings: str | os.PathLike,
+    tiles_table: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str,
+    tiles_subset: Any = None,
+    top_k: Sequence[int] = DEFAULT_TOP_K,
+    dtype: Any = "float32",
+    block_size: int = 1024,
+    workers: int = 1,
+) -> pd.DataFrame:
+    """Score one model's embeddings of the PLISM matched tiles and write them to Parquet `out` (`score_plism`).
+
+    `embeddings`: the model's embedding store of the matched-tile store; `tiles_table`: that store's tile
+    table (Parquet with slide_id, scanner, staining per tile), which gives the slides in store order.
+    Returns the tidy pair scores; raises BenchmarkError as `score_plism` does.
+    """
+    return score_plism(
+        embeddings,
+        slides_of_matched_tiles(tiles_table),
+        out,
+        model=model,
+        tiles_subset=tiles_subset,
+        top_k=top_k,
+        dtype=dtype,
+        block_size=block_size,
+        workers=workers,
+    )
+
+
 def read_scores(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """A per-pair score file written by `score_plism`, and its provenance."""
     return read_parquet(path, "score file", BenchmarkError)

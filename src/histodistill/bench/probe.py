@@ -36,9 +36,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -735,3 +736,58 @@ def run_abmil(
         proba = abmil_proba(model, [bags[i] for i in pick[ev]], enc.n_classes, cfg.batch_size)
         rows += _rows(task, "abmil", seed, classification_metrics(enc.codes[pick[ev]], proba))
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------- one model, all tasks
+
+
+def run(
+    tasks: Mapping[str, Mapping[str, Any]],
+    embedding_stores: Sequence[str | Path],
+    out: str | Path,
+    *,
+    model: str,
+    methods: Sequence[str] = ("linear", "knn", "logreg"),
+    linear: Mapping[str, Any] | None = None,
+    knn_ks: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Score one model on every probe task and write the tidy rows to Parquet `out`, with provenance.
+
+    `tasks[name]` holds `manifest` (a CSV, see `load_manifest`) and `level` ("tile" or "slide");
+    `embedding_stores[i]` is the model's embedding store of the i-th task's dataset, rows in tile-store
+    order. Tile-level tasks run `methods` (`run_probe`); slide-level tasks run ABMIL on each slide's tiles
+    (`run_abmil`, with the linear probe's seeds). `linear` overrides `LinearProbeConfig` fields, `knn_ks`
+    the k-NN candidates. Returns the rows (task, method, seed, metric, value) of every task. Raises
+    BenchmarkError when the lists differ in length, a manifest does not fit its embeddings, or a slide-level
+    task's manifest lacks a `slide_id` column.
+    """
+    from histodistill.bench import write_scores
+    from histodistill.embed import EmbeddingStore
+    from histodistill.provenance import provenance
+
+    if len(tasks) != len(embedding_stores):
+        raise BenchmarkError(f"{len(tasks)} probe task(s) but {len(embedding_stores)} embedding store(s)")
+    linear_cfg = LinearProbeConfig(
+        **{**(linear or {}), "seeds": tuple((linear or {}).get("seeds", (0, 1, 2, 3, 4)))}
+    )
+    knn = KnnConfig(ks=tuple(knn_ks)) if knn_ks is not None else KnnConfig()
+    frames = []
+    for (name, task), emb_path in zip(tasks.items(), embedding_stores, strict=True):
+        embeddings = EmbeddingStore(emb_path).embeddings
+        manifest = load_manifest(task["manifest"], n_tiles=len(embeddings))
+        x = manifest.select(embeddings)
+        if task["level"] == "slide":
+            if manifest.slide_id is None:
+                raise BenchmarkError(
+                    f"probe task {name}: level slide needs a slide_id column in {task['manifest']}"
+                )
+            abmil = AbmilConfig(seeds=linear_cfg.seeds)
+            frames.append(run_abmil(x, manifest.label, manifest.split, manifest.slide_id, name, abmil))
+        else:
+            frames.append(
+                run_probe(x, manifest.label, manifest.split, name, methods, linear=linear_cfg, knn=knn)
+            )
+    rows = pd.concat(frames, ignore_index=True)
+    params = {"tasks": dict(tasks), "methods": list(methods), "linear": dict(linear or {}), "knn_ks": knn_ks}
+    write_scores(rows, out, provenance(params, benchmark="probe", model=model))
+    return rows

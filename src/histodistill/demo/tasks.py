@@ -148,3 +148,17 @@ def make_demo_hest(
         "demo HEST task: %d samples × %d spots, %d genes → %s", n_samples, spots_per_sample, n_genes, out_dir
     )
     return out_dir
+
+
+def make_demo_hest_from_store(
+    store_path: str | Path, out_dir: str | Path, *, task: str, seed: int = 0
+) -> Path:
+    """`make_demo_hest` on every tile of a (small) tile store, seeded per task from the run's `seed`.
+
+    The task's seed is `seed_for("hest:<task>", seed)`, so two demo tasks of one run differ. All tiles are
+    read into memory: meant for the demo cohort. Returns `out_dir`; raises BenchmarkError as `make_demo_hest`.
+    """
+    from histodistill.demo.slides import seed_for
+
+    store = TileStore(store_path)
+    return make_demo_hest(out_dir, store.read(0, len(store)), seed=seed_for(f"hest:{task}", seed))

@@ -13,7 +13,7 @@ stashed on the objective between calls. `objective.state_dict()` holds everythin
 student-side heads, its teacher-side heads, its centre buffers); the trainer writes it under its own key.
 
 To add an objective: subclass `Objective` here, add it to `OBJECTIVES`, and add its name to the
-`objective` enum in configs/schema.yaml (its options, if any, arrive as `objective_params`, parsed by
+`objective` enum in src/histodistill/schema.yaml (its options, if any, arrive as `objective_params`, parsed by
 the class's `Options` dataclass). docs/architecture.md lists the steps.
 
 Sources: DINO/iBOT heads, centering and loss terms follow DINOv2's `SSLMetaArch`

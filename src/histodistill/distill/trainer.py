@@ -34,6 +34,7 @@ from histodistill.atomic import atomic_path
 from histodistill.augment import normalize
 from histodistill.devices import autocast_dtype
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.launch import REQUEUE_EXIT_CODE
 from histodistill.distill.objectives import StepState, StudentTokens, TeacherTokens, build_objective
 from histodistill.distill.schedules import Schedules
 from histodistill.errors import HistodistillError
@@ -43,7 +44,7 @@ from histodistill.provenance import provenance
 from histodistill.teacher_cache import TeacherCache, pool_patches
 
 log = logging.getLogger(__name__)
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal, run me again
+EXIT_REQUEUE = REQUEUE_EXIT_CODE  # checkpointed on a signal, run me again (see distill/launch.py)
 # 2: the objective's heads and centres under "objective", the backbone under "backbone" (1: "model",
 # "teacher_heads", "centers"; not loadable)
 CHECKPOINT_FORMAT = 2

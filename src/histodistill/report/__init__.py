@@ -43,6 +43,7 @@ __all__ = [
     "leaderboard",
     "model_profile",
     "read_tidy",
+    "run",
     "summarize_benchmarks",
 ]
 
@@ -701,3 +702,49 @@ def build_report(
         tmp.write_text(document, encoding="utf-8")
     log.info("report: %d models, benchmarks %s → %s", len(order), sorted(summaries), out_dir / "index.html")
     return board
+
+
+def run(
+    score_files: list[str | Path],
+    embedding_stores: list[str | Path],
+    out_dir: str | Path,
+    *,
+    benchmarks: list[str],
+    models: list[str],
+    students: Mapping[str, str | None] | None = None,
+    config: dict | None = None,
+    n_boot: int = plism_bench.N_BOOT,
+) -> pd.DataFrame:
+    """The report of a workflow run: `build_report` with each model's size and measured throughput.
+
+    `score_files`: `<benchmark>/<model>.parquet` paths (the directory names the benchmark, the stem the
+    model); `benchmarks`: every enabled benchmark (one with no file shows as absent); `models[i]` and
+    `embedding_stores[i]`: a model and one of its embedding stores, whose attributes give `tiles_per_s` and
+    `throughput_device`. A distilled student `student-<run>` is profiled as its run's architecture
+    (`students[run]`); `n_boot`: replicates of the PLISM CIs. Writes `out_dir/{leaderboard.parquet,figures/,index.html}`; returns the leaderboard.
+    Raises ReportError when a score file's directory is not one of `benchmarks` or the two model lists
+    differ in length.
+    """
+    from histodistill.embed import EmbeddingStore
+    from histodistill.models.ref import ModelRef
+
+    if len(models) != len(embedding_stores):
+        raise ReportError(f"{len(models)} model(s) but {len(embedding_stores)} embedding store(s)")
+    scores: dict[str, dict[str, Path]] = {b: {} for b in benchmarks}
+    for path in map(Path, score_files):
+        if path.parent.name not in scores:
+            raise ReportError(f"score file {path}: benchmark {path.parent.name!r} is not one of {benchmarks}")
+        scores[path.parent.name][path.stem] = path
+    students = students or {}
+    profiles = {}
+    for model, emb_path in zip(models, embedding_stores, strict=True):
+        # a distilled student has its run's architecture; its size is that of the architecture
+        ref = ModelRef.parse(model)
+        arch = students.get(ref.run, model) if ref.is_student else model
+        attrs = EmbeddingStore(emb_path).attrs
+        profiles[model] = {
+            **model_profile(arch),
+            "tiles_per_s": attrs.get("tiles_per_s"),
+            "device": attrs.get("throughput_device"),
+        }
+    return build_report(scores, out_dir, models=profiles, config=config, n_boot=n_boot)

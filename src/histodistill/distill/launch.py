@@ -1,0 +1,121 @@
+"""Start one distillation run: in this process, under torchrun on this node, or one torchrun per node.
+
+The `distill` rule calls `launch`, which picks the way from the process count and the SLURM allocation:
+
+- one process on one node: `Trainer(...).fit()` here;
+- N processes on one node: `torchrun --standalone --nproc_per_node=N -m histodistill.distill.trainer ...`;
+- several nodes (`resources.distill.nodes`; the SLURM plugin's `mpi` setting runs the job's script in the
+  batch step on the first node): `srun --nodes=M --ntasks-per-node=1 torchrun ...`, one torchrun per node,
+  meeting at a c10d rendezvous on this node (port `RDZV_PORT`); the trainer reads torchrun's
+  RANK / LOCAL_RANK / WORLD_SIZE before SLURM's variables.
+
+A run stopped by SIGUSR1/SIGTERM checkpoints and exits with `REQUEUE_EXIT_CODE` (75, EX_TEMPFAIL from
+sysexits.h): the job fails, the rule's `retries` rerun it, and the trainer resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the job again to resume
+RDZV_PORT = 29500  # the c10d rendezvous port of a multi-node run, on the first node
+
+
+def launch_command(
+    config_path: str | Path,
+    tiles: str | Path,
+    cache: str | Path,
+    out_dir: str | Path,
+    *,
+    nproc_per_node: int,
+    nodes: int = 1,
+    host: str | None = None,
+    job_id: str | None = None,
+) -> list[str]:
+    """The torchrun (single node) or srun + torchrun (several nodes) command line of one run.
+
+    `host` is the rendezvous host (default: this host's name), `job_id` the rendezvous id (default:
+    `$SLURM_JOB_ID`, else "histodistill"). Raises ValueError when `nproc_per_node` or `nodes` is below 1.
+    """
+    if nproc_per_node < 1 or nodes < 1:
+        raise ValueError(f"nproc_per_node ({nproc_per_node}) and nodes ({nodes}) must be at least 1")
+    if nodes == 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc_per_node}",
+        ]
+    else:
+        launcher = [
+            "srun",
+            f"--nodes={nodes}",
+            "--ntasks-per-node=1",
+            "--kill-on-bad-exit=1",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nodes}",
+            f"--nproc_per_node={nproc_per_node}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={host or socket.gethostname()}:{RDZV_PORT}",
+            f"--rdzv_id={job_id or os.environ.get('SLURM_JOB_ID', 'histodistill')}",
+        ]
+    return [
+        *launcher,
+        "-m",
+        "histodistill.distill.trainer",
+        str(config_path),
+        str(tiles),
+        str(cache),
+        str(out_dir),
+    ]
+
+
+def launch(
+    settings: Mapping[str, Any],
+    tiles: str | Path,
+    cache: str | Path,
+    out_dir: str | Path,
+    *,
+    nproc_per_node: int = 1,
+    nodes: int = 1,
+    log_path: str | Path | None = None,
+) -> int:
+    """Train one student into `out_dir`; returns the exit code for the job (0, `REQUEUE_EXIT_CODE`, or the
+    launcher's own non-zero code when a process failed).
+
+    `settings`: `DistillConfig` fields (an unknown key raises TypeError here, before any process starts);
+    `tiles`: the cohort's tile store; `cache`: its teacher cache. With more than one process, the settings
+    are written to `out_dir/distill_config.json` for the trainer processes, and their stdout and stderr are
+    appended to `log_path` (else inherited).
+    """
+    from histodistill.distill.trainer import DistillConfig, Trainer
+
+    cfg = DistillConfig(**settings)
+    out_dir = Path(out_dir)
+    if nproc_per_node == 1 and nodes == 1:
+        result = Trainer(cfg, tiles, cache, out_dir).fit()
+        return REQUEUE_EXIT_CODE if "stopped_at" in result else 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "distill_config.json"
+    config_path.write_text(json.dumps(cfg.__dict__))
+    command = launch_command(config_path, tiles, cache, out_dir, nproc_per_node=nproc_per_node, nodes=nodes)
+    log.info("launching %s", " ".join(command))
+    if log_path is None:
+        return subprocess.run(command, check=False).returncode
+    for handler in logging.getLogger().handlers:  # our own lines first, then the processes' in order
+        handler.flush()
+    with open(log_path, "a") as log_file:
+        return subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False).returncode

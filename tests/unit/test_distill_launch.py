@@ -1,0 +1,35 @@
+import sys
+
+import pytest
+
+from histodistill.distill import trainer
+from histodistill.distill.launch import RDZV_PORT, REQUEUE_EXIT_CODE, launch, launch_command
+
+
+def test_requeue_code_is_ex_tempfail_and_the_trainers():
+    assert REQUEUE_EXIT_CODE == 75 and trainer.EXIT_REQUEUE == REQUEUE_EXIT_CODE
+
+
+def test_single_node_is_standalone_torchrun():
+    cmd = launch_command("cfg.json", "tiles.zarr", "cache.zarr", "out", nproc_per_node=4)
+    assert cmd == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+        "-m", "histodistill.distill.trainer", "cfg.json", "tiles.zarr", "cache.zarr", "out",
+    ]  # fmt: skip
+
+
+def test_several_nodes_are_one_torchrun_per_node_under_srun():
+    cmd = launch_command("c", "t", "k", "o", nproc_per_node=8, nodes=3, host="node1", job_id="42")
+    assert cmd[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[4:7] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--nnodes=3", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_id=42"} <= set(cmd)
+    assert f"--rdzv_endpoint=node1:{RDZV_PORT}" in cmd and "--standalone" not in cmd
+    assert cmd[-5:] == ["histodistill.distill.trainer", "c", "t", "k", "o"]
+
+
+def test_bad_counts_and_unknown_settings_fail_before_any_process(tmp_path):
+    with pytest.raises(ValueError, match="at least 1"):
+        launch_command("c", "t", "k", "o", nproc_per_node=0)
+    with pytest.raises(TypeError, match="learning_rate"):
+        launch({"learning_rate": 1e-3}, "t", "k", tmp_path / "out", nproc_per_node=2)
+    assert not (tmp_path / "out").exists()
