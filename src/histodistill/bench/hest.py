@@ -44,6 +44,7 @@ from sklearn.preprocessing import StandardScaler
 
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
+from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
 
 log = logging.getLogger(__name__)
 
@@ -511,3 +512,66 @@ def write_h5ad(
         for key in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
             encode(f.create_group(key), "dict", "0.1.0")
     return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _summarize_for_report(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per task: mean and std (ddof 0, as HEST) over folds of the fold's mean Pearson r, and the folds."""
+    rows = summarize(frame)
+    rows = rows[rows["task"] != MEAN]
+    wide = rows.pivot(index="task", columns="metric", values="value").reset_index()
+    folds = frame[frame["gene"] == MEAN].groupby("task")["fold"].nunique()
+    wide["n_folds"] = wide["task"].map(folds).astype(int)
+    return wide[["task", "pearson_mean", "pearson_std", "n_folds"]]
+
+
+def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    return by_model({"hest_pearson_mean": complete_mean(summary, "pearson_mean", models)}, models)
+
+
+def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
+    from histodistill.report import figures
+
+    png = figures.hest_bars(summary, colors)
+    figures.write_png(png, fig_dir / "hest_pearson.png")
+    caption = "HEST: per task, mean Pearson r over folds (error bars: std over folds)."
+    return [Figure(png, "hest_pearson.png", caption)]
+
+
+def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure]) -> str:
+    from histodistill.report import html as page
+
+    if summary.empty:
+        return page.note("No HEST scores.")
+    models = list(models)  # every model, so one absent from this benchmark shows as a column of "–"
+    body = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
+    body += page.note(
+        "Pearson r between predicted and measured log1p expression, mean over the task's genes per fold; "
+        "cells: mean ± std (ddof 0, as HEST) over folds. The last row is the mean over tasks, given only "
+        "for a model that has every task."
+    )
+    means = complete_mean(summary, "pearson_mean", models)
+    mean_rows = pd.DataFrame({"model": models, "task": MEAN + " over tasks", "pearson_mean": means.values()})
+    frame = pd.concat([summary.sort_values("task", kind="stable"), mean_rows], ignore_index=True)
+    body += page.wide_table(
+        frame.dropna(subset=["pearson_mean"]),
+        ["task"],
+        models,
+        lambda r: page.fmt_pm(r["pearson_mean"], r.get("pearson_std")),
+    )
+    return body
+
+
+BENCHMARK = Benchmark(
+    name="hest",
+    title="HEST gene expression",
+    order=20,
+    columns=frozenset(ROW_COLUMNS),
+    summarize=_summarize_for_report,
+    headline=_headline,
+    figures=_figures,
+    section=_section,
+    labels={"hest_pearson_mean": "HEST Pearson r (mean over tasks)"},
+)

@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ import zarr
 
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
+from histodistill.bench.registry import Benchmark, Figure, by_model
 from histodistill.bench.stats import (
     STATS,
     bootstrap_statistic,
@@ -815,3 +816,141 @@ def plot_scanner_vs_staining(summary: pd.DataFrame, out: str | os.PathLike, k: i
         "scanner vs staining robustness",
         diagonal=True,
     )
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+LEADERBOARD_TOP10_GROUPS = (INTER_SCANNER, INTER_STAINING, INTER_BOTH)
+
+
+def _summarize_for_report(frame: pd.DataFrame, n_boot: int = N_BOOT, boot_seed: int = 0) -> pd.DataFrame:
+    return summarize_scores(frame, n_boot=n_boot, seed=boot_seed)
+
+
+def _median(summary: pd.DataFrame, group: str, metric: str) -> float:
+    hit = summary[(summary["group"] == group) & (summary["metric"] == metric)]
+    return float(hit["median"].iloc[0]) if len(hit) == 1 else np.nan
+
+
+def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """The PLISM leaderboard metric, the median cosine over all pairs and the three top-10 medians."""
+    cols: dict[str, dict[str, float]] = {c: {} for c in ("plism_leaderboard", "plism_cosine_median")}
+    cols |= {f"plism_top10_{g}": {} for g in LEADERBOARD_TOP10_GROUPS}
+    for model, part in summary.groupby("model", sort=False) if len(summary) else []:
+        part = part.drop(columns="model")
+        try:
+            cols["plism_leaderboard"][model] = leaderboard_metric(part)
+        except BenchmarkError as exc:
+            log.warning("PLISM leaderboard of %r: %s", model, exc)
+        cols["plism_cosine_median"][model] = _median(part, ALL, COSINE)
+        for g in LEADERBOARD_TOP10_GROUPS:
+            cols[f"plism_top10_{g}"][model] = _median(part, g, "top_10")
+    return by_model(cols, models)
+
+
+def _plism_k(metrics: set[str], preferred: int, pick) -> int | None:
+    ks = sorted(int(m.removeprefix("top_")) for m in metrics if m.startswith("top_"))
+    if not ks:
+        return None
+    return preferred if preferred in ks else pick(ks)
+
+
+def _models_with(summary: pd.DataFrame, pairs: list[tuple[str, str]]) -> list[str]:
+    ok = []
+    for model, part in summary.groupby("model", sort=False):
+        if all(((part["group"] == g) & (part["metric"] == m)).sum() == 1 for g, m in pairs):
+            ok.append(model)
+    return ok
+
+
+def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
+    """The two PLISM scatters over the models that have the rows each needs; captions name those left out."""
+    from histodistill.report import figures
+
+    out = []
+    metrics = set(summary["metric"])
+    k1 = _plism_k(metrics, 5, max)
+    k2 = _plism_k(metrics, 1, min)
+    specs = []
+    if k1 is not None:
+        specs.append(
+            (
+                plot_topk_vs_cosine,
+                {"k": k1},
+                [(ALL, COSINE), (ALL, f"top_{k1}")],
+                "plism_topk_vs_cosine.png",
+                f"PLISM: median top-{k1} accuracy against median cosine similarity over all slide pairs "
+                "(bars: 95% cluster-bootstrap CIs of the medians). Up and right is more robust.",
+            )
+        )
+    if k2 is not None:
+        specs.append(
+            (
+                plot_scanner_vs_staining,
+                {"k": k2},
+                [(INTER_SCANNER, f"top_{k2}"), (INTER_STAINING, f"top_{k2}")],
+                "plism_scanner_vs_staining.png",
+                f"PLISM: median top-{k2} accuracy across scanners (same staining) against across stainings "
+                "(same scanner); dashed: equal robustness.",
+            )
+        )
+    for plot, kwargs, needs, name, caption in specs:
+        ok = _models_with(summary, needs)
+        left_out = [m for m in dict.fromkeys(summary["model"]) if m not in ok]
+        if left_out:
+            caption += (
+                f" Not shown (no {', '.join(f'{g}/{m}' for g, m in needs)} scores): {', '.join(left_out)}."
+            )
+        if not ok:
+            continue
+        part = summary[summary["model"].isin(ok)]
+        png = figures.plism_scatter(plot, part, fig_dir / name, colors, **kwargs)
+        out.append(Figure(png, name, caption))
+    return out
+
+
+def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure]) -> str:
+    from histodistill.report import html as page
+
+    if summary.empty:
+        return page.note("No PLISM scores.")
+    groups = [ALL, *PAIR_GROUPS]
+    metrics = list(dict.fromkeys(summary["metric"]))
+    ordered = summary.assign(
+        _g=summary["group"].map({g: i for i, g in enumerate(groups)}).fillna(len(groups)),
+        _m=summary["metric"].map({m: i for i, m in enumerate(metrics)}),
+    ).sort_values(["_g", "_m"], kind="stable")
+    pairs = ordered.groupby(["group", "model"], sort=False)["n_pairs"].first()
+    body = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
+    body += page.note(
+        "Median over slide pairs [95% cluster-bootstrap CI, resampling slides], per pair group and metric. "
+        "Leaderboard = mean of the medians of cosine (all pairs) and top-10 accuracy in the three "
+        "inter-scanner/inter-staining groups. Pairs per group: "
+        + "; ".join(f"{g}: {n}" for g, n in pairs.groupby(level=0, sort=False).max().items())
+    )
+    body += page.wide_table(
+        ordered,
+        ["group", "metric"],
+        list(models),  # every model, so one absent from this benchmark shows as a column of "–"
+        lambda r: page.fmt_ci(r["median"], r.get("median_ci_low"), r.get("median_ci_high")),
+    )
+    return body
+
+
+BENCHMARK = Benchmark(
+    name="plism",
+    title="PLISM robustness",
+    order=10,
+    columns=frozenset({"slide_a", "slide_b", "group", "metric", "value"}),
+    summarize=_summarize_for_report,
+    headline=_headline,
+    figures=_figures,
+    section=_section,
+    labels={
+        "plism_leaderboard": "PLISM leaderboard",
+        "plism_cosine_median": "PLISM cosine (median, all)",
+        "plism_top10_inter_scanner": "PLISM top-10 inter-scanner",
+        "plism_top10_inter_staining": "PLISM top-10 inter-staining",
+        "plism_top10_inter_scanner_staining": "PLISM top-10 inter-scanner+staining",
+    },
+)

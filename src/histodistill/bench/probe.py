@@ -51,6 +51,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from histodistill.bench import BenchmarkError
+from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
 from histodistill.devices import torch_threads
 
 log = logging.getLogger(__name__)
@@ -791,3 +792,76 @@ def run(
     params = {"tasks": dict(tasks), "methods": list(methods), "linear": dict(linear or {}), "knn_ks": knn_ks}
     write_scores(rows, out, provenance(params, benchmark="probe", model=model))
     return rows
+
+
+# ----------------------------------------------------------------------------------------- report
+
+METHOD_ORDER = ("linear", "knn", "logreg", "abmil")
+
+
+def _methods(summary: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(summary["method"])) if "method" in summary.columns else []
+    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+
+
+def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """Per method, the balanced accuracy averaged over tasks (only for a model that has every task)."""
+    cols = {}
+    for method in _methods(summary):
+        rows = summary[(summary["method"] == method) & (summary["metric"] == "balanced_accuracy")]
+        cols[f"probe_balanced_accuracy_{method}"] = complete_mean(rows, "mean", models) if len(rows) else {}
+    return by_model(cols, models)
+
+
+def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
+    from histodistill.report import figures
+
+    if "metric" not in summary.columns or not (summary["metric"] == "balanced_accuracy").any():
+        return []
+    methods = [m for m in _methods(summary) if not m.startswith("knn_k")]  # not every k
+    png = figures.probe_bars(summary, colors, methods=methods)
+    figures.write_png(png, fig_dir / "probe_balanced_accuracy.png")
+    caption = "Probes: per task and method, balanced accuracy (error bars: std over seeds)."
+    return [Figure(png, "probe_balanced_accuracy.png", caption)]
+
+
+def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure]) -> str:
+    from histodistill.report import html as page
+
+    if summary.empty:
+        return page.note("No probe scores.")
+    models = list(models)  # every model, so one absent from this benchmark shows as a column of "–"
+    body = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
+    body += page.note(
+        "Mean ± sample std over seeds (one run for deterministic methods), on the test split "
+        "(on validation where a task has none)."
+    )
+    order = {m: i for i, m in enumerate(_methods(summary))}
+    for metric in (*METRICS, "k"):
+        rows = summary[summary["metric"] == metric]
+        if rows.empty:
+            continue
+        rows = rows.assign(_m=rows["method"].map(order)).sort_values(["task", "_m"], kind="stable")
+        if metric == "k":
+            title, cell = "k chosen on validation (k-NN)", lambda r: page.fmt(r["mean"], 0)
+        else:
+            title, cell = metric.replace("_", " "), lambda r: page.fmt_pm(r["mean"], r["std"])
+        body += f"<h3>{page.esc(title)}</h3>" + page.wide_table(rows, ["task", "method"], models, cell)
+    return body
+
+
+def _label(method: str) -> str:
+    return f"probe bal. acc. ({method}, mean over tasks)"
+
+
+BENCHMARK = Benchmark(
+    name="probe",
+    title="Classification probes",
+    order=30,
+    columns=frozenset(ROW_COLUMNS),
+    summarize=summarize,
+    headline=_headline,
+    figures=_figures,
+    section=_section,
+    labels={f"probe_balanced_accuracy_{m}": _label(m) for m in (*METHOD_ORDER, "knn_k")},
+)

@@ -1,0 +1,100 @@
+"""The benchmark registry: every benchmark module declares itself once, and the report iterates over them.
+
+A benchmark is one module (or package) under `histodistill.bench` that defines `BENCHMARK = Benchmark(...)`,
+plus its `score_<name>` rule, which writes one tidy Parquet file per model
+(`benchmarks/<name>/<model>.parquet`). The declaration says what the report needs and nothing else:
+
+- `columns`: the tidy columns a score file must have;
+- `summarize(frame, **settings)`: one model's tidy rows → its summary rows (the published protocol's
+  statistics; `settings` are the report's settings of that benchmark, e.g. PLISM's `n_boot`);
+- `headline(summary, models)`: every model's summary (a `model` column first) → the leaderboard's columns of
+  this benchmark, one row per model in `models` order (NaN where a model has no number);
+- `labels`: the leaderboard column titles;
+- `figures(summary, fig_dir, colors)`: its figures (PNG bytes, file name, caption), drawn with the report's
+  model colors;
+- `section(summary, models, figures)`: the HTML of its report section.
+
+`benchmarks()` finds the declarations by importing every module of the package, so adding a benchmark
+touches no list here or in the report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One report figure: PNG bytes, its file name under `figures/`, and its caption."""
+
+    png: bytes
+    name: str
+    caption: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Benchmark:
+    """What the report needs of one benchmark (see the module docstring). `order` sorts the sections."""
+
+    name: str
+    title: str
+    order: int
+    columns: frozenset[str]
+    summarize: Callable[..., pd.DataFrame]
+    headline: Callable[[pd.DataFrame, Sequence[str]], pd.DataFrame]
+    section: Callable[[pd.DataFrame, Sequence[str], Sequence[Figure]], str]
+    figures: Callable[[pd.DataFrame, Path, Mapping[str, str]], list[Figure]] | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    model_rows: Callable[[pd.DataFrame, str, Path], pd.DataFrame] | None = None  # one model's rows of a file
+
+    @property
+    def rule(self) -> str:
+        """The Snakemake rule that writes `benchmarks/<name>/<model>.parquet`."""
+        return f"score_{self.name}"
+
+    def label(self, column: str) -> str:
+        return self.labels.get(column, column.replace("_", " "))
+
+
+@cache
+def benchmarks() -> dict[str, Benchmark]:
+    """Every declared benchmark by name, in report order. Raises ValueError on two with one name."""
+    import histodistill.bench as package
+
+    found: dict[str, Benchmark] = {}
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        declared = getattr(importlib.import_module(info.name), "BENCHMARK", None)
+        if isinstance(declared, Benchmark):
+            if declared.name in found:
+                raise ValueError(f"two benchmarks are called {declared.name!r} ({info.name})")
+            found[declared.name] = declared
+    return dict(sorted(found.items(), key=lambda item: (item[1].order, item[0])))
+
+
+def complete_mean(frame: pd.DataFrame, value: str, models: Sequence[str]) -> dict[str, float]:
+    """Per model the mean of `value` over the tasks in `frame`, NaN unless the model has every task.
+
+    A mean over fewer tasks than the others have would not be comparable with theirs.
+    """
+    tasks = set(frame["task"]) if len(frame) else set()
+    out = {}
+    for model in models:
+        own = frame[frame["model"] == model] if len(frame) else frame
+        out[model] = float(own[value].mean()) if tasks and set(own["task"]) >= tasks else np.nan
+    return out
+
+
+def by_model(columns: Mapping[str, Mapping[str, float]], models: Sequence[str]) -> pd.DataFrame:
+    """Leaderboard columns {column: {model: value}} → a frame with one row per model (NaN where absent)."""
+    return pd.DataFrame(
+        {col: [float(values.get(m, np.nan)) for m in models] for col, values in columns.items()},
+        index=pd.Index(list(models), name="model"),
+    )
