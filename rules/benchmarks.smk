@@ -1,5 +1,6 @@
-# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, then
-# the report. Each scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task}, cohorts).
+# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, mitosis,
+# then the report. Each scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task},
+# probe-{task}, mitosis, cohorts); mitosis' LoRA also reads the slides.
 BENCH = config["benchmarks"]
 HEST = BENCH["hest"]
 PROBE = BENCH["probe"]
@@ -168,9 +169,31 @@ if MITOSIS["enabled"] and MITOSIS["demo"]:
             "../workflow_scripts/mitosis_demo.py"
 
 
+MITOSIS_SAMPLES = f"{MITOSIS_DEMO_DIR}/samples.tsv" if MITOSIS["demo"] else MITOSIS["samples"]
+MITOSIS_ANNOTATIONS = f"{MITOSIS_DEMO_DIR}/annotations.csv" if MITOSIS["demo"] else MITOSIS["annotations"]
+
+
+rule mitosis_store:
+    input:
+        data=mitosis_inputs() if MITOSIS["enabled"] else [],
+    output:
+        directory(f"{RESULTS}/mitosis/patches.zarr"),
+    params:
+        samples=MITOSIS_SAMPLES,
+        annotations=MITOSIS_ANNOTATIONS,
+        patch_px=MITOSIS["patch_px"],
+        mpp=MITOSIS["mpp"],
+    log:
+        "logs/mitosis_store.log",
+    script:
+        "../workflow_scripts/mitosis_store.py"
+
+
 rule score_mitosis:
     input:
         data=mitosis_inputs() if MITOSIS["enabled"] else [],
+        # the linear probe's features: the patch store embedded by `embed` (dataset `mitosis`)
+        embeddings=lambda w: [embedding(w.model, "mitosis")] if "linear" in MITOSIS["methods"] else [],
         student=lambda w: (
             [f"{RESULTS}/students/{w.model.removeprefix('student-')}/student.safetensors"]
             if w.model.startswith("student-")
@@ -180,11 +203,10 @@ rule score_mitosis:
         f"{RESULTS}/benchmarks/mitosis/{{model}}.parquet",
     params:
         settings={k: v for k, v in MITOSIS.items() if k != "enabled"},
-        samples=f"{MITOSIS_DEMO_DIR}/samples.tsv" if MITOSIS["demo"] else MITOSIS["samples"],
-        annotations=f"{MITOSIS_DEMO_DIR}/annotations.csv" if MITOSIS["demo"] else MITOSIS["annotations"],
+        samples=MITOSIS_SAMPLES,
+        annotations=MITOSIS_ANNOTATIONS,
         weights=lambda w: model_weights(w.model),
         seed=config["seed"],
-        results_dir=RESULTS,
     log:
         "logs/score_mitosis/{model}.log",
     threads: threads_for("score_mitosis")

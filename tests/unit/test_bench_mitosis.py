@@ -25,7 +25,7 @@ from histodistill.bench.mitosis.lora import (
     train_lora,
 )
 from histodistill.bench.mitosis.patches import PatchReader, iter_annotation_patches, pack_patch_store
-from histodistill.bench.mitosis.protocol import settings_params
+from histodistill.bench.mitosis.protocol import protocol_splits, settings_params
 from histodistill.bench.mitosis.results import prediction_frame, score_predictions
 from histodistill.bench.mitosis.splits import (
     Split,
@@ -42,6 +42,7 @@ from histodistill.errors import SlideError
 from histodistill.models import load_model
 from histodistill.models.registry import LoadedModel
 from histodistill.models.transforms import ModelTransform, transform_batch
+from histodistill.tilestore import TileStore
 
 SMALL_DEMO = MitosisDemoConfig(
     1024, 768, levels=3, n_mitotic_figures=8, n_hard_negatives=8, min_spacing_um=32
@@ -430,6 +431,61 @@ def test_embeddings_follow_the_registered_pooling(demo, tmp_path):
     both = embed_store("virchow2_tiny", tmp_path / "six.zarr", tmp_path / "v2.zarr")
     assert cls.shape == (6, 64) and both.shape == (6, 128)  # virchow2 registers CLS ⊕ mean patch token
     assert np.isfinite(cls).all() and np.abs(both[:, 64:]).sum() > 0
+
+
+def test_run_scores_the_linear_probe_on_the_embedded_patch_store(demo, tmp_path):
+    a = demo["annotations"]
+    n = pack_patch_store(demo["sheet"], demo["csv"], tmp_path / "patches.zarr", patch_px=224, mpp=0.25)
+    store = TileStore(tmp_path / "patches.zarr")
+    assert n == len(store) == len(a) and store.attrs["tile_px"] == 224 and store.attrs["mpp"] == 0.25
+    np.testing.assert_array_equal(store.index["tile_id"], np.arange(len(a)))  # row i = annotation i
+    assert store.index["slide_id"].tolist() == a["slide_id"].tolist()
+    with PatchReader(demo["paths"], demo["mpps"]) as reader:
+        rows = np.array([0, len(a) // 2, len(a) - 1])
+        for row, patch in zip(rows, store.tiles.oindex[rows], strict=True):
+            x, y = a.loc[row, ["x", "y"]]
+            np.testing.assert_array_equal(patch, reader.read(a.loc[row, "slide_id"], np.array([[x, y]]))[0])
+    features = embed_store("h0_mini_tiny", tmp_path / "patches.zarr", tmp_path / "h0.zarr")
+    config = M.MitosisConfig.from_config(
+        {"enabled": True, "demo": True, "methods": ["linear"], "fractions": [1.0], "n_val_splits": 2}
+    )
+    assert config.cross_domain_runs == 5 and config.lora == M.LoraFinetuneConfig()
+    out = tmp_path / "h0.parquet"
+    rows = M.run(
+        "h0_mini_tiny", demo["sheet"], demo["csv"], out, config, embeddings=tmp_path / "h0.zarr", seed=3
+    )
+    splits = protocol_splits(a, config, seed=3)
+    assert {s.protocol for s in splits} == {M.SCALING, M.CROSS_DOMAIN}
+    pd.testing.assert_frame_equal(rows, run_linear_protocol(features, a, splits, "h0_mini_tiny"))
+    back, meta = M.read_results(out)
+    pd.testing.assert_frame_equal(back, rows)
+    assert meta["benchmark"] == "mitosis" and meta["seed"] == 3 and meta["params"]["methods"] == ["linear"]
+    assert (
+        meta["embeddings_config_hash"]
+        == EmbeddingStore(tmp_path / "h0.zarr").attrs["provenance"]["config_hash"]
+    )
+
+
+def test_run_errors(demo, tmp_path):
+    a = demo["annotations"]
+    a.iloc[:6].drop(columns="target").to_csv(tmp_path / "six.csv", index=False)
+    pack_patch_store(demo["sheet"], tmp_path / "six.csv", tmp_path / "six.zarr")
+    embed_store("h0_mini_tiny", tmp_path / "six.zarr", tmp_path / "six_h0.zarr")
+    linear = M.MitosisConfig(methods=("linear",), fractions=(1.0,), n_val_splits=1, cross_domain=False)
+    with pytest.raises(BenchmarkError, match=f"hold 6 rows that are not the {len(a)} annotations in order"):
+        M.run("m", demo["sheet"], demo["csv"], tmp_path / "r.parquet", linear, tmp_path / "six_h0.zarr")
+    with pytest.raises(BenchmarkError, match="needs the embeddings of the mitosis patch store"):
+        M.run("m", demo["sheet"], demo["csv"], tmp_path / "r.parquet", linear)
+    lora = dataclasses.replace(linear, methods=("lora",))
+    with pytest.raises(BenchmarkError, match="give the student's checkpoint"):
+        M.run("student-demo", demo["sheet"], demo["csv"], tmp_path / "r.parquet", lora)
+    with pytest.raises(BenchmarkError, match="non-empty subset"):
+        M.run(
+            "m", demo["sheet"], demo["csv"], tmp_path / "r.parquet", dataclasses.replace(linear, methods=())
+        )
+    with pytest.raises(BenchmarkError, match=r"unknown setting\(s\) \['epoch'\] for LoraFinetuneConfig"):
+        M.MitosisConfig.from_config({"lora": {"epoch": 2}})
+    assert not (tmp_path / "r.parquet").exists()
 
 
 @pytest.mark.parametrize("name", ["h0_mini_tiny", "prov_gigapath_tiny"])  # plain; resize 256 → crop 224
