@@ -1,5 +1,6 @@
-# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, then
-# the report. Each scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task}, cohorts).
+# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, mitosis,
+# then the report. Each scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task},
+# probe-{task}, mitosis, cohorts); mitosis' LoRA also reads the slides.
 rule score_plism:
     input:
         embeddings=lambda w: embedding(w.model, "plism"),
@@ -35,6 +36,9 @@ if config["demo"]["enabled"] and HEST["demo"]:
             "logs/hest_demo/{task}.log",
         conda:
             "../envs/bench.yaml"
+        threads: threads_for("hest_demo")
+        resources:
+            **resources_for("hest_demo"),
         script:
             "../workflow_scripts/hest_demo.py"
 
@@ -48,6 +52,9 @@ rule hest_store:
         "logs/hest_store/{task}.log",
     conda:
         "../envs/bench.yaml"
+    threads: threads_for("hest_store")
+    resources:
+        **resources_for("hest_store"),
     script:
         "../workflow_scripts/hest_store.py"
 
@@ -84,6 +91,9 @@ if config["demo"]["enabled"] and PROBE["demo"]:
             "logs/probe_demo.log",
         conda:
             "../envs/bench.yaml"
+        threads: threads_for("probe_demo")
+        resources:
+            **resources_for("probe_demo"),
         script:
             "../workflow_scripts/probe_demo.py"
 
@@ -100,6 +110,9 @@ rule probe_store:
         "logs/probe_store/{task}.log",
     conda:
         "../envs/bench.yaml"
+    threads: threads_for("probe_store")
+    resources:
+        **resources_for("probe_store"),
     script:
         "../workflow_scripts/probe_store.py"
 
@@ -138,20 +151,50 @@ if MITOSIS["enabled"] and MITOSIS["demo"]:
             "logs/mitosis_demo.log",
         conda:
             "../envs/wsi.yaml"
+        threads: threads_for("mitosis_demo")
+        resources:
+            **resources_for("mitosis_demo"),
         script:
             "../workflow_scripts/mitosis_demo.py"
+
+
+MITOSIS_SAMPLES = f"{MITOSIS_DEMO_DIR}/samples.tsv" if MITOSIS["demo"] else MITOSIS["samples"]
+MITOSIS_ANNOTATIONS = f"{MITOSIS_DEMO_DIR}/annotations.csv" if MITOSIS["demo"] else MITOSIS["annotations"]
+
+
+rule mitosis_store:
+    input:
+        data=mitosis_inputs() if MITOSIS["enabled"] else [],
+    output:
+        directory(f"{RESULTS}/mitosis/patches.zarr"),
+    params:
+        samples=MITOSIS_SAMPLES,
+        annotations=MITOSIS_ANNOTATIONS,
+        patch_px=MITOSIS["patch_px"],
+        mpp=MITOSIS["mpp"],
+    log:
+        "logs/mitosis_store.log",
+    threads: threads_for("mitosis_store")
+    resources:
+        **resources_for("mitosis_store"),
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../workflow_scripts/mitosis_store.py"
 
 
 rule score_mitosis:
     input:
         data=mitosis_inputs() if MITOSIS["enabled"] else [],
+        # the linear probe's features: the patch store embedded by `embed` (dataset `mitosis`)
+        embeddings=lambda w: [embedding(w.model, "mitosis")] if "linear" in MITOSIS["methods"] else [],
         student=lambda w: student_checkpoint(w.model),
     output:
         f"{RESULTS}/benchmarks/mitosis/{{model}}.parquet",
     params:
         settings={k: v for k, v in MITOSIS.items() if k != "enabled"},
-        samples=f"{MITOSIS_DEMO_DIR}/samples.tsv" if MITOSIS["demo"] else MITOSIS["samples"],
-        annotations=f"{MITOSIS_DEMO_DIR}/annotations.csv" if MITOSIS["demo"] else MITOSIS["annotations"],
+        samples=MITOSIS_SAMPLES,
+        annotations=MITOSIS_ANNOTATIONS,
         weights=lambda w: model_weights(w.model),
         seed=config["seed"],
     log:

@@ -146,16 +146,19 @@ def distill_run(run):
 def embed_cohorts():
     """Datasets every model embeds: the configured cohorts (or all) and the PLISM matched tiles.
 
-    (HEST tasks, datasets `hest-{task}`, are embedded on demand by the models that are scored.)
+    (HEST tasks, datasets `hest-{task}`, probe tasks, `probe-{task}`, and the mitosis patches, `mitosis`, are
+    embedded on demand by the models that are scored.)
     """
     return list(config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
 
 
 def dataset_store(dataset):
     """A dataset's tile store: a cohort's, the PLISM matched tiles (read as one flat store), a HEST task's,
-    or a probe task's image files."""
+    a probe task's image files, or the mitosis annotations' patches."""
     if dataset == "plism":
         return f"{RESULTS}/plism/tiles.zarr"
+    if dataset == "mitosis":
+        return f"{RESULTS}/mitosis/patches.zarr"
     if dataset.startswith("hest-"):
         return f"{RESULTS}/hest/{dataset.removeprefix('hest-')}.zarr"
     if dataset.startswith("probe-"):

@@ -36,6 +36,9 @@ rule export_embeddings:
         "logs/export_embeddings/{format}/{model}/{dataset}.log",
     conda:
         "../envs/torch.yaml"
+    threads: threads_for("export_embeddings")
+    resources:
+        **resources_for("export_embeddings"),
     script:
         "../workflow_scripts/export_embeddings.py"
 

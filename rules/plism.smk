@@ -24,6 +24,9 @@ if PLISM["enabled"]:
                 "logs/plism_demo.log",
             conda:
                 "../envs/wsi.yaml"
+            threads: threads_for("plism_demo")
+            resources:
+                **resources_for("plism_demo"),
             script:
                 "../workflow_scripts/plism_demo.py"
 
@@ -48,6 +51,9 @@ if PLISM["enabled"]:
                 "logs/plism_grid.log",
             conda:
                 "../envs/wsi.yaml"
+            threads: threads_for("plism_grid")
+            resources:
+                **resources_for("plism_grid"),
             script:
                 "../workflow_scripts/plism_grid.py"
 

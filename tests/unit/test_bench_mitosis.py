@@ -14,13 +14,35 @@ from skimage import measure
 
 from histodistill.bench import BenchmarkError
 from histodistill.bench import mitosis as M
+from histodistill.bench.mitosis.data import slides_from_sheet, validate_annotations
+from histodistill.bench.mitosis.linear import fit_logistic_regression, run_linear_protocol
+from histodistill.bench.mitosis.lora import (
+    SlidePatchSampler,
+    _merge_lora,
+    build_lora_classifier,
+    predict_logits,
+    run_lora_protocol,
+    train_lora,
+)
+from histodistill.bench.mitosis.patches import PatchReader, iter_annotation_patches, pack_patch_store
+from histodistill.bench.mitosis.protocol import protocol_splits, settings_params
+from histodistill.bench.mitosis.results import prediction_frame, score_predictions
+from histodistill.bench.mitosis.splits import (
+    Split,
+    _splits_frame,
+    _splits_from_frame,
+    cross_domain_splits,
+    scaling_splits,
+)
 from histodistill.config import read_sample_sheet
 from histodistill.demo.mitosis import MitosisDemoConfig, make_mitosis_demo
 from histodistill.demo.slides import write_pyramid_tiff
+from histodistill.embed import EmbeddingStore, extract_embeddings
 from histodistill.errors import SlideError
 from histodistill.models import load_model
 from histodistill.models.registry import LoadedModel
-from histodistill.models.transforms import ModelTransform
+from histodistill.models.transforms import ModelTransform, transform_batch
+from histodistill.tilestore import TileStore
 
 SMALL_DEMO = MitosisDemoConfig(
     1024, 768, levels=3, n_mitotic_figures=8, n_hard_negatives=8, min_spacing_um=32
@@ -44,8 +66,38 @@ def demo(tmp_path_factory):
     """Two domains × three slides (one case each) with mitotic figures and hard negatives."""
     out = tmp_path_factory.mktemp("mitosis_demo")
     sheet, annotations = make_mitosis_demo(out, seed=0, n_slides_per_domain=3, spec=SMALL_DEMO)
-    paths, mpps = M.slides_from_sheet(read_sample_sheet(sheet))
-    return {"paths": paths, "mpps": mpps, "annotations": M.read_annotations(annotations, list(paths))}
+    paths, mpps = slides_from_sheet(read_sample_sheet(sheet))
+    return {
+        "paths": paths,
+        "mpps": mpps,
+        "annotations": M.read_annotations(annotations, list(paths)),
+        "sheet": sheet,
+        "csv": annotations,
+    }
+
+
+def extract_patches(slide_path, points, patch_px=224, mpp=0.25, slide_mpp=None) -> np.ndarray:
+    """The centred patches of one slide's points, through a PatchReader of that slide alone."""
+    with PatchReader({"slide": slide_path}, {"slide": slide_mpp}, patch_px, mpp) as reader:
+        return reader.read("slide", points)
+
+
+@dataclasses.dataclass
+class ArrayPatchSource:
+    """In-memory patches drawn uniformly with replacement (a LoRA training source without slides)."""
+
+    images: np.ndarray
+    targets: np.ndarray
+
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        idx = rng.integers(0, len(self.images), size=n)
+        return self.images[idx], np.asarray(self.targets, np.float32)[idx]
+
+
+def embed_store(model, store, out) -> np.ndarray:
+    """Embeddings [N, D] of a patch store by the `embed` rule's library call (CPU, no workers)."""
+    extract_embeddings(model, store, out, batch_size=4, num_workers=0, device="cpu")
+    return EmbeddingStore(out).embeddings
 
 
 def table(n_domains=3, cases_per_domain=6, seed=0):
@@ -58,7 +110,7 @@ def table(n_domains=3, cases_per_domain=6, seed=0):
             for i in range(int(rng.integers(4, 30))):
                 label = M.MITOTIC_FIGURE if i % 3 == 0 else M.HARD_NEGATIVE
                 rows.append((f"{case}_s{i % 2}", float(i), float(i), label, f"domain{d}", case))
-    return M.validate_annotations(pd.DataFrame(rows, columns=list(M.ANNOTATION_COLUMNS)))
+    return validate_annotations(pd.DataFrame(rows, columns=list(M.ANNOTATION_COLUMNS)))
 
 
 def cases(annotations, rows):
@@ -144,7 +196,7 @@ def marked_slide(tmp_path_factory):
 
 @pytest.mark.parametrize("mpp", [0.25, 0.5, 0.4])  # level 0 as is, level 1 as is, level 0 resized
 def test_patches_are_centered_on_the_point(marked_slide, mpp):
-    patches = M.extract_patches(marked_slide, np.array([[601, 403], [100, 100]]), patch_px=64, mpp=mpp)
+    patches = extract_patches(marked_slide, np.array([[601, 403], [100, 100]]), patch_px=64, mpp=mpp)
     assert patches.shape == (2, 64, 64, 3) and patches.dtype == np.uint8
     weight = 255.0 - patches[0].mean(-1)
     weight[weight < 60] = 0
@@ -158,11 +210,11 @@ def test_patches_are_centered_on_the_point(marked_slide, mpp):
 
 def test_patch_errors(marked_slide):
     with pytest.raises(BenchmarkError, match=r"point \(2000, 5\) lies outside the slide"):
-        M.extract_patches(marked_slide, np.array([[2000, 5]]), patch_px=32)
+        extract_patches(marked_slide, np.array([[2000, 5]]), patch_px=32)
     with pytest.raises(SlideError, match="coarser than the benchmark's 0.1"):
-        M.extract_patches(marked_slide, np.array([[10, 10]]), patch_px=32, mpp=0.1)
+        extract_patches(marked_slide, np.array([[10, 10]]), patch_px=32, mpp=0.1)
     # an explicit slide µm/px (sample-sheet override) changes the footprint: 0.5 µm/px → half as many px
-    a = M.extract_patches(marked_slide, np.array([[601, 403]]), patch_px=64, mpp=0.5, slide_mpp=0.5)
+    a = extract_patches(marked_slide, np.array([[601, 403]]), patch_px=64, mpp=0.5, slide_mpp=0.5)
     assert (a[0].mean(-1) < 100).sum() == 81  # the 9×9 square, read at level 0 without resizing
 
 
@@ -171,8 +223,8 @@ def test_demo_has_domains_labels_and_visible_figures(demo):
     assert sorted(a["domain"].unique()) == ["scanner_a", "scanner_b"]
     assert (a.groupby("slide_id")["label"].nunique() == 2).all()
     patches, order = [], []
-    with M.PatchReader(demo["paths"], demo["mpps"], patch_px=128) as reader:
-        for rows, p in M.iter_annotation_patches(reader, a, np.arange(len(a))):
+    with PatchReader(demo["paths"], demo["mpps"], patch_px=128) as reader:
+        for rows, p in iter_annotation_patches(reader, a, np.arange(len(a))):
             patches.append(p)
             order.append(rows)
     patches, order = np.concatenate(patches), np.concatenate(order)
@@ -189,7 +241,7 @@ def test_demo_has_domains_labels_and_visible_figures(demo):
 
 def test_scaling_splits_never_leak_cases_and_keep_the_test_split_fixed():
     a = table()
-    splits = M.scaling_splits(a, fractions=(1.0, 0.1, 0.01, 0.001), n_val_splits=5, seed=3)
+    splits = scaling_splits(a, fractions=(1.0, 0.1, 0.01, 0.001), n_val_splits=5, seed=3)
     assert len(splits) == 5 * 4
     test = splits[0].tests[M.ALL]
     assert 0.12 < len(test) / len(a) < 0.35
@@ -216,12 +268,12 @@ def test_scaling_splits_never_leak_cases_and_keep_the_test_split_fixed():
 
 def test_scaling_splits_are_reproducible_and_round_trip():
     a = table(seed=1)
-    one, two = M.scaling_splits(a, seed=7), M.scaling_splits(a, seed=7)
-    other = M.scaling_splits(a, seed=8)
-    frame = M.splits_frame(one)
-    pd.testing.assert_frame_equal(frame, M.splits_frame(two))
-    assert not frame.equals(M.splits_frame(other))
-    back = M.splits_from_frame(frame)
+    one, two = scaling_splits(a, seed=7), scaling_splits(a, seed=7)
+    other = scaling_splits(a, seed=8)
+    frame = _splits_frame(one)
+    pd.testing.assert_frame_equal(frame, _splits_frame(two))
+    assert not frame.equals(_splits_frame(other))
+    back = _splits_from_frame(frame)
     assert len(back) == len(one)
     for x, y in zip(one, back, strict=True):
         assert (x.protocol, x.run, x.fraction, x.train_domain) == (
@@ -237,20 +289,20 @@ def test_scaling_splits_are_reproducible_and_round_trip():
 def test_split_errors():
     a = table(n_domains=1, cases_per_domain=1)
     with pytest.raises(BenchmarkError, match="no domain has two cases"):
-        M.scaling_splits(a)
+        scaling_splits(a)
     with pytest.raises(BenchmarkError, match="fractions must lie in"):
-        M.scaling_splits(table(), fractions=(0.0, 1.0))
+        scaling_splits(table(), fractions=(0.0, 1.0))
     with pytest.raises(BenchmarkError, match="needs ≥ 2 domains"):
-        M.cross_domain_splits(table(n_domains=1))
+        cross_domain_splits(table(n_domains=1))
     with pytest.raises(BenchmarkError, match="domain 'domain1' has 2 case"):
         small = table(n_domains=2)
         small = small[~small["case"].isin([f"d1_c{i}" for i in range(2, 6)])].reset_index(drop=True)
-        M.cross_domain_splits(small)
+        cross_domain_splits(small)
 
 
 def test_cross_domain_splits_hold_out_cases_and_give_an_n_by_n_matrix(tmp_path):
     a = table(n_domains=3)
-    splits = M.cross_domain_splits(a, n_runs=2, seed=0)
+    splits = cross_domain_splits(a, n_runs=2, seed=0)
     assert len(splits) == 2 * 3
     domain = a["domain"].to_numpy()
     for s in splits:
@@ -271,13 +323,13 @@ def test_cross_domain_splits_hold_out_cases_and_give_an_n_by_n_matrix(tmp_path):
             t = a["target"].to_numpy()[rows]
             noise = 0.3 if d == s.train_domain else 1.5
             p = 1 / (1 + np.exp(-(2 * t - 1) * 2 + rng.normal(0, noise, len(t))))
-            predictions.append(M._predictions("m", "lora", s, d, rows, t, p, len(s.train)))
-    rows = M.score_predictions(pd.concat(predictions))
+            predictions.append(prediction_frame("m", "lora", s, d, rows, t, p, len(s.train)))
+    rows = score_predictions(pd.concat(predictions))
     matrix = M.cross_domain_matrix(rows, "m", "lora")
     assert matrix.shape == (3, 3) and not matrix.isna().any().any()
     assert list(matrix.index) == list(matrix.columns) == ["domain0", "domain1", "domain2"]
     assert (np.diag(matrix) > matrix.to_numpy()[~np.eye(3, dtype=bool)].reshape(3, 2).max(1)).all()
-    summary = M.summarize_results(rows)
+    summary = M.summarize(rows)
     assert summary.loc[summary.metric == "auroc", "n"].eq(2).all()
     M.plot_cross_domain(summary, tmp_path / "cross.png")
     assert (tmp_path / "cross.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -287,11 +339,11 @@ def test_cross_domain_splits_hold_out_cases_and_give_an_n_by_n_matrix(tmp_path):
 
 
 def test_metrics_and_summary_on_a_hand_case():
-    s = M.Split(M.SCALING, 0, np.arange(3), np.arange(0), {M.ALL: np.arange(5)}, 0.1)
-    pred = M._predictions(
+    s = Split(M.SCALING, 0, np.arange(3), np.arange(0), {M.ALL: np.arange(5)}, 0.1)
+    pred = prediction_frame(
         "m", "linear_probe", s, M.ALL, np.arange(5), [1, 1, 0, 0, 0], [0.9, 0.4, 0.6, 0.2, 0.1], 3
     )
-    rows = M.score_predictions(pred)
+    rows = score_predictions(pred)
     assert list(rows.columns) == M.ROW_COLUMNS
     got = dict(zip(rows["metric"], rows["value"], strict=True))
     # predictions at 0.5: [1, 0, 1, 0, 0]; recalls 1/2 and 2/3; F1 per class 0.5 (n=2) and 2/3 (n=3)
@@ -300,7 +352,7 @@ def test_metrics_and_summary_on_a_hand_case():
     assert got["auroc"] == pytest.approx(5 / 6)  # 5 of 6 positive/negative pairs ranked right
     assert got["n_train"] == 3
     two = pd.concat([rows, rows.assign(run=1, value=rows["value"] + 0.2)])
-    summary = M.summarize_results(two).set_index("metric")
+    summary = M.summarize(two).set_index("metric")
     assert summary.loc["auroc", "mean"] == pytest.approx(5 / 6 + 0.1)
     assert summary.loc["auroc", "std"] == pytest.approx(0.2 / 2**0.5)  # sample std, ddof = 1
     assert summary.loc["auroc", "n"] == 2
@@ -311,7 +363,7 @@ def test_logistic_regression_follows_the_published_objective():
     x = rng.normal(0, 1, (120, 64)).astype(np.float32)
     y = np.repeat([0, 1], 60)
     x[:, :8] += 0.5 * (2 * y[:, None] - 1)
-    predict = M.fit_logistic_regression(x, y)
+    predict = fit_logistic_regression(x, y)
     assert predict.C == pytest.approx(64 * 2 / 100)
     assert ((predict(x)[:, 1] > 0.5) == y).mean() > 0.9
 
@@ -326,10 +378,10 @@ def test_logistic_regression_follows_the_published_objective():
     for _ in range(20):
         assert best <= objective(w + 0.01 * torch.randn_like(w), b + 0.01 * torch.randn_like(b)) + 1e-6
     assert best < objective(torch.zeros_like(w), torch.zeros_like(b))
-    sk = M.fit_logistic_regression(x, y, implementation="sklearn")
+    sk = fit_logistic_regression(x, y, implementation="sklearn")
     assert ((sk(x)[:, 1] > 0.5) == y).mean() > 0.9
     with pytest.raises(BenchmarkError, match="K ≥ 2"):
-        M.fit_logistic_regression(x, np.zeros(len(x), int))
+        fit_logistic_regression(x, np.zeros(len(x), int))
 
 
 def handcrafted(patches: np.ndarray) -> np.ndarray:
@@ -348,15 +400,15 @@ def handcrafted(patches: np.ndarray) -> np.ndarray:
 
 def test_informative_features_beat_random_features_on_the_demo(demo):
     a = demo["annotations"]
-    with M.PatchReader(demo["paths"], demo["mpps"]) as reader:
+    with PatchReader(demo["paths"], demo["mpps"]) as reader:
         feats = np.zeros((len(a), 5), np.float32)
-        for rows, patches in M.iter_annotation_patches(reader, a, np.arange(len(a))):
+        for rows, patches in iter_annotation_patches(reader, a, np.arange(len(a))):
             feats[rows] = handcrafted(patches)
     noise = np.random.default_rng(0).normal(size=(len(a), 64)).astype(np.float32)
-    splits = M.scaling_splits(a, fractions=(0.1, 1.0), n_val_splits=3, seed=0)
+    splits = scaling_splits(a, fractions=(0.1, 1.0), n_val_splits=3, seed=0)
     scores = {}
     for name, x in (("informative", feats), ("random", noise)):
-        summary = M.summarize_results(M.run_linear_protocol(x, a, splits, name))
+        summary = M.summarize(run_linear_protocol(x, a, splits, name))
         scores[name] = summary[(summary.metric == "auroc") & (summary.fraction == 1.0)]["mean"].item()
         bacc = summary[(summary.metric == "balanced_accuracy") & (summary.fraction == 1.0)]
         if name == "informative":
@@ -364,27 +416,85 @@ def test_informative_features_beat_random_features_on_the_demo(demo):
             assert bacc["std"].item() == 0.0  # train ∪ val is the whole pool: runs agree at 100%
     assert scores["informative"] > 0.9 and scores["informative"] > scores["random"] + 0.25, scores
     matrix = M.cross_domain_matrix(
-        M.run_linear_protocol(feats, a, M.cross_domain_splits(a, n_runs=1), "informative"),
+        run_linear_protocol(feats, a, cross_domain_splits(a, n_runs=1), "informative"),
         "informative",
         "linear_probe",
     )
     assert matrix.shape == (2, 2) and (matrix.to_numpy() > 0.75).all()
 
 
-def test_embeddings_follow_the_registered_pooling(demo):
+def test_embeddings_follow_the_registered_pooling(demo, tmp_path):
     a = demo["annotations"].iloc[:6].reset_index(drop=True)
-    with M.PatchReader(demo["paths"], demo["mpps"]) as reader:
-        cls = M.embed_annotations(load_model("h0_mini_tiny"), a, reader, batch_size=4, device="cpu")
-        both = M.embed_annotations(load_model("virchow2_tiny"), a, reader, batch_size=4, device="cpu")
+    a.drop(columns="target").to_csv(tmp_path / "six.csv", index=False)
+    pack_patch_store(demo["sheet"], tmp_path / "six.csv", tmp_path / "six.zarr")
+    cls = embed_store("h0_mini_tiny", tmp_path / "six.zarr", tmp_path / "h0.zarr")
+    both = embed_store("virchow2_tiny", tmp_path / "six.zarr", tmp_path / "v2.zarr")
     assert cls.shape == (6, 64) and both.shape == (6, 128)  # virchow2 registers CLS ⊕ mean patch token
     assert np.isfinite(cls).all() and np.abs(both[:, 64:]).sum() > 0
+
+
+def test_run_scores_the_linear_probe_on_the_embedded_patch_store(demo, tmp_path):
+    a = demo["annotations"]
+    n = pack_patch_store(demo["sheet"], demo["csv"], tmp_path / "patches.zarr", patch_px=224, mpp=0.25)
+    store = TileStore(tmp_path / "patches.zarr")
+    assert n == len(store) == len(a) and store.attrs["tile_px"] == 224 and store.attrs["mpp"] == 0.25
+    np.testing.assert_array_equal(store.index["tile_id"], np.arange(len(a)))  # row i = annotation i
+    assert store.index["slide_id"].tolist() == a["slide_id"].tolist()
+    with PatchReader(demo["paths"], demo["mpps"]) as reader:
+        rows = np.array([0, len(a) // 2, len(a) - 1])
+        for row, patch in zip(rows, store.tiles.oindex[rows], strict=True):
+            x, y = a.loc[row, ["x", "y"]]
+            np.testing.assert_array_equal(patch, reader.read(a.loc[row, "slide_id"], np.array([[x, y]]))[0])
+    features = embed_store("h0_mini_tiny", tmp_path / "patches.zarr", tmp_path / "h0.zarr")
+    config = M.MitosisConfig.from_config(
+        {"enabled": True, "demo": True, "methods": ["linear"], "fractions": [1.0], "n_val_splits": 2}
+    )
+    assert config.cross_domain_runs == 5 and config.lora == M.LoraFinetuneConfig()
+    out = tmp_path / "h0.parquet"
+    rows = M.run(
+        "h0_mini_tiny", demo["sheet"], demo["csv"], out, config, embeddings=tmp_path / "h0.zarr", seed=3
+    )
+    splits = protocol_splits(a, config, seed=3)
+    assert {s.protocol for s in splits} == {M.SCALING, M.CROSS_DOMAIN}
+    pd.testing.assert_frame_equal(rows, run_linear_protocol(features, a, splits, "h0_mini_tiny"))
+    back, meta = M.read_results(out)
+    pd.testing.assert_frame_equal(back, rows)
+    assert meta["benchmark"] == "mitosis" and meta["seed"] == 3 and meta["params"]["methods"] == ["linear"]
+    assert (
+        meta["embeddings_config_hash"]
+        == EmbeddingStore(tmp_path / "h0.zarr").attrs["provenance"]["config_hash"]
+    )
+
+
+def test_run_errors(demo, tmp_path):
+    a = demo["annotations"]
+    a.iloc[:6].drop(columns="target").to_csv(tmp_path / "six.csv", index=False)
+    pack_patch_store(demo["sheet"], tmp_path / "six.csv", tmp_path / "six.zarr")
+    embed_store("h0_mini_tiny", tmp_path / "six.zarr", tmp_path / "six_h0.zarr")
+    linear = M.MitosisConfig(methods=("linear",), fractions=(1.0,), n_val_splits=1, cross_domain=False)
+    with pytest.raises(BenchmarkError, match=f"hold 6 rows that are not the {len(a)} annotations in order"):
+        M.run("m", demo["sheet"], demo["csv"], tmp_path / "r.parquet", linear, tmp_path / "six_h0.zarr")
+    with pytest.raises(BenchmarkError, match="needs the embeddings of the mitosis patch store"):
+        M.run("m", demo["sheet"], demo["csv"], tmp_path / "r.parquet", linear)
+    lora = dataclasses.replace(linear, methods=("lora",))
+    with pytest.raises(BenchmarkError, match="give the student's checkpoint"):
+        M.run("student-demo", demo["sheet"], demo["csv"], tmp_path / "r.parquet", lora)
+    with pytest.raises(BenchmarkError, match="non-empty subset"):
+        M.run(
+            "m", demo["sheet"], demo["csv"], tmp_path / "r.parquet", dataclasses.replace(linear, methods=())
+        )
+    with pytest.raises(BenchmarkError, match=r"unknown setting\(s\) \['epoch'\] for LoraFinetuneConfig"):
+        M.MitosisConfig.from_config({"lora": {"epoch": 2}})
+    assert not (tmp_path / "r.parquet").exists()
 
 
 @pytest.mark.parametrize("name", ["h0_mini_tiny", "prov_gigapath_tiny"])  # plain; resize 256 → crop 224
 def test_batched_transform_equals_the_models_own(name):
     transform = ModelTransform(load_model(name).spec.transform)
     patches = np.random.default_rng(0).integers(0, 256, (3, 200, 200, 3), dtype=np.uint8)
-    torch.testing.assert_close(M._to_batch(transform, patches), torch.stack([transform(p) for p in patches]))
+    torch.testing.assert_close(
+        transform_batch(transform, patches), torch.stack([transform(p) for p in patches])
+    )
 
 
 # ----------------------------------------------------------------------------------------- LoRA
@@ -393,7 +503,7 @@ def test_batched_transform_equals_the_models_own(name):
 @pytest.mark.parametrize("name", ["h0_mini_tiny", "h_optimus_0_tiny"])  # SwiGLU-packed and plain MLP blocks
 def test_lora_adapts_only_the_named_layers(name):
     loaded = load_model(name)
-    classifier = M.build_lora_classifier(loaded, M.LoraSettings(), seed=0)
+    classifier = build_lora_classifier(loaded, M.LoraFinetuneConfig(), seed=0)
     adapted = {
         n.removeprefix("base_model.model.").removesuffix(".lora_A")
         for n, _ in classifier.backbone.named_modules()
@@ -415,7 +525,7 @@ def test_lora_adapts_only_the_named_layers(name):
 
 def test_merging_the_adapters_reproduces_the_adapted_outputs():
     loaded = tiny_model()
-    classifier = M.build_lora_classifier(loaded, seed=0)
+    classifier = build_lora_classifier(loaded, seed=0)
     torch.manual_seed(1)
     for n, p in classifier.named_parameters():
         if "lora_B" in n:  # B starts at 0 (a no-op adapter): give it weight so merging has work to do
@@ -426,7 +536,7 @@ def test_merging_the_adapters_reproduces_the_adapted_outputs():
         adapted = classifier(x)
         with classifier.backbone.disable_adapter():
             base = classifier(x)
-        merged_model = M.merge_lora(classifier).eval()
+        merged_model = _merge_lora(classifier).eval()
         merged = merged_model(x)
     assert (adapted - base).abs().max() > 0.05  # the adapters matter
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)  # fp32 merge W + B·A·(alpha/r)
@@ -444,19 +554,21 @@ def test_lora_training_lowers_the_loss_and_is_deterministic():
     images = np.full((16, 96, 96, 3), 200, np.uint8) + rng.integers(0, 20, (16, 96, 96, 3), dtype=np.uint8)
     targets = np.arange(16) % 2
     images[targets == 1, 32:64, 32:64] = 30  # positives: a dark centre
-    source = M.ArrayPatchSource(images, targets)
+    source = ArrayPatchSource(images, targets)
 
     def loss(classifier):  # eval-mode BCE over the whole set
-        logits = M.predict_logits(classifier, images, torch.device("cpu"), None)
+        logits = predict_logits(classifier, images, torch.device("cpu"), None)
         return torch.nn.functional.binary_cross_entropy_with_logits(
             torch.as_tensor(logits), torch.as_tensor(targets, dtype=torch.float32)
         ).item()
 
-    settings = M.LoraSettings(max_lr=1e-2, batch_size=8, epochs=12, epoch_samples=16, device="cpu", threads=1)
+    settings = M.LoraFinetuneConfig(
+        max_lr=1e-2, batch_size=8, epochs=12, epoch_samples=16, device="cpu", threads=1
+    )
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    classifier = M.build_lora_classifier(loaded, settings, 0)
+    classifier = build_lora_classifier(loaded, settings, 0)
     start = loss(classifier)
-    fit = M.train_lora(classifier, source, images[:8], targets[:8], settings, 0)
+    fit = train_lora(classifier, source, images[:8], targets[:8], settings, 0)
     assert loss(fit.classifier) < 0.5 * start, (start, fit.history)
     history = fit.history
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
@@ -466,7 +578,7 @@ def test_lora_training_lowers_the_loss_and_is_deterministic():
         torch.testing.assert_close(p, before[n])  # the backbone stays frozen
     short = dataclasses.replace(settings, epochs=1)
     runs = [
-        M.train_lora(M.build_lora_classifier(loaded, short, 5), source, images[:4], targets[:4], short, 5)
+        train_lora(build_lora_classifier(loaded, short, 5), source, images[:4], targets[:4], short, 5)
         for _ in range(2)
     ]
     pd.testing.assert_frame_equal(runs[0].history, runs[1].history)
@@ -474,9 +586,9 @@ def test_lora_training_lowers_the_loss_and_is_deterministic():
 
 def test_sampler_draws_50_25_25_and_labels_by_content(demo):
     a = demo["annotations"]
-    split = M.scaling_splits(a, fractions=(1.0,), n_val_splits=1)[0]
-    with M.PatchReader(demo["paths"], demo["mpps"]) as reader:
-        sampler = M.SlidePatchSampler(a, split.train, reader)
+    split = scaling_splits(a, fractions=(1.0,), n_val_splits=1)[0]
+    with PatchReader(demo["paths"], demo["mpps"]) as reader:
+        sampler = SlidePatchSampler(a, split.train, reader)
         draws = sampler.draw_points(400, np.random.default_rng(0))
         share = draws["kind"].value_counts(normalize=True)
         assert abs(share[M.MITOTIC_FIGURE] - 0.5) < 0.07 and abs(share["random"] - 0.25) < 0.07
@@ -494,18 +606,20 @@ def test_sampler_draws_50_25_25_and_labels_by_content(demo):
 
 def test_lora_protocol_end_to_end_on_the_demo(demo):
     a = demo["annotations"]
-    full = M.scaling_splits(a, fractions=(1.0,), n_val_splits=1)[0]
+    full = scaling_splits(a, fractions=(1.0,), n_val_splits=1)[0]
     test = full.tests[M.ALL]
     few = np.concatenate([test[a["target"].to_numpy()[test] == t][:3] for t in (0, 1)])  # 3 of each label
     split = dataclasses.replace(full, tests={M.ALL: few})
-    settings = M.LoraSettings(batch_size=4, epochs=1, epoch_samples=4, val_samples=4, device="cpu", threads=1)
-    with M.PatchReader(demo["paths"], demo["mpps"]) as reader:
-        predictions = M.run_lora_protocol(
+    settings = M.LoraFinetuneConfig(
+        batch_size=4, epochs=1, epoch_samples=4, val_samples=4, device="cpu", threads=1
+    )
+    with PatchReader(demo["paths"], demo["mpps"]) as reader:
+        predictions = run_lora_protocol(
             tiny_model(), a, [split], reader, "h0_mini_tiny", settings, score=False
         )
     assert sorted(predictions["row"]) == sorted(split.tests[M.ALL])
     assert predictions["probability"].between(0, 1).all()
-    rows = M.score_predictions(predictions)
+    rows = score_predictions(predictions)
     assert set(rows["metric"]) == {"balanced_accuracy", "f1_weighted", "auroc", "n_train"}
     assert set(rows["method"]) == {"lora"} and rows["value"].notna().all()
 
@@ -516,21 +630,21 @@ def test_lora_protocol_end_to_end_on_the_demo(demo):
 def test_results_round_trip_with_provenance_and_scaling_figure(tmp_path):
     a = table()
     x = np.random.default_rng(0).normal(size=(len(a), 4)) + a["target"].to_numpy()[:, None]
-    rows = M.run_linear_protocol(x, a, M.scaling_splits(a, n_val_splits=2), "toy")
+    rows = run_linear_protocol(x, a, scaling_splits(a, n_val_splits=2), "toy")
     meta = {"config_hash": "abc", "params": {"fractions": list(M.FRACTIONS)}}
     M.write_results(rows, tmp_path / "r.parquet", meta)
     back, got = M.read_results(tmp_path / "r.parquet")
     pd.testing.assert_frame_equal(back, rows)
     assert got == meta
     assert not list(tmp_path.glob(".*tmp*"))
-    summary = M.summarize_results(rows)
+    summary = M.summarize(rows)
     assert set(summary["fraction"]) == set(M.FRACTIONS)
     M.plot_scaling(summary, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     pq.write_table(pa.table({"a": [1]}), tmp_path / "plain.parquet")
     with pytest.raises(BenchmarkError, match="not a histodistill result file"):
         M.read_results(tmp_path / "plain.parquet")
-    assert json.loads(json.dumps(M.settings_params(M.LoraSettings())))["rank"] == 16
+    assert json.loads(json.dumps(settings_params(M.LoraFinetuneConfig())))["rank"] == 16
 
 
 def _top_level_imports(module: str) -> set[str]:

@@ -18,13 +18,7 @@ import pytest
 import histodistill
 from histodistill.augment import AugmentConfig
 from histodistill.bench.hest import score_task
-from histodistill.bench.mitosis import (
-    LoraSettings,
-    PatchReader,
-    SamplerConfig,
-    cross_domain_splits,
-    scaling_splits,
-)
+from histodistill.bench.mitosis import LoraFinetuneConfig, MitosisConfig, SamplerConfig
 from histodistill.bench.plism import score_plism, summarize_scores
 from histodistill.bench.probe import AbmilConfig, KnnConfig, LinearProbeConfig, LogRegConfig, run_probe
 from histodistill.config import load_schema
@@ -117,20 +111,23 @@ SOURCES: dict[str, tuple] = {
         )
     },
     "benchmarks.probe.knn_ks": (KnnConfig, "ks"),
-    "benchmarks.mitosis.mpp": (PatchReader, "mpp"),
-    "benchmarks.mitosis.patch_px": (PatchReader, "patch_px"),
+    # MitosisConfig is the benchmark's one settings class (bench.mitosis.protocol); its section keys are its fields.
     **{
-        f"benchmarks.mitosis.{f}": (scaling_splits, f)
+        f"benchmarks.mitosis.{f}": (MitosisConfig, f)
         for f in (
+            "mpp",
+            "patch_px",
+            "methods",
             "fractions",
             "test_fraction",
-            "n_val_splits",
             "val_fraction",
+            "n_val_splits",
+            "cross_domain",
+            "cross_domain_runs",
         )
     },
-    "benchmarks.mitosis.cross_domain_runs": (cross_domain_splits, "n_runs"),
     **{
-        f"benchmarks.mitosis.lora.{f}": (LoraSettings, f)
+        f"benchmarks.mitosis.lora.{f}": (LoraFinetuneConfig, f)
         for f in (
             "rank",
             "alpha",
@@ -174,8 +171,6 @@ PIPELINE_ONLY = {
     "benchmarks.mitosis.demo": "switch",
     "benchmarks.mitosis.samples": "path",
     "benchmarks.mitosis.annotations": "path",
-    "benchmarks.mitosis.methods": "selection of the score_mitosis rule",
-    "benchmarks.mitosis.cross_domain": "switch of the score_mitosis rule",
 }
 
 # Fields of settings classes that are deliberately not config keys, and why.
@@ -194,7 +189,8 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
     LogRegConfig: "the published protocol (UNI's linear_probe.py)",
     AbmilConfig: "EVA's protocol; its seeds follow benchmarks.probe.linear.seeds",
     SamplerConfig: "the paper's sampling mix",
-    LoraSettings: {
+    MitosisConfig: {"lora": "the section benchmarks.mitosis.lora (LoraFinetuneConfig's fields)"},
+    LoraFinetuneConfig: {
         "betas": "the paper's optimiser",
         "cycle_momentum": "the paper's schedule",
         "eval_batch_size": "memory bound only",

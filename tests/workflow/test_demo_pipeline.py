@@ -134,8 +134,9 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "distill": 1,
-        # 4 models on the cohort, the student on the PLISM tiles, the 3 scored models on the HEST task
-        "embed": 8,
+        # 4 models on the cohort, the student on the PLISM tiles and the mitosis patches, the 3 scored
+        # models on the HEST task
+        "embed": 9,
         "export_embeddings": 10,
         "hest_demo": 1,  # the demo HEST task and probe labels are made from the cohort's tiles
         "hest_store": 1,
@@ -160,7 +161,7 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "distill": 1,
-        "embed": 3,
+        "embed": 4,  # the student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
         "export_embeddings": 4,
         "score_plism": 1,
         "score_hest": 1,
@@ -180,7 +181,7 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
     finally:
         write_demo_config(demo_run)
     scores = {"score_plism": 1, "score_hest": 1, "score_probe": 1, "score_mitosis": 1, "report": 1}
-    assert jobs == {"distill": 1, "embed": 3, "export_embeddings": 4, **scores, "all": 1}
+    assert jobs == {"distill": 1, "embed": 4, "export_embeddings": 4, **scores, "all": 1}
 
 
 def test_demo_makes_plism_matched_tiles_and_embeds_them(demo_run):

@@ -8,8 +8,9 @@ plus its `score_<name>` rule, which writes one tidy Parquet file per model
 - `summarize(frame, **settings)`: one model's tidy rows → its summary rows (the published protocol's
   statistics; `settings` are the report's settings of that benchmark, e.g. PLISM's `n_boot`);
 - `headline(summary, models)`: every model's summary (a `model` column first) → the leaderboard's columns of
-  this benchmark, one row per model in `models` order (NaN where a model has no number);
-- `labels`: the leaderboard column titles;
+  this benchmark (each named `<name>_…`), one row per model in `models` order (NaN where a model has no
+  number);
+- `labels`: the leaderboard column titles (a mapping, or a function of the column name);
 - `figures(summary, fig_dir, colors)`: its figures (PNG bytes, file name, caption), drawn with the report's
   model colors;
 - `section(summary, models, figures)`: the HTML of its report section.
@@ -52,7 +53,7 @@ class Benchmark:
     headline: Callable[[pd.DataFrame, Sequence[str]], pd.DataFrame]
     section: Callable[[pd.DataFrame, Sequence[str], Sequence[Figure]], str]
     figures: Callable[[pd.DataFrame, Path, Mapping[str, str]], list[Figure]] | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] | Callable[[str], str] = field(default_factory=dict)
     model_rows: Callable[[pd.DataFrame, str, Path], pd.DataFrame] | None = None  # one model's rows of a file
 
     @property
@@ -61,6 +62,9 @@ class Benchmark:
         return f"score_{self.name}"
 
     def label(self, column: str) -> str:
+        """The leaderboard title of one of this benchmark's columns."""
+        if callable(self.labels):
+            return self.labels(column)
         return self.labels.get(column, column.replace("_", " "))
 
 

@@ -29,3 +29,20 @@ class ModelTransform:
             x = F.resize(x, [self.t.size, self.t.size], interpolation=mode, antialias=True)
         x = F.center_crop(x, [self.t.size, self.t.size])
         return (x.float() / 255.0 - self.mean) / self.std
+
+
+def transform_batch(transform: ModelTransform, tiles: np.ndarray) -> torch.Tensor:
+    """`transform` applied to a whole uint8 batch [B, H, W, 3] at once → float [B, 3, S, S].
+
+    The same operations as `ModelTransform.__call__` (resize, centre crop, normalise), on the batch: where
+    the model is small (LoRA fine-tuning, CPU tests), a per-tile loop would cost more than its forward pass.
+    """
+    t = transform.t
+    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+    mode = _MODES[t.interpolation]
+    if t.resize is not None and min(x.shape[-2:]) != t.resize:
+        x = F.resize(x, [t.resize], interpolation=mode, antialias=True)
+    elif t.resize is None and tuple(x.shape[-2:]) != (t.size, t.size):
+        x = F.resize(x, [t.size, t.size], interpolation=mode, antialias=True)
+    x = F.center_crop(x, [t.size, t.size])
+    return (x.float() / 255.0 - transform.mean) / transform.std

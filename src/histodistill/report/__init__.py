@@ -1,7 +1,9 @@
 """Benchmark report: the leaderboard table and one self-contained HTML page from the scorers' tidy files.
 
-`build_report` reads each benchmark's per-model Parquet file, summarises it with the scorer's own summary
-function (so the report shows exactly the published protocol's numbers), writes `leaderboard.parquet`
+`build_report` reads each benchmark's per-model Parquet file and summarises it with the benchmark's own
+summary function (so the report shows exactly the published protocol's numbers). It knows no benchmark by
+name: it iterates over the registry (`histodistill.bench.registry.benchmarks()`), whose declarations give
+each benchmark's columns, summary, leaderboard headline, figures and section. It writes `leaderboard.parquet`
 (one row per model, provenance in the metadata), `figures/*.png` and `index.html`, all atomically and
 `index.html` last. A benchmark or a model that is absent shows as NaN in the leaderboard and "–" in the
 page. A mean over tasks is only given for a model that has every task of that benchmark: a mean over
@@ -27,16 +29,14 @@ import pyarrow.parquet as pq
 from histodistill import __version__
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
-from histodistill.bench import hest as hest_bench
-from histodistill.bench import plism as plism_bench
-from histodistill.bench import probe as probe_bench
+from histodistill.bench.plism import N_BOOT
+from histodistill.bench.registry import Benchmark, Figure, benchmarks
 from histodistill.provenance import META_KEY, config_hash, library_versions, provenance, write_parquet
 from histodistill.report import figures
 from histodistill.report import html as page
 from histodistill.report.model_card import FLOP_CONVENTION, count_flops, model_profile
 
 __all__ = [
-    "BENCHMARKS",
     "ReportError",
     "build_report",
     "count_flops",
@@ -50,19 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-BENCHMARKS = ("plism", "hest", "probe", "mitosis")
-REQUIRED = {
-    "plism": {"slide_a", "slide_b", "group", "metric", "value"},
-    "hest": {"task", "fold", "gene", "metric", "value"},
-    "probe": {"task", "method", "seed", "metric", "value"},
-    "mitosis": {"metric", "value"},
-}
 BOOT_SEED = 0
-PLISM_TOP10_GROUPS = (plism_bench.INTER_SCANNER, plism_bench.INTER_STAINING, plism_bench.INTER_BOTH)
-PROBE_METHOD_ORDER = ("linear", "knn", "logreg", "abmil")
-MITOSIS_KEYS = ("method", "protocol", "metric")
-REPLICATE_COLUMNS = ("run", "seed", "fold", "repeat", "replicate")  # averaged over, never a setting
-SUMMARY_STATS = ("mean", "std", "n")
 MODEL_COLUMNS = ("params_m", "gflops", "tiles_per_s", "device")
 CONFIG_KEYS = (
     "seed",
@@ -78,12 +66,6 @@ LABELS = {
     "gflops": "GFLOPs @224",
     "tiles_per_s": "tiles/s",
     "device": "device",
-    "plism_leaderboard": "PLISM leaderboard",
-    "plism_cosine_median": "PLISM cosine (median, all)",
-    "plism_top10_inter_scanner": "PLISM top-10 inter-scanner",
-    "plism_top10_inter_staining": "PLISM top-10 inter-staining",
-    "plism_top10_inter_scanner_staining": "PLISM top-10 inter-scanner+staining",
-    "hest_pearson_mean": "HEST Pearson r (mean over tasks)",
 }
 
 
@@ -94,12 +76,23 @@ class ReportError(BenchmarkError):
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def _benchmark(name: str) -> Benchmark:
+    known = benchmarks()
+    if name not in known:
+        raise ReportError(f"unknown benchmark {name!r}; known: {list(known)}")
+    return known[name]
+
+
 def read_tidy(path: str | os.PathLike, benchmark: str, model: str) -> tuple[pd.DataFrame, dict | None]:
-    """One model's tidy score file and its provenance (None when the file carries none)."""
+    """One model's tidy score file and its provenance (None when the file carries none).
+
+    Raises ReportError when the file is missing, unreadable, or lacks the benchmark's columns.
+    """
     path = Path(path)
     who = f"{benchmark} scores of model {model!r}"
+    bench = _benchmark(benchmark)
     if not path.is_file():
-        raise ReportError(f"{who}: {path} does not exist (run the score_{benchmark} rule first)")
+        raise ReportError(f"{who}: {path} does not exist (run the {bench.rule} rule first)")
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
@@ -112,68 +105,44 @@ def read_tidy(path: str | os.PathLike, benchmark: str, model: str) -> tuple[pd.D
         except ValueError:
             log.warning("%s: %s has unreadable provenance metadata", who, path)
     frame = table.to_pandas()
-    if missing := REQUIRED[benchmark] - set(frame.columns):
+    if missing := bench.columns - set(frame.columns):
         raise ReportError(f"{who}: {path} lacks column(s) {sorted(missing)}; is it a {benchmark} score file?")
     return frame, prov
-
-
-def _mitosis_rows(frame: pd.DataFrame, model: str, path: Path) -> pd.DataFrame:
-    """Rows of `model` when the file holds several models; the dict key names the model otherwise."""
-    if "model" in frame.columns and frame["model"].nunique() > 1:
-        frame = frame[frame["model"].astype(str) == model]
-        if frame.empty:
-            raise ReportError(f"mitosis scores {path} hold several models, none of them {model!r}")
-    return frame.drop(columns="model", errors="ignore")
 
 
 # ----------------------------------------------------------------------------------------------- summaries
 
 
-def _summarize_one(benchmark: str, frame: pd.DataFrame, n_boot: int) -> pd.DataFrame:
-    if benchmark == "plism":
-        return plism_bench.summarize_scores(frame, n_boot=n_boot, seed=BOOT_SEED)
-    if benchmark == "hest":
-        rows = hest_bench.summarize(frame)
-        rows = rows[rows["task"] != hest_bench.MEAN]
-        wide = rows.pivot(index="task", columns="metric", values="value").reset_index()
-        folds = frame[frame["gene"] == hest_bench.MEAN].groupby("task")["fold"].nunique()
-        wide["n_folds"] = wide["task"].map(folds).astype(int)
-        return wide[["task", "pearson_mean", "pearson_std", "n_folds"]]
-    if benchmark == "probe":
-        return probe_bench.summarize(frame)
-    keys = _mitosis_keys(frame)
-    values = frame.assign(value=pd.to_numeric(frame["value"], errors="coerce"))
-    out = values.groupby(keys, sort=False, dropna=False)["value"].agg(
-        mean="mean", std=lambda v: float(v.std(ddof=1)) if v.count() > 1 else 0.0, n="count"
-    )
-    return out.reset_index()
-
-
 def summarize_benchmarks(
-    scores: Mapping[str, Mapping[str, str | os.PathLike]], n_boot: int = plism_bench.N_BOOT
+    scores: Mapping[str, Mapping[str, str | os.PathLike]], n_boot: int = N_BOOT
 ) -> tuple[dict[str, pd.DataFrame], list[dict[str, Any]]]:
     """Per benchmark, the concatenated per-model summaries (a `model` column first), and the inputs read.
 
     `n_boot` is the number of cluster-bootstrap replicates of the PLISM CIs (0: no CIs, NaN bounds).
     An empty score file counts as the model being absent from that benchmark (with a warning).
     """
-    if unknown := sorted(set(scores) - set(BENCHMARKS)):
-        raise ReportError(f"unknown benchmark(s) {unknown} in the report's scores; known: {list(BENCHMARKS)}")
+    known = benchmarks()
+    if unknown := sorted(set(scores) - set(known)):
+        raise ReportError(f"unknown benchmark(s) {unknown} in the report's scores; known: {list(known)}")
+    settings = {"plism": {"n_boot": n_boot, "boot_seed": BOOT_SEED}}
     summaries: dict[str, pd.DataFrame] = {}
     inputs: list[dict[str, Any]] = []
-    for benchmark in BENCHMARKS:
-        if benchmark not in scores:
+    for name, bench in known.items():
+        if name not in scores:
             continue
         parts = []
-        for model, path in scores[benchmark].items():
+        for model, path in scores[name].items():
             model = str(model)
-            frame, prov = read_tidy(path, benchmark, model)
-            if benchmark == "mitosis":
-                frame = _mitosis_rows(frame, model, Path(path))
+            frame, prov = read_tidy(path, name, model)
+            try:
+                if bench.model_rows is not None:
+                    frame = bench.model_rows(frame, model, Path(path))
+            except BenchmarkError as exc:
+                raise ReportError(str(exc)) from exc
             prov = prov or {}
             inputs.append(
                 {
-                    "benchmark": benchmark,
+                    "benchmark": name,
                     "model": model,
                     "file": Path(path).name,
                     "rows": len(frame),
@@ -182,66 +151,22 @@ def summarize_benchmarks(
                 }
             )
             if frame.empty:
-                log.warning("%s scores of model %r (%s) are empty; shown as missing", benchmark, model, path)
+                log.warning("%s scores of model %r (%s) are empty; shown as missing", name, model, path)
                 continue
             try:
-                summary = _summarize_one(benchmark, frame, n_boot)
+                summary = bench.summarize(frame, **settings.get(name, {}))
             except BenchmarkError as exc:
-                raise ReportError(f"{benchmark} scores of model {model!r} ({path}): {exc}") from exc
+                raise ReportError(f"{name} scores of model {model!r} ({path}): {exc}") from exc
             parts.append(summary.assign(model=model))
         if parts:
             frame = pd.concat(parts, ignore_index=True)
-            summaries[benchmark] = frame[["model", *[c for c in frame.columns if c != "model"]]]
+            summaries[name] = frame[["model", *[c for c in frame.columns if c != "model"]]]
         else:
-            summaries[benchmark] = pd.DataFrame(columns=["model"])
+            summaries[name] = pd.DataFrame(columns=["model"])
     return summaries, inputs
 
 
 # ----------------------------------------------------------------------------------------------- leaderboard
-
-
-def _probe_methods(summary: pd.DataFrame) -> list[str]:
-    present = list(dict.fromkeys(summary["method"])) if "method" in summary.columns else []
-    return [m for m in PROBE_METHOD_ORDER if m in present] + [
-        m for m in present if m not in PROBE_METHOD_ORDER
-    ]
-
-
-def _complete_mean(frame: pd.DataFrame, value: str, models: list[str]) -> dict[str, float]:
-    """Per model the mean of `value` over tasks, NaN unless the model has every task in `frame`."""
-    tasks = set(frame["task"])
-    out = {}
-    for model in models:
-        own = frame[frame["model"] == model]
-        out[model] = float(own[value].mean()) if tasks and set(own["task"]) >= tasks else np.nan
-    return out
-
-
-def _mitosis_keys(frame: pd.DataFrame) -> list[str]:
-    """Method, protocol, every other setting column (fraction, domains, …) and metric: all but replicates."""
-    skip = {"model", "value", *REPLICATE_COLUMNS, *MITOSIS_KEYS}
-    settings = [c for c in frame.columns if c not in skip]
-    return [k for k in MITOSIS_KEYS[:2] if k in frame.columns] + settings + ["metric"]
-
-
-def _mitosis_headline(summary: pd.DataFrame) -> pd.DataFrame:
-    """The leaderboard's mitosis rows: each numeric setting at its largest value (e.g. 100% of the training
-    data) and each text setting holding "all" at "all" (pooled domains); then mean per (method, protocol,
-    metric) in case another setting still varies."""
-    rows = summary
-    settings = [c for c in summary.columns if c not in ("model", *MITOSIS_KEYS, *SUMMARY_STATS)]
-    for col in settings:
-        values = rows[col]
-        if pd.api.types.is_numeric_dtype(values) and values.notna().any():
-            rows = rows[values == values.max()]
-        elif (values.astype(str) == "all").any():
-            rows = rows[values.astype(str) == "all"]
-    keys = ["model", *(k for k in MITOSIS_KEYS if k in rows.columns)]
-    return rows.groupby(keys, sort=False, dropna=False)[["mean", "std"]].mean().reset_index()
-
-
-def _mitosis_column(key: tuple) -> str:
-    return "mitosis_" + "_".join(str(k) for k in key)
 
 
 def leaderboard(
@@ -255,48 +180,16 @@ def leaderboard(
     for col in MODEL_COLUMNS[:3]:
         board[col] = [_as_float(models.get(m, {}).get(col)) for m in order]
     board["device"] = pd.Series([_as_str(models.get(m, {}).get("device")) for m in order], dtype="str")
-
-    if "plism" in summaries:
-        s = summaries["plism"]
-        cols: dict[str, dict[str, float]] = {c: {} for c in ("plism_leaderboard", "plism_cosine_median")}
-        cols |= {f"plism_top10_{g}": {} for g in PLISM_TOP10_GROUPS}
-        for model, part in s.groupby("model", sort=False) if len(s) else []:
-            part = part.drop(columns="model")
-            try:
-                cols["plism_leaderboard"][model] = plism_bench.leaderboard_metric(part)
-            except BenchmarkError as exc:
-                log.warning("PLISM leaderboard of %r: %s", model, exc)
-            cols["plism_cosine_median"][model] = _median(part, plism_bench.ALL, plism_bench.COSINE)
-            for g in PLISM_TOP10_GROUPS:
-                cols[f"plism_top10_{g}"][model] = _median(part, g, "top_10")
-        for col, by_model in cols.items():
-            board[col] = [by_model.get(m, np.nan) for m in order]
-
-    if "hest" in summaries:
-        s = summaries["hest"]
-        means = _complete_mean(s, "pearson_mean", order) if len(s) else {}
-        board["hest_pearson_mean"] = [means.get(m, np.nan) for m in order]
-
-    if "probe" in summaries:
-        s = summaries["probe"]
-        for method in _probe_methods(s):
-            rows = s[(s["method"] == method) & (s["metric"] == "balanced_accuracy")]
-            means = _complete_mean(rows, "mean", order) if len(rows) else {}
-            board[f"probe_balanced_accuracy_{method}"] = [means.get(m, np.nan) for m in order]
-
-    if "mitosis" in summaries and len(summaries["mitosis"]):
-        s = _mitosis_headline(summaries["mitosis"])
-        keys = [k for k in MITOSIS_KEYS if k in s.columns]
-        for key, part in s.groupby(keys, sort=False, dropna=False):
-            key = key if isinstance(key, tuple) else (key,)
-            by_model = dict(zip(part["model"], part["mean"], strict=True))
-            board[_mitosis_column(key)] = [by_model.get(m, np.nan) for m in order]
+    for name, bench in benchmarks().items():
+        if name in summaries:
+            headline = bench.headline(summaries[name], order)
+            if stray := [c for c in headline.columns if not c.startswith(name + "_")]:
+                raise ReportError(
+                    f"benchmark {name!r}: leaderboard column(s) {stray} must start with '{name}_'"
+                )
+            for col in headline.columns:
+                board[col] = headline[col].to_numpy()
     return board
-
-
-def _median(summary: pd.DataFrame, group: str, metric: str) -> float:
-    hit = summary[(summary["group"] == group) & (summary["metric"] == metric)]
-    return float(hit["median"].iloc[0]) if len(hit) == 1 else np.nan
 
 
 def _as_float(value: Any) -> float:
@@ -312,200 +205,12 @@ def _as_str(value: Any) -> str | None:
 
 def _model_order(scores: Mapping[str, Mapping[str, Any]], models: Mapping[str, Any] | None) -> list[str]:
     order = [str(m) for m in (models or {})]
-    for benchmark in BENCHMARKS:
-        order += [str(m) for m in scores.get(benchmark, {})]
+    for name in benchmarks():
+        order += [str(m) for m in scores.get(name, {})]
     return list(dict.fromkeys(order))
 
 
-# ----------------------------------------------------------------------------------------------- figures
-
-
-def _plism_k(metrics: set[str], preferred: int, pick) -> int | None:
-    ks = sorted(int(m.removeprefix("top_")) for m in metrics if m.startswith("top_"))
-    if not ks:
-        return None
-    return preferred if preferred in ks else pick(ks)
-
-
-def _plism_has(summary: pd.DataFrame, pairs: list[tuple[str, str]]) -> list[str]:
-    ok = []
-    for model, part in summary.groupby("model", sort=False):
-        if all(((part["group"] == g) & (part["metric"] == m)).sum() == 1 for g, m in pairs):
-            ok.append(model)
-    return ok
-
-
-def _plism_figures(
-    summary: pd.DataFrame, fig_dir: Path, colors: dict[str, str]
-) -> list[tuple[bytes, str, str]]:
-    """The two PLISM scatters over the models that have the rows each needs; notes for what was left out."""
-    out = []
-    metrics = set(summary["metric"])
-    k1 = _plism_k(metrics, 5, max)
-    k2 = _plism_k(metrics, 1, min)
-    specs = []
-    if k1 is not None:
-        specs.append(
-            (
-                plism_bench.plot_topk_vs_cosine,
-                {"k": k1},
-                [(plism_bench.ALL, plism_bench.COSINE), (plism_bench.ALL, f"top_{k1}")],
-                "plism_topk_vs_cosine.png",
-                f"PLISM: median top-{k1} accuracy against median cosine similarity over all slide pairs "
-                "(bars: 95% cluster-bootstrap CIs of the medians). Up and right is more robust.",
-            )
-        )
-    if k2 is not None:
-        specs.append(
-            (
-                plism_bench.plot_scanner_vs_staining,
-                {"k": k2},
-                [(plism_bench.INTER_SCANNER, f"top_{k2}"), (plism_bench.INTER_STAINING, f"top_{k2}")],
-                "plism_scanner_vs_staining.png",
-                f"PLISM: median top-{k2} accuracy across scanners (same staining) against across stainings "
-                "(same scanner); dashed: equal robustness.",
-            )
-        )
-    for plot, kwargs, needs, name, caption in specs:
-        ok = _plism_has(summary, needs)
-        left_out = [m for m in dict.fromkeys(summary["model"]) if m not in ok]
-        if left_out:
-            caption += (
-                f" Not shown (no {', '.join(f'{g}/{m}' for g, m in needs)} scores): {', '.join(left_out)}."
-            )
-        if not ok:
-            continue
-        part = summary[summary["model"].isin(ok)]
-        png = figures.plism_scatter(plot, part, fig_dir / name, colors, **kwargs)
-        out.append((png, name, caption))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- sections
-
-
-def _plism_section(summary: pd.DataFrame, order: list[str], figs: list[tuple[bytes, str, str]]) -> str:
-    if summary.empty:
-        return page.note("No PLISM scores.")
-    models = order  # every model, so one absent from this benchmark shows as a column of "–"
-    groups = [plism_bench.ALL, *plism_bench.PAIR_GROUPS]
-    metrics = list(dict.fromkeys(summary["metric"]))
-    ordered = summary.assign(
-        _g=summary["group"].map({g: i for i, g in enumerate(groups)}).fillna(len(groups)),
-        _m=summary["metric"].map({m: i for i, m in enumerate(metrics)}),
-    ).sort_values(["_g", "_m"], kind="stable")
-    pairs = ordered.groupby(["group", "model"], sort=False)["n_pairs"].first()
-    body = "".join(page.figure(png, name, caption) for png, name, caption in figs)
-    body += page.note(
-        "Median over slide pairs [95% cluster-bootstrap CI, resampling slides], per pair group and metric. "
-        "Leaderboard = mean of the medians of cosine (all pairs) and top-10 accuracy in the three "
-        "inter-scanner/inter-staining groups. Pairs per group: "
-        + "; ".join(f"{g}: {n}" for g, n in pairs.groupby(level=0, sort=False).max().items())
-    )
-    body += page.wide_table(
-        ordered,
-        ["group", "metric"],
-        models,
-        lambda r: page.fmt_ci(r["median"], r.get("median_ci_low"), r.get("median_ci_high")),
-    )
-    return body
-
-
-def _hest_section(summary: pd.DataFrame, order: list[str], figs: list[tuple[bytes, str, str]]) -> str:
-    if summary.empty:
-        return page.note("No HEST scores.")
-    models = order  # every model, so one absent from this benchmark shows as a column of "–"
-    body = "".join(page.figure(png, name, caption) for png, name, caption in figs)
-    body += page.note(
-        "Pearson r between predicted and measured log1p expression, mean over the task's genes per fold; "
-        "cells: mean ± std (ddof 0, as HEST) over folds. The last row is the mean over tasks, given only "
-        "for a model that has every task."
-    )
-    means = _complete_mean(summary, "pearson_mean", models)
-    mean_rows = pd.DataFrame(
-        {"model": models, "task": hest_bench.MEAN + " over tasks", "pearson_mean": means.values()}
-    )
-    frame = pd.concat([summary.sort_values("task", kind="stable"), mean_rows], ignore_index=True)
-    body += page.wide_table(
-        frame.dropna(subset=["pearson_mean"]),
-        ["task"],
-        models,
-        lambda r: page.fmt_pm(r["pearson_mean"], r.get("pearson_std")),
-    )
-    return body
-
-
-def _probe_section(summary: pd.DataFrame, order: list[str], figs: list[tuple[bytes, str, str]]) -> str:
-    if summary.empty:
-        return page.note("No probe scores.")
-    models = order  # every model, so one absent from this benchmark shows as a column of "–"
-    body = "".join(page.figure(png, name, caption) for png, name, caption in figs)
-    body += page.note(
-        "Mean ± sample std over seeds (one run for deterministic methods), on the test split "
-        "(on validation where a task has none)."
-    )
-    for metric in (*probe_bench.METRICS, "k"):
-        rows = summary[summary["metric"] == metric]
-        if rows.empty:
-            continue
-        methods = {m: i for i, m in enumerate(_probe_methods(summary))}
-        rows = rows.assign(_m=rows["method"].map(methods)).sort_values(["task", "_m"], kind="stable")
-        if metric == "k":
-            title, cell = "k chosen on validation (k-NN)", lambda r: page.fmt(r["mean"], 0)
-        else:
-            title, cell = metric.replace("_", " "), lambda r: page.fmt_pm(r["mean"], r["std"])
-        body += f"<h3>{page.esc(title)}</h3>" + page.wide_table(rows, ["task", "method"], models, cell)
-    return body
-
-
-def _mitosis_figures(summary: pd.DataFrame, fig_dir: Path) -> list[tuple[bytes, str, str]]:
-    """The mitosis benchmark's own figures: scaling curves and the cross-domain AUROC heat maps."""
-    from histodistill.bench import mitosis
-
-    out = []
-    for plot, name, caption in (
-        (
-            mitosis.plot_scaling,
-            "mitosis_scaling.png",
-            "Mitosis: test scores vs training data (mean ± std over runs).",
-        ),
-        (
-            mitosis.plot_cross_domain,
-            "mitosis_cross_domain.png",
-            "Mitosis: single-source cross-domain AUROC (rows: training domain; diagonal: in-domain holdout).",
-        ),
-    ):
-        try:
-            plot(summary, fig_dir / name)
-        except BenchmarkError as exc:  # e.g. one domain only: no cross-domain protocol
-            log.info("no %s: %s", name, exc)
-            continue
-        out.append(((fig_dir / name).read_bytes(), name, caption))
-    return out
-
-
-def _mitosis_section(summary: pd.DataFrame, order: list[str], figs=()) -> str:
-    if summary.empty:
-        return page.note("No mitosis scores.")
-    pictures = "".join(page.figure(png, name, caption) for png, name, caption in figs)
-    models = order  # every model, so one absent from this benchmark shows as a column of "–"
-
-    def cell(r: dict) -> str:
-        return page.fmt_pm(r["mean"], r["std"])
-
-    headline = _mitosis_headline(summary)
-    keys = [k for k in MITOSIS_KEYS if k in headline.columns]
-    body = page.note(
-        "Mean ± sample std over runs. Headline (and leaderboard): each numeric setting at its largest value "
-        "(e.g. all the training data) and each setting that has an 'all' value at 'all' (pooled domains)."
-    )
-    body += page.wide_table(headline, keys, models, cell)
-    full_keys = [c for c in summary.columns if c not in ("model", *SUMMARY_STATS)]
-    if full_keys != keys:
-        body += page.details(
-            f"all settings ({' × '.join(full_keys)})", page.wide_table(summary, full_keys, models, cell)
-        )
-    return pictures + body
 
 
 def _size_section(board: pd.DataFrame, models: Mapping[str, Mapping[str, Any]] | None) -> str:
@@ -589,12 +294,9 @@ def _versions(*names: str) -> dict[str, str]:
 
 def _leaderboard_labels(board: pd.DataFrame) -> dict[str, str]:
     labels = dict(LABELS)
-    for col in board.columns:
-        if col.startswith("probe_balanced_accuracy_"):
-            labels[col] = f"probe bal. acc. ({col.removeprefix('probe_balanced_accuracy_')}, mean over tasks)"
-        elif col.startswith("mitosis_"):
-            labels[col] = "mitosis " + col.removeprefix("mitosis_").replace("_", " ")
-    return labels
+    for name, bench in benchmarks().items():
+        labels |= {col: bench.label(col) for col in board.columns if col.startswith(name + "_")}
+    return {col: labels.get(col, col) for col in board.columns}
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -606,7 +308,7 @@ def build_report(
     models: dict[str, dict] | None = None,
     config: dict | None = None,
     title: str = "histodistill benchmarks",
-    n_boot: int = plism_bench.N_BOOT,
+    n_boot: int = N_BOOT,
 ) -> pd.DataFrame:
     """Write `out_dir/leaderboard.parquet`, `out_dir/figures/*.png` and `out_dir/index.html`; return the board.
 
@@ -623,37 +325,14 @@ def build_report(
     run_hash = config_hash(config) if config is not None else None
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
-    figs: dict[str, list[tuple[bytes, str, str]]] = {b: [] for b in BENCHMARKS}
+    known = benchmarks()
+    figs: dict[str, list[Figure]] = {name: [] for name in known}
     with atomic_path(out_dir / "figures") as fig_dir:
         fig_dir.mkdir(parents=True)
-        if len(summaries.get("plism", [])):
-            figs["plism"] = _plism_figures(summaries["plism"], fig_dir, colors)
-        if len(summaries.get("hest", [])):
-            png = figures.hest_bars(summaries["hest"], colors)
-            figures.write_png(png, fig_dir / "hest_pearson.png")
-            figs["hest"].append(
-                (
-                    png,
-                    "hest_pearson.png",
-                    "HEST: per task, mean Pearson r over folds (error bars: std over folds).",
-                )
-            )
-        probe = summaries.get("probe")
-        if probe is not None and "metric" in probe.columns and (probe["metric"] == "balanced_accuracy").any():
-            methods = [m for m in _probe_methods(probe) if not m.startswith("knn_k")]  # not every k
-            png = figures.probe_bars(probe, colors, methods=methods)
-            figures.write_png(png, fig_dir / "probe_balanced_accuracy.png")
-            figs["probe"].append(
-                (
-                    png,
-                    "probe_balanced_accuracy.png",
-                    "Probes: per task and method, balanced accuracy (error bars: std over seeds).",
-                )
-            )
-
-        mitosis = summaries.get("mitosis")
-        if mitosis is not None and len(mitosis) and {"protocol", "mean", "std"} <= set(mitosis.columns):
-            figs["mitosis"] = _mitosis_figures(mitosis, fig_dir)
+        for name, bench in known.items():
+            summary = summaries.get(name)
+            if bench.figures is not None and summary is not None and len(summary):
+                figs[name] = bench.figures(summary, fig_dir, colors)
 
     params = {
         "config_hash": run_hash,
@@ -680,22 +359,9 @@ def build_report(
     )
     sections = [("provenance", "Run provenance", _provenance_block(config, inputs, run_hash, created))]
     sections.append(("leaderboard", "Leaderboard", lead))
-    if "plism" in summaries:
-        sections.append(
-            ("plism", "PLISM robustness", _plism_section(summaries["plism"], order, figs["plism"]))
-        )
-    if "hest" in summaries:
-        sections.append(
-            ("hest", "HEST gene expression", _hest_section(summaries["hest"], order, figs["hest"]))
-        )
-    if "probe" in summaries:
-        sections.append(
-            ("probe", "Classification probes", _probe_section(summaries["probe"], order, figs["probe"]))
-        )
-    if "mitosis" in summaries:
-        sections.append(
-            ("mitosis", "Mitosis", _mitosis_section(summaries["mitosis"], order, figs["mitosis"]))
-        )
+    for name, bench in known.items():
+        if name in summaries:
+            sections.append((name, bench.title, bench.section(summaries[name], order, figs[name])))
     sections.append(("size", "Model size", _size_section(board, models)))
     document = page.page(title, sections)
     with atomic_path(out_dir / "index.html") as tmp:
@@ -713,7 +379,7 @@ def run(
     models: list[str],
     students: Mapping[str, str | None] | None = None,
     config: dict | None = None,
-    n_boot: int = plism_bench.N_BOOT,
+    n_boot: int = N_BOOT,
 ) -> pd.DataFrame:
     """The report of a workflow run: `build_report` with each model's size and measured throughput.
 

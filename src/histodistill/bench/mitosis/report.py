@@ -1,0 +1,149 @@
+"""The mitosis benchmark in the report: summary over runs, the leaderboard's headline rows, figures, section.
+
+The summary keeps every setting column of the tidy rows (method, protocol, fraction, domains, …) and
+averages over replicates (run, seed, fold, …). The headline, and with it the leaderboard, takes each numeric
+setting at its largest value (e.g. 100% of the training data) and each text setting that has an "all" value
+at "all" (pooled domains).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from histodistill.bench import BenchmarkError
+from histodistill.bench.mitosis.figures import plot_cross_domain, plot_scaling
+from histodistill.bench.registry import Benchmark, Figure, by_model
+
+log = logging.getLogger(__name__)
+
+KEYS = ("method", "protocol", "metric")
+REPLICATE_COLUMNS = ("run", "seed", "fold", "repeat", "replicate")  # averaged over, never a setting
+SUMMARY_STATS = ("mean", "std", "n")
+
+
+def _model_rows(frame: pd.DataFrame, model: str, path: Path) -> pd.DataFrame:
+    """Rows of `model` when the file holds several models; the file's name names the model otherwise."""
+    if "model" in frame.columns and frame["model"].nunique() > 1:
+        frame = frame[frame["model"].astype(str) == model]
+        if frame.empty:
+            raise BenchmarkError(f"mitosis scores {path} hold several models, none of them {model!r}")
+    return frame.drop(columns="model", errors="ignore")
+
+
+def _keys(frame: pd.DataFrame) -> list[str]:
+    """Method, protocol, every other setting column (fraction, domains, …) and metric: all but replicates."""
+    skip = {"model", "value", *REPLICATE_COLUMNS, *KEYS}
+    settings = [c for c in frame.columns if c not in skip]
+    return [k for k in KEYS[:2] if k in frame.columns] + settings + ["metric"]
+
+
+def _summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample std (ddof 1; 0 for one run) and count over replicates, per setting and metric."""
+    values = frame.assign(value=pd.to_numeric(frame["value"], errors="coerce"))
+    out = values.groupby(_keys(frame), sort=False, dropna=False)["value"].agg(
+        mean="mean", std=lambda v: float(v.std(ddof=1)) if v.count() > 1 else 0.0, n="count"
+    )
+    return out.reset_index()
+
+
+def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard's mitosis rows: each numeric setting at its largest value and each text setting
+    holding "all" at "all"; then the mean per (model, method, protocol, metric) in case another setting
+    still varies."""
+    rows = summary
+    settings = [c for c in summary.columns if c not in ("model", *KEYS, *SUMMARY_STATS)]
+    for col in settings:
+        values = rows[col]
+        if pd.api.types.is_numeric_dtype(values) and values.notna().any():
+            rows = rows[values == values.max()]
+        elif (values.astype(str) == "all").any():
+            rows = rows[values.astype(str) == "all"]
+    keys = ["model", *(k for k in KEYS if k in rows.columns)]
+    return rows.groupby(keys, sort=False, dropna=False)[["mean", "std"]].mean().reset_index()
+
+
+def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    cols: dict[str, dict[str, float]] = {}
+    if len(summary):
+        rows = headline_rows(summary)
+        keys = [k for k in KEYS if k in rows.columns]
+        for key, part in rows.groupby(keys, sort=False, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            cols["mitosis_" + "_".join(str(k) for k in key)] = dict(
+                zip(part["model"], part["mean"], strict=True)
+            )
+    return by_model(cols, models)
+
+
+def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
+    """Scaling curves and the cross-domain AUROC heat maps, where the summary has their rows."""
+    if not {"protocol", "mean", "std"} <= set(summary.columns):
+        return []
+    out = []
+    for plot, name, caption in (
+        (
+            plot_scaling,
+            "mitosis_scaling.png",
+            "Mitosis: test scores vs training data (mean ± std over runs).",
+        ),
+        (
+            plot_cross_domain,
+            "mitosis_cross_domain.png",
+            "Mitosis: single-source cross-domain AUROC (rows: training domain; diagonal: in-domain holdout).",
+        ),
+    ):
+        try:
+            plot(summary, fig_dir / name)
+        except BenchmarkError as exc:  # e.g. one domain only: no cross-domain protocol
+            log.info("no %s: %s", name, exc)
+            continue
+        out.append(Figure((fig_dir / name).read_bytes(), name, caption))
+    return out
+
+
+def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure]) -> str:
+    from histodistill.report import html as page
+
+    if summary.empty:
+        return page.note("No mitosis scores.")
+    pictures = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
+    models = list(models)  # every model, so one absent from this benchmark shows as a column of "–"
+
+    def cell(r: dict) -> str:
+        return page.fmt_pm(r["mean"], r["std"])
+
+    headline = headline_rows(summary)
+    keys = [k for k in KEYS if k in headline.columns]
+    body = page.note(
+        "Mean ± sample std over runs. Headline (and leaderboard): each numeric setting at its largest value "
+        "(e.g. all the training data) and each setting that has an 'all' value at 'all' (pooled domains)."
+    )
+    body += page.wide_table(headline, keys, models, cell)
+    full_keys = [c for c in summary.columns if c not in ("model", *SUMMARY_STATS)]
+    if full_keys != keys:
+        body += page.details(
+            f"all settings ({' × '.join(full_keys)})", page.wide_table(summary, full_keys, models, cell)
+        )
+    return pictures + body
+
+
+def _label(column: str) -> str:
+    return "mitosis " + column.removeprefix("mitosis_").replace("_", " ")
+
+
+BENCHMARK = Benchmark(
+    name="mitosis",
+    title="Mitosis",
+    order=40,
+    columns=frozenset({"metric", "value"}),
+    summarize=_summarize,
+    headline=_headline,
+    figures=_figures,
+    section=_section,
+    labels=_label,
+    model_rows=_model_rows,
+)

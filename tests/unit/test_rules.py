@@ -1,0 +1,53 @@
+"""Every rule that runs a job asks for resources through `resources_for` (SLURM gets a memory and time
+request, never a whole node), and has a conda environment; the rule files hold rules only."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import REPO
+
+RULE = re.compile(r"^(?P<indent> *)(?:local)?rule (?P<name>\w+):\s*$")
+JOB_DIRECTIVES = ("script:", "shell:", "run:", "wrapper:")
+
+
+def _rule_blocks() -> dict[str, tuple[str, str]]:
+    """rule name → (file, the rule's text), for rules at any indentation (inside `if` blocks too)."""
+    blocks: dict[str, tuple[str, str]] = {}
+    for path in sorted((REPO / "rules").glob("*.smk")) + [REPO / "Snakefile"]:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            m = RULE.match(line)
+            if not m:
+                continue
+            indent = len(m["indent"])
+            body = []
+            for nxt in lines[i + 1 :]:
+                if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
+                    break
+                body.append(nxt)
+            text = "\n".join(body)
+            blocks.setdefault(m["name"], (path.name, ""))
+            blocks[m["name"]] = (path.name, blocks[m["name"]][1] + "\n" + text)  # alternatives of one rule
+    return blocks
+
+
+BLOCKS = _rule_blocks()
+JOBS = {n: b for n, b in BLOCKS.items() if any(d in b[1] for d in JOB_DIRECTIVES)}
+
+
+def test_the_parser_sees_the_rules():
+    assert {"tile_slide", "register_plism", "hest_store", "probe_demo", "report"} <= set(JOBS)
+    assert "all_benchmarks" in BLOCKS and "all_benchmarks" not in JOBS  # a target runs no job
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_every_job_rule_declares_resources_and_an_environment(name):
+    path, text = JOBS[name]
+    if "localrule: True" in text:
+        return  # runs inside the Snakemake process (e.g. cache_teacher writes a small manifest)
+    assert "resources_for(" in text, f"{path}: rule {name} has no resources: **resources_for({name!r})"
+    assert "threads_for(" in text, f"{path}: rule {name} has no threads: threads_for({name!r})"
+    assert "conda:" in text, f"{path}: rule {name} has no conda environment"
