@@ -16,6 +16,7 @@ rule score_plism:
         dtype=BENCH["plism"]["dtype"],
         tiles_subset=BENCH["plism"]["tiles_subset"],
         block_size=BENCH["plism"]["block_size"],
+        unmatched=BENCH["plism"]["unmatched"],
     log:
         "logs/score_plism/{model}.log",
     threads: threads_for("score_plism")

@@ -14,5 +14,6 @@ plism.run(
     top_k=p.top_k,
     dtype=p.dtype,
     block_size=p.block_size,
+    unmatched=p.unmatched,
     workers=snakemake.threads,
 )

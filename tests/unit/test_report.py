@@ -362,3 +362,43 @@ def test_run_profiles_models_and_reads_throughput(tmp_path):
         run_report(files, stores, tmp_path / "r2", benchmarks=["probe"], models=models)
     with pytest.raises(ReportError, match="2 model"):
         run_report(files, stores[:1], tmp_path / "r2", benchmarks=["hest"], models=models)
+
+
+def test_unmatched_cosine_by_hand():
+    from histodistill.bench.plism import unmatched_cosine
+
+    eye = np.eye(4, dtype=np.float32)  # four orthonormal tiles, identical in both slides
+    assert unmatched_cosine(eye, eye, (0, 1)) == 0.0  # different tiles: orthogonal
+    same = np.tile(np.array([[0.6, 0.8]], np.float32), (5, 1))  # every tile embedded alike
+    assert unmatched_cosine(same, same, (0, 1)) == pytest.approx(1.0)
+    with pytest.raises(Exception, match="at least 2 tiles"):
+        unmatched_cosine(eye[:1], eye[:1], (0, 1))
+
+
+def test_a_collapsed_model_is_flagged_and_never_bold(tmp_path):
+    """A model that embeds every tile alike has the best matched cosine on PLISM, for the wrong reason."""
+    rng = np.random.default_rng(0)
+    slides = plism_slides()
+    n, dim = 40, 16
+    tissue = rng.normal(size=(n, dim))
+    good = np.stack([tissue + 0.3 * rng.normal(size=(n, dim)) for _ in range(len(slides))])
+    noisy = np.stack([tissue + 0.8 * rng.normal(size=(n, dim)) for _ in range(len(slides))])
+    collapsed = np.ones((len(slides), n, dim)) + 0.01 * rng.normal(size=(len(slides), n, dim))
+    scores = {}
+    for name, feats in (("good", good), ("noisy", noisy), ("collapsed", collapsed)):
+        scores[name] = tmp_path / f"{name}.parquet"
+        score_plism(feats.astype(np.float32), slides, scores[name], model=name, top_k=(1, 10), unmatched=True)
+    board = build_report({"plism": scores}, tmp_path / "report", n_boot=0).set_index("model")
+    assert board.loc["collapsed", "plism_cosine_median"] > board.loc["good", "plism_cosine_median"]
+    assert board.loc["collapsed", "plism_cosine_unmatched_median"] > 0.99
+    assert board.loc["good", "plism_cosine_unmatched_median"] < 0.2
+    assert board.loc["good", "status"] == board.loc["noisy", "status"] == "ok"
+    assert board.loc["collapsed", "status"].startswith("collapsed / uninformative: PLISM")
+    page = (tmp_path / "report" / "index.html").read_text()
+    leaderboard = page.split('id="leaderboard"')[1].split("</table>")[0]
+    rows = dict(re.findall(r'<tr><td class="key">([^<]*)</td>(.*?)</tr>', leaderboard))
+    header = re.findall(r"<th[^>]*>([^<]*)</th>", leaderboard)
+    column = header.index("PLISM cosine (median, all)") - 1  # cells after the model's
+    cells = {m: re.findall(r"<td( class=\"best\")?>", row) for m, row in rows.items()}
+    assert "best" not in " ".join(cells["collapsed"])  # never bold, in any column
+    assert cells["good"][column] == ' class="best"'  # the best cosine among the unflagged models

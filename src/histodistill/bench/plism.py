@@ -62,6 +62,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TOP_K = (1, 3, 5, 10)
 SLIDE_COLUMNS = ("slide_id", "scanner", "staining")
 COSINE = "cosine"
+# Beside the matched-tile cosine: the cosine of *different* tiles of the same slide pair, and the margin. A
+# model that embeds every tile alike (a collapsed student) has a matched cosine near 1 and so ranks high on
+# cosine, but its unmatched cosine is near 1 too and its separation near 0. Not part of plismbench.
+COSINE_UNMATCHED = "cosine_unmatched"
+SEPARATION = "separation"
+COLLAPSE_UNMATCHED = 0.95  # median unmatched cosine at or above this flags a model as collapsed
 INTER_SCANNER = "inter_scanner"  # same staining, different scanner
 INTER_STAINING = "inter_staining"  # same scanner, different staining
 INTER_BOTH = "inter_scanner_staining"  # both different
@@ -73,7 +79,21 @@ _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def metric_names(top_k: Sequence[int] = DEFAULT_TOP_K) -> list[str]:
+    """The plismbench metrics of a slide pair: matched cosine and top-k accuracies."""
     return [COSINE, *(f"top_{k}" for k in top_k)]
+
+
+def unmatched_cosine(xa: np.ndarray, xb: np.ndarray, seed: Sequence[int], dtype: Any = "float32") -> float:
+    """Mean cosine of tile i of slide A with a *different* tile j(i) of slide B, from normalised [n, D].
+
+    j(i) = (i + u_i) mod n with u_i uniform in 1 … n−1 drawn from `seed`: a random pairing that never pairs
+    a tile with itself. Raises BenchmarkError for fewer than 2 tiles.
+    """
+    n = len(xa)
+    if n < 2:
+        raise BenchmarkError("the unmatched cosine needs at least 2 tiles per slide")
+    j = (np.arange(n) + np.random.default_rng(list(seed)).integers(1, n, size=n)) % n
+    return float(_round(np.einsum("ij,ij->i", xa, xb[j]), _dtype(dtype)).mean(dtype=np.float64))
 
 
 def pair_group(scanner_a: str, staining_a: str, scanner_b: str, staining_b: str) -> str:
@@ -439,8 +459,12 @@ def score_pairs(
     block_size: int = 1024,
     workers: int = 1,
     cache_slides: int = 4,
+    unmatched: bool = False,
 ) -> pd.DataFrame:
     """Score every slide pair: a tidy frame slide_a, slide_b, group, metric, value (pairs in slide order).
+
+    Metrics per pair: plismbench's (`metric_names(top_k)`); with `unmatched`, also `cosine_unmatched`
+    (`unmatched_cosine`, seeded by the pair's slide positions) and `separation` (matched − unmatched cosine).
 
     `features[s]` → [n, D] for slide s of `slides` (same order): a numpy / memory-mapped / Zarr array
     [S, n, D], a list of arrays, or a `SlideMajorFeatures`. `tiles_subset` selects rows of every slide.
@@ -490,13 +514,19 @@ def score_pairs(
 
     def score(pair: tuple[int, int]) -> np.ndarray:
         a, b = pair
-        return pair_scores(cache.get(a), cache.get(b), top_k, block_size, dt, tops[a], tops[b])
+        xa, xb = cache.get(a), cache.get(b)
+        matched = pair_scores(xa, xb, top_k, block_size, dt, tops[a], tops[b])
+        if not unmatched:
+            return matched
+        other = unmatched_cosine(xa, xb, (a, b), dt)
+        return np.concatenate([matched, [other, matched[0] - other]])
 
     start = time.perf_counter()
     for _ in _map(workers, prepare, range(n_slides)):
         pass
     schedule = _pair_schedule(n_slides, max(1, int(cache_slides) // 2))
-    values = np.empty((len(schedule), len(top_k) + 1))
+    names = [*metric_names(top_k), *((COSINE_UNMATCHED, SEPARATION) if unmatched else ())]
+    values = np.empty((len(schedule), len(names)))
     last = time.perf_counter()
     for i, v in enumerate(_map(workers, score, schedule)):
         values[i] = v
@@ -509,7 +539,6 @@ def score_pairs(
     pairs = slide_pairs(slides)
     position = {pair: i for i, pair in enumerate(schedule)}
     values = values[[position[(a, b)] for a, b in zip(pairs["a"], pairs["b"], strict=True)]]
-    names = metric_names(top_k)
     m = len(names)
     return pd.DataFrame(
         {
@@ -547,8 +576,10 @@ def score_plism(
     block_size: int = 1024,
     workers: int = 1,
     cache_slides: int = 4,
+    unmatched: bool = False,
 ) -> pd.DataFrame:
-    """Score all pairs (see `score_pairs`) and write the tidy frame to Parquet `out` atomically.
+    """Score all pairs (see `score_pairs`; `unmatched` adds the unmatched cosine and the separation) and write
+    the tidy frame to Parquet `out` atomically.
 
     `features`: an array-like, or a path to an embedding store, a [S, n, D] Zarr array or a .npy file.
     `tiles_subset`: int array or .npy path (e.g. the 8,139-tile leaderboard subset). Provenance (settings,
@@ -575,10 +606,12 @@ def score_plism(
         block_size=block_size,
         workers=workers,
         cache_slides=cache_slides,
+        unmatched=unmatched,
     )
     n, dim = _slide_shapes(feats, slides["slide_id"].astype(str).tolist())
     params = {
         "top_k": [int(k) for k in top_k],
+        "unmatched": bool(unmatched),
         "dtype": np.dtype(_dtype(dtype)).name,
         "tiles_subset_digest": _digest(subset),
         "n_tiles": int(len(subset) if subset is not None else n),
@@ -621,6 +654,7 @@ def run(
     dtype: Any = "float32",
     block_size: int = 1024,
     workers: int = 1,
+    unmatched: bool = False,
 ) -> pd.DataFrame:
     """Score one model's embeddings of the PLISM matched tiles and write them to Parquet `out` (`score_plism`).
 
@@ -638,6 +672,7 @@ def run(
         dtype=dtype,
         block_size=block_size,
         workers=workers,
+        unmatched=unmatched,
     )
 
 
@@ -835,6 +870,7 @@ def _median(summary: pd.DataFrame, group: str, metric: str) -> float:
 def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     """The PLISM leaderboard metric, the median cosine over all pairs and the three top-10 medians."""
     cols: dict[str, dict[str, float]] = {c: {} for c in ("plism_leaderboard", "plism_cosine_median")}
+    cols |= {"plism_cosine_unmatched_median": {}, "plism_separation_median": {}}
     cols |= {f"plism_top10_{g}": {} for g in LEADERBOARD_TOP10_GROUPS}
     for model, part in summary.groupby("model", sort=False) if len(summary) else []:
         part = part.drop(columns="model")
@@ -843,9 +879,24 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
         except BenchmarkError as exc:
             log.warning("PLISM leaderboard of %r: %s", model, exc)
         cols["plism_cosine_median"][model] = _median(part, ALL, COSINE)
+        cols["plism_cosine_unmatched_median"][model] = _median(part, ALL, COSINE_UNMATCHED)
+        cols["plism_separation_median"][model] = _median(part, ALL, SEPARATION)
         for g in LEADERBOARD_TOP10_GROUPS:
             cols[f"plism_top10_{g}"][model] = _median(part, g, "top_10")
     return by_model(cols, models)
+
+
+def _flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
+    """Models whose embeddings of different tiles are nearly as alike as those of the same tile."""
+    out = {}
+    for model, part in summary.groupby("model", sort=False) if len(summary) else []:
+        unmatched = _median(part, ALL, COSINE_UNMATCHED)
+        if unmatched >= COLLAPSE_UNMATCHED:
+            out[model] = (
+                f"PLISM: different tiles have median cosine {unmatched:.3f} ≥ {COLLAPSE_UNMATCHED} "
+                f"(separation {_median(part, ALL, SEPARATION):.3f})"
+            )
+    return out
 
 
 def _plism_k(metrics: set[str], preferred: int, pick) -> int | None:
@@ -925,7 +976,10 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
     body += page.note(
         "Median over slide pairs [95% cluster-bootstrap CI, resampling slides], per pair group and metric. "
         "Leaderboard = mean of the medians of cosine (all pairs) and top-10 accuracy in the three "
-        "inter-scanner/inter-staining groups. Pairs per group: "
+        "inter-scanner/inter-staining groups. cosine_unmatched: the cosine of different tiles of the same slide "
+        "pair (a random pairing); separation = cosine − cosine_unmatched. A model whose embeddings barely "
+        f"tell tiles apart (median cosine_unmatched ≥ {COLLAPSE_UNMATCHED}) has a high matched cosine for "
+        "the wrong reason, and is flagged. Pairs per group: "
         + "; ".join(f"{g}: {n}" for g, n in pairs.groupby(level=0, sort=False).max().items())
     )
     body += page.wide_table(
@@ -946,9 +1000,12 @@ BENCHMARK = Benchmark(
     headline=_headline,
     figures=_figures,
     section=_section,
+    flags=_flags,
     labels={
         "plism_leaderboard": "PLISM leaderboard",
         "plism_cosine_median": "PLISM cosine (median, all)",
+        "plism_cosine_unmatched_median": "PLISM cosine of different tiles (median, all)",
+        "plism_separation_median": "PLISM separation (matched − unmatched)",
         "plism_top10_inter_scanner": "PLISM top-10 inter-scanner",
         "plism_top10_inter_staining": "PLISM top-10 inter-staining",
         "plism_top10_inter_scanner_staining": "PLISM top-10 inter-scanner+staining",

@@ -13,7 +13,9 @@ plus its `score_<name>` rule, which writes one tidy Parquet file per model
 - `labels`: the leaderboard column titles (a mapping, or a function of the column name);
 - `figures(summary, fig_dir, colors)`: its figures (PNG bytes, file name, caption), drawn with the report's
   model colors;
-- `section(summary, models, figures)`: the HTML of its report section.
+- `section(summary, models, figures)`: the HTML of its report section;
+- `flags(summary, models)`: models whose numbers say they are collapsed or uninformative, with the reason;
+  the report marks them and never shows them as best.
 
 `benchmarks()` finds the declarations by importing every module of the package, so adding a benchmark
 touches no list here or in the report.
@@ -55,6 +57,7 @@ class Benchmark:
     figures: Callable[[pd.DataFrame, Path, Mapping[str, str]], list[Figure]] | None = None
     labels: Mapping[str, str] | Callable[[str], str] = field(default_factory=dict)
     model_rows: Callable[[pd.DataFrame, str, Path], pd.DataFrame] | None = None  # one model's rows of a file
+    flags: Callable[[pd.DataFrame, Sequence[str]], dict[str, str]] | None = None
 
     @property
     def rule(self) -> str:

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 BOOT_SEED = 0
-MODEL_COLUMNS = ("params_m", "gflops", "tiles_per_s", "device")
+MODEL_COLUMNS = ("params_m", "gflops", "tiles_per_s", "device", "status")
 CONFIG_KEYS = (
     "seed",
     "tiling.mpp",
@@ -66,6 +66,7 @@ LABELS = {
     "gflops": "GFLOPs @224",
     "tiles_per_s": "tiles/s",
     "device": "device",
+    "status": "status",
 }
 
 
@@ -174,12 +175,24 @@ def leaderboard(
     models: Mapping[str, Mapping[str, Any]] | None,
     order: list[str],
 ) -> pd.DataFrame:
-    """One row per model: size columns, then each present benchmark's headline numbers (NaN if absent)."""
+    """One row per model: size columns, `status`, then each present benchmark's headline numbers (NaN if absent).
+
+    `status` is "ok", or "collapsed / uninformative: <reasons>" when a benchmark's `flags` name the model.
+    """
     models = models or {}
     board = pd.DataFrame({"model": pd.Series(order, dtype="str")})
     for col in MODEL_COLUMNS[:3]:
         board[col] = [_as_float(models.get(m, {}).get(col)) for m in order]
     board["device"] = pd.Series([_as_str(models.get(m, {}).get("device")) for m in order], dtype="str")
+    flags: dict[str, list[str]] = {}
+    for name, bench in benchmarks().items():
+        if name in summaries and bench.flags is not None:
+            for model, reason in bench.flags(summaries[name], order).items():
+                flags.setdefault(model, []).append(reason)
+    board["status"] = pd.Series(
+        ["collapsed / uninformative: " + "; ".join(flags[m]) if m in flags else "ok" for m in order],
+        dtype="str",
+    )
     for name, bench in benchmarks().items():
         if name in summaries:
             headline = bench.headline(summaries[name], order)
@@ -353,9 +366,13 @@ def build_report(
     labels = _leaderboard_labels(board)
     shown = board.drop(columns=["gflops", "tiles_per_s", "device"])
     higher_better = {c for c in shown.columns if c not in ("model", *MODEL_COLUMNS)}
-    lead = page.model_legend(colors) + page.leaderboard_table(shown, labels, higher_better)
+    flagged = board.loc[board["status"] != "ok", "model"].tolist()
+    lead = page.model_legend(colors) + page.leaderboard_table(shown, labels, higher_better, flagged)
     lead += page.note(
-        "Bold: best per column. –: no scores (for a mean over tasks: at least one task missing)."
+        "Bold: best per column among the models not flagged. –: no scores (for a mean over tasks: at least "
+        "one task missing). status: a model is flagged collapsed / uninformative when a benchmark's own "
+        "numbers say its embeddings cannot tell inputs apart (e.g. PLISM: different tiles embedded almost "
+        "alike); its numbers are shown but never bold."
     )
     sections = [("provenance", "Run provenance", _provenance_block(config, inputs, run_hash, created))]
     sections.append(("leaderboard", "Leaderboard", lead))

@@ -22,6 +22,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans
        max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.4; }
 h1 { border-bottom: 2px solid #444; padding-bottom: 0.2em; }
 h2 { border-bottom: 1px solid #bbb; padding-bottom: 0.15em; margin-top: 2em; }
+.scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.88em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
 th { background: #f0f0f0; }
@@ -91,7 +92,8 @@ def table(
             attr = f' class="{" ".join(cls)}"' if cls else ""
             cells.append(f"<td{attr}>{esc(cell)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # inside a scrolling box: a wide table (many models or metrics) scrolls within its section, not the page
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def figure(png: bytes, alt: str, caption: str) -> str:
@@ -138,14 +140,23 @@ def wide_table(
     return table([*(key_labels or keys), *models], rows, n_keys=len(keys))
 
 
-def leaderboard_table(board: pd.DataFrame, labels: Mapping[str, str], higher_better: set[str]) -> str:
-    """The model × benchmark table; the best value of each metric column (≥ 2 models) in bold."""
+def leaderboard_table(
+    board: pd.DataFrame,
+    labels: Mapping[str, str],
+    higher_better: set[str],
+    flagged: Sequence[str] = (),
+) -> str:
+    """The model × benchmark table; the best value of each metric column (≥ 2 models) in bold.
+
+    Models in `flagged` (collapsed or uninformative) are never bold, and never make another model not bold.
+    """
     columns = list(board.columns)
     bold = set()
+    counted = ~board["model"].isin(list(flagged)).to_numpy()
     for j, col in enumerate(columns):
         if col not in higher_better:
             continue
-        values = pd.to_numeric(board[col], errors="coerce")
+        values = pd.to_numeric(board[col], errors="coerce").where(counted)
         if values.notna().sum() >= 2:
             best = values.max()
             bold |= {(i, j) for i, v in enumerate(values) if v == best}
