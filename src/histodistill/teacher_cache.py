@@ -283,7 +283,9 @@ class TeacherCache:
         slices across shards, so each stored chunk is decompressed once (not once per row, as `get` does).
         HistodistillError for a range outside the cache or a field it does not hold."""
         if not 0 <= lo <= hi <= len(self):
-            raise HistodistillError(f"rows [{lo}, {hi}) are outside the cache's {len(self)} rows ({self.path})")
+            raise HistodistillError(
+                f"rows [{lo}, {hi}) are outside the cache's {len(self)} rows ({self.path})"
+            )
         ends = [*self.starts[1:], len(self)]
         parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
         for shard, start, end in zip(self.shards, self.starts, ends, strict=True):

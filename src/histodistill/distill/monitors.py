@@ -150,7 +150,8 @@ def plot_train_log(
     ax = axes[0, 0]
     for c in [c for c in frame.columns if c.startswith("loss_")]:
         ax.plot(it, frame[c], label=c.removeprefix("loss_"))
-    ax.set(xlabel="iteration", ylabel="loss (nats)", title=f"{title}: losses")
+    ax.set(xlabel="iteration", ylabel="loss (nats)", title="losses")
+    fig.suptitle(title)
     ax.legend()
     ax = axes[0, 1]
     ax.plot(it, frame["lr"], label="learning rate")
@@ -162,8 +163,8 @@ def plot_train_log(
     twin.legend(loc="lower right")
     ax = axes[0, 2]
     weights = [c for c in frame.columns if c.startswith("weight_") and c.endswith("_eff")]
-    for c in weights:
-        ax.plot(it, frame[c], label=c.removeprefix("weight_").removesuffix("_eff"))
+    for c, style in zip(weights, ["-", "--", ":", "-."] * len(weights), strict=False):
+        ax.plot(it, frame[c], ls=style, lw=2, label=c.removeprefix("weight_").removesuffix("_eff"))
     ax.set(xlabel="iteration", ylabel="weight", title="effective loss weights")
     if weights:
         ax.legend()
