@@ -133,7 +133,11 @@ def test_outputs_and_learning(tmp_path, data):
         *MONITORS,
     } <= set(log.columns)
     assert (log["weight_dino_eff"] == 1.0).all()  # the paper's normalisation
-    assert ((log[[c for c in MONITORS if "eff" in c]] >= 1) & (log[[c for c in MONITORS if "eff" in c]] <= 128)).all().all()
+    assert (
+        ((log[[c for c in MONITORS if "eff" in c]] >= 1) & (log[[c for c in MONITORS if "eff" in c]] <= 128))
+        .all()
+        .all()
+    )
     assert log["loss_total"].tail(10).mean() < log["loss_total"].head(10).mean()  # it learns
     assert (out / "loss.png").stat().st_size > 10_000
     student = load_model("student:run", weights=out / "student_ema.safetensors")
