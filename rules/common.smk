@@ -140,6 +140,51 @@ def distill_run(run):
     return config["distill"]["runs"][run]
 
 
+HEAD_DIMS = ("n_prototypes", "head_hidden", "dino_bottleneck", "ibot_bottleneck")
+
+
+def teacher_heads_file(run):
+    """[the train_teacher_heads output] for a run with `teacher_heads: trained`, else [] (a path or
+    `frozen` go to the trainer as they are)."""
+    if distill_run(run).get("teacher_heads") != "trained":
+        return []
+    return [f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(run)['cohort']}.heads.safetensors"]
+
+
+def run_settings(run):
+    """The run's DistillConfig keyword arguments: its keys, the teacher, the shared collapse floor, and
+    `teacher_heads: trained` replaced by the heads file."""
+    settings = {
+        **{k: v for k, v in distill_run(run).items() if k != "cohort"},
+        "teacher": config["teacher"]["model"],
+        "teacher_weights": model_weights(config["teacher"]["model"]),
+        "seed": distill_run(run).get("seed", config["seed"]),
+        "collapse_floor": config["distill"]["collapse_floor"],
+        "collapse_patience": config["distill"]["collapse_patience"],
+    }
+    if teacher_heads_file(run):
+        settings["teacher_heads"] = teacher_heads_file(run)[0]
+    return settings
+
+
+# Runs with `teacher_heads: trained` load heads of distill.teacher_heads' dimensions: refuse a mismatch now,
+# not after the heads are trained (unset run keys are DistillConfig's defaults).
+for _run in config["distill"]["runs"]:
+    if teacher_heads_file(_run):
+        from histodistill.distill.trainer import DistillConfig
+
+        _differ = {
+            k: (distill_run(_run).get(k, getattr(DistillConfig(), k)), config["distill"]["teacher_heads"][k])
+            for k in HEAD_DIMS
+            if distill_run(_run).get(k, getattr(DistillConfig(), k)) != config["distill"]["teacher_heads"][k]
+        }
+        if _differ:
+            raise ValueError(
+                f"distill run {_run!r} uses teacher_heads: trained, but its head dimensions differ from "
+                f"distill.teacher_heads': {_differ} (run, heads stage)"
+            )
+
+
 # ------------------------------------------------------------------------------------------------ embeddings
 
 

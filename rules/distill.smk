@@ -1,22 +1,43 @@
 # Distillation: one student per configured run, from the cohort's cached teacher (torchrun when >1 process).
 
 
+rule train_teacher_heads:
+    input:
+        cache=f"{RESULTS}/teacher/{{teacher}}/{{cohort}}.zarr",
+    output:
+        heads=f"{RESULTS}/teacher/{{teacher}}/{{cohort}}.heads.safetensors",
+        log=f"{RESULTS}/teacher/{{teacher}}/{{cohort}}.heads/train_log.parquet",
+        plot=f"{RESULTS}/teacher/{{teacher}}/{{cohort}}.heads/loss.png",
+    params:
+        settings={
+            **config["distill"]["teacher_heads"],
+            "collapse_floor": config["distill"]["collapse_floor"],
+            "collapse_patience": config["distill"]["collapse_patience"],
+            "seed": config["seed"],
+        },
+    log:
+        "logs/train_teacher_heads/{teacher}/{cohort}.log",
+    threads: threads_for("train_teacher_heads")
+    resources:
+        **resources_for("train_teacher_heads"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/train_teacher_heads.py"
+
+
 rule distill:
     input:
         tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
+        heads=lambda w: teacher_heads_file(w.run),
     output:
         student=f"{RESULTS}/students/{{run}}/student.safetensors",
         ema=f"{RESULTS}/students/{{run}}/student_ema.safetensors",
         log=f"{RESULTS}/students/{{run}}/train_log.parquet",
         plot=f"{RESULTS}/students/{{run}}/loss.png",
     params:
-        settings=lambda w: {
-            **{k: v for k, v in distill_run(w.run).items() if k != "cohort"},
-            "teacher": config["teacher"]["model"],
-            "teacher_weights": model_weights(config["teacher"]["model"]),
-            "seed": distill_run(w.run).get("seed", config["seed"]),
-        },
+        settings=lambda w: run_settings(w.run),
         nproc_per_node=config["distill"]["nproc_per_node"],
     log:
         "logs/distill/{run}.log",

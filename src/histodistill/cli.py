@@ -161,6 +161,24 @@ def _gather_teacher(args: argparse.Namespace) -> None:
     )
 
 
+def _train_heads(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from histodistill.distill.teacher_heads import HeadsConfig, train_teacher_heads
+
+    cfg = HeadsConfig(**_given(args, *(f.name for f in fields(HeadsConfig))))
+    summary = train_teacher_heads(
+        args.cache, args.out, cfg, teacher=args.teacher, log_dir=args.log_dir, device=args.device or "auto"
+    )
+    log.info(
+        "teacher heads → %s: effective prototypes DINO %.1f, iBOT %.1f of %d",
+        args.out,
+        summary["eval_dino_eff_prototypes"],
+        summary["eval_ibot_eff_prototypes"],
+        cfg.n_prototypes,
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -183,6 +201,36 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 _MODEL_OPTIONS = ("batch_size", "num_workers", "device", "precision", "seed")  # from _add_model_args
+# histodistill.distill.teacher_heads.HeadsConfig's fields and types (an option per field; a test checks they
+# agree, so --help needs no torch import)
+_HEADS_OPTIONS: dict[str, type] = {
+    "n_prototypes": int,
+    "dino_bottleneck": int,
+    "ibot_bottleneck": int,
+    "head_hidden": int,
+    "iterations": int,
+    "batch_size": int,
+    "ibot_patches": int,
+    "read_windows": int,
+    "lr": float,
+    "min_lr": float,
+    "warmup_iters": int,
+    "weight_decay": float,
+    "weight_decay_end": float,
+    "student_temp": float,
+    "teacher_temp": float,
+    "warmup_teacher_temp": float,
+    "warmup_teacher_temp_iters": int,
+    "centering": str,
+    "center_momentum": float,
+    "ema_momentum": float,
+    "clip_grad": float,
+    "eval_batches": int,
+    "collapse_floor": float,
+    "collapse_patience": int,
+    "seed": int,
+    "num_workers": int,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, help=LIBRARY_DEFAULT)
     p.add_argument("--out", required=True, help="cache store (.zarr) of this shard")
     p.set_defaults(func=_cache_teacher)
+
+    p = sub.add_parser(
+        "train-heads",
+        help="learn DINO/iBOT heads on a teacher's cached tokens (for teachers released without them)",
+    )
+    p.add_argument("--teacher", required=True, help="registry name of the teacher the cache must hold")
+    p.add_argument("--cache", required=True, help="teacher cache (.zarr) from cache-teacher/gather-teacher")
+    p.add_argument(
+        "--out", required=True, help="heads file (.safetensors) that distill loads (teacher_heads)"
+    )
+    p.add_argument(
+        "--log-dir", help="train_log.parquet, loss.png, summary.json (default: OUT without suffix)"
+    )
+    p.add_argument("--device", help=f"auto, cpu, cuda, … ({LIBRARY_DEFAULT}: auto)")
+    for name, kind in _HEADS_OPTIONS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=LIBRARY_DEFAULT)
+    p.set_defaults(func=_train_heads)
 
     p = sub.add_parser("gather-teacher", help="write the manifest that joins teacher cache shards")
     p.add_argument("shards", nargs="+")

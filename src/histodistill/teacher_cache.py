@@ -277,3 +277,23 @@ class TeacherCache:
         if "patch" in shard:
             out["patch"] = shard["patch"][i]
         return out
+
+    def read(self, lo: int, hi: int, fields: tuple[str, ...] = ("cls", "patch")) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of each array in `fields` (e.g. cls [n, V, D] fp16, patch [n, V, T, D] fp16), read as
+        slices across shards, so each stored chunk is decompressed once (not once per row, as `get` does).
+        HistodistillError for a range outside the cache or a field it does not hold."""
+        if not 0 <= lo <= hi <= len(self):
+            raise HistodistillError(
+                f"rows [{lo}, {hi}) are outside the cache's {len(self)} rows ({self.path})"
+            )
+        ends = [*self.starts[1:], len(self)]
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        for shard, start, end in zip(self.shards, self.starts, ends, strict=True):
+            a, b = max(lo, int(start)), min(hi, int(end))
+            if a >= b:
+                continue
+            for f in fields:
+                if f not in shard:
+                    raise HistodistillError(f"teacher cache {self.path} holds no {f!r} array")
+                parts[f].append(shard[f][a - start : b - start])
+        return {f: np.concatenate(v) for f, v in parts.items()}

@@ -25,6 +25,7 @@ from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
 from histodistill.demo.slides import DemoSlideConfig
+from histodistill.distill.teacher_heads import HeadsConfig
 from histodistill.distill.trainer import DistillConfig
 from histodistill.embed import extract_embeddings
 from histodistill.matched_tiles import cut_matched_tiles
@@ -126,6 +127,13 @@ SOURCES: dict[str, tuple] = {
             "cross_domain_runs",
         )
     },
+    "distill.collapse_floor": (DistillConfig, "collapse_floor"),
+    "distill.collapse_patience": (DistillConfig, "collapse_patience"),
+    **{
+        f"distill.teacher_heads.{f.name}": (HeadsConfig, f.name)
+        for f in dataclasses.fields(HeadsConfig)
+        if f.name not in ("collapse_floor", "collapse_patience", "seed")
+    },
     **{
         f"benchmarks.mitosis.lora.{f}": (LoraFinetuneConfig, f)
         for f in (
@@ -224,6 +232,13 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
     DistillConfig: {
         "teacher": "the run's teacher is teacher.model",
         "teacher_weights": "the teacher's weights are models.<teacher>.weights",
+        "collapse_floor": "distill.collapse_floor, one floor for every run and the heads stage",
+        "collapse_patience": "distill.collapse_patience, as collapse_floor",
+    },
+    HeadsConfig: {
+        "collapse_floor": "distill.collapse_floor (shared with the runs)",
+        "collapse_patience": "distill.collapse_patience (shared with the runs)",
+        "seed": "the run's seed (top-level `seed`)",
     },
 }
 

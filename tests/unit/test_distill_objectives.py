@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from histodistill.config import load_schema
+from histodistill.distill.centering import sinkhorn_center, sinkhorn_knopp
 from histodistill.distill.losses import feature_loss
 from histodistill.distill.objectives import (
     OBJECTIVES,
@@ -78,26 +79,101 @@ def test_dino_ibot_losses_are_the_formulas_by_hand():
     assert torch.allclose(obj.centers["ibot"].center, 0.9 * c_ibot + 0.1 * t_ibot.mean(0, keepdim=True))
 
 
-def test_dino_ibot_variants_sinkhorn_learned_heads_and_no_patches():
+def test_dino_ibot_variants_sinkhorn_and_no_patches():
     teacher, student = _tokens(1)
     step = StepState(0, 0.04)
     sinkhorn = DinoIbot(replace(CFG, centering="sinkhorn"), D, DT, teacher_patches=True)
     targets = sinkhorn.teacher_targets(teacher, step)
     assert torch.allclose(targets.dino_probs.sum(-1), torch.ones(2, B), atol=1e-5)
+    # iBOT targets are Sinkhorn-Knopp too (not a zero-centre softmax): the centre balances the prototypes
+    with torch.no_grad():
+        t_ibot = sinkhorn.teacher_heads["ibot"](teacher.patch.reshape(-1, DT))
+    assert torch.allclose(targets.ibot_center, sinkhorn_center(t_ibot, 0.04, chunk=sinkhorn.ibot_chunk))
+    assert targets.ibot_center.abs().sum() > 0
+    losses = sinkhorn.losses(student, targets, step)
+    with torch.no_grad():
+        s_ibot = sinkhorn.student_heads["ibot"](student.patch.reshape(-1, D))
+    assert losses["ibot"].item() == pytest.approx(
+        _h(sinkhorn_knopp(t_ibot, 0.04), s_ibot, 0.1).item(), rel=1e-5
+    )
     sinkhorn.update_state(targets)  # no centre under Sinkhorn-Knopp
     assert not sinkhorn.centers["dino"].center.any() and not sinkhorn.centers["ibot"].center.any()
-
-    learned = DinoIbot(replace(CFG, teacher_heads="learned"), D, DT, teacher_patches=True)
-    targets = learned.teacher_targets(teacher, step)
-    assert targets.dino_probs.requires_grad and not targets.dino_logits.requires_grad
-    learned.losses(student, targets, step)["total"].backward()
-    assert learned.teacher_heads["dino"].mlp[0].weight.grad is not None
 
     no_patches = DinoIbot(replace(CFG, ibot_weight=0.0), D, DT, teacher_patches=False)
     out = no_patches.losses(student, no_patches.teacher_targets(_tokens(patches=False)[0], step), step)
     assert list(out) == ["dino", "total"] and torch.equal(out["total"], out["dino"])
     with pytest.raises(HistodistillError, match="iBOT loss needs patch tokens"):
         DinoIbot(CFG, D, DT, teacher_patches=False)
+
+
+@pytest.mark.parametrize("mode", ["learned", "trained"])
+def test_joint_learned_heads_are_gone_and_trained_needs_the_workflow(mode):
+    with pytest.raises(HistodistillError, match="train-heads"):
+        DinoIbot(replace(CFG, teacher_heads=mode), D, DT, teacher_patches=True)
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+@pytest.mark.parametrize("normalization", ["paper", "dinov2"])
+def test_dino_normalization_paper_and_dinov2_by_hand(normalization, n_local):
+    """paper: the mean over (teacher global i, student crop j ≠ i) pairs; dinov2: DINOv2's code, Σ H_ij over
+    the pairs divided by 2·1 + max(2·L, 1), i.e. (H12 + H21) / 3 without local crops (1.5× less)."""
+    cfg = replace(CFG, dino_normalization=normalization, n_local=n_local, ibot_weight=0.0)
+    obj = DinoIbot(cfg, D, DT, teacher_patches=False)
+    teacher, student = _tokens(3, patches=False, local=n_local > 0)
+    step = StepState(0, 0.05)
+    targets = obj.teacher_targets(teacher, step)
+    losses = obj.losses(student, targets, step)
+    with torch.no_grad():
+        t = torch.softmax(obj.teacher_heads["dino"](teacher.cls.reshape(2 * B, DT)) / 0.05, -1).reshape(
+            2, B, K
+        )
+        s = list(obj.student_heads["dino"](student.cls).reshape(2, B, K))
+        if n_local:
+            s += list(obj.student_heads["dino"](student.local_cls).reshape(n_local, B, K))
+        pairs = [_h(t[i], sj, 0.1) for i in range(2) for j, sj in enumerate(s) if j != i]
+    expected = {
+        ("paper", 0): (pairs[0] + pairs[1]) / 2,
+        ("dinov2", 0): (pairs[0] + pairs[1]) / 3,
+        ("paper", 2): sum(pairs) / 6,
+        ("dinov2", 2): sum(pairs) / (2 + 4),
+    }[normalization, n_local]
+    assert losses["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["dino"].item() == pytest.approx((sum(pairs) / len(pairs)).item(), rel=1e-5)  # logged mean
+    weight = obj.monitors(targets, losses, step)["weight_dino_eff"].item()
+    assert weight == pytest.approx({("dinov2", 0): 2 / 3}.get((normalization, n_local), 1.0))
+
+
+def test_monitors_are_entropy_effective_prototypes_and_kl_by_hand():
+    obj = DinoIbot(CFG, D, DT, teacher_patches=True)
+    teacher, student = _tokens(4)
+    step = StepState(0, 0.05)
+    targets = obj.teacher_targets(teacher, step)
+    losses = obj.losses(student, targets, step)
+    mon = {k: v.item() for k, v in obj.monitors(targets, losses, step).items()}
+    t = targets.dino_probs.double().reshape(2 * B, K)
+    h = -(t * t.log()).sum(-1)
+    mean = t.mean(0)
+    with torch.no_grad():
+        s = obj.student_heads["dino"](student.cls).double().reshape(2, B, K)
+        s = torch.cat([s, obj.student_heads["dino"](student.local_cls).double().reshape(L, B, K)])
+        tt = targets.dino_probs.double()
+        kls = [
+            (tt[i] * (tt[i].log() - torch.log_softmax(s[j] / 0.1, -1))).sum(-1).mean()
+            for i in range(2)
+            for j in range(2 + L)
+            if j != i
+        ]
+    assert mon["dino_entropy"] == pytest.approx(h.mean().item(), rel=1e-5)
+    assert mon["dino_eff_prototypes"] == pytest.approx(torch.exp(-(mean * mean.log()).sum()).item(), rel=1e-5)
+    assert mon["dino_kl"] == pytest.approx(torch.stack(kls).mean().item(), rel=1e-4, abs=1e-6)
+    with torch.no_grad():
+        u = targets.ibot_logits.double()
+        ti = torch.softmax((u - targets.ibot_center.double()) / 0.05, -1)
+        si = obj.student_heads["ibot"](student.patch.reshape(-1, D)).double()
+        kl_i = (ti * (ti.log() - torch.log_softmax(si / 0.1, -1))).sum(-1).mean()
+    assert mon["ibot_kl"] == pytest.approx(kl_i.item(), rel=1e-4, abs=1e-6)
+    assert mon["ibot_entropy"] == pytest.approx((-(ti * ti.log()).sum(-1)).mean().item(), rel=1e-5)
+    assert 1 <= mon["ibot_eff_prototypes"] <= K and mon["weight_ibot_eff"] == 0.5
 
 
 def test_dino_ibot_state_dict_holds_heads_and_centres():

@@ -4,10 +4,25 @@ import numpy as np
 import pytest
 import torch
 
-from histodistill.distill.centering import SoftmaxCenter, sinkhorn_knopp
+from histodistill.distill.centering import SoftmaxCenter, sinkhorn_center, sinkhorn_knopp
 from histodistill.distill.heads import ProjectionHead
-from histodistill.distill.losses import FeatureAdapter, dino_loss, feature_loss, ibot_loss, soft_cross_entropy
-from histodistill.distill.schedules import Schedules, cosine_schedule, warmup_then_constant
+from histodistill.distill.losses import (
+    FeatureAdapter,
+    dino_loss,
+    dino_pair_weight,
+    feature_loss,
+    ibot_loss,
+    soft_cross_entropy,
+)
+from histodistill.distill.monitors import (
+    CollapseError,
+    CollapseGuard,
+    TargetStats,
+    effective_prototypes,
+    entropy,
+)
+from histodistill.distill.schedules import Schedules, cosine_schedule, ema_update, warmup_then_constant
+from histodistill.errors import HistodistillError
 
 
 def test_soft_cross_entropy_by_hand():
@@ -128,3 +143,68 @@ def test_schedules_follow_the_recipe():
     )
     assert s.teacher_temp[299] < 0.07 and s.teacher_temp[300] == 0.07
     assert s.ema_momentum[0] == 0.994 and s.ema_momentum[-1] == pytest.approx(1.0, abs=1e-5)
+
+
+def _reference_sinkhorn(u: torch.Tensor, tau: float, n_iterations: int = 3) -> torch.Tensor:
+    """The dense loop of DINOv2's `sinkhorn_knopp_teacher` (one process), in float64."""
+    q = torch.exp(u.double() / tau).t()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(n_iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+def test_sinkhorn_center_reproduces_the_reference_loop_in_chunks():
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(50, 12, generator=g) * 0.5 + torch.linspace(0, 1, 12)  # unbalanced prototypes
+    ref = _reference_sinkhorn(u, 0.05)
+    assert torch.allclose(sinkhorn_knopp(u, 0.05).double(), ref, atol=1e-5)
+    center = sinkhorn_center(u, 0.05, chunk=7)  # chunks that do not divide the 50 rows
+    assert torch.allclose(torch.softmax((u.double() - center.double()) / 0.05, -1), ref, atol=1e-5)
+    plain = torch.softmax(u / 0.05, -1)  # without the centre the last prototypes dominate
+    assert plain.mean(0).std() > 2 * ref.mean(0).std()
+
+
+def test_dino_pair_weight_paper_and_dinov2():
+    assert dino_pair_weight("paper", 2, 0) == 1.0 and dino_pair_weight("paper", 2, 8) == 1.0
+    assert dino_pair_weight("dinov2", 2, 0) == pytest.approx(2 / 3)  # 2 pairs / (2 + max(0, 1))
+    assert dino_pair_weight("dinov2", 2, 8) == 1.0  # 18 pairs / (2 + 16)
+    with pytest.raises(HistodistillError, match="dino_normalization"):
+        dino_pair_weight("dino", 2, 0)
+
+
+def test_collapse_guard_counts_consecutive_iterations_and_names_the_run():
+    guard = CollapseGuard("distill run 'demo'", floor=4.0, patience=3)
+    guard.update(0, {"dino_eff_prototypes": 2.0, "loss_total": 1.0})
+    guard.update(1, {"dino_eff_prototypes": 9.0})  # back above: the count starts again
+    guard.update(2, {"dino_eff_prototypes": 2.0})
+    resumed = CollapseGuard("distill run 'demo'", 4.0, 3)
+    resumed.load_state_dict(guard.state_dict())
+    resumed.update(3, {"dino_eff_prototypes": 1.5})
+    with pytest.raises(
+        CollapseError,
+        match=r"distill run 'demo' collapsed: dino_eff_prototypes = 1.20.*floor 4 for 3 iterations \(2–4\)",
+    ):
+        resumed.update(4, {"dino_eff_prototypes": 1.2})
+
+
+def test_entropy_and_effective_prototypes_by_hand():
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert torch.allclose(entropy(p), torch.tensor([math.log(2), 0.0]))
+    # mean target [0.25, 0.25, 0, 0.5]: H = 1.5 log 2 → exp(H) = 2^1.5
+    assert effective_prototypes(p.mean(0)).item() == pytest.approx(2**1.5, rel=1e-6)
+    stats = TargetStats.of_logits(torch.log(p.clamp_min(1e-12)), torch.zeros(4), 1.0, chunk=1)
+    figures = stats.figures("x", torch.tensor(2.0))
+    assert figures["x_entropy"].item() == pytest.approx(math.log(2) / 2, abs=1e-6)
+    assert figures["x_kl"].item() == pytest.approx(2.0 - math.log(2) / 2, abs=1e-6)
+
+
+def test_ema_update_moves_towards_the_model():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = 0.9 * a.weight.detach() + 0.1 * b.weight.detach()
+    ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, expected)

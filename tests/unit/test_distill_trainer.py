@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.monitors import CollapseError
 from histodistill.distill.objectives import OBJECTIVES, Objective, StepState
 from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, dist_env, linear_cka
 from histodistill.errors import HistodistillError
@@ -22,6 +23,7 @@ from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
 from histodistill.tilestore import pack_tiles
 from histodistill.tiling import TilingConfig, tile_slide
 
+MONITORS = [f"{h}_{m}" for h in ("dino", "ibot") for m in ("entropy", "eff_prototypes", "kl")]
 CFG = DistillConfig(
     iterations=12,
     batch_size=4,
@@ -106,7 +108,7 @@ def test_kill_at_k_then_resume_gives_the_same_losses(tmp_path, data):
     a = pd.read_parquet(tmp_path / "full" / "train_log.parquet")
     b = pd.read_parquet(tmp_path / "resumed" / "train_log.parquet")
     assert len(a) == len(b) == CFG.iterations
-    cols = ["loss_total", "loss_dino", "loss_ibot", "lr", "teacher_temp", "grad_norm"]
+    cols = ["loss_total", "loss_dino", "loss_ibot", "lr", "teacher_temp", "grad_norm", *MONITORS]
     np.testing.assert_allclose(b[cols].to_numpy(), a[cols].to_numpy(), rtol=1e-6, atol=1e-7)
     sa = load_model("student:x", weights=tmp_path / "full" / "student.safetensors").model.state_dict()
     sb = load_model("student:x", weights=tmp_path / "resumed" / "student.safetensors").model.state_dict()
@@ -126,7 +128,16 @@ def test_outputs_and_learning(tmp_path, data):
         "teacher_temp",
         "samples_per_s",
         "gpu_mem_gb",
+        "weight_dino_eff",
+        "weight_ibot_eff",
+        *MONITORS,
     } <= set(log.columns)
+    assert (log["weight_dino_eff"] == 1.0).all()  # the paper's normalisation
+    assert (
+        ((log[[c for c in MONITORS if "eff" in c]] >= 1) & (log[[c for c in MONITORS if "eff" in c]] <= 128))
+        .all()
+        .all()
+    )
     assert log["loss_total"].tail(10).mean() < log["loss_total"].head(10).mean()  # it learns
     assert (out / "loss.png").stat().st_size > 10_000
     student = load_model("student:run", weights=out / "student_ema.safetensors")
@@ -211,7 +222,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one = pd.read_parquet(tmp_path / "one" / "train_log.parquet")
     two = pd.read_parquet(tmp_path / "two" / "train_log.parquet")
-    cols = ["loss_total", "loss_dino", "loss_ibot", "grad_norm"]
+    cols = ["loss_total", "loss_dino", "loss_ibot", "grad_norm", *MONITORS]
     np.testing.assert_allclose(two[cols].to_numpy(), one[cols].to_numpy(), rtol=1e-4)
 
 
@@ -229,9 +240,7 @@ def test_teacher_heads_load_from_a_checkpoint(tmp_path, data):
     loaded = _teacher_heads(replace(CFG, teacher_heads=str(tmp_path / "heads.safetensors")), 64)
     assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
     assert not any(p.requires_grad for p in loaded.parameters())
-    learned = _teacher_heads(replace(CFG, teacher_heads="learned"), 64)
-    assert any(p.requires_grad for p in learned.parameters())
-    with pytest.raises(Exception, match="not found"):
+    with pytest.raises(HistodistillError, match="not found"):
         _teacher_heads(replace(CFG, teacher_heads=str(tmp_path / "missing.safetensors")), 64)
 
 
@@ -295,3 +304,24 @@ def test_a_new_objective_plugs_in_with_its_state_checkpointed(tmp_path, data, mo
     assert int(resumed.objective.updates) == 4  # the counter came back from the checkpoint
     log = pd.read_parquet(tmp_path / "run" / "train_log.parquet")
     assert len(log) == 4 and np.isfinite(log["loss_mse"]).all()
+
+
+def test_no_teacher_head_parameter_gets_a_gradient_during_distill(tmp_path, data):
+    store, cache = data
+    trainer = Trainer(replace(CFG, iterations=3), store, cache, tmp_path / "run")
+    trainer.fit()
+    assert all(p.grad is None and not p.requires_grad for p in trainer.objective.teacher_heads.parameters())
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in trainer.objective.teacher_heads.parameters()}
+    assert any(p.grad is not None for p in trainer.objective.student_heads.parameters())  # they did train
+
+
+def test_collapse_floor_stops_the_run_naming_it_and_the_figure(tmp_path, data):
+    """A floor above K can never be met (exp(H) ≤ K): the run stops after `collapse_patience` iterations
+    and leaves its log behind."""
+    store, cache = data
+    cfg = replace(CFG, iterations=10, collapse_floor=CFG.n_prototypes + 1, collapse_patience=3)
+    with pytest.raises(CollapseError, match=r"distill run 'demo' collapsed: dino_eff_prototypes .* \(0–2\)"):
+        Trainer(cfg, store, cache, tmp_path / "demo").fit()
+    assert len(pd.read_parquet(tmp_path / "demo" / "train_log.parquet")) == 3
+    assert (tmp_path / "demo" / "loss.png").is_file()

@@ -31,6 +31,7 @@ def expected_jobs(n_slides: int) -> dict[str, int]:
         "probe_store": len(H0MINI["benchmarks"]["probe"]["tasks"]),  # EVA's image files → tile stores
         "cache_teacher_shard": H0MINI["teacher"]["num_shards"],
         "cache_teacher": 1,
+        "train_teacher_heads": 1,  # H-Optimus-0's DINO/iBOT heads, learned on the cached tokens
         "distill": 1,
         "plism_tiles": 1,  # from the 91 pre-registered h5 files: no registration jobs
         "hest_store": len(H0MINI["benchmarks"]["hest"]["tasks"]),
@@ -50,6 +51,7 @@ def test_h0mini_config_is_valid_and_is_the_papers_recipe():
     assert (run["dino_bottleneck"], run["ibot_bottleneck"]) == (384, 256)
     assert (run["warmup_epochs"], run["warmup_teacher_temp_epochs"], run["weight_decay_end"]) == (16, 30, 0.4)
     assert run["student"] == "h0_mini" and config["teacher"]["model"] == "h_optimus_0"
+    assert run["teacher_heads"] == "trained" and config["distill"]["teacher_heads"]["n_prototypes"] == 131_072
     assert (config["tiling"]["mpp"], config["tiling"]["tile_px"]) == (0.5, 224)
     assert len(config["benchmarks"]["hest"]["tasks"]) == 9
     manifest = (REPO / config["plism"]["manifest"]).read_text().splitlines()

@@ -3,7 +3,7 @@
 H(t, s) = −Σ_k t_k log softmax(s / τ_s)_k, with t the teacher's target distribution.
 - DINO: over global crops, every teacher crop against every *other* student crop (and local student
   crops against every teacher global crop), averaged over pairs; for two globals that is
-  (H(t1, s2) + H(t2, s1)) / 2.
+  (H(t1, s2) + H(t2, s1)) / 2. `dino_pair_weight` converts that mean to DINOv2's normalisation.
 - iBOT: mean over all patch tokens of both global crops of H(t_jp, s_jp) (no masking), computed in chunks
   by a custom autograd function so no dense [N, K] probability tensor is ever kept for backward.
 - feature: cosine + smooth-L1 between teacher tokens and the student's tokens through a linear adapter.
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from histodistill.errors import HistodistillError
 
 
 def soft_cross_entropy(
@@ -33,6 +35,38 @@ def dino_loss(
             if i != j:  # a teacher crop never supervises the same crop of the student
                 terms.append(soft_cross_entropy(t, s, student_temp))
     return torch.stack(terms).mean()
+
+
+DINO_NORMALIZATIONS = ("paper", "dinov2")
+
+
+def dino_pair_weight(normalization: str, n_global: int, n_local: int) -> float:
+    """Factor w such that w · (mean over pairs of H) is the DINO term of the chosen normalisation.
+
+    With G global crops (teacher and student) and L local crops (student only) there are
+    n_pairs = G(G − 1) + G·L (teacher global i, student crop j ≠ i) cross-entropies H_ij.
+    - `paper`: the mean over the pairs, Σ H_ij / n_pairs, i.e. Eq. 3 of DINO (Caron et al. 2021) divided by
+      its number of terms as DINO's reference code does (`total_loss /= n_loss_terms`): w = 1.
+    - `dinov2`: the DINOv2 code (facebookresearch/dinov2, dinov2/train/ssl_meta_arch.py,
+      `forward_backward`): Σ H_ij / (n_global_crops_loss_terms + n_local_crops_loss_terms) with
+      n_global_crops_loss_terms = G(G − 1) and n_local_crops_loss_terms = max(G·L, 1), so
+      w = n_pairs / (G(G − 1) + max(G·L, 1)): 2/3 for two global crops and no local crops (the `max(·, 1)`
+      adds a term that does not exist), 1 whenever L > 0.
+    The iBOT term is a mean over patch tokens in both (DINOv2 multiplies its masked mean by
+    loss_scales · ibot_loss_scale = 2 · 1/2), so only the DINO weight changes.
+
+    HistodistillError for another name or G < 2.
+    """
+    if normalization not in DINO_NORMALIZATIONS:
+        raise HistodistillError(
+            f"dino_normalization must be one of {DINO_NORMALIZATIONS}, not {normalization!r}"
+        )
+    if n_global < 2:
+        raise HistodistillError(f"the DINO loss needs at least 2 global crops, not {n_global}")
+    n_pairs = n_global * (n_global - 1) + n_global * n_local
+    if normalization == "paper":
+        return 1.0
+    return n_pairs / (n_global * (n_global - 1) + max(n_global * n_local, 1))
 
 
 class _ChunkedSoftCE(torch.autograd.Function):

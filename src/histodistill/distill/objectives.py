@@ -3,8 +3,9 @@ terms and its state (centres), and the trainer only calls the interface of `Obje
 
 One training step, as the trainer drives it (see `Objective`):
 
-    targets = objective.teacher_targets(teacher_tokens, step)        # no grad (unless heads are learned)
+    targets = objective.teacher_targets(teacher_tokens, step)        # no grad, ever
     losses = objective.losses(student_tokens, targets, step)         # {"<term>": scalar, ..., "total": scalar}
+    monitors = objective.monitors(targets, losses, step)             # collapse monitors (distill/monitors.py)
     losses["total"].backward(); optimizer.step()
     objective.update_state(targets)                                  # e.g. the centre EMA, all-reduced
 
@@ -24,17 +25,24 @@ linear adapter (cosine + smooth-L1, as in `losses.feature_loss`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from histodistill.distill.centering import SoftmaxCenter, sinkhorn_knopp
+from histodistill.distill.centering import SoftmaxCenter, sinkhorn_center, sinkhorn_knopp
 from histodistill.distill.heads import ProjectionHead
-from histodistill.distill.losses import FeatureAdapter, dino_loss, feature_loss, ibot_loss
+from histodistill.distill.losses import (
+    FeatureAdapter,
+    dino_loss,
+    dino_pair_weight,
+    feature_loss,
+    ibot_loss,
+)
+from histodistill.distill.monitors import TargetStats
 from histodistill.errors import HistodistillError
 
 if TYPE_CHECKING:  # the trainer imports this module; the config is only read here, duck-typed
@@ -84,12 +92,14 @@ class Objective(nn.Module):
     - `student_heads` (nn.ModuleDict): heads/adapters applied to the student's tokens, trained with the
       student; the trainer puts them into the module it wraps in DistributedDataParallel, so their
       gradients are all-reduced.
-    - `teacher_heads` (nn.ModuleDict): heads applied to the teacher's tokens, frozen or learned
-      (parameters with requires_grad are optimised; they are not wrapped in DDP).
+    - `teacher_heads` (nn.ModuleDict): heads applied to the teacher's tokens, always frozen in
+      distillation (no gradient reaches them: DINOv2 never lets gradient into teacher targets); the
+      teacher-heads stage (`distill.teacher_heads`) keeps them as an EMA of `student_heads`.
     - buffers (e.g. centres): state updated by `update_state`, saved with the state_dict.
 
     Subclasses set `name`, `Options` (a frozen dataclass of the `objective_params` they accept), and
-    implement `teacher_targets`, `losses` and, if they keep state, `update_state`.
+    implement `teacher_targets`, `losses` and, if they keep state, `update_state`; `monitors` if they have
+    target distributions to watch for collapse.
     """
 
     name: ClassVar[str]
@@ -114,13 +124,23 @@ class Objective(nn.Module):
         return cls.Options(**params)
 
     def teacher_targets(self, teacher: TeacherTokens, step: StepState) -> Any:
-        """The targets of this step from the teacher's tokens; detached, except where a learned teacher
-        head is meant to receive the loss's gradient (documented by the subclass)."""
+        """The targets of this step from the teacher's tokens, computed without gradient (detached)."""
         raise NotImplementedError
 
     def losses(self, student: StudentTokens, targets: Any, step: StepState) -> dict[str, torch.Tensor]:
         """Named scalar loss terms and their weighted sum under "total" (the one the trainer backpropagates)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def monitors(
+        self, targets: Any, losses: dict[str, torch.Tensor], step: StepState
+    ) -> dict[str, torch.Tensor]:
+        """Scalar figures logged every iteration (none by default): for objectives with target
+        distributions, the collapse monitors of `distill.monitors` (`<head>_entropy`,
+        `<head>_eff_prototypes`, `<head>_kl`) and the effective loss weights (`weight_<term>_eff`). Called
+        on every process in the same order (it may all-reduce); the trainer averages the values over
+        processes like the losses."""
+        return {}
 
     @torch.no_grad()
     def update_state(self, targets: Any) -> None:
@@ -133,12 +153,30 @@ class Objective(nn.Module):
 
 
 def build_teacher_heads(cfg: DistillConfig, teacher_dim: int) -> nn.ModuleDict:
-    """The DINO and iBOT heads on the teacher's tokens: seeded (`frozen`, `learned`) or loaded from a
-    safetensors file (`teacher_heads` = its path; then frozen). The weight-norm's g stays fixed at 1.
+    """The DINO and iBOT heads on the teacher's tokens, frozen (no parameter requires grad).
 
-    The seed is `cfg.seed + 7919` under a forked RNG, so the heads depend only on the seed and building
-    them does not move the global RNG. HistodistillError if the file does not exist.
+    `cfg.teacher_heads`: `frozen` — seeded random heads (seed `cfg.seed + 7919` under a forked RNG, so they
+    depend only on the seed and building them does not move the global RNG; tests only: random heads give
+    arbitrary targets); or the path of a heads file written by the teacher-heads stage
+    (`distill.teacher_heads.save_heads`, `histodistill train-heads`), whose recorded architecture must be
+    the run's (`n_prototypes`, `head_hidden`, `dino_bottleneck`, `ibot_bottleneck`, the teacher's width).
+    The workflow replaces `trained` by the `train_teacher_heads` output before the run starts.
+
+    HistodistillError: `learned` (removed: learning the teacher heads jointly let gradient into the targets),
+    `trained` outside the workflow, a missing file, or a file of other dimensions.
     """
+    if cfg.teacher_heads in ("learned", "trained"):
+        raise HistodistillError(
+            f"teacher_heads: {cfg.teacher_heads} is not a heads file: "
+            + (
+                "the joint `learned` mode was removed (gradient reached the teacher head through its own "
+                "targets); learn the heads first with `histodistill train-heads` (rule train_teacher_heads) "
+                "and use `teacher_heads: trained`"
+                if cfg.teacher_heads == "learned"
+                else "`trained` is resolved by the workflow to the train_teacher_heads output; outside "
+                "Snakemake give the path of a heads file from `histodistill train-heads`"
+            )
+        )
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed + 7919)  # recorded: the heads depend only on the seed
         heads = nn.ModuleDict(
@@ -147,26 +185,40 @@ def build_teacher_heads(cfg: DistillConfig, teacher_dim: int) -> nn.ModuleDict:
                 "ibot": ProjectionHead(teacher_dim, cfg.n_prototypes, cfg.head_hidden, cfg.ibot_bottleneck),
             }
         )
-    if cfg.teacher_heads not in ("frozen", "learned"):
-        from safetensors.torch import load_file
+    if cfg.teacher_heads != "frozen":
+        from histodistill.distill.teacher_heads import read_heads
 
-        path = Path(cfg.teacher_heads)
-        if not path.is_file():
-            raise HistodistillError(f"teacher heads checkpoint not found: {path}")
-        heads.load_state_dict(load_file(path))
-    heads.requires_grad_(cfg.teacher_heads == "learned")
-    for head in heads.values():  # the weight-norm's g stays fixed in every mode
-        head.prototypes.parametrizations.weight.original0.requires_grad = False
+        state, meta = read_heads(cfg.teacher_heads)
+        wanted = {
+            "teacher_dim": teacher_dim,
+            "n_prototypes": cfg.n_prototypes,
+            "head_hidden": cfg.head_hidden,
+            "dino_bottleneck": cfg.dino_bottleneck,
+            "ibot_bottleneck": cfg.ibot_bottleneck,
+        }
+        arch = meta.get("architecture", {})
+        differ = {k: (arch[k], v) for k, v in wanted.items() if k in arch and arch[k] != v}
+        if differ:
+            raise HistodistillError(
+                f"teacher heads {cfg.teacher_heads} do not fit this run: "
+                + ", ".join(f"{k} {a} in the file, {b} in the run" for k, (a, b) in differ.items())
+                + " (distill.teacher_heads settings and the run's must agree)"
+            )
+        try:
+            heads.load_state_dict(state)
+        except RuntimeError as exc:
+            raise HistodistillError(f"teacher heads {cfg.teacher_heads} do not fit this run: {exc}") from exc
+    heads.requires_grad_(False)
     return heads
 
 
 @dataclass
 class DinoIbotTargets:
-    """dino_probs: [2, B, K] teacher distributions of the two global views (carry the gradient to learned
-    teacher heads under softmax centering, as in the paper's setup; detached otherwise).
-    dino_logits: [2B, K] detached teacher DINO logits (for the centre). ibot_logits: [2B·P, K] detached
-    teacher iBOT logits, or None when iBOT is off or there are no patch tokens. ibot_center: [1, K] the
-    iBOT centre at this step (softmax centering inside the chunked loss)."""
+    """All detached. dino_probs: [2, B, K] teacher distributions of the two global views. dino_logits:
+    [2B, K] teacher DINO logits (for the centre). ibot_logits: [2B·P, K] teacher iBOT logits, or None when
+    iBOT is off or there are no patch tokens. ibot_center: [1, K] the centre c of this step's iBOT targets
+    softmax((u − c) / τ): the EMA centre under softmax centering, the Sinkhorn-Knopp centre
+    (`centering.sinkhorn_center`) under `centering: sinkhorn`; applied inside the chunked loss."""
 
     dino_probs: torch.Tensor
     dino_logits: torch.Tensor
@@ -177,17 +229,29 @@ class DinoIbotTargets:
 class DinoIbot(Objective):
     """DINO on the CLS token (global crops, plus local crops) + iBOT on all patch tokens, without masking.
 
-    L = dino_weight · L_dino + ibot_weight · L_ibot (losses.dino_loss, losses.ibot_loss), teacher targets by
-    softmax centering with EMA centres (momentum `center_momentum`) or Sinkhorn-Knopp (`centering`), at the
-    scheduled teacher temperature. Student heads: `dino`, `ibot` (ProjectionHead, K = n_prototypes);
-    teacher heads: `build_teacher_heads`. Buffers: `centers.dino.center`, `centers.ibot.center` ([1, K]).
+    L = w_dino · L_dino + ibot_weight · L_ibot with L_dino the mean cross-entropy over (teacher global view,
+    other student view) pairs (losses.dino_loss; the logged `loss_dino`), L_ibot the mean over patch tokens
+    (losses.ibot_loss), and w_dino = dino_weight · losses.dino_pair_weight(dino_normalization, 2, n_local)
+    (`paper`: 1; `dinov2`: DINOv2's code, 2/3 without local crops). Teacher targets by softmax centering
+    with EMA centres (momentum `center_momentum`) or Sinkhorn-Knopp for both DINO and iBOT (`centering`),
+    at the scheduled teacher temperature, never with gradient. Student heads: `dino`, `ibot`
+    (ProjectionHead, K = n_prototypes); teacher heads: `build_teacher_heads` (frozen), or with
+    `ema_teacher` a frozen copy of the student heads that the caller updates as their EMA (the
+    teacher-heads stage). Buffers: `centers.dino.center`, `centers.ibot.center` ([1, K]).
 
     HistodistillError if iBOT is on (ibot_weight > 0) but the teacher gives no patch tokens.
     """
 
     name = "dino_ibot"
 
-    def __init__(self, cfg: DistillConfig, student_dim: int, teacher_dim: int, teacher_patches: bool):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        student_dim: int,
+        teacher_dim: int,
+        teacher_patches: bool,
+        ema_teacher: bool = False,
+    ):
         super().__init__()
         self.options(cfg.objective_params)
         if cfg.ibot_weight > 0 and not teacher_patches:
@@ -196,7 +260,8 @@ class DinoIbot(Objective):
             )
         self.n_prototypes, self.student_temp = cfg.n_prototypes, cfg.student_temp
         self.dino_weight, self.ibot_weight, self.ibot_chunk = cfg.dino_weight, cfg.ibot_weight, cfg.ibot_chunk
-        self.centering, self.learned_teacher = cfg.centering, cfg.teacher_heads == "learned"
+        self.centering = cfg.centering
+        self.dino_pair_weight = dino_pair_weight(cfg.dino_normalization, 2, cfg.n_local)
         # student heads first (global RNG, in this order), then the teacher's (their own seed)
         self.student_heads["dino"] = ProjectionHead(
             student_dim, cfg.n_prototypes, cfg.head_hidden, cfg.dino_bottleneck
@@ -204,7 +269,10 @@ class DinoIbot(Objective):
         self.student_heads["ibot"] = ProjectionHead(
             student_dim, cfg.n_prototypes, cfg.head_hidden, cfg.ibot_bottleneck
         )
-        self.teacher_heads = build_teacher_heads(cfg, teacher_dim)
+        if ema_teacher:
+            self.teacher_heads = copy.deepcopy(self.student_heads).requires_grad_(False)
+        else:
+            self.teacher_heads = build_teacher_heads(cfg, teacher_dim)
         self.centers = nn.ModuleDict(
             {k: SoftmaxCenter(cfg.n_prototypes, cfg.center_momentum) for k in ("dino", "ibot")}
         )
@@ -212,18 +280,24 @@ class DinoIbot(Objective):
     def teacher_targets(self, teacher: TeacherTokens, step: StepState) -> DinoIbotTargets:
         b = teacher.cls.shape[1]
         use_ibot = teacher.patch is not None and self.ibot_weight > 0
-        with torch.set_grad_enabled(self.learned_teacher):
+        with torch.no_grad():  # no gradient ever reaches a teacher head through its targets
             t_dino = self.teacher_heads["dino"](teacher.cls.flatten(0, 1))  # [2B, K]
             t_ibot = self.teacher_heads["ibot"](teacher.patch.flatten(0, 2)) if use_ibot else None
-        if self.centering == "sinkhorn":
-            probs = sinkhorn_knopp(t_dino, step.teacher_temp)
-        else:
-            probs = self.centers["dino"].probs(t_dino, step.teacher_temp)
+            if self.centering == "sinkhorn":
+                probs = sinkhorn_knopp(t_dino, step.teacher_temp)
+                ibot_center = (
+                    sinkhorn_center(t_ibot, step.teacher_temp, chunk=self.ibot_chunk)
+                    if t_ibot is not None
+                    else self.centers["ibot"].center.clone()
+                )
+            else:
+                probs = self.centers["dino"].probs(t_dino, step.teacher_temp)
+                ibot_center = self.centers["ibot"].center.clone()
         return DinoIbotTargets(
             dino_probs=probs.reshape(2, b, -1),
-            dino_logits=t_dino.detach(),
-            ibot_logits=None if t_ibot is None else t_ibot.detach(),
-            ibot_center=self.centers["ibot"].center.clone(),
+            dino_logits=t_dino,
+            ibot_logits=t_ibot,
+            ibot_center=ibot_center,
         )
 
     def losses(self, student: StudentTokens, targets: DinoIbotTargets, step: StepState) -> dict:
@@ -235,7 +309,7 @@ class DinoIbot(Objective):
             local = self.student_heads["dino"](student.local_cls.float())
             students += list(local.reshape(-1, b, self.n_prototypes))
         losses = {"dino": dino_loss([t_probs[0], t_probs[1]], students, self.student_temp)}
-        total = self.dino_weight * losses["dino"]
+        total = self.dino_weight * self.dino_pair_weight * losses["dino"]
         if targets.ibot_logits is not None:
             s_ibot = self.student_heads["ibot"](student.patch.reshape(-1, student.patch.shape[-1]))
             losses["ibot"] = ibot_loss(
@@ -249,6 +323,26 @@ class DinoIbot(Objective):
             total = total + self.ibot_weight * losses["ibot"]
         losses["total"] = total
         return losses
+
+    @torch.no_grad()
+    def monitors(self, targets: DinoIbotTargets, losses: dict, step: StepState) -> dict[str, torch.Tensor]:
+        """`dino_*` and (with iBOT) `ibot_*` entropy / eff_prototypes / kl (distill.monitors) of this step's
+        targets, and `weight_dino_eff` (dino_weight × the pair normalisation), `weight_ibot_eff`.
+
+        KL(teacher ‖ student) is CE − H(t): for DINO, the mean over the loss's pairs, where every teacher
+        global view appears equally often, so the mean target entropy of the teacher rows is the pairs' mean.
+        The iBOT figures are computed in chunks from the logits and the step's centre.
+        """
+        out = TargetStats.of_probs(targets.dino_probs).figures("dino", losses["dino"])
+        device = targets.dino_probs.device
+        out["weight_dino_eff"] = torch.tensor(self.dino_weight * self.dino_pair_weight, device=device)
+        if targets.ibot_logits is not None:
+            stats = TargetStats.of_logits(
+                targets.ibot_logits, targets.ibot_center, step.teacher_temp, self.ibot_chunk
+            )
+            out |= stats.figures("ibot", losses["ibot"])
+            out["weight_ibot_eff"] = torch.tensor(float(self.ibot_weight), device=device)
+        return out
 
     @torch.no_grad()
     def update_state(self, targets: DinoIbotTargets) -> None:

@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
+    """θ_ema ← m·θ_ema + (1 − m)·θ for every parameter (same structure, same order): the momentum teacher of
+    DINO / DINOv2 (`SSLMetaArch.update_teacher`). Buffers are not touched."""
+    for e, s in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(s.detach(), 1 - momentum)
 
 
 def cosine_schedule(

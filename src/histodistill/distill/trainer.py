@@ -35,8 +35,9 @@ from histodistill.augment import normalize
 from histodistill.devices import autocast_dtype
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
 from histodistill.distill.launch import REQUEUE_EXIT_CODE
+from histodistill.distill.monitors import CollapseError, CollapseGuard, plot_train_log
 from histodistill.distill.objectives import StepState, StudentTokens, TeacherTokens, build_objective
-from histodistill.distill.schedules import Schedules
+from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
 from histodistill.models import get_spec, load_model, save_student
 from histodistill.models.registry import build_model
@@ -58,13 +59,18 @@ class DistillConfig:
     objective: str = "dino_ibot"  # a name in distill.objectives.OBJECTIVES: dino_ibot | feature
     objective_params: dict[str, Any] = field(default_factory=dict)  # options of objectives that take any
     teacher_mode: str = "cached"  # or "online"
-    teacher_heads: str = "frozen"  # frozen (seeded) | learned | a path to a safetensors file of heads
+    # a heads file from `histodistill train-heads` (the workflow turns `trained` into the
+    # train_teacher_heads output) or `frozen` (seeded random heads: tests only)
+    teacher_heads: str = "frozen"
     n_prototypes: int = 1024
     dino_bottleneck: int = 384
     ibot_bottleneck: int = 256
     head_hidden: int = 2048
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
+    dino_normalization: str = (
+        "paper"  # paper (mean over crop pairs) | dinov2 (its code: 2/3 of it, no locals)
+    )
     n_local: int = 0
     centering: str = "softmax"  # or "sinkhorn"
     center_momentum: float = 0.9
@@ -88,6 +94,9 @@ class DistillConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     ibot_chunk: int = 4096
+    # stop when an effective prototype count (exp H(mean target)) stays below the floor this many iterations
+    collapse_floor: float = 4.0
+    collapse_patience: int = 200
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -117,7 +126,9 @@ class StudentWithHeads(nn.Module):
         return self.backbone.forward_features(images)
 
 
-def _param_groups(modules: list[nn.Module]) -> list[dict]:
+def param_groups(modules: list[nn.Module]) -> list[dict]:
+    """AdamW groups of the trainable parameters of `modules`: with weight decay (matrices) and without
+    (biases, norms, cls/register tokens, position embeddings), flagged by `apply_wd`."""
     decay, no_decay = [], []
     for module in modules:
         for name, p in module.named_parameters():
@@ -207,10 +218,13 @@ class Trainer:
             if self.world > 1
             else self.model
         )
-        # the student with its heads, then the objective's teacher-side heads where they are learned
-        # (_param_groups skips parameters without requires_grad, e.g. frozen teacher heads)
-        trainable = [self.model, self.objective.teacher_heads]
-        self.optimizer = torch.optim.AdamW(_param_groups(trainable), lr=0.0, betas=(0.9, 0.999))
+        if cfg.teacher_heads not in ("frozen",):
+            _check_heads_teacher(cfg.teacher_heads, cache.attrs["teacher"])
+        # the student with its heads only: the objective's teacher-side heads are frozen
+        self.optimizer = torch.optim.AdamW(param_groups([self.model]), lr=0.0, betas=(0.9, 0.999))
+        self.guard = CollapseGuard(
+            f"distill run '{self.out.name}'", cfg.collapse_floor, cfg.collapse_patience
+        )
         self.iteration = 0
         self.log_rows: list[dict] = []
         self.agreement_before: dict[str, float] = {}
@@ -235,6 +249,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "log": self.log_rows,
             "agreement_before": self.agreement_before,
+            "collapse_guard": self.guard.state_dict(),
             "config": json.dumps(asdict(self.cfg), sort_keys=True),
         }
 
@@ -270,6 +285,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.log_rows = int(state["iteration"]), list(state["log"])
         self.agreement_before = dict(state["agreement_before"])
+        self.guard.load_state_dict(state.get("collapse_guard", {}))
         log.info("resumed %s at iteration %d", self.checkpoint_path, self.iteration)
         return True
 
@@ -346,16 +362,17 @@ class Trainer:
         grad_norm = float(nn.utils.clip_grad_norm_(params, self.cfg.clip_grad))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        with torch.no_grad():
-            m = float(self.schedules.ema_momentum[it])
-            for e, s in zip(self.ema.parameters(), self.model.backbone.parameters(), strict=True):
-                e.lerp_(s.detach(), 1 - m)
+        ema_update(self.ema, self.model.backbone, float(self.schedules.ema_momentum[it]))
+        monitors = self.objective.monitors(targets, losses, state)
         self.objective.update_state(targets)
-        values = torch.stack([v.detach().float() for v in losses.values()])
-        if self.world > 1:  # log the global batch's losses (the mean of equal-sized local means)
+        names = [f"loss_{k}" for k in losses] + list(monitors)
+        values = torch.stack(
+            [v.detach().float().to(self.device) for v in [*losses.values(), *monitors.values()]]
+        )
+        if self.world > 1:  # log the global batch's figures (the mean of equal-sized local means)
             dist.all_reduce(values)
             values /= self.world
-        return {f"loss_{k}": float(v) for k, v in zip(losses, values, strict=True)} | {
+        return {k: float(v) for k, v in zip(names, values.cpu(), strict=True)} | {
             "lr": float(self.schedules.lr[it]),
             "weight_decay": float(self.schedules.weight_decay[it]),
             "teacher_temp": state.teacher_temp,
@@ -461,6 +478,12 @@ class Trainer:
                 )
                 self.log_rows.append(row)
                 self.iteration += 1
+                try:
+                    self.guard.update(self.iteration - 1, row)
+                except CollapseError:
+                    if self.rank == 0:  # the evidence first: the log and its plot up to the collapse
+                        self._write_log()
+                    raise
                 progress.update(self.iteration, row["loss_total"])
                 if self.rank == 0 and (self.iteration % 10 == 0 or self.iteration == cfg.iterations):
                     log.info(
@@ -480,6 +503,19 @@ class Trainer:
         finally:
             progress.close()
         return None
+
+    def _write_log(self) -> None:
+        """train_log.parquet (one row per iteration: losses, schedules, monitors) and loss.png, atomically."""
+        frame = pd.DataFrame(self.log_rows)
+        with atomic_path(self.out / "train_log.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
+        plot_train_log(
+            frame,
+            self.out / "loss.png",
+            f"distill {self.out.name}",
+            floor=self.cfg.collapse_floor,
+            n_prototypes=getattr(self.objective, "n_prototypes", None),
+        )
 
     def export(self) -> dict:
         """student.safetensors, student_ema.safetensors, train_log.parquet, loss.png, agreement.json."""
@@ -502,10 +538,7 @@ class Trainer:
             extra = {"provenance": meta}
             save_student(self.model.backbone, self.student_spec, self.out / "student.safetensors", extra)
             save_student(self.ema, self.student_spec, self.out / "student_ema.safetensors", extra)
-            frame = pd.DataFrame(self.log_rows)
-            with atomic_path(self.out / "train_log.parquet") as tmp:
-                frame.to_parquet(tmp, index=False)
-            plot_losses(frame, self.out / "loss.png")
+            self._write_log()
             with atomic_path(self.out / "agreement.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
             for key in after:
@@ -548,29 +581,16 @@ class _progress:
             self.bar.stop()
 
 
-def plot_losses(frame: pd.DataFrame, out: Path) -> None:
-    import matplotlib
+def _check_heads_teacher(heads_path: str, teacher: str) -> None:
+    """HistodistillError when a heads file records another teacher than the cache's (files without the
+    record, e.g. heads converted from a release, are accepted)."""
+    from histodistill.distill.teacher_heads import read_heads
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = [c for c in frame.columns if c.startswith("loss_")]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for c in cols:
-        ax.plot(frame["iteration"], frame[c], label=c.removeprefix("loss_"))
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.set_title("distillation losses")
-    ax2.plot(frame["iteration"], frame["lr"], label="lr")
-    ax2b = ax2.twinx()
-    ax2b.plot(frame["iteration"], frame["teacher_temp"], color="tab:red", label="teacher temp")
-    ax2.set_xlabel("iteration")
-    ax2.set_title("schedules (lr, teacher temperature)")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    recorded = read_heads(heads_path)[1].get("teacher")
+    if recorded is not None and recorded != teacher:
+        raise HistodistillError(
+            f"teacher heads {heads_path} were trained on {recorded}'s tokens, the cache holds {teacher}'s"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
