@@ -176,6 +176,7 @@ rule score_mitosis:
             if w.model.startswith("student-")
             else []
         ),
+        weights=lambda w: model_weights(w.model) or [],
     output:
         f"{RESULTS}/benchmarks/mitosis/{{model}}.parquet",
     params:

@@ -9,6 +9,7 @@ rule distill:
     input:
         tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
+        teacher_weights=model_weights(config["teacher"]["model"]) or [],  # loaded by teacher_mode: online
     output:
         student=f"{RESULTS}/students/{{run}}/student.safetensors",
         ema=f"{RESULTS}/students/{{run}}/student_ema.safetensors",

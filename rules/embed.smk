@@ -29,6 +29,7 @@ rule embed:
             if w.model.startswith("student-")
             else []
         ),
+        weights=lambda w: model_weights(w.model) or [],
     output:
         embeddings=directory(f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr"),
     params:
