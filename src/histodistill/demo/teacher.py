@@ -107,6 +107,7 @@ class DemoTeacherConfig:
     gamma: tuple[float, float] = (0.85, 1.25)
     blur_um: tuple[float, float] = (0.0, 0.4)
     jpeg: tuple[int, int] = (70, 95)
+    reference_p: float = 0.25
     contrast_weight: float = 1.0
     contrast_temp: float = 0.1
     dense_weight: float = 1.0
@@ -146,7 +147,11 @@ def _prepare_slide(maps: TissueMaps, window: int, min_tissue: float, stride: int
     return _Slide(compose_rgb(maps), stack, maps.hema, maps.eosin, np.stack([ys[inside], xs[inside]], 1))
 
 
-def _render_slides(cfg: DemoTeacherConfig, names: list[str], seed: int) -> list[_Slide]:
+def render_slides(cfg: DemoTeacherConfig, names: list[str], seed: int) -> list[_Slide]:
+    """Render one slide per name (seed `seed_for(name, seed)`, the demo's size and µm/px) with its targets.
+
+    Raises HistodistillError when a slide has no crop window with `cfg.min_tissue` tissue.
+    """
     spec = DemoSlideConfig(cfg.width_px, cfg.height_px, mpp=cfg.mpp)
     window = round(cfg.tile_px * cfg.tile_mpp / cfg.mpp * (1 + cfg.scale_jitter))
     slides = []
@@ -195,6 +200,14 @@ class CropPairs(Dataset):
             "jpeg": int(rng.integers(c.jpeg[0], c.jpeg[1] + 1)),
         }
 
+    def _render(self, tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One rendering: the generator's own staining, unscanned (probability `reference_p`, as the demo
+        cohort's slides are), or a random staining and scanner."""
+        staining, scanner = self._staining(rng), self._scanner(rng)  # drawn always: a fixed rng stream
+        if rng.random() < self.cfg.reference_p:
+            return tile
+        return scan_rgb(restain(tile, staining), scanner)
+
     def __getitem__(self, k: int):
         c = self.cfg
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.stream, int(k)]))
@@ -219,7 +232,7 @@ class CropPairs(Dataset):
         tile, dense = np.ascontiguousarray(tile), np.ascontiguousarray(dense, np.float32)
         if not self.render:
             return np.zeros(0, np.uint8), targets, dense
-        views = np.stack([scan_rgb(restain(tile, self._staining(rng)), self._scanner(rng)) for _ in range(2)])
+        views = np.stack([self._render(tile, rng) for _ in range(2)])
         return views, targets, dense
 
 
@@ -265,9 +278,11 @@ def _evaluate(
     n = len(views)
     emb = _embed_views(model, views.flatten(0, 1), mean, std).reshape(n, 2, -1)
     half = n // 2
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probe.fit(emb[:half].reshape(2 * half, -1), np.repeat(classes[:half], 2))
-    probe_acc = float(probe.score(emb[half:].reshape(-1, emb.shape[-1]), np.repeat(classes[half:], 2)))
+    probe_acc = float("nan")  # a probe needs two classes among the crops it is fit on
+    if len(np.unique(classes[:half])) > 1:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        probe.fit(emb[:half].reshape(2 * half, -1), np.repeat(classes[:half], 2))
+        probe_acc = float(probe.score(emb[half:].reshape(-1, emb.shape[-1]), np.repeat(classes[half:], 2)))
     a = emb[:, 0] / np.linalg.norm(emb[:, 0], axis=1, keepdims=True)
     b = emb[:, 1] / np.linalg.norm(emb[:, 1], axis=1, keepdims=True)
     sim = a @ b.T
@@ -367,8 +382,8 @@ def train_demo_teacher(
             f"demo teacher: tiles are {cfg.tile_px} px but '{model_name}' takes {spec.transform.size}"
         )
     grid = cfg.tile_px // spec.patch_size
-    train_slides = _render_slides(cfg, [f"demo-teacher:{i}" for i in range(cfg.n_slides)], seed)
-    eval_slides = _render_slides(cfg, ["demo-teacher-eval"], seed)
+    train_slides = render_slides(cfg, [f"demo-teacher:{i}" for i in range(cfg.n_slides)], seed)
+    eval_slides = render_slides(cfg, ["demo-teacher-eval"], seed)
     train_set = CropPairs(train_slides, cfg, seed, stream=0, grid=grid)
     render_s = time.perf_counter() - start
 
