@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sklearn.model_selection import GroupKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.linear_model import RidgeCV
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from histodistill.demo.slides import DemoSlideConfig, compose_rgb, render_tissue, render_tissue_maps
 from histodistill.demo.teacher import (
@@ -25,7 +28,7 @@ from histodistill.models.transforms import ModelTransform
 
 MODEL = "h_optimus_0_tiny"
 TRAIN = DemoTeacherConfig(
-    steps=40, batch_size=16, n_slides=1, width_px=1536, height_px=1152, eval_crops=16, eval_every=20
+    steps=60, batch_size=16, n_slides=1, width_px=1536, height_px=1152, eval_crops=16, eval_every=20
 )
 
 
@@ -55,11 +58,11 @@ def test_weights_load_through_the_registry_with_provenance(trained):
     ]
     assert len(changed) > 20  # every trained tensor moved from the init
     meta = read_teacher_metadata(out)
-    assert meta["params"]["seed"] == 0 and meta["params"]["steps"] == 40 and meta["model_id"] == MODEL
+    assert meta["params"]["seed"] == 0 and meta["params"]["steps"] == 60 and meta["model_id"] == MODEL
     assert meta["init"] == "random-init(seed=0)" and "torch" in meta["versions"]
     frame = pd.read_parquet(log)
-    assert frame["step"].tolist() == list(range(41))  # step 0: the random init's held-out metrics
-    assert frame.loc[1:, "loss"].notna().all() and frame["eval_probe_accuracy"].notna().sum() == 3
+    assert frame["step"].tolist() == list(range(61))  # step 0: the random init's held-out metrics
+    assert frame.loc[1:, "loss"].notna().all() and frame["eval_probe_accuracy"].notna().sum() == 4
     assert Image.open(plot).size[0] > 500
 
 
@@ -70,28 +73,26 @@ def _embed(model, views: np.ndarray) -> np.ndarray:
         return model.model.forward_features(x)[:, 0].numpy()
 
 
-def test_trained_teacher_separates_tissue_classes_and_resists_stain_shifts_better_than_random_init(trained):
+def test_trained_teacher_learns_tissue_content_and_resists_stain_shifts_better_than_random_init(trained):
     out, _, _, _ = trained
     # Held out from training and from the trainer's own evaluation: another slide, other crops and stains.
     (slide,) = render_slides(TRAIN, ["test-heldout"], seed=5)
-    items = [CropPairs([slide], TRAIN, seed=5, stream=7, grid=16)[k] for k in range(48)]
-    views = np.stack([i[0] for i in items])  # [48, 2, 224, 224, 3]
-    nuclei = np.array([i[1][2] for i in items])
-    classes = np.searchsorted(np.quantile(nuclei, [1 / 3, 2 / 3]), nuclei, side="right")
+    n = 64
+    items = [CropPairs([slide], TRAIN, seed=5, stream=7, grid=16)[k] for k in range(n)]
+    views = np.stack([i[0] for i in items])  # [n, 2, 224, 224, 3]: two stainings × scanners of each crop
+    nuclei = np.repeat([i[1][2] for i in items], 2)  # the generator's nuclear area fraction
+    folds = {"groups": np.repeat(np.arange(n), 2), "cv": GroupKFold(4)}  # a crop's renderings in one fold
     scores = {}
     for name, model in (("random", load_model(MODEL, seed=0)), ("trained", load_model(MODEL, weights=out))):
         emb = _embed(model, views.reshape(-1, *views.shape[2:]))
-        knn = cross_val_score(
-            KNeighborsClassifier(5),
-            emb,
-            np.repeat(classes, 2),
-            groups=np.repeat(np.arange(48), 2),  # both stainings of a crop in the same fold
-            cv=GroupKFold(4),
-        ).mean()
+        ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
         unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-        sim = unit[0::2] @ unit[1::2].T
-        scores[name] = {"knn": knn, "pair_top1": (sim.argmax(1) == np.arange(48)).mean()}
-    assert scores["trained"]["knn"] >= scores["random"]["knn"] + 0.1, scores
+        scores[name] = {
+            "nuclei_r2": r2_score(nuclei, cross_val_predict(ridge, emb, nuclei, **folds)),
+            "pair_top1": ((unit[0::2] @ unit[1::2].T).argmax(1) == np.arange(n)).mean(),
+        }
+    # 60 steps of 16 images (the demo trains 200 of 24): measured R² 0.54 → 0.64, top-1 0.14 → 0.33
+    assert scores["trained"]["nuclei_r2"] >= scores["random"]["nuclei_r2"] + 0.05, scores
     assert scores["trained"]["pair_top1"] >= scores["random"]["pair_top1"] + 0.15, scores
 
 

@@ -9,7 +9,8 @@ or split is ever seen), at the demo's slide size and µm/px. Each training item 
 `min_tissue` tissue, as the tiling keeps) at the tiles' scale (`tile_px` px at `tile_mpp` µm/px, ±
 `scale_jitter`, a random quarter turn and flip), rendered twice with independently drawn stainings
 (`restain`: haematoxylin and eosin amounts, stain hue) and scanners (`scan`: colour gain, gamma, blur,
-JPEG quality), the ranges of `DemoTeacherConfig`, which cover the PLISM and mitosis demo domains.
+JPEG quality), the ranges of `DemoTeacherConfig`, which cover the PLISM and mitosis demo domains; with
+probability `reference_p` a rendering keeps the generator's own staining, unscanned, as the demo cohort's.
 
 What it learns, from the generator's latent maps (stain-independent, so every rendering of a crop has the
 same targets):
@@ -20,7 +21,7 @@ same targets):
 - local content: nuclear, tissue and fat fractions of every 14 px patch (the 16 × 16 patch grid,
   standardised; mean squared error from the patch tokens);
 - stain and scanner invariance: InfoNCE between the two renderings of each crop (CLS cosine similarity,
-  temperature 0.1, the other crops of the batch as negatives), as PLISM asks of matched tiles.
+  temperature 0.1, the other crops of the batch as negatives; weight 0.5), as PLISM asks of matched tiles.
 
 All heads are linear and are dropped: the saved safetensors hold the backbone only, which
 `models.load_model(name, weights=PATH)` loads (`models.<name>.weights` in the config).
@@ -108,7 +109,7 @@ class DemoTeacherConfig:
     blur_um: tuple[float, float] = (0.0, 0.4)
     jpeg: tuple[int, int] = (70, 95)
     reference_p: float = 0.25
-    contrast_weight: float = 1.0
+    contrast_weight: float = 0.5
     contrast_temp: float = 0.1
     dense_weight: float = 1.0
     eval_crops: int = 64
