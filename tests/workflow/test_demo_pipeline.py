@@ -172,6 +172,28 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
     }
 
 
+def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
+    config = yaml.safe_load((demo_run / "config.yaml").read_text())
+    config["demo"]["teacher"]["steps"] = 50
+    (demo_run / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all_benchmarks"))
+    finally:
+        write_demo_config(demo_run)
+    # the teacher's cache, the student distilled from it, both models' embeddings and scores; not the
+    # random-init baseline (h0_mini_tiny), the tiles or the benchmark data
+    scores = {"score_plism": 2, "score_hest": 2, "score_probe": 2, "score_mitosis": 2, "report": 1}
+    assert jobs == {
+        "demo_teacher": 1,
+        "cache_teacher_shard": 2,
+        "cache_teacher": 1,
+        "distill": 1,
+        "embed": 6,
+        **scores,
+        "all_benchmarks": 1,
+    }
+
+
 def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
     config = yaml.safe_load((demo_run / "config.yaml").read_text())
     config["distill"]["runs"]["demo"]["lr"] = 0.1
