@@ -126,7 +126,9 @@ class DemoTeacherConfig:
 
 
 @dataclass
-class _Slide:
+class RenderedSlide:
+    """A training or held-out slide: its pixels and the generator's ground truth, at level 0."""
+
     rgb: np.ndarray  # uint8 [H, W, 3], the canonical staining
     maps: np.ndarray  # float32 [3, H, W]: nuclei (in tissue body), tissue, fat (`DENSE_TARGETS`)
     hema: np.ndarray  # float32 [H, W]
@@ -134,7 +136,7 @@ class _Slide:
     positions: np.ndarray  # int [K, 2] top-left corners (y, x) of windows with enough tissue
 
 
-def _prepare_slide(maps: TissueMaps, window: int, min_tissue: float, stride: int = 32) -> _Slide:
+def _prepare_slide(maps: TissueMaps, window: int, min_tissue: float, stride: int = 32) -> RenderedSlide:
     """The rendered slide, its target maps, and where a `window`-px crop holds ≥ `min_tissue` tissue."""
     tissue = maps.tissue.astype(np.float32)
     fraction = uniform_filter(tissue[::stride, ::stride], size=max(1, window // stride), mode="constant")
@@ -146,10 +148,12 @@ def _prepare_slide(maps: TissueMaps, window: int, min_tissue: float, stride: int
     inside = (ys >= 0) & (xs >= 0) & (ys + window <= h) & (xs + window <= w)
     fat = (maps.tissue & maps.fat).astype(np.float32)
     stack = np.stack([maps.nuclei * maps.body, tissue, fat]).astype(np.float32)
-    return _Slide(compose_rgb(maps), stack, maps.hema, maps.eosin, np.stack([ys[inside], xs[inside]], 1))
+    return RenderedSlide(
+        compose_rgb(maps), stack, maps.hema, maps.eosin, np.stack([ys[inside], xs[inside]], 1)
+    )
 
 
-def render_slides(cfg: DemoTeacherConfig, names: list[str], seed: int) -> list[_Slide]:
+def render_slides(cfg: DemoTeacherConfig, names: list[str], seed: int) -> list[RenderedSlide]:
     """Render one slide per name (seed `seed_for(name, seed)`, the demo's size and µm/px) with its targets.
 
     Raises HistodistillError when a slide has no crop window with `cfg.min_tissue` tissue.
@@ -176,7 +180,13 @@ class CropPairs(Dataset):
     """
 
     def __init__(
-        self, slides: list[_Slide], cfg: DemoTeacherConfig, seed: int, stream: int, grid: int, render=True
+        self,
+        slides: list[RenderedSlide],
+        cfg: DemoTeacherConfig,
+        seed: int,
+        stream: int,
+        grid: int,
+        render=True,
     ):
         self.slides, self.cfg, self.seed, self.stream, self.grid = slides, cfg, seed, stream, grid
         self.render = render  # False: targets only (views are an empty array)
