@@ -203,6 +203,7 @@ rule score_mitosis:
         # the linear probe's features: the patch store embedded by `embed` (dataset `mitosis`)
         embeddings=lambda w: [embedding(w.model, "mitosis")] if "linear" in MITOSIS["methods"] else [],
         student=lambda w: student_checkpoint(w.model),
+        weights=lambda w: model_weights(w.model) or [],
     output:
         f"{RESULTS}/benchmarks/mitosis/{{model}}.parquet",
     params:

@@ -31,6 +31,7 @@ rule distill:
         tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
         heads=lambda w: teacher_heads_file(w.run),
+        teacher_weights=model_weights(config["teacher"]["model"]) or [],  # loaded by teacher_mode: online
     output:
         student=f"{RESULTS}/students/{{run}}/student.safetensors",
         ema=f"{RESULTS}/students/{{run}}/student_ema.safetensors",

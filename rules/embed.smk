@@ -5,6 +5,7 @@ rule embed:
     input:
         store=lambda w: dataset_store(w.dataset),
         student=lambda w: student_checkpoint(w.model),
+        weights=lambda w: model_weights(w.model) or [],
     output:
         embeddings=directory(f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr"),
     params:

@@ -4,6 +4,7 @@
 rule cache_teacher_shard:
     input:
         store=f"{RESULTS}/tilestore/{{cohort}}.zarr",
+        weights=lambda w: model_weights(w.teacher) or [],  # a local weights file (e.g. the demo teacher's)
     output:
         shard=directory(f"{RESULTS}/teacher/{{teacher}}/{{cohort}}/shard-{{shard}}-of-{NUM_SHARDS}.zarr"),
     params:

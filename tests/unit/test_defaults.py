@@ -25,6 +25,7 @@ from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
 from histodistill.demo.slides import DemoSlideConfig
+from histodistill.demo.teacher import DemoTeacherConfig
 from histodistill.distill.teacher_heads import HeadsConfig
 from histodistill.distill.trainer import DistillConfig
 from histodistill.embed import extract_embeddings
@@ -43,6 +44,19 @@ SOURCES: dict[str, tuple] = {
     "demo.width_px": (DemoSlideConfig, "width_px"),
     "demo.height_px": (DemoSlideConfig, "height_px"),
     "demo.mpp": (DemoSlideConfig, "mpp"),
+    **{
+        f"demo.teacher.{f}": (DemoTeacherConfig, f)
+        for f in (
+            "steps",
+            "batch_size",
+            "lr",
+            "n_slides",
+            "eval_crops",
+            "eval_every",
+            "threads",
+            "num_workers",
+        )
+    },
     "demo.plism_width_px": (PlismDemoConfig, "width_px"),  # the PLISM demo's reference slide
     "demo.plism_height_px": (PlismDemoConfig, "height_px"),
     # The PLISM reference grid is a tile table: its tiling settings are TilingConfig's.
@@ -155,6 +169,8 @@ PIPELINE_ONLY = {
     "results_dir": "the workflow's output folder; the library takes explicit paths",
     "seed": "the run's seed; each rule passes it (or one derived from it) to the library",
     "demo.enabled": "switch: make the demo slides",
+    "demo.teacher.enabled": "switch: train the demo teacher",
+    "demo.teacher.seed": "null: the run's seed",
     "demo.slides_dir": "path of the pipeline's demo slides",
     "demo.plism_dir": "path of the pipeline's PLISM demo set",
     "plism.enabled": "switch",
@@ -226,6 +242,28 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
             "elastic_um",
             "elastic_wavelength_um",
         )
+    },
+    DemoTeacherConfig: {
+        "weight_decay": "the method (docs: the demo teacher)",
+        "warmup_fraction": "the method (docs: the demo teacher)",
+        "width_px": "the demo slides and tiles the rule passes (demo.*, tiling.*)",
+        "height_px": "the demo slides and tiles the rule passes (demo.*, tiling.*)",
+        "mpp": "the demo slides and tiles the rule passes (demo.*, tiling.*)",
+        "tile_px": "the demo slides and tiles the rule passes (demo.*, tiling.*)",
+        "tile_mpp": "the demo slides and tiles the rule passes (demo.*, tiling.*)",
+        "min_tissue": "the demo slides and tiles the rule passes (demo.*, tiling.*)",
+        "scale_jitter": "the method (docs: the demo teacher)",
+        "hema": "the method (docs: the demo teacher)",
+        "eosin": "the method (docs: the demo teacher)",
+        "hue_deg": "the method (docs: the demo teacher)",
+        "gain": "the method (docs: the demo teacher)",
+        "gamma": "the method (docs: the demo teacher)",
+        "blur_um": "the method (docs: the demo teacher)",
+        "jpeg": "the method (docs: the demo teacher)",
+        "reference_p": "the method (docs: the demo teacher)",
+        "contrast_weight": "the method (docs: the demo teacher)",
+        "contrast_temp": "the method (docs: the demo teacher)",
+        "dense_weight": "the method (docs: the demo teacher)",
     },
     MitosisDemoConfig: "the mitosis demo set is fixed (benchmarks.mitosis.demo only switches it on)",
     # DistillConfig: each field is a key of distill.runs.<run> *without* a schema default (see below).

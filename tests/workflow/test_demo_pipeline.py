@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,28 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
     }
 
 
+def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
+    config = yaml.safe_load((demo_run / "config.yaml").read_text())
+    config["demo"]["teacher"]["steps"] = 50
+    (demo_run / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(snakemake(demo_run, "-n", "all_benchmarks"))
+    finally:
+        write_demo_config(demo_run)
+    # the teacher's cache, the student distilled from it, both models' embeddings and scores; not the
+    # random-init baseline (h0_mini_tiny), the tiles or the benchmark data
+    scores = {"score_plism": 2, "score_hest": 2, "score_probe": 2, "score_mitosis": 2, "report": 1}
+    assert jobs == {
+        "demo_teacher": 1,
+        "cache_teacher_shard": 2,
+        "cache_teacher": 1,
+        "distill": 1,
+        "embed": 6,
+        **scores,
+        "all_benchmarks": 1,
+    }
+
+
 def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
     config = yaml.safe_load((demo_run / "config.yaml").read_text())
     config["distill"]["runs"]["demo"]["lr"] = 0.1
@@ -284,3 +307,25 @@ def test_missing_slide_is_named_before_any_job(tmp_path):
     sheet.write_text("slide_id\tpath\tcohort\nlost\t/nonexistent/lost slide.svs\tc\n")
     result = snakemake(tmp_path, "-n", "all_tiles", check=False)
     assert result.returncode != 0 and "/nonexistent/lost slide.svs" in result.stderr + result.stdout
+
+
+def test_the_demo_teacher_is_trained_before_every_rule_that_loads_it(tmp_path):
+    write_demo_config(tmp_path)
+    dot = snakemake(tmp_path, "--dag", "dot", "all_benchmarks").stdout
+    labels = dict(re.findall(r'^\s*(\d+)\[label = "([^"\\]*)', dot, re.M))
+    edges = re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)
+    (teacher,) = [k for k, v in labels.items() if v == "demo_teacher"]
+    children = sorted(labels[b] for a, b in edges if a == teacher)
+    # the teacher cache shards, the distillation (online mode loads the teacher), the teacher's embeddings of
+    # the cohort, the PLISM tiles and the HEST task, and its mitosis scoring
+    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 3 + ["score_mitosis"]
+
+
+def test_a_demo_teacher_needs_its_weights_path(tmp_path):
+    write_demo_config(tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["models"] = {}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "all_teacher", check=False)
+    assert result.returncode != 0
+    assert "set models.h_optimus_0_tiny.weights" in result.stdout + result.stderr

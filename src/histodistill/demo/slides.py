@@ -57,14 +57,43 @@ def ellipse(cx: float, cy: float, a: float, b: float, angle: float, n: int = 14)
     return list(zip(cx + ca * x - sa * y, cy + sa * x + ca * y, strict=True))
 
 
-def render_tissue(spec: DemoSlideConfig, seed: int) -> np.ndarray:
-    """Level-0 RGB pixels of a synthetic H&E slide (uint8 [H, W, 3])."""
+@dataclass(frozen=True)
+class TissueMaps:
+    """The latent maps a demo slide is rendered from (level 0, all [H, W]; see `render_tissue_maps`).
+
+    `tissue`, `fat`: bool masks (fat = adipocyte holes inside tissue); `cellularity`: the smooth field in
+    [0, 1] that sets nuclear density; `nuclei`: nuclear mask in [0, 1] (blurred edges); `hema`, `eosin`:
+    stain concentrations (optical density per unit stain vector, before any re-staining); `noise`: the
+    sensor noise added to the RGB (grey levels, [H, W, 1]).
+    """
+
+    tissue: np.ndarray
+    fat: np.ndarray
+    cellularity: np.ndarray
+    nuclei: np.ndarray
+    hema: np.ndarray
+    eosin: np.ndarray
+    noise: np.ndarray
+
+    @property
+    def body(self) -> np.ndarray:
+        """Tissue that is not fat: where nuclei and stroma are."""
+        return self.tissue & ~self.fat
+
+
+def render_tissue_maps(spec: DemoSlideConfig, seed: int) -> TissueMaps:
+    """The latent maps of a synthetic H&E slide (what `render_tissue` turns into RGB), from a seed.
+
+    The generator's ground truth: what the tissue is, independent of how it is stained or scanned.
+    """
     rng = np.random.default_rng(seed)
     h, w = spec.height_px, spec.width_px
     um = 1.0 / (spec.mpp or 0.25)  # px per µm
     noise = rng.normal(0.0, 2.5, (h, w, 1)).astype(np.float32)
     if spec.blank:
-        return np.clip(BACKGROUND_RGB + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)
+        empty = np.zeros((h, w), np.float32)
+        none = np.zeros((h, w), bool)
+        return TissueMaps(none, none, empty, empty, empty, empty, noise)
 
     # Tissue region: smooth noise inside an elliptical envelope, so the glass shows around it.
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -118,9 +147,23 @@ def render_tissue(spec: DemoSlideConfig, seed: int) -> np.ndarray:
     hema = np.where(body, 0.02 + 0.05 * cellularity, 0.0) + 1.1 * nuclei_map * body
     chromatin = 1 + 0.25 * noise[..., 0] / 2.5 * (nuclei_map > 0.2)
     hema = (hema * chromatin).astype(np.float32)
-    density = hema[..., None] * HEMATOXYLIN + eosin[..., None] * EOSIN
-    rgb = BACKGROUND_RGB * np.exp(-2.3 * density) + noise
+    return TissueMaps(tissue, fat, cellularity, nuclei_map, hema, eosin, noise)
+
+
+def compose_rgb(maps: TissueMaps) -> np.ndarray:
+    """Beer–Lambert: stain concentrations → RGB (uint8 [H, W, 3]) with the maps' sensor noise."""
+    density = maps.hema[..., None] * HEMATOXYLIN + maps.eosin[..., None] * EOSIN
+    rgb = BACKGROUND_RGB * np.exp(-2.3 * density) + maps.noise
     return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def render_tissue(spec: DemoSlideConfig, seed: int) -> np.ndarray:
+    """Level-0 RGB pixels of a synthetic H&E slide (uint8 [H, W, 3])."""
+    if spec.blank:
+        h, w = spec.height_px, spec.width_px
+        noise = np.random.default_rng(seed).normal(0.0, 2.5, (h, w, 1)).astype(np.float32)
+        return np.clip(BACKGROUND_RGB + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)
+    return compose_rgb(render_tissue_maps(spec, seed))
 
 
 def write_pyramid_tiff(
