@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic slides written once per test session."""
+"""Shared fixtures: small synthetic slides, the demo slide's tile store and its teacher cache, built once per
+test session (builders in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
+from tests.helpers import make_teacher_cache, make_tile_store
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = DemoSlideConfig(width_px=2048, height_px=1536, mpp=0.25, levels=4)
@@ -35,3 +37,16 @@ def blank_slide(slides_dir) -> Path:
     return make_demo_slide(
         slides_dir / "blank.tiff", seed=9, spec=DemoSlideConfig(1024, 1024, mpp=0.25, levels=3, blank=True)
     )
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory, demo_slide) -> Path:
+    """The demo slide's every grid tile (slide id "a") in a tile store of 8-tile chunks."""
+    return make_tile_store(tmp_path_factory.mktemp("demo_store"), {"a": demo_slide})
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_store) -> Path:
+    """The tiny H-Optimus-0 twin's cache of `demo_store`: 2 views per tile, in 2 shards
+    (`demo_store.parent/shard-{0,1}.zarr`) gathered into `cache.zarr`."""
+    return make_teacher_cache(demo_store, demo_store.parent, num_shards=2, batch_size=4, chunk_batches=1)

@@ -19,9 +19,6 @@ from histodistill.distill.objectives import OBJECTIVES, Objective, StepState
 from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, dist_env, linear_cka
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
-from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
-from histodistill.tilestore import pack_tiles
-from histodistill.tiling import TilingConfig, tile_slide
 
 MONITORS = [f"{h}_{m}" for h in ("dino", "ibot") for m in ("entropy", "eff_prototypes", "kl")]
 CFG = DistillConfig(
@@ -39,15 +36,8 @@ CFG = DistillConfig(
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, demo_slide):
-    d = tmp_path_factory.mktemp("distill")
-    tile_slide(demo_slide, "a", d / "a.parquet", TilingConfig(min_tissue=0.0))
-    pack_tiles([d / "a.parquet"], d / "store.zarr", chunk_tiles=8)
-    cache_teacher(
-        "h_optimus_0_tiny", d / "store.zarr", d / "shard.zarr", views=2, batch_size=8, num_workers=0
-    )
-    gather_teacher_cache([d / "shard.zarr"], d / "cache.zarr")
-    return d / "store.zarr", d / "cache.zarr"
+def data(demo_store, demo_cache):
+    return demo_store, demo_cache
 
 
 def test_sampler_is_deterministic_and_resumable():

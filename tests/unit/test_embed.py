@@ -1,7 +1,3 @@
-import os
-import subprocess
-import sys
-
 import h5py
 import numpy as np
 import pytest
@@ -14,19 +10,16 @@ from histodistill.errors import HistodistillError
 from histodistill.export import export_h5, export_plismbench
 from histodistill.models import load_model
 from histodistill.models.transforms import ModelTransform
-from histodistill.tilestore import TileStore, pack_tiles
-from histodistill.tiling import TilingConfig, tile_slide
+from histodistill.tilestore import TileStore
 from tests.conftest import SMALL
+from tests.helpers import make_tile_store, run_killed
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, demo_slide):
     d = tmp_path_factory.mktemp("embed")
     other = make_demo_slide(d / "other.tiff", seed=21, spec=SMALL)
-    tile_slide(demo_slide, "a", d / "a.parquet", TilingConfig(min_tissue=0.0))
-    tile_slide(other, "b", d / "b.parquet", TilingConfig(min_tissue=0.0))
-    pack_tiles([d / "a.parquet", d / "b.parquet"], d / "store.zarr", chunk_tiles=8)
-    return d / "store.zarr"
+    return make_tile_store(d, {"a": demo_slide, "b": other})
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +59,7 @@ def test_kill_midway_then_resume_equals_uninterrupted(tmp_path, store, embedded)
         f"extract_embeddings('h0_mini_tiny', r'{store}', r'{out}', pooling='cls_mean', batch_size=4, "
         "num_workers=0, chunk_batches=2)"
     )
-    env = {**os.environ, "HISTODISTILL_KILL_AFTER_CHUNKS": "2"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-    )
+    result = run_killed(code, after_chunks=2)
     assert result.returncode == -9, result.stderr  # SIGKILL, as a scheduler would
     assert not out.exists()
     partial = zarr.open_group(tmp_path / "killed.zarr.partial", mode="r")

@@ -1,7 +1,3 @@
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -17,44 +13,22 @@ from histodistill.teacher_cache import (
     pool_patches,
     shard_range,
 )
-from histodistill.tilestore import TileStore, pack_tiles
-from histodistill.tiling import TilingConfig, tile_slide
-
-TEACHER = "h_optimus_0_tiny"
+from histodistill.tilestore import TileStore
+from tests.helpers import TEACHER, run_killed
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, demo_slide):
-    d = tmp_path_factory.mktemp("tc")
-    tile_slide(demo_slide, "a", d / "a.parquet", TilingConfig(min_tissue=0.0))
-    pack_tiles([d / "a.parquet"], d / "store.zarr", chunk_tiles=8)
-    return d / "store.zarr"
-
-
-@pytest.fixture(scope="module")
-def cache(store):
-    d = store.parent
-    shards = [d / f"shard-{k}.zarr" for k in range(2)]
-    for k, path in enumerate(shards):
-        cache_teacher(
-            TEACHER, store, path, views=2, shard=k, num_shards=2, batch_size=4, num_workers=0, chunk_batches=1
-        )
-    gather_teacher_cache(shards, d / "cache.zarr")
-    return d / "cache.zarr"
-
-
-def test_views_rebuilt_from_stored_params_are_bitwise_what_the_teacher_saw(store, cache):
+def test_views_rebuilt_from_stored_params_are_bitwise_what_the_teacher_saw(demo_store, demo_cache):
     """The digests were computed in the DataLoader process that fed the teacher; we rebuild here."""
-    tc, tiles = TeacherCache(cache), TileStore(store)
+    tc, tiles = TeacherCache(demo_cache), TileStore(demo_store)
     for row in range(len(tc)):
         entry = tc.get(row)
         rebuilt = [view_digest(render(tiles[row], p)) for p in entry["params"]]
         assert rebuilt == entry["view_digest"].tolist()
 
 
-def test_cached_outputs_equal_a_fresh_forward_on_the_rebuilt_view(store, cache):
+def test_cached_outputs_equal_a_fresh_forward_on_the_rebuilt_view(demo_store, demo_cache):
     """Tolerance: fp16 storage, |Δ| ≤ 2e-3 + 2e-3·|x| (fp16 has 11 bits of mantissa)."""
-    tc, tiles = TeacherCache(cache), TileStore(store)
+    tc, tiles = TeacherCache(demo_cache), TileStore(demo_store)
     teacher = load_model(TEACHER)
     mean, std = teacher.spec.transform.mean, teacher.spec.transform.std
     for row in (0, len(tc) // 2, len(tc) - 1):
@@ -70,9 +44,9 @@ def test_cached_outputs_equal_a_fresh_forward_on_the_rebuilt_view(store, cache):
         )
 
 
-def test_manifest_and_sizes(store, cache):
-    tc = TeacherCache(cache)
-    n = len(TileStore(store))
+def test_manifest_and_sizes(demo_store, demo_cache):
+    tc = TeacherCache(demo_cache)
+    n = len(TileStore(demo_store))
     assert len(tc) == n and tc.attrs["rows"] == [[0, n // 2], [n // 2, n]]
     assert tc.get(n - 1)["patch"].shape == (2, 256, 64)
     assert tc.attrs["bytes_per_tile_raw"] == 2 * (64 + 256 * 64) * 2 + 2 * 17 * 8
@@ -85,17 +59,17 @@ def test_shards_cover_the_store():
         shard_range(10, 3, 3)
 
 
-def test_gather_rejects_gaps(store, cache):
+def test_gather_rejects_gaps(demo_store, demo_cache):
     with pytest.raises(HistodistillError, match="do not tile"):
-        gather_teacher_cache([store.parent / "shard-1.zarr"], store.parent / "bad.zarr")
+        gather_teacher_cache([demo_store.parent / "shard-1.zarr"], demo_store.parent / "bad.zarr")
 
 
-def test_pool2_and_no_patch_modes(tmp_path, store):
+def test_pool2_and_no_patch_modes(tmp_path, demo_store):
     cache_teacher(
-        TEACHER, store, tmp_path / "p.zarr", views=1, patch_tokens="pool2", batch_size=8, num_workers=0
+        TEACHER, demo_store, tmp_path / "p.zarr", views=1, patch_tokens="pool2", batch_size=8, num_workers=0
     )
     cache_teacher(
-        TEACHER, store, tmp_path / "n.zarr", views=1, patch_tokens="none", batch_size=8, num_workers=0
+        TEACHER, demo_store, tmp_path / "n.zarr", views=1, patch_tokens="none", batch_size=8, num_workers=0
     )
     assert zarr.open_group(tmp_path / "p.zarr", mode="r")["patch"].shape[2] == 64
     assert "patch" not in zarr.open_group(tmp_path / "n.zarr", mode="r")
@@ -103,22 +77,19 @@ def test_pool2_and_no_patch_modes(tmp_path, store):
     assert pool_patches(x).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, store, cache):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, demo_store, demo_cache):
     out = tmp_path / "shard-0.zarr"
     code = (
         "from histodistill.teacher_cache import cache_teacher; "
-        f"cache_teacher('{TEACHER}', r'{store}', r'{out}', views=2, shard=0, num_shards=2, batch_size=4, "
+        f"cache_teacher('{TEACHER}', r'{demo_store}', r'{out}', views=2, shard=0, num_shards=2, batch_size=4, "
         "num_workers=0, chunk_batches=1)"
     )
-    env = {**os.environ, "HISTODISTILL_KILL_AFTER_CHUNKS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-    )
+    result = run_killed(code, after_chunks=1)
     assert result.returncode == -9 and not out.exists()
     cache_teacher(
-        TEACHER, store, out, views=2, shard=0, num_shards=2, batch_size=4, num_workers=0, chunk_batches=1
+        TEACHER, demo_store, out, views=2, shard=0, num_shards=2, batch_size=4, num_workers=0, chunk_batches=1
     )
-    reference = zarr.open_group(store.parent / "shard-0.zarr", mode="r")
+    reference = zarr.open_group(demo_store.parent / "shard-0.zarr", mode="r")
     resumed = zarr.open_group(out, mode="r")
     for name in ("params", "view_digest", "cls", "patch"):
         np.testing.assert_array_equal(resumed[name][:], reference[name][:])

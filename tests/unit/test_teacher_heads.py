@@ -22,9 +22,9 @@ from histodistill.distill.teacher_heads import (
 )
 from histodistill.distill.trainer import DistillConfig
 from histodistill.errors import HistodistillError
-from histodistill.teacher_cache import TeacherCache, cache_teacher, gather_teacher_cache
-from histodistill.tilestore import pack_tiles
-from histodistill.tiling import TilingConfig, tile_slide
+from histodistill.teacher_cache import TeacherCache
+from histodistill.tiling import TilingConfig
+from tests.helpers import make_teacher_cache, make_tile_store
 
 K = 64
 SMALL = HeadsConfig(
@@ -46,21 +46,9 @@ SMALL = HeadsConfig(
 def cache(tmp_path_factory, demo_slide):
     """54 tiles (224 px at 0.25 µm/px) of the demo slide, 2 views each, through the tiny H-Optimus-0 twin."""
     d = tmp_path_factory.mktemp("heads")
-    tile_slide(demo_slide, "a", d / "a.parquet", TilingConfig(mpp=0.25, min_tissue=0.0))
-    pack_tiles([d / "a.parquet"], d / "store.zarr", chunk_tiles=16)
-    for k in range(2):  # two shards, so windows cross a shard boundary
-        cache_teacher(
-            "h_optimus_0_tiny",
-            d / "store.zarr",
-            d / f"s{k}.zarr",
-            2,
-            shard=k,
-            num_shards=2,
-            batch_size=16,
-            num_workers=0,
-        )
-    gather_teacher_cache([d / "s0.zarr", d / "s1.zarr"], d / "cache.zarr")
-    return d / "cache.zarr"
+    store = make_tile_store(d, {"a": demo_slide}, TilingConfig(mpp=0.25, min_tissue=0.0), chunk_tiles=16)
+    # two shards, so windows cross a shard boundary
+    return make_teacher_cache(store, d, num_shards=2, batch_size=16)
 
 
 def test_batches_are_deterministic_windows_with_sampled_patches(cache):
