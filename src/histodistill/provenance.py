@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -63,11 +64,14 @@ def write_parquet(frame, out, metadata: dict[str, Any], schema=None) -> None:
         pq.write_table(table, tmp)
 
 
-def read_parquet(path, what: str, error: type[Exception]) -> tuple[Any, dict[str, Any]]:
+def read_parquet(
+    path, what: str, error: type[Exception], *, required: bool = True
+) -> tuple[Any, dict[str, Any] | None]:
     """A frame written by `write_parquet` (pandas.DataFrame) and its metadata (the JSON under META_KEY).
 
-    Raises `error` naming `what` and the path when the file cannot be read as Parquet or carries no
-    histodistill metadata.
+    Raises `error` naming `what` and the path when the file cannot be read as Parquet, or (with `required`)
+    carries no histodistill metadata. Without `required`, missing or unreadable metadata gives None (with a
+    warning when it is unreadable): for files other tools wrote.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -78,5 +82,13 @@ def read_parquet(path, what: str, error: type[Exception]) -> tuple[Any, dict[str
         raise error(f"cannot read {what} {path}: {exc}") from exc
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
+        if not required:
+            return table.to_pandas(), None
         raise error(f"{path} is not a histodistill {what} (no '{META_KEY.decode()}' metadata)")
-    return table.to_pandas(), json.loads(raw)
+    try:
+        return table.to_pandas(), json.loads(raw)
+    except ValueError as exc:
+        if required:
+            raise error(f"{what} {path}: unreadable '{META_KEY.decode()}' metadata ({exc})") from exc
+        logging.getLogger(__name__).warning("%s %s has unreadable provenance metadata", what, path)
+        return table.to_pandas(), None

@@ -23,15 +23,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from histodistill import __version__
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
 from histodistill.bench.plism import N_BOOT
 from histodistill.bench.registry import Benchmark, Figure, benchmarks
-from histodistill.provenance import META_KEY, config_hash, library_versions, provenance, write_parquet
+from histodistill.provenance import config_hash, library_versions, provenance, read_parquet, write_parquet
 from histodistill.report import figures
 from histodistill.report import html as page
 from histodistill.report.model_card import FLOP_CONVENTION, count_flops, model_profile
@@ -94,18 +92,7 @@ def read_tidy(path: str | os.PathLike, benchmark: str, model: str) -> tuple[pd.D
     bench = _benchmark(benchmark)
     if not path.is_file():
         raise ReportError(f"{who}: {path} does not exist (run the {bench.rule} rule first)")
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ReportError(f"{who}: cannot read {path} as Parquet ({exc})") from exc
-    prov = None
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    if raw is not None:
-        try:
-            prov = json.loads(raw)
-        except ValueError:
-            log.warning("%s: %s has unreadable provenance metadata", who, path)
-    frame = table.to_pandas()
+    frame, prov = read_parquet(path, who, ReportError, required=False)
     if missing := bench.columns - set(frame.columns):
         raise ReportError(f"{who}: {path} lacks column(s) {sorted(missing)}; is it a {benchmark} score file?")
     return frame, prov
