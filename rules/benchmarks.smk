@@ -236,6 +236,7 @@ rule report:
         models=bench_models(),
         students={name: run.get("student") for name, run in config["distill"]["runs"].items()},
         n_boot=BENCH["plism"]["n_boot"],
+        skipped_slides=SKIPPED_SLIDES,
         config=config,
     log:
         "logs/report.log",

@@ -4,13 +4,19 @@
 import gc
 from pathlib import Path
 
-from histodistill.config import read_sample_sheet
+from histodistill.config import check_slide_files, read_sample_sheet
 from histodistill.matched_tiles import read_manifest
 from histodistill.models.ref import ModelRef
 from histodistill.slides import parse_mpp
 
 RESULTS = config["results_dir"]
-SAMPLES = read_sample_sheet(config["samples"])
+# Every slide file must exist when the workflow loads (the demo's are rendered by demo_slide), whatever the
+# target: `on_missing_slide: skip` leaves missing ones out with a warning, and the report lists them.
+SAMPLES, SKIPPED_SLIDES = check_slide_files(
+    read_sample_sheet(config["samples"]),
+    config["demo"]["slides_dir"] if config["demo"]["enabled"] else None,
+    config["on_missing_slide"],
+)
 COHORTS = sorted(SAMPLES["cohort"].unique())
 
 # Plain-dict views of the sheet for the per-job lookups (a 10,000-slide sheet means tens of thousands of

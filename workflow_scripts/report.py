@@ -16,4 +16,5 @@ report.run(
     students=p.students,
     config=p.config,
     n_boot=p.n_boot,
+    skipped_slides=p.skipped_slides,
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import yaml
 
 from histodistill.errors import ConfigError
 from histodistill.slides import parse_mpp
+
+log = logging.getLogger(__name__)
 
 SCHEMA_RESOURCE = "schema.yaml"  # package data of `histodistill` (pyproject: tool.setuptools.package-data)
 SAMPLE_COLUMNS = ("slide_id", "path", "cohort")
@@ -123,6 +126,42 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
         )
     sheet["mpp"] = mpp_column(sheet, f"sample sheet {path}")
     return sheet.set_index("slide_id", drop=False)
+
+
+MISSING_SLIDE_ACTIONS = ("error", "skip")
+
+
+def check_slide_files(
+    sheet: pd.DataFrame, made_here: str | Path | None = None, on_missing: str = "error"
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The sheet's rows whose slide file exists, and the rows left out (`slide_id`, `path`).
+
+    A slide under `made_here` (the folder the workflow renders its demo slides into) need not exist yet.
+    `on_missing="error"` raises ConfigError naming every missing slide id and path and the switch that
+    skips them; `"skip"` drops those rows with a warning and returns them, so the report can list them.
+    A slide file is looked up when the workflow loads, for every target: a sheet row must never be dropped
+    silently because other results already exist.
+    """
+    if on_missing not in MISSING_SLIDE_ACTIONS:
+        raise ConfigError(f"on_missing_slide must be one of {MISSING_SLIDE_ACTIONS}, not {on_missing!r}")
+    prefix = None if made_here is None else str(Path(made_here)) + "/"
+    absent = [
+        {"slide_id": str(s), "path": str(p)}
+        for s, p in zip(sheet["slide_id"], sheet["path"], strict=True)
+        if not (prefix and str(p).startswith(prefix)) and not Path(p).exists()
+    ]
+    if not absent:
+        return sheet, []
+    listed = "; ".join(f"{a['slide_id']}: {a['path']}" for a in absent[:20])
+    more = f" (and {len(absent) - 20} more)" if len(absent) > 20 else ""
+    if on_missing == "error":
+        raise ConfigError(
+            f"{len(absent)} slide file(s) of the sample sheet do not exist: {listed}{more}. Fix the paths, "
+            "or set `on_missing_slide: skip` to leave them out (they are listed in the report)"
+        )
+    log.warning("skipping %d slide(s) whose file does not exist: %s%s", len(absent), listed, more)
+    keep = ~sheet["slide_id"].isin([a["slide_id"] for a in absent])
+    return sheet[keep], absent
 
 
 def mpp_column(sheet: pd.DataFrame, where: str) -> pd.Series:

@@ -118,3 +118,55 @@ def test_distill_run_keys_are_exactly_the_trainer_settings():
     }
     with pytest.raises(ConfigError, match=r"unknown config key 'distill\.runs\.r1\.learning_rate'"):
         validate_config({"samples": "s", "distill": {"runs": {"r1": {"cohort": "c", "learning_rate": 1}}}})
+
+
+def _slide_sheet(tmp_path, rows):
+    path = tmp_path / "samples.tsv"
+    path.write_text("slide_id\tpath\tcohort\n" + "".join(f"{s}\t{p}\tc\n" for s, p in rows))
+    return read_sample_sheet(path)
+
+
+def test_a_missing_slide_file_is_an_error_naming_slide_and_path(tmp_path):
+    from histodistill.config import check_slide_files
+
+    (tmp_path / "here.tiff").write_bytes(b"")
+    sheet = _slide_sheet(tmp_path, [("here", tmp_path / "here.tiff"), ("gone", tmp_path / "gone.svs")])
+    with pytest.raises(
+        ConfigError, match=rf"1 slide file\(s\).*gone: {tmp_path}/gone.svs.*on_missing_slide: skip"
+    ):
+        check_slide_files(sheet)
+    kept, skipped = check_slide_files(sheet, on_missing="skip")
+    assert list(kept["slide_id"]) == ["here"]
+    assert skipped == [{"slide_id": "gone", "path": str(tmp_path / "gone.svs")}]
+
+
+def test_slides_the_workflow_renders_need_not_exist_yet(tmp_path):
+    from histodistill.config import check_slide_files
+
+    demo = tmp_path / "demo" / "slides"
+    sheet = _slide_sheet(tmp_path, [("d0", demo / "d0.tiff")])
+    kept, skipped = check_slide_files(sheet, made_here=demo)
+    assert list(kept["slide_id"]) == ["d0"] and skipped == []
+    with pytest.raises(ConfigError, match="d0"):
+        check_slide_files(sheet, made_here=tmp_path / "elsewhere")
+
+
+def test_every_target_stops_at_load_on_a_missing_slide(tmp_path):
+    """Even `report` alone (once results exist a target could otherwise plan only the report)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "samples.tsv").write_text(f"slide_id\tpath\tcohort\ngone\t{tmp_path}/gone.svs\tc\n")
+    (tmp_path / "config.yaml").write_text(f"samples: {tmp_path}/samples.tsv\n")
+    for target in ("all_tiles", "all_benchmarks"):
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
+        run = subprocess.run(
+            [*cmd, "--configfile", str(tmp_path / "config.yaml"), "--replace-workflow-config", target],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode != 0
+        assert f"gone: {tmp_path}/gone.svs" in run.stdout + run.stderr

@@ -165,6 +165,7 @@ SOURCES: dict[str, tuple] = {
 
 # Schema defaults with no library counterpart: switches, paths and selections of the pipeline itself.
 PIPELINE_ONLY = {
+    "on_missing_slide": "the workflow's check of the sample sheet (config.check_slide_files, default error)",
     "benchmarks.plism.unmatched": "the pipeline scores the unmatched cosine; the library's default stays plismbench's metric set",
     "results_dir": "the workflow's output folder; the library takes explicit paths",
     "seed": "the run's seed; each rule passes it (or one derived from it) to the library",

@@ -402,3 +402,15 @@ def test_a_collapsed_model_is_flagged_and_never_bold(tmp_path):
     cells = {m: re.findall(r"<td( class=\"best\")?>", row) for m, row in rows.items()}
     assert "best" not in " ".join(cells["collapsed"])  # never bold, in any column
     assert cells["good"][column] == ' class="best"'  # the best cosine among the unflagged models
+
+
+def test_skipped_slides_are_listed_on_the_page_and_in_the_provenance(tmp_path):
+    path = tmp_path / "a.parquet"
+    write_tidy(hest_rows({"t1": [0.3, 0.4]}), path)
+    skipped = [{"slide_id": "gone", "path": "/data/gone.svs"}]
+    build_report({"hest": {ALPHA: path}}, tmp_path / "report", skipped_slides=skipped)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "1 slide(s) of the sample sheet were skipped" in page
+    assert find_table(page, "slide").set_index("slide").loc["gone", "path"] == "/data/gone.svs"
+    board = pq.read_table(tmp_path / "report" / "leaderboard.parquet")
+    assert json.loads(board.schema.metadata[b"histodistill"])["params"]["skipped_slides"] == skipped

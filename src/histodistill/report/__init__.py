@@ -16,7 +16,7 @@ import datetime as dt
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -236,7 +236,11 @@ def _size_section(board: pd.DataFrame, models: Mapping[str, Mapping[str, Any]] |
 
 
 def _provenance_block(
-    config: Mapping[str, Any] | None, inputs: list[dict[str, Any]], run_hash: str | None, created: str
+    config: Mapping[str, Any] | None,
+    inputs: list[dict[str, Any]],
+    run_hash: str | None,
+    created: str,
+    skipped_slides: Sequence[Mapping[str, str]] = (),
 ) -> str:
     versions = {**library_versions(), **_versions("pandas", "matplotlib", "scikit-learn")}
     items: list[tuple[str, Any]] = [
@@ -249,7 +253,14 @@ def _provenance_block(
         found, value = _lookup(config or {}, key)
         if found:
             items.append((f"config: {key}", value))
-    body = page.key_values(items)
+    body = ""
+    if skipped_slides:
+        body += page.note(
+            f"{len(skipped_slides)} slide(s) of the sample sheet were skipped: their file does not exist "
+            "(on_missing_slide: skip)."
+        )
+        body += page.table(["slide", "path"], [[s["slide_id"], s["path"]] for s in skipped_slides], n_keys=2)
+    body += page.key_values(items)
     if inputs:
         rows = [
             [
@@ -309,8 +320,12 @@ def build_report(
     config: dict | None = None,
     title: str = "histodistill benchmarks",
     n_boot: int = N_BOOT,
+    skipped_slides: Sequence[Mapping[str, str]] = (),
 ) -> pd.DataFrame:
     """Write `out_dir/leaderboard.parquet`, `out_dir/figures/*.png` and `out_dir/index.html`; return the board.
+
+    `skipped_slides` (`slide_id`, `path`): sample-sheet slides left out because their file was missing
+    (`on_missing_slide: skip`); the page lists them first, so no result hides a missing slide.
 
     `scores[benchmark][model]` is that model's tidy score file; `models[model]` holds params_m, gflops,
     tiles_per_s and device (see `model_profile`); `config` is the run's config, hashed into the provenance;
@@ -346,6 +361,7 @@ def build_report(
         "models": models or {},
         "n_boot": n_boot,
         "boot_seed": BOOT_SEED,
+        "skipped_slides": list(skipped_slides),
     }
     meta = provenance(params, artifact="leaderboard", created=created)
     write_parquet(board, out_dir / "leaderboard.parquet", meta)
@@ -361,7 +377,9 @@ def build_report(
         "numbers say its embeddings cannot tell inputs apart (e.g. PLISM: different tiles embedded almost "
         "alike); its numbers are shown but never bold."
     )
-    sections = [("provenance", "Run provenance", _provenance_block(config, inputs, run_hash, created))]
+    sections = [
+        ("provenance", "Run provenance", _provenance_block(config, inputs, run_hash, created, skipped_slides))
+    ]
     sections.append(("leaderboard", "Leaderboard", lead))
     for name, bench in known.items():
         if name in summaries:
@@ -384,6 +402,7 @@ def run(
     students: Mapping[str, str | None] | None = None,
     config: dict | None = None,
     n_boot: int = N_BOOT,
+    skipped_slides: Sequence[Mapping[str, str]] = (),
 ) -> pd.DataFrame:
     """The report of a workflow run: `build_report` with each model's size and measured throughput.
 
@@ -417,4 +436,6 @@ def run(
             "tiles_per_s": attrs.get("tiles_per_s"),
             "device": attrs.get("throughput_device"),
         }
-    return build_report(scores, out_dir, models=profiles, config=config, n_boot=n_boot)
+    return build_report(
+        scores, out_dir, models=profiles, config=config, n_boot=n_boot, skipped_slides=skipped_slides
+    )
