@@ -26,6 +26,9 @@ rule train_teacher_heads:
         "../workflow_scripts/train_teacher_heads.py"
 
 
+# students/{run}/checkpoint.pt is not an output: Snakemake deletes a failed job's outputs before its retry,
+# and a run preempted with exit 75 resumes from it. The trainer binds it to this rule's inputs (tile store,
+# teacher cache, heads, weights, settings) and never resumes one trained on others; a finished run removes it.
 rule distill:
     input:
         tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",

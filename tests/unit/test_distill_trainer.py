@@ -19,6 +19,8 @@ from histodistill.distill.objectives import OBJECTIVES, Objective, StepState
 from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, dist_env, linear_cka
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
+from histodistill.tiling import TilingConfig
+from tests.helpers import make_teacher_cache, make_tile_store
 
 MONITORS = [f"{h}_{m}" for h in ("dino", "ibot") for m in ("entropy", "eff_prototypes", "kl")]
 CFG = DistillConfig(
@@ -315,3 +317,84 @@ def test_collapse_floor_stops_the_run_naming_it_and_the_figure(tmp_path, data):
         Trainer(cfg, store, cache, tmp_path / "demo").fit()
     assert len(pd.read_parquet(tmp_path / "demo" / "train_log.parquet")) == 3
     assert (tmp_path / "demo" / "loss.png").is_file()
+
+
+def _student(path):
+    return load_model("student:x", weights=path / "student.safetensors").model.state_dict()
+
+
+def test_a_checkpoint_of_other_tiles_is_not_resumed_after_an_upstream_change(
+    tmp_path, data, demo_slide, caplog
+):
+    """Issue 20.1: an interrupted run on one tile store, then a rerun on the store an upstream tiling change
+    made (same out_dir): it starts over, and its student equals a fresh run's on the new store and differs
+    from the student of the old one."""
+    store, cache = data
+    other_store = make_tile_store(
+        tmp_path / "other", {"a": demo_slide}, TilingConfig(min_tissue=0.0, mpp=0.6)
+    )
+    other_cache = make_teacher_cache(other_store, tmp_path / "other", batch_size=4, chunk_batches=1)
+    cfg = replace(CFG, iterations=6)
+    assert Trainer(cfg, store, cache, tmp_path / "run").fit(stop_after=3) == {"stopped_at": 3}
+    rerun = Trainer(cfg, other_store, other_cache, tmp_path / "run")
+    assert rerun.stale_inputs(torch.load(rerun.checkpoint_path, weights_only=True)) == [
+        "tiles",
+        "teacher_cache",
+    ]
+    with caplog.at_level("INFO", logger="histodistill.distill.trainer"):
+        rerun.fit()
+    assert "other inputs (tiles, teacher_cache changed): starting over at iteration 0" in caplog.text
+    assert "resumed" not in caplog.text
+    assert not rerun.checkpoint_path.exists()  # a finished run leaves no checkpoint behind
+    Trainer(cfg, other_store, other_cache, tmp_path / "fresh").fit()
+    Trainer(cfg, store, cache, tmp_path / "old").fit()
+    rerun_w, fresh_w, old_w = (_student(tmp_path / d) for d in ("run", "fresh", "old"))
+    assert all(torch.equal(rerun_w[k], fresh_w[k]) for k in fresh_w)
+    assert not all(torch.equal(rerun_w[k], old_w[k]) for k in old_w)
+    a = pd.read_parquet(tmp_path / "run" / "train_log.parquet")
+    b = pd.read_parquet(tmp_path / "fresh" / "train_log.parquet")
+    assert a["iteration"].tolist() == list(range(cfg.iterations))
+    np.testing.assert_array_equal(a["loss_total"].to_numpy(), b["loss_total"].to_numpy())
+
+
+def test_changed_heads_weights_or_settings_are_detected(tmp_path, data, caplog):
+    """Each recorded input is compared: another heads file's or weights file's content (same path), other
+    settings, and a checkpoint that records no inputs at all (written before the binding)."""
+    from safetensors.torch import save_file
+
+    from histodistill.distill.objectives import build_teacher_heads
+
+    store, cache = data
+    heads = tmp_path / "heads.safetensors"
+    frozen = build_teacher_heads(CFG, 64).state_dict()
+    save_file({k: v.contiguous() for k, v in frozen.items()}, str(heads))
+    cfg = replace(CFG, teacher_heads=str(heads), iterations=4)
+    trainer = Trainer(cfg, store, cache, tmp_path / "run")
+    assert trainer.fit(stop_after=2) == {"stopped_at": 2}
+    state = torch.load(trainer.checkpoint_path, weights_only=True)
+    assert set(state["inputs"]) == {"tiles", "teacher_cache", "teacher_heads", "teacher_weights", "settings"}
+    assert state["inputs"]["teacher_heads"].startswith("sha256:")
+    assert Trainer(cfg, store, cache, tmp_path / "run").stale_inputs(state) == []
+
+    save_file({k: (v + 1).contiguous() for k, v in frozen.items()}, str(heads))  # same path, new content
+    assert Trainer(cfg, store, cache, tmp_path / "run").stale_inputs(state) == ["teacher_heads"]
+
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"one")
+    state["inputs"] = Trainer(replace(cfg, teacher_weights=str(weights)), store, cache, tmp_path / "w").inputs
+    weights.write_bytes(b"two")
+    stale = Trainer(replace(cfg, teacher_weights=str(weights)), store, cache, tmp_path / "w").stale_inputs(
+        state
+    )
+    assert stale == ["teacher_weights"]
+
+    assert Trainer(replace(cfg, lr=1e-3), store, cache, tmp_path / "run").stale_inputs(
+        torch.load(trainer.checkpoint_path, weights_only=True)
+    ) == ["teacher_heads", "settings"]
+    no_inputs = torch.load(trainer.checkpoint_path, weights_only=True)
+    del no_inputs["inputs"]
+    torch.save(no_inputs, trainer.checkpoint_path)
+    resumed = Trainer(cfg, store, cache, tmp_path / "run")
+    with caplog.at_level("WARNING", logger="histodistill.distill.trainer"):
+        assert resumed.maybe_resume() is False
+    assert resumed.iteration == 0 and "starting over at iteration 0" in caplog.text

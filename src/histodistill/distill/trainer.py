@@ -8,6 +8,15 @@ Single process or DDP (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE, read first; the
 one process). Checkpoints are written atomically every `checkpoint_every` iterations and on SIGUSR1/SIGTERM
 (then the process exits with EXIT_REQUEUE so the scheduler or Snakemake's retries restart it); a restart
 resumes from the last checkpoint and replays exactly the batches an uninterrupted run would have seen.
+
+A checkpoint is bound to its inputs (`input_digests`): the tile store's and the teacher cache's provenance
+hashes, the teacher heads' and teacher weights' sha256, and the settings. A resume with any difference
+starts over and logs which input changed; a checkpoint is never loaded in part. `checkpoint.pt` is not a
+declared output of the workflow's `distill` rule on purpose: Snakemake deletes a failed job's outputs
+before its retry, and a run preempted with EXIT_REQUEUE must find its checkpoint to resume. The binding
+makes a checkpoint left behind (by a crash, or next to outputs `--delete-all-output` removed) harmless,
+and a run that finishes removes its checkpoint once its declared outputs are written, so a completed run
+leaves nothing the workflow does not know about.
 """
 
 from __future__ import annotations
@@ -40,14 +49,15 @@ from histodistill.distill.objectives import StepState, StudentTokens, TeacherTok
 from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
 from histodistill.models import get_spec, load_model, save_student
-from histodistill.models.registry import build_model
-from histodistill.provenance import provenance
+from histodistill.models.registry import build_model, file_digest
+from histodistill.provenance import config_hash, provenance
 from histodistill.teacher_cache import TeacherCache, pool_patches
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = REQUEUE_EXIT_CODE  # checkpointed on a signal, run me again (see distill/launch.py)
 # 2: the objective's heads and centres under "objective", the backbone under "backbone" (1: "model",
 # "teacher_heads", "centers"; not loadable)
+# (a format-2 checkpoint without "inputs", the digests of what it consumed, is stale: never resumed)
 CHECKPOINT_FORMAT = 2
 
 
@@ -97,6 +107,47 @@ class DistillConfig:
     # stop when an effective prototype count (exp H(mean target)) stays below the floor this many iterations
     collapse_floor: float = 4.0
     collapse_patience: int = 200
+
+
+def _store_digest(tiles: str | Path) -> str:
+    """The tile store's content identity: its pack settings' provenance hash, each slide's tile-table
+    provenance hash (the tiling settings: `min_tissue`, `mpp`, …), the slide ids and the tile count."""
+    from histodistill.tilestore import TileStore
+
+    attrs = TileStore(tiles).attrs
+    return config_hash(
+        {
+            "store": attrs["provenance"]["config_hash"],
+            "slides": [[s["slide_id"], s.get("table_config_hash")] for s in attrs["slides"]],
+            "n_tiles": attrs.get("n_tiles"),
+        }
+    )
+
+
+def _cache_digest(cache: TeacherCache) -> str:
+    """The teacher cache's content identity: each shard's provenance hash (teacher and its weights digest,
+    views, augmentation, seed, precision, the tile store's hash, the shard) and the rows it covers."""
+    shards = [dict(s.attrs)["provenance"]["config_hash"] for s in cache.shards]
+    return config_hash({"shards": shards, "rows": cache.attrs["rows"], "n_tiles": cache.attrs["n_tiles"]})
+
+
+def input_digests(cfg: DistillConfig, tiles: str | Path, cache: TeacherCache) -> dict[str, str]:
+    """The digests of everything a run consumes, which a checkpoint records and a resume compares.
+
+    `tiles`/`teacher_cache`: provenance hashes of the Zarr stores (their attrs: cheap, and they change
+    whenever an upstream setting does); `teacher_heads`, `teacher_weights`: the sha256 of the files (read
+    in full once per start: a weights file of a few GB takes seconds), "frozen"/"none" when there is none;
+    `settings`: the hash of the distillation settings. Raises KeyError for a store or cache without
+    provenance attrs (not written by this pipeline) and OSError for a heads or weights file that cannot be
+    read."""
+    heads = cfg.teacher_heads
+    return {
+        "tiles": _store_digest(tiles),
+        "teacher_cache": _cache_digest(cache),
+        "teacher_heads": heads if heads == "frozen" else file_digest(heads),
+        "teacher_weights": file_digest(cfg.teacher_weights) if cfg.teacher_weights else "none",
+        "settings": config_hash(asdict(cfg)),
+    }
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -220,6 +271,7 @@ class Trainer:
         )
         if cfg.teacher_heads not in ("frozen",):
             _check_heads_teacher(cfg.teacher_heads, cache.attrs["teacher"])
+        self.inputs = input_digests(cfg, self.tiles, cache)  # what a checkpoint is bound to
         # the student with its heads only: the objective's teacher-side heads are frozen
         self.optimizer = torch.optim.AdamW(param_groups([self.model]), lr=0.0, betas=(0.9, 0.999))
         self.guard = CollapseGuard(
@@ -251,6 +303,7 @@ class Trainer:
             "agreement_before": self.agreement_before,
             "collapse_guard": self.guard.state_dict(),
             "config": json.dumps(asdict(self.cfg), sort_keys=True),
+            "inputs": self.inputs,
         }
 
     def save_checkpoint(self) -> None:
@@ -261,10 +314,18 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def stale_inputs(self, state: dict) -> list[str]:
+        """The inputs (keys of `self.inputs`) a checkpoint's state was not trained on; all of them for a
+        checkpoint that records none (written before checkpoints were bound to their inputs)."""
+        recorded = state.get("inputs") or {}
+        return [key for key, digest in self.inputs.items() if recorded.get(key) != digest]
+
     def maybe_resume(self) -> bool:
-        """Load `checkpoint.pt` if there is one written with the same settings (True), else start over
-        (False, with a warning). HistodistillError for a checkpoint of another format (e.g. one written
-        before objectives were plug-ins): it cannot be resumed exactly, so it is never loaded in part."""
+        """Load `checkpoint.pt` if there is one bound to the same inputs (True), else start over (False,
+        with a warning naming the inputs that changed: tiles, teacher cache, heads, weights, settings).
+
+        HistodistillError for a checkpoint of another format (e.g. one written before objectives were
+        plug-ins): it cannot be resumed exactly, so it is never loaded in part."""
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
@@ -274,8 +335,17 @@ class Trainer:
                 f"reads format {CHECKPOINT_FORMAT} (objective state under its own key): it cannot be "
                 "resumed; delete it to start over"
             )
-        if state["config"] != json.dumps(asdict(self.cfg), sort_keys=True):
-            log.warning("checkpoint %s was written with other settings: starting over", self.checkpoint_path)
+        stale = self.stale_inputs(state)
+        if state["config"] != json.dumps(asdict(self.cfg), sort_keys=True) and "settings" not in stale:
+            stale.append("settings")
+        if stale:
+            log.warning(
+                "checkpoint %s (iteration %s) was trained on other inputs (%s changed): starting over at "
+                "iteration 0",
+                self.checkpoint_path,
+                state.get("iteration"),
+                ", ".join(stale),
+            )
             return False
         self.model.backbone.load_state_dict(state["backbone"])
         self.objective.load_state_dict(state["objective"])
@@ -413,7 +483,9 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
-        """Train to `cfg.iterations` (or stop, checkpointed, after `stop_after` iterations: tests)."""
+        """Train to `cfg.iterations` (or stop, checkpointed, after `stop_after` iterations: tests) and
+        export; a finished run removes its checkpoint. Raises what `maybe_resume` and `export` raise, and
+        CollapseError when the collapse guard stops the run."""
         previous = {
             signal.SIGUSR1: signal.getsignal(signal.SIGUSR1),
             signal.SIGTERM: signal.getsignal(signal.SIGTERM),
@@ -427,8 +499,11 @@ class Trainer:
                 signal.signal(sig, handler)
         if stopped is not None:
             return stopped
-        self.save_checkpoint()
-        return self.export()
+        self.save_checkpoint()  # an export that fails is retried from here
+        summary = self.export()
+        if self.rank == 0:  # done: the declared outputs are written, nothing is left to resume
+            self.checkpoint_path.unlink(missing_ok=True)
+        return summary
 
     def _train(self, stop_after: int | None) -> dict | None:
         """fit's loop, under its signal handlers: {"stopped_at": k} when it stopped early, else None."""
