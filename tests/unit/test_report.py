@@ -402,6 +402,8 @@ def test_a_collapsed_model_is_flagged_and_never_bold(tmp_path):
     cells = {m: re.findall(r"<td( class=\"best\")?>", row) for m, row in rows.items()}
     assert "best" not in " ".join(cells["collapsed"])  # never bold, in any column
     assert cells["good"][column] == ' class="best"'  # the best cosine among the unflagged models
+    unmatched = header.index("PLISM cosine of different tiles (median, all)") - 1
+    assert all(c[unmatched] == "" for c in cells.values())  # a diagnostic (lower is better): never bold
 
 
 def test_skipped_slides_are_listed_on_the_page_and_in_the_provenance(tmp_path):

@@ -1001,6 +1001,7 @@ BENCHMARK = Benchmark(
     figures=_figures,
     section=_section,
     flags=_flags,
+    unranked=lambda column: column == "plism_cosine_unmatched_median",  # a diagnostic: lower is better
     labels={
         "plism_leaderboard": "PLISM leaderboard",
         "plism_cosine_median": "PLISM cosine (median, all)",

@@ -11,6 +11,8 @@ plus its `score_<name>` rule, which writes one tidy Parquet file per model
   this benchmark (each named `<name>_…`), one row per model in `models` order (NaN where a model has no
   number);
 - `labels`: the leaderboard column titles (a mapping, or a function of the column name);
+- `unranked(column)`: True for a leaderboard column that is not a score (higher is not better: a count, a
+  diagnostic such as PLISM's unmatched cosine), which the report never marks best;
 - `figures(summary, fig_dir, colors)`: its figures (PNG bytes, file name, caption), drawn with the report's
   model colors;
 - `section(summary, models, figures)`: the HTML of its report section;
@@ -58,6 +60,7 @@ class Benchmark:
     labels: Mapping[str, str] | Callable[[str], str] = field(default_factory=dict)
     model_rows: Callable[[pd.DataFrame, str, Path], pd.DataFrame] | None = None  # one model's rows of a file
     flags: Callable[[pd.DataFrame, Sequence[str]], dict[str, str]] | None = None
+    unranked: Callable[[str], bool] = field(default=lambda column: False)
 
     @property
     def rule(self) -> str:

@@ -368,7 +368,10 @@ def build_report(
 
     labels = _leaderboard_labels(board)
     shown = board.drop(columns=["gflops", "tiles_per_s", "device"])
-    higher_better = {c for c in shown.columns if c not in ("model", *MODEL_COLUMNS)}
+    unranked = {
+        c for name, b in known.items() for c in shown.columns if c.startswith(name + "_") and b.unranked(c)
+    }
+    higher_better = {c for c in shown.columns if c not in ("model", *MODEL_COLUMNS)} - unranked
     flagged = board.loc[board["status"] != "ok", "model"].tolist()
     lead = page.model_legend(colors) + page.leaderboard_table(shown, labels, higher_better, flagged)
     lead += page.note(

@@ -146,4 +146,5 @@ BENCHMARK = Benchmark(
     section=_section,
     labels=_label,
     model_rows=_model_rows,
+    unranked=lambda column: column.endswith("_n_train"),  # training-set sizes, not scores
 )
