@@ -47,9 +47,9 @@ if config["demo"]["enabled"] and config["demo"]["teacher"]["enabled"]:
                 "width_px": config["demo"]["width_px"],
                 "height_px": config["demo"]["height_px"],
                 "mpp": config["demo"]["mpp"],
-                "tile_px": config["tiling"]["tile_px"],
-                "tile_mpp": config["tiling"]["mpp"],
-                "min_tissue": config["tiling"]["min_tissue"],
+                # Crops at DemoTeacherConfig's tile scale (224 px at 0.5 µm/px, ≥ 50% tissue), not the
+                # run's `tiling.*`: the teacher stands in for a pretrained foundation model, which a
+                # change of the cohort's tiling must not retrain.
             },
         log:
             "logs/demo_teacher.log",

@@ -134,6 +134,7 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "pack_tiles": 1,
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
+        "train_teacher_heads": 1,  # learned on the teacher cache, which follows the tiles
         "distill": 1,
         # 4 models on the cohort, the student on the PLISM tiles and the mitosis patches, the 3 scored
         # models on the HEST task
@@ -161,6 +162,7 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
     assert jobs == {
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
+        "train_teacher_heads": 1,  # learned on the teacher cache
         "distill": 1,
         "embed": 4,  # the student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
         "export_embeddings": 4,
@@ -184,15 +186,19 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
     # the teacher's cache, the student distilled from it, both models' embeddings and scores; not the
     # random-init baseline (h0_mini_tiny), the tiles or the benchmark data
     scores = {"score_plism": 2, "score_hest": 2, "score_probe": 2, "score_mitosis": 2, "report": 1}
-    assert jobs == {
-        "demo_teacher": 1,
-        "cache_teacher_shard": 2,
-        "cache_teacher": 1,
-        "distill": 1,
-        "embed": 6,
-        **scores,
-        "all_benchmarks": 1,
-    }
+    assert (
+        jobs
+        == {
+            "demo_teacher": 1,
+            "cache_teacher_shard": 2,
+            "cache_teacher": 1,
+            "train_teacher_heads": 1,
+            "distill": 1,
+            "embed": 8,  # teacher and student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
+            **scores,
+            "all_benchmarks": 1,
+        }
+    )
 
 
 def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
@@ -317,8 +323,8 @@ def test_the_demo_teacher_is_trained_before_every_rule_that_loads_it(tmp_path):
     (teacher,) = [k for k, v in labels.items() if v == "demo_teacher"]
     children = sorted(labels[b] for a, b in edges if a == teacher)
     # the teacher cache shards, the distillation (online mode loads the teacher), the teacher's embeddings of
-    # the cohort, the PLISM tiles and the HEST task, and its mitosis scoring
-    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 3 + ["score_mitosis"]
+    # the cohort, the PLISM tiles, the HEST task and the mitosis patches, and its mitosis scoring (LoRA)
+    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 4 + ["score_mitosis"]
 
 
 def test_a_demo_teacher_needs_its_weights_path(tmp_path):
