@@ -5,6 +5,7 @@ import gc
 from pathlib import Path
 
 from histodistill.config import check_slide_files, read_sample_sheet
+from histodistill.ids import ID_REGEX
 from histodistill.matched_tiles import read_manifest
 from histodistill.models.ref import ModelRef
 from histodistill.slides import parse_mpp
@@ -33,10 +34,11 @@ if len(SAMPLES) >= 1000:
     gc.set_threshold(100_000, 50, 1000)
 
 
+# The ids' one validator (histodistill.ids): the sample sheet and the CLI accept exactly what these match.
 wildcard_constraints:
-    slide=r"[A-Za-z0-9._-]+",
-    cohort=r"[A-Za-z0-9._-]+",
-    dataset=r"[A-Za-z0-9._-]+",
+    slide=ID_REGEX,
+    cohort=ID_REGEX,
+    dataset=ID_REGEX,
     teacher=r"[A-Za-z0-9_.-]+",
     model=r"[A-Za-z0-9_.-]+",
     shard=r"\d+",

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 
 from histodistill.demo.slides import DemoSlideConfig, make_demo_cohort
 from histodistill.errors import HistodistillError
+from histodistill.ids import check_id, id_from_path
 from histodistill.registration import RegistrationConfig, register_to_grid
 from histodistill.tilestore import pack_tiles
 from histodistill.tiling import TilingConfig
@@ -83,7 +84,7 @@ def _tile(args: argparse.Namespace) -> None:
         mask_mpp=args.mask_mpp,
         on_no_tissue=args.on_no_tissue,
     )
-    slide_id = args.slide_id or Path(args.slide).stem
+    slide_id = check_id(args.slide_id, "--slide-id") if args.slide_id else id_from_path(args.slide)
     start = time.perf_counter()
     table = tile_slide(args.slide, slide_id, args.out, params, slide_mpp=args.slide_mpp, qc=args.qc)
     log.info("%s: %d tiles → %s (%.1f s)", slide_id, len(table), args.out, time.perf_counter() - start)
@@ -100,7 +101,7 @@ def _register(args: argparse.Namespace) -> None:
     from histodistill.tiling import tile_slide
 
     out = Path(args.out)
-    fixed_id, moving_id = Path(args.fixed).stem, Path(args.moving).stem
+    fixed_id, moving_id = id_from_path(args.fixed), id_from_path(args.moving)
     grid = args.grid
     if grid is None:  # QC needs tile windows: plan the fixed slide's tile grid
         grid = out / "grid.parquet"
@@ -295,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tile", help="tissue mask + tile grid of one slide → tile table (Parquet) [+ QC PNG]")
     p.add_argument("slide", help="slide file (any format OpenSlide reads)")
     p.add_argument("--out", required=True, help="tile table (.parquet)")
-    p.add_argument("--slide-id", help="id stored in the table (default: the file name without extension)")
+    p.add_argument(
+        "--slide-id",
+        help="id stored in the table (default: the file name without extension and .ome); ASCII letters, "
+        "digits, '_', '-' and single '.' (histodistill.ids)",
+    )
     tiling = TilingConfig()
     p.add_argument("--mpp", type=float, default=tiling.mpp, help="target µm/px of the tiles")
     p.add_argument("--tile-px", type=int, default=tiling.tile_px, help="tile side in px at the target µm/px")

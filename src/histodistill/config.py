@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from histodistill.errors import ConfigError
+from histodistill.ids import ID_RULE, IdError, bad_ids, is_safe_id
 from histodistill.slides import parse_mpp
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
 def read_sample_sheet(path: str | Path) -> pd.DataFrame:
     """Read and check the sample sheet (TSV: slide_id, path, cohort[, mpp]).
 
-    Quote characters are literal (paths may contain them); ids must be unique and file-name safe.
+    Quote characters are literal (paths may contain them); ids must be unique and valid ids
+    (`histodistill.ids`: the validator the CLI and the Snakemake wildcard constraints share). Raises
+    ConfigError (IdError for an unsafe id) naming the sheet and the offending ids.
     """
     path = Path(path)
     if not path.is_file():
@@ -117,12 +120,11 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
     dup = sorted(sheet.loc[sheet["slide_id"].duplicated(), "slide_id"].unique())
     if dup:
         raise ConfigError(f"sample sheet {path}: duplicate slide_id(s) {dup}; every slide needs its own id")
-    bad = [s for s in sheet["slide_id"] if not safe_id(s)]
-    bad += [c for c in sheet["cohort"].unique() if not safe_id(c)]
+    bad = bad_ids(sheet["slide_id"]) + bad_ids(sheet["cohort"])
     if bad:
-        raise ConfigError(
-            f"sample sheet {path}: id(s) {bad} may hold only letters, digits, '.', '_' and '-' "
-            "(they become file names)"
+        raise IdError(
+            f"sample sheet {path}: id(s) {bad} are not safe ids: use only {ID_RULE}. Rename them in the "
+            "sheet (they become file names and Snakemake wildcards)"
         )
     sheet["mpp"] = mpp_column(sheet, f"sample sheet {path}")
     return sheet.set_index("slide_id", drop=False)
@@ -187,4 +189,5 @@ def mpp_column(sheet: pd.DataFrame, where: str) -> pd.Series:
 
 
 def safe_id(value: str) -> bool:
-    return bool(value) and all(ch.isalnum() or ch in "._-" for ch in value) and not value.startswith(".")
+    """Whether `value` is a valid slide/cohort id (`histodistill.ids.is_safe_id`, the one validator)."""
+    return is_safe_id(value)

@@ -4,6 +4,9 @@
   by (x, y) (level-0 px of the tile's top-left corner; level = the pyramid level the tile was read from).
 - TRIDENT/CLAM: `{out}/{slide_id}.h5` with `features` [n, D] and `coords` [n, 2] (x, y level-0 px), coords
   attrs `patch_size` (px at the tile's µm/px), `patch_size_level0`, `patch_level`, `mpp`.
+
+Each slide id is checked (`histodistill.ids.check_id`) and each final path resolved inside `out_dir`
+(`histodistill.ids.inside`): an id such as `../escaped` raises IdError and nothing is written outside.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from histodistill.atomic import atomic_path
 from histodistill.embed import EmbeddingStore
 from histodistill.errors import HistodistillError
+from histodistill.ids import check_id, inside
 
 
 def _per_slide(store: EmbeddingStore):
@@ -45,7 +49,7 @@ def export_plismbench(store_path: str | Path, out_dir: str | Path) -> list[Path]
         table = np.concatenate(
             [index["level"][rows, None], index["x0"][rows, None], index["y0"][rows, None], feats], axis=1
         ).astype(np.float32)
-        path = Path(out_dir) / slide["slide_id"] / "features.npy"
+        path = inside(out_dir, check_id(slide["slide_id"], where=str(store_path)), "features.npy")
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, table)
@@ -58,7 +62,7 @@ def export_h5(store_path: str | Path, out_dir: str | Path) -> list[Path]:
     prov = store.attrs["provenance"]
     written = []
     for slide, rows, feats, index in _per_slide(store):
-        path = Path(out_dir) / f"{slide['slide_id']}.h5"
+        path = inside(out_dir, f"{check_id(slide['slide_id'], where=str(store_path))}.h5")
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("features", data=feats.astype(np.float32))

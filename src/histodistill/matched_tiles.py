@@ -29,11 +29,12 @@ import zarr
 from PIL import Image
 
 from histodistill.atomic import atomic_path
-from histodistill.config import mpp_column, safe_id
+from histodistill.config import mpp_column
 from histodistill.errors import ConfigError, HistodistillError, SlideError
+from histodistill.ids import ID_RULE, IdError, bad_ids
 from histodistill.provenance import provenance, read_parquet, write_parquet
 from histodistill.registration import load_transform, map_points, tile_centers_um
-from histodistill.slides import best_level, open_slide, parse_mpp, read_rgb, resolve_mpp
+from histodistill.slides import best_level, checked_mpp, open_slide, parse_mpp, read_rgb
 from histodistill.tilestore import create_tiles_array, write_index
 from histodistill.tiling import read_tile_table
 
@@ -61,9 +62,9 @@ def read_manifest(path: str | Path, reference: str, stainings: list[str] | None 
         raise ConfigError(
             f"PLISM manifest {path} lacks column(s) {missing}; it needs {list(MANIFEST_COLUMNS)}"
         )
-    bad = [s for s in sheet["slide_id"] if not safe_id(s)]
+    bad = bad_ids(sheet["slide_id"])
     if bad:
-        raise ConfigError(f"PLISM manifest {path}: unsafe slide id(s) {bad} (letters, digits, '.', '_', '-')")
+        raise IdError(f"PLISM manifest {path}: unsafe slide id(s) {bad}: use only {ID_RULE}")
     dup = sorted(sheet.loc[sheet["slide_id"].duplicated(), "slide_id"].unique())
     if dup:
         raise ConfigError(f"PLISM manifest {path}: duplicate slide_id(s) {dup}")
@@ -146,9 +147,7 @@ def cut_tile(slide, slide_mpp: float, center_um, jac, tile_px: int, mpp: float) 
 
 
 def _slide_mpp(slide, job: SlideJob) -> tuple[float, str]:
-    mpp = resolve_mpp(
-        dict(slide.properties), job.slide_mpp, slide_name=f"PLISM slide '{job.slide_id}' ({job.path})"
-    )
+    mpp = checked_mpp(slide, job.slide_mpp, slide_name=f"PLISM slide '{job.slide_id}' ({job.path})")
     return mpp.mean, mpp.source
 
 

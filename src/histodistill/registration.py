@@ -33,7 +33,7 @@ from skimage.registration import phase_cross_correlation
 from histodistill.atomic import atomic_path
 from histodistill.errors import HistodistillError
 from histodistill.provenance import provenance
-from histodistill.slides import open_slide, read_scaled, resolve_mpp
+from histodistill.slides import checked_mpp, open_slide, read_scaled
 from histodistill.tiling import TileGrid, read_tile_table
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class SlideImage:
 def load_registration_image(path: str | Path, name: str, fine_mpp: float, slide_mpp: float | None = None):
     """Read a whole slide at `fine_mpp` µm/px (from the best pyramid level, in strips)."""
     with open_slide(path) as slide:
-        mpp = resolve_mpp(dict(slide.properties), slide_mpp, slide_name=f"slide '{name}' ({path})")
+        mpp = checked_mpp(slide, slide_mpp, slide_name=f"slide '{name}' ({path})")
         width0, height0 = slide.dimensions
         rgb = read_scaled(slide, mpp.mean, fine_mpp)
     background = np.percentile(rgb.reshape(-1, 3), 99, axis=0).clip(1, 255).astype(np.float32)

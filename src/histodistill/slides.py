@@ -6,8 +6,10 @@ coarsest resolution that is still at least as fine as the target, and reads it i
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,25 @@ from PIL import Image
 
 from histodistill.errors import MppError, SlideError
 
-MPP_RANGE = (0.05, 20.0)
+log = logging.getLogger(__name__)
+
+# Physical range of brightfield whole-slide scans: ~0.1 µm/px (100× oil) to ~4 µm/px (a 2.5× overview).
+# A header or an override outside it is an error: it is a wrong unit or a wrong number, not a slide.
+MPP_RANGE = (0.1, 4.0)
+MPP_XY_TOLERANCE = 0.05  # x and y µm/px may differ by 5% (pixel aspect); more is a header error
+# µm/px × objective magnification ≈ 10 (a 20× scan is ≈ 0.5 µm/px). Scanner cameras differ, e.g. 3DHistech
+# 20× ≈ 0.24, Hamamatsu 20× ≈ 0.45, Aperio 20× ≈ 0.50, so only a factor beyond OBJECTIVE_FACTOR is an error:
+# it still catches a header 10× off (the usual mm/µm or 10×/100× slip).
+OBJECTIVE_UM = 10.0
+OBJECTIVE_FACTOR = 3.0
+OBJECTIVE_KEYS = (
+    "openslide.objective-power",
+    "aperio.AppMag",
+    "hamamatsu.SourceLens",
+    "ventana.Magnification",
+    "ome.NominalMagnification",
+)
+LEVEL_DIM_TOLERANCE = 0.01  # a level's size may miss level-0 size / downsample by 1 px or 1%, not more
 LEVEL_TOLERANCE = 0.01  # a level 1% coarser than the target still counts as "at the target"
 _BAND_BYTES = 64 * 2**20  # the most RGBA bytes one read_region call may return
 
@@ -105,6 +125,75 @@ def _vendor_mpp(props: dict[str, str]) -> tuple[float, float, str] | None:
 _UNIT_MICRONS = {"centimeter": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
 
 
+# OME UnitsLength symbols → µm (OME-XML schema 2016-06; PhysicalSizeX's default unit is µm).
+_OME_UNIT_MICRONS = {
+    "m": 1e6,
+    "dm": 1e5,
+    "cm": 1e4,
+    "mm": 1e3,
+    "µm": 1.0,  # U+00B5 MICRO SIGN, as the schema writes it
+    "μm": 1.0,  # U+03BC GREEK SMALL LETTER MU, as some writers do
+    "um": 1.0,
+    "nm": 1e-3,
+    "pm": 1e-6,
+    "Å": 1e-4,
+    "in": 25400.0,
+    "ft": 304800.0,
+    "pt": 25400.0 / 72,
+}
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def ome_properties(description: str | None) -> dict[str, str]:
+    """µm/px and objective magnification from an OME-XML ImageDescription (the first Image's Pixels).
+
+    Returns `ome.mpp-x`, `ome.mpp-y` (µm, converted from `PhysicalSizeX/Y` in their `PhysicalSizeX/YUnit`,
+    default µm) and `ome.NominalMagnification` where present; {} when `description` is not OME-XML.
+    Raises MppError for a unit that is not an OME length unit (the value cannot be converted).
+    Reference: OME Data Model, schema 2016-06 (`Pixels`, `UnitsLength`, `Objective`).
+    """
+    if not description or "<OME" not in description[:2000]:
+        return {}
+    try:
+        root = ET.fromstring(description.encode("utf-8") if isinstance(description, str) else description)
+    except ET.ParseError:
+        return {}
+    out: dict[str, str] = {}
+    pixels = next((e for e in root.iter() if _local(e.tag) == "Pixels"), None)
+    if pixels is not None:
+        for axis in ("X", "Y"):
+            value = _float(pixels.get(f"PhysicalSize{axis}"))
+            unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
+            if value is None:
+                continue
+            if unit not in _OME_UNIT_MICRONS:
+                raise MppError(
+                    f"OME-XML PhysicalSize{axis}Unit {unit!r} is not a length unit histodistill knows "
+                    f"({', '.join(_OME_UNIT_MICRONS)}); give the µm/px as an override"
+                )
+            out[f"ome.mpp-{axis.lower()}"] = repr(value * _OME_UNIT_MICRONS[unit])
+    objective = next((e for e in root.iter() if _local(e.tag) == "Objective"), None)
+    if objective is not None and objective.get("NominalMagnification"):
+        out["ome.NominalMagnification"] = objective.get("NominalMagnification")
+    return out
+
+
+def _ome_mpp(props: dict[str, str]) -> tuple[float, float, str] | None:
+    mx, my = _float(props.get("ome.mpp-x")), _float(props.get("ome.mpp-y"))
+    if mx is None or my is None:
+        return None
+    return mx, my, "OME-XML PhysicalSizeX/Y"
+
+
+def _with_ome(props: dict[str, str]) -> dict[str, str]:
+    if "ome.mpp-x" in props:
+        return props
+    return {**props, **ome_properties(props.get("tiff.ImageDescription"))}
+
+
 def _tiff_mpp(props: dict[str, str]) -> tuple[float, float, str] | None:
     unit = (props.get("tiff.ResolutionUnit") or "").strip().lower()
     xres, yres = _float(props.get("tiff.XResolution")), _float(props.get("tiff.YResolution"))
@@ -113,12 +202,34 @@ def _tiff_mpp(props: dict[str, str]) -> tuple[float, float, str] | None:
     return _UNIT_MICRONS[unit] / xres, _UNIT_MICRONS[unit] / yres, f"tiff.XResolution/{unit}"
 
 
-def resolve_mpp(props: dict[str, str], override: float | None = None, slide_name: str = "slide") -> Mpp:
-    """Resolve µm/px: an explicit override wins; else openslide.mpp-x/y, vendor keys, TIFF resolution tags.
+def objective_power(props: dict[str, str]) -> tuple[float, str] | None:
+    """The scan's objective magnification and its key (OBJECTIVE_KEYS, in order), or None."""
+    for key in OBJECTIVE_KEYS:
+        value = _float(props.get(key))
+        if value is not None:
+            return value, key
+    return None
 
-    No MPP anywhere, or an implausible one, is an error naming the slide and the override to use:
-    a silent default would make every tile the wrong physical size.
+
+def resolve_mpp(props: dict[str, str], override: float | None = None, slide_name: str = "slide") -> Mpp:
+    """Resolve µm/px: an explicit override wins; else openslide.mpp-x/y, vendor keys, OME-XML, TIFF tags.
+
+    `props` are the slide's properties (OpenSlide's, or `histodistill.slides.open_slide`'s for OME-TIFF);
+    an OME-XML `tiff.ImageDescription` is parsed for `PhysicalSizeX/Y` with its unit (`ome_properties`).
+    No header number is trusted alone. Errors (MppError naming `slide_name`, both values and the override
+    to use) for:
+    - no MPP anywhere (a silent default would make every tile the wrong physical size);
+    - an MPP outside MPP_RANGE (0.1–4 µm/px, the physical range of brightfield scans), override included;
+    - x and y µm/px that differ by more than MPP_XY_TOLERANCE (5%);
+    - a header MPP more than OBJECTIVE_FACTOR (3×) away from OBJECTIVE_UM / objective magnification
+      (`openslide.objective-power`, `aperio.AppMag`, …; 10/20 = 0.5 µm/px at 20×).
+    An override is not checked against the objective (it is how a user fixes a wrong header); a
+    disagreement is logged as a warning.
     """
+    try:
+        props = _with_ome(props)
+    except MppError as exc:
+        raise MppError(f"{slide_name}: {exc}") from None
     found: tuple[float, float, str] | None = None
     try:
         given = parse_mpp(override)
@@ -133,21 +244,70 @@ def resolve_mpp(props: dict[str, str], override: float | None = None, slide_name
         )
         if mx is not None and my is not None:
             found = (mx, my, "openslide.mpp")
-    found = found or _vendor_mpp(props) or _tiff_mpp(props)
+    found = found or _vendor_mpp(props) or _ome_mpp(props) or _tiff_mpp(props)
     if found is None:
         raise MppError(
-            f"{slide_name}: no microns-per-pixel in the slide (no openslide.mpp-x/y, vendor key or TIFF "
-            "resolution tag). Give it explicitly: an 'mpp' column in the sample sheet, or --slide-mpp on "
-            "the command line."
+            f"{slide_name}: no microns-per-pixel in the slide (no openslide.mpp-x/y, vendor key, OME-XML "
+            "PhysicalSizeX/Y or TIFF resolution tag). Give it explicitly: an 'mpp' column in the sample "
+            "sheet, or --slide-mpp on the command line."
         )
     mx, my, source = found
+    fix = "Fix the slide's metadata or override it (sample sheet 'mpp' / --slide-mpp)"
     lo, hi = MPP_RANGE
     if not (lo <= mx <= hi and lo <= my <= hi):
         raise MppError(
             f"{slide_name}: implausible microns-per-pixel {mx:g} x {my:g} (from {source}); expected "
-            f"{lo:g}–{hi:g}. Fix the slide's metadata or override it (sample sheet 'mpp' / --slide-mpp)."
+            f"{lo:g}–{hi:g} µm/px, the range of brightfield slide scanners. {fix}."
         )
+    if abs(mx - my) > MPP_XY_TOLERANCE * min(mx, my):
+        raise MppError(
+            f"{slide_name}: x and y microns-per-pixel disagree: x {mx:g} vs y {my:g} µm/px (from {source}; "
+            f"tolerance {MPP_XY_TOLERANCE:.0%}). {fix}."
+        )
+    objective = objective_power(props)
+    if objective is not None:
+        power, key = objective
+        expected = OBJECTIVE_UM / power
+        ratio = (mx + my) / 2 / expected
+        if not 1 / OBJECTIVE_FACTOR <= ratio <= OBJECTIVE_FACTOR:
+            message = (
+                f"{slide_name}: microns-per-pixel {(mx + my) / 2:g} (from {source}) disagrees with the "
+                f"objective power {power:g}× (from {key}), which implies ≈ {expected:g} µm/px "
+                f"(accepted: a factor {OBJECTIVE_FACTOR:g} either way)"
+            )
+            if source != "override":
+                raise MppError(f"{message}. {fix}.")
+            log.warning("%s; using the override", message)
+    else:
+        log.debug("%s: no objective power to cross-check its µm/px (%s) against", slide_name, source)
     return Mpp(mx, my, source)
+
+
+def check_levels(slide: openslide.OpenSlide, slide_name: str = "slide") -> None:
+    """Check each pyramid level's downsample against its actual dimensions (x and y).
+
+    A level's width and height must both equal level-0 size / downsample within one pixel or
+    LEVEL_DIM_TOLERANCE (1%), whichever is larger; otherwise tiles read from it would be stretched.
+    Raises SlideError naming the slide, the level, the downsample and the dimensions.
+    """
+    w0, h0 = slide.level_dimensions[0]
+    for level, ((w, h), downsample) in enumerate(
+        zip(slide.level_dimensions, slide.level_downsamples, strict=True)
+    ):
+        for size0, size, axis in ((w0, w, "width"), (h0, h, "height")):
+            expected = size0 / downsample
+            if abs(expected - size) > max(1.0, LEVEL_DIM_TOLERANCE * size):
+                raise SlideError(
+                    f"{slide_name}: pyramid level {level} has downsample {downsample:g}, but its {axis} "
+                    f"{size} px implies {size0 / max(size, 1):g} (level 0: {w0} x {h0} px, level {level}: "
+                    f"{w} x {h} px). The pyramid is inconsistent: rebuild it (e.g. vips tiffsave --pyramid)."
+                )
+
+
+def checked_mpp(slide: openslide.OpenSlide, override: float | None = None, slide_name: str = "slide") -> Mpp:
+    """`resolve_mpp` of an open slide's properties, after `check_levels`: the slide's checked geometry."""
+    check_levels(slide, slide_name)
+    return resolve_mpp(dict(slide.properties), override, slide_name)
 
 
 def best_level(slide: openslide.OpenSlide, slide_mpp: float, target_mpp: float) -> int:

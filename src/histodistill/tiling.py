@@ -27,7 +27,7 @@ from skimage import morphology
 from histodistill.atomic import atomic_path
 from histodistill.errors import NoTissueError, SlideError
 from histodistill.provenance import provenance, read_parquet, write_parquet
-from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
+from histodistill.slides import best_level, checked_mpp, open_slide, read_rgb, read_scaled
 from histodistill.tissue import MaskConfig, tile_fractions, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def plan_tiles(
 ) -> TilePlan:
     """Compute the tissue mask and the tile grid of one slide; read no level-0 pixels."""
     with open_slide(slide_path) as slide:
-        mpp = resolve_mpp(dict(slide.properties), slide_mpp, slide_name=f"slide '{slide_id}' ({slide_path})")
+        mpp = checked_mpp(slide, slide_mpp, slide_name=f"slide '{slide_id}' ({slide_path})")
         if params.mpp < mpp.mean * (1 - 0.01):
             raise SlideError(
                 f"slide '{slide_id}': target {params.mpp} µm/px is finer than the scan ({mpp.mean:g} µm/px); "

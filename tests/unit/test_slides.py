@@ -22,8 +22,8 @@ def test_mpp_from_openslide_properties():
             "philips.DICOM_PIXEL_SPACING",
         ),
         (
-            {"tiff.XResolution": "40000", "tiff.YResolution": "20000", "tiff.ResolutionUnit": "centimeter"},
-            (0.25, 0.5),
+            {"tiff.XResolution": "40000", "tiff.YResolution": "39000", "tiff.ResolutionUnit": "centimeter"},
+            (0.25, 10000 / 39000),
             "tiff.XResolution/centimeter",
         ),
         (

@@ -1,7 +1,8 @@
 """Benchmark datasets as tile stores, so the one `embed` rule embeds them like any cohort.
 
 - HEST: a task's patch files (`patches/*.h5`, `img` [N, 224, 224, 3]) → one tile store per task, one "slide"
-  per sample, rows in patch-file order (the order `bench.hest.load_task` aligns expression to).
+  per sample, rows in patch-file order (the order `bench.hest.load_task` aligns expression to); patches of
+  any mode (grey, RGBA, 16-bit) are converted to uint8 RGB by `histodistill.images.as_rgb8`.
 - Demo patch classification: labels for the demo cohort's tiles from what the synthetic tissue shows
   (nuclear density terciles), split by slide, as the manifest `bench.probe.load_manifest` reads.
 """
@@ -19,6 +20,7 @@ import zarr
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
 from histodistill.bench.hest import load_task
+from histodistill.images import ImageReadError, as_rgb8, read_image_rgb
 from histodistill.provenance import provenance
 from histodistill.tilestore import create_tiles_array, write_index
 
@@ -35,9 +37,10 @@ def pack_hest_task(task_dir: str | Path, out: str | Path, chunk_tiles: int = 64)
     for sample in samples:
         with h5py.File(sample.patches_path, "r") as f:
             shape = f["img"].shape
-        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        if len(shape) not in (3, 4) or shape[1] != shape[2] or (len(shape) == 4 and shape[3] > 4):
             raise BenchmarkError(
-                f"HEST {task.name}/{sample.sample_id}: img is {shape}, expected [N, H, H, 3]"
+                f"HEST {task.name}/{sample.sample_id} ({sample.patches_path}): img is {shape}, expected "
+                "[N, H, H] (grey) or [N, H, H, C] with C = 1, 2 (grey + alpha), 3 (RGB) or 4 (RGBA)"
             )
         sizes.append(shape)
     if len({s[1] for s in sizes}) != 1:
@@ -64,7 +67,9 @@ def pack_hest_task(task_dir: str | Path, out: str | Path, chunk_tiles: int = 64)
             with h5py.File(sample.patches_path, "r") as f:
                 for lo in range(0, shape[0], chunk_tiles):
                     hi = min(shape[0], lo + chunk_tiles)
-                    tiles[start + lo : start + hi] = f["img"][lo:hi]
+                    tiles[start + lo : start + hi] = as_rgb8(
+                        f["img"][lo:hi], str(sample.patches_path), has_channels=len(shape) == 4
+                    )
             start += shape[0]
         root.attrs.update(
             {
@@ -111,9 +116,11 @@ def pack_image_dataset(
     Each image is resized so its shorter side is `tile_px`, then centre-cropped to `tile_px` (the patch
     datasets of EVA, e.g. BACH, CRC, MHIST, PCam, are single images at the dataset's own resolution). Relative
     paths are taken relative to the manifest. The row manifest (tile_index, label, split[, slide_id]) is what
-    `bench.probe.load_manifest` reads. A missing or unreadable image is an error naming its line.
+    `bench.probe.load_manifest` reads. Images of any mode are read by `histodistill.images.read_image_rgb` (grey
+    and palette expanded, alpha composited on white, 16-bit scaled to 8-bit). A missing or unreadable image is
+    an error naming its line and file.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -153,12 +160,9 @@ def pack_image_dataset(
             stop = min(n, start + chunk_tiles)
             for k, i in enumerate(range(start, stop)):
                 try:
-                    with Image.open(paths[i]) as image:
-                        buffer[k] = _square(image.convert("RGB"), tile_px)
-                except (OSError, UnidentifiedImageError) as exc:
-                    raise BenchmarkError(
-                        f"image manifest {manifest}, line {i + 2}: cannot read {paths[i]} ({exc})"
-                    ) from exc
+                    buffer[k] = _square(Image.fromarray(read_image_rgb(paths[i])), tile_px)
+                except ImageReadError as exc:
+                    raise BenchmarkError(f"image manifest {manifest}, line {i + 2}: {exc}") from exc
             tiles[start:stop] = buffer[: stop - start]
         root.attrs.update(
             {

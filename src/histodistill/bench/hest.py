@@ -45,6 +45,7 @@ from sklearn.preprocessing import StandardScaler
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
 from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
+from histodistill.images import as_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,17 @@ def read_patch_index(patches_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_patch_images(patches_path: str | Path) -> np.ndarray:
-    """The `img` dataset of a HEST patch file (uint8 [N, H, W, 3]), for embedding the tiles."""
+    """The `img` dataset of a HEST patch file as uint8 RGB [N, H, W, 3], for embedding the tiles.
+
+    Any mode is converted by `histodistill.images.as_rgb8` (grey [N, H, W] or [N, H, W, 1], RGBA composited
+    on white, 16-bit scaled to 8-bit); an array of another shape raises ImageReadError naming the file.
+    """
     with h5py.File(patches_path, "r") as f:
         key = next((k for k in ("img", "imgs", "images") if k in f), None)
         if key is None:
             raise BenchmarkError(f"patch file {patches_path} has no `img` dataset")
-        return f[key][()]
+        img = f[key][()]
+        return as_rgb8(img, f"patch file {patches_path}", has_channels=img.ndim == 4)
 
 
 def _read_index(f: h5py.File, key: str, path: Path) -> np.ndarray:

@@ -18,6 +18,7 @@ import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
 from histodistill.atomic import atomic_path
+from histodistill.ids import check_id, inside
 
 # Stain optical-density vectors (Ruifrok & Johnston), normalised.
 HEMATOXYLIN = np.array([0.650, 0.704, 0.286], np.float32)
@@ -208,13 +209,17 @@ def make_demo_cohort(
     spec: DemoSlideConfig = DemoSlideConfig(),
     cohort: str = "demo",
 ) -> Path:
-    """Write `n_slides` demo slides and a sample sheet `samples.tsv` beside them; return the sheet's path."""
+    """Write `n_slides` demo slides and a sample sheet `samples.tsv` beside them; return the sheet's path.
+
+    Raises IdError when `cohort` (which also names the slides) is not a valid id (`histodistill.ids`).
+    """
+    check_id(cohort, "cohort")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = ["slide_id\tpath\tcohort"]
     for i in range(n_slides):
         slide_id = f"{cohort}_{i:02d}"
-        path = make_demo_slide(out_dir / f"{slide_id}.tiff", seed_for(slide_id, seed), spec)
+        path = make_demo_slide(inside(out_dir, f"{slide_id}.tiff"), seed_for(slide_id, seed), spec)
         rows.append(f"{slide_id}\t{path.resolve()}\t{cohort}")
     sheet = out_dir / "samples.tsv"
     with atomic_path(sheet) as tmp:

@@ -28,7 +28,7 @@ from histodistill.bench import BenchmarkError
 from histodistill.bench.mitosis.data import read_dataset
 from histodistill.errors import SlideError
 from histodistill.provenance import provenance
-from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
+from histodistill.slides import best_level, checked_mpp, open_slide, read_rgb, read_scaled
 from histodistill.tilestore import create_tiles_array, write_index
 from histodistill.tissue import MaskConfig, tissue_mask
 
@@ -98,7 +98,7 @@ class PatchReader:
         if slide_id not in self._geometry:
             slide = self._slide(slide_id)
             name = f"slide '{slide_id}' ({self.slides[slide_id]})"
-            resolved = resolve_mpp(dict(slide.properties), self.slide_mpps.get(slide_id), slide_name=name)
+            resolved = checked_mpp(slide, self.slide_mpps.get(slide_id), slide_name=name)
             mpp = resolved.mean
             if mpp > self.mpp * (1 + UPSAMPLE_TOLERANCE):
                 raise SlideError(
