@@ -12,10 +12,14 @@ letters look alike and normalise differently across file systems).
 
 from __future__ import annotations
 
+import logging
 import re
+import unicodedata
 from pathlib import Path
 
 from histodistill.errors import ConfigError, HistodistillError
+
+log = logging.getLogger(__name__)
 
 ID_REGEX = r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"  # also the wildcard constraint of slide, cohort, dataset
 ID_MAX_CHARS = 200  # leaves room for suffixes within the usual 255-byte file-name limit
@@ -40,14 +44,14 @@ def is_safe_id(value: object) -> bool:
     return isinstance(value, str) and len(value) <= ID_MAX_CHARS and _ID.fullmatch(value) is not None
 
 
-def check_id(value: object, what: str = "slide id", where: str = "") -> str:
-    """`value` itself when it is a valid id; else IdError naming it, `what` it is, `where` and the rule."""
+def check_id(value: object, what: str = "slide id", where: str = "", hint: str = "") -> str:
+    """`value` itself when it is a valid id; else IdError naming it, `what` it is, `where`, the rule and
+    what to do (`hint`, by default: rename it)."""
     if is_safe_id(value):
         return value  # type: ignore[return-value]
     place = f"{where}: " if where else ""
-    raise IdError(
-        f"{place}{what} {value!r} is not a safe id: use only {ID_RULE}. Rename it (it becomes a file name)."
-    )
+    todo = hint or "Rename it (it becomes a file name)."
+    raise IdError(f"{place}{what} {value!r} is not a safe id: use only {ID_RULE}. {todo}")
 
 
 def bad_ids(values) -> list:
@@ -58,14 +62,33 @@ def bad_ids(values) -> list:
 def id_from_path(path: str | Path) -> str:
     """The default slide id of a slide file: its name without the extension, and without `.ome` for OME-TIFF.
 
-    `a.svs` → `a`, `a.ome.tiff` → `a`, `a.ome.tif` → `a`, `b.v2.tiff` → `b.v2`. Raises IdError when the
-    result is not a valid id (then give the id explicitly, e.g. `--slide-id`).
+    `a.svs` → `a`, `a.ome.tiff` → `a`, `a.ome.tif` → `a`, `b.v2.tiff` → `b.v2`. A name that is not a valid
+    id is corrected, with a logged warning: accents are dropped (Unicode NFKD), each run of other characters
+    becomes `_`, runs of dots one dot, leading and trailing dots go (`slide one's.tiff` → `slide_one_s`,
+    `tissue é.svs` → `tissue_e`). Raises IdError when nothing valid is left (then give the id explicitly,
+    e.g. `--slide-id`).
     """
     name = Path(path).name
     stem = Path(name).stem
     if Path(name).suffix.lower() in TIFF_SUFFIXES and stem.lower().endswith(".ome"):
         stem = stem[: -len(".ome")]
-    return check_id(stem, "slide id", f"derived from the file name {str(path)!r}; give one with --slide-id")
+    if is_safe_id(stem):
+        return stem
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
+    fixed = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]+", "_", ascii_stem)).strip(".")[:ID_MAX_CHARS]
+    check_id(
+        fixed,
+        "slide id",
+        f"file name {str(path)!r}",
+        "Rename the file, or give a safe id (--slide-id, the sample sheet's slide_id).",
+    )
+    log.warning(
+        "slide id %r (from the file name %s) is not a safe id; using %r (--slide-id sets it)",
+        stem,
+        path,
+        fixed,
+    )
+    return fixed
 
 
 def inside(folder: str | Path, *parts: str) -> Path:

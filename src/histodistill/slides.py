@@ -55,16 +55,36 @@ class Mpp:
         return (self.x + self.y) / 2
 
 
+OME_SUFFIXES = (".ome.tif", ".ome.tiff")
+
+
 def open_slide(path: str | Path) -> openslide.OpenSlide:
-    """Open a whole-slide image with OpenSlide, turning its failures into errors that name the file."""
+    """Open a whole-slide image, turning failures into errors that name the file.
+
+    OpenSlide reads the slide formats (SVS, NDPI, MRXS, tiled TIFF, …). An OME-TIFF (`*.ome.tif[f]`), and any
+    TIFF that OpenSlide refuses (a stripped TIFF), is opened with tifffile instead
+    (`histodistill.tifffile_slide.TiffFileSlide`: OpenSlide would see neither the OME-XML nor the SubIFD
+    pyramid). Raises SlideError naming the file when neither can read it.
+    """
+    from histodistill.tifffile_slide import TiffFileSlide
+
     path = Path(path)
     if not path.exists():
         raise SlideError(f"slide not found: {path}")
     if not path.is_file():
         raise SlideError(f"slide path is not a file: {path}")
+    if path.name.lower().endswith(OME_SUFFIXES):
+        return TiffFileSlide(path)
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError as exc:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            try:
+                return TiffFileSlide(path)
+            except SlideError as tiff_exc:
+                raise SlideError(
+                    f"neither OpenSlide nor tifffile can read the TIFF {path} ({exc}; {tiff_exc})"
+                ) from tiff_exc
         raise SlideError(f"not a slide format OpenSlide can read: {path} ({exc})") from exc
     except openslide.OpenSlideError as exc:
         raise SlideError(f"corrupt or unreadable slide: {path} ({exc})") from exc
@@ -217,12 +237,12 @@ def resolve_mpp(props: dict[str, str], override: float | None = None, slide_name
     `props` are the slide's properties (OpenSlide's, or `histodistill.slides.open_slide`'s for OME-TIFF);
     an OME-XML `tiff.ImageDescription` is parsed for `PhysicalSizeX/Y` with its unit (`ome_properties`).
     No header number is trusted alone. Errors (MppError naming `slide_name`, both values and the override
-    to use) for:
+    to use), checked in this order:
     - no MPP anywhere (a silent default would make every tile the wrong physical size);
-    - an MPP outside MPP_RANGE (0.1–4 µm/px, the physical range of brightfield scans), override included;
     - x and y µm/px that differ by more than MPP_XY_TOLERANCE (5%);
     - a header MPP more than OBJECTIVE_FACTOR (3×) away from OBJECTIVE_UM / objective magnification
-      (`openslide.objective-power`, `aperio.AppMag`, …; 10/20 = 0.5 µm/px at 20×).
+      (`openslide.objective-power`, `aperio.AppMag`, …; 10/20 = 0.5 µm/px at 20×);
+    - an MPP outside MPP_RANGE (0.1–4 µm/px, the physical range of brightfield scans), override included.
     An override is not checked against the objective (it is how a user fixes a wrong header); a
     disagreement is logged as a warning.
     """
@@ -253,12 +273,6 @@ def resolve_mpp(props: dict[str, str], override: float | None = None, slide_name
         )
     mx, my, source = found
     fix = "Fix the slide's metadata or override it (sample sheet 'mpp' / --slide-mpp)"
-    lo, hi = MPP_RANGE
-    if not (lo <= mx <= hi and lo <= my <= hi):
-        raise MppError(
-            f"{slide_name}: implausible microns-per-pixel {mx:g} x {my:g} (from {source}); expected "
-            f"{lo:g}–{hi:g} µm/px, the range of brightfield slide scanners. {fix}."
-        )
     if abs(mx - my) > MPP_XY_TOLERANCE * min(mx, my):
         raise MppError(
             f"{slide_name}: x and y microns-per-pixel disagree: x {mx:g} vs y {my:g} µm/px (from {source}; "
@@ -280,6 +294,12 @@ def resolve_mpp(props: dict[str, str], override: float | None = None, slide_name
             log.warning("%s; using the override", message)
     else:
         log.debug("%s: no objective power to cross-check its µm/px (%s) against", slide_name, source)
+    lo, hi = MPP_RANGE
+    if not (lo <= mx <= hi and lo <= my <= hi):
+        raise MppError(
+            f"{slide_name}: implausible microns-per-pixel {mx:g} x {my:g} (from {source}); expected "
+            f"{lo:g}–{hi:g} µm/px, the range of brightfield slide scanners. {fix}."
+        )
     return Mpp(mx, my, source)
 
 
