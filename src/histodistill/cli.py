@@ -126,6 +126,9 @@ def _register(args: argparse.Namespace) -> None:
         slide_mpps=(args.fixed_mpp, args.moving_mpp),
         on_failure=args.on_failure,
     )
+    if "error" in qc:
+        log.warning("%s → %s: left out (%s); qc.json, qc.png in %s", moving_id, fixed_id, qc["error"], out)
+        return
     log.info(
         "%s → %s: %s, median NCC %.3f → %.3f, median residual %.2f µm (%.1f s); transform, qc.json, qc.png in %s",
         moving_id,

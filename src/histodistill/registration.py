@@ -31,7 +31,7 @@ from PIL import Image
 from skimage.registration import phase_cross_correlation
 
 from histodistill.atomic import atomic_path
-from histodistill.errors import HistodistillError
+from histodistill.errors import HistodistillError, SlideError
 from histodistill.provenance import provenance
 from histodistill.slides import checked_mpp, open_slide, read_scaled
 from histodistill.tiling import TileGrid, read_tile_table
@@ -104,8 +104,27 @@ def _parameter_maps(params: RegistrationConfig) -> list:
     return [affine, bspline]
 
 
-def run_elastix(fixed: sitk.Image, moving: sitk.Image, params: RegistrationConfig, workdir: Path) -> list:
-    """Register `moving` onto `fixed`; returns elastix's transform parameter maps (affine, B-spline)."""
+def _log_reason(log_text: str) -> str | None:
+    """The last `Description:` line of an elastix log (the reason elastix gives for failing), or None."""
+    found = re.findall(r"^Description: (.+)$", log_text, re.M)
+    reasons = [r.strip() for r in found if "See elastix log" not in r]
+    return reasons[-1] if reasons else None
+
+
+def run_elastix(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    params: RegistrationConfig,
+    workdir: Path,
+    name: str = "moving",
+    log_path: str | Path | None = None,
+) -> list:
+    """Register `moving` onto `fixed`; returns elastix's transform parameter maps (affine, B-spline).
+
+    elastix logs to `workdir/elastix.log`; when `log_path` is given the log is copied there (atomically),
+    whether elastix succeeded or not. Raises RegistrationError naming the slide `name`, elastix's reason
+    (from its log) and where the log is kept.
+    """
     elastix = sitk.ElastixImageFilter()
     elastix.SetFixedImage(fixed)
     elastix.SetMovingImage(moving)
@@ -115,8 +134,23 @@ def run_elastix(fixed: sitk.Image, moving: sitk.Image, params: RegistrationConfi
     elastix.LogToFileOn()
     try:
         elastix.Execute()
+        error = None
     except RuntimeError as exc:
-        raise RegistrationError(f"elastix failed: {str(exc).strip().splitlines()[-1]}") from exc
+        error = exc
+    log_file = Path(workdir) / "elastix.log"
+    log_text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    if log_path is not None and log_text:
+        with atomic_path(log_path) as tmp:
+            Path(tmp).write_text(log_text)
+    if error is not None:
+        reason = _log_reason(log_text) or str(error).strip().splitlines()[-1]
+        kept = f"elastix log: {log_path}" if log_path is not None and log_text else "no elastix log kept"
+        raise RegistrationError(
+            f"elastix failed to register slide '{name}' ({moving.GetSize()[0]} x {moving.GetSize()[1]} px at "
+            f"{moving.GetSpacing()[0]:g} µm/px onto {fixed.GetSize()[0]} x {fixed.GetSize()[1]} px): {reason} "
+            f"({kept}). Check that the slide shows the reference's tissue and is not much smaller than it, "
+            "or set plism.on_failure: exclude (--on-failure exclude) to leave it out."
+        ) from error
     return list(elastix.GetTransformParameterMap())
 
 
@@ -284,20 +318,32 @@ def register_slides(
     names: tuple[str, str] = ("reference", "moving"),
     slide_mpps: tuple[float | None, float | None] = (None, None),
     qc_png: str | Path | None = None,
+    elastix_log: str | Path | None = None,
 ) -> dict:
     """Register `moving_path` onto `fixed_path`; save the transform to `out_dir`; return the QC record.
 
     `centres_um` are the reference's tile centres (µm): QC measures NCC and residuals on those windows.
     The QC record says whether the registration `passed`; the caller decides what a failure means.
+    elastix's log is kept at `elastix_log` (if given). Raises RegistrationError naming the moving slide
+    for every failure of the moving slide's registration (unreadable slide, elastix error, no tile inside
+    the image, transformix error); errors of the reference slide are raised as they are (SlideError).
     """
     fixed = load_registration_image(fixed_path, names[0], params.fine_mpp, slide_mpps[0])
-    moving = load_registration_image(moving_path, names[1], params.fine_mpp, slide_mpps[1])
+    try:
+        moving = load_registration_image(moving_path, names[1], params.fine_mpp, slide_mpps[1])
+    except SlideError as exc:
+        raise RegistrationError(f"PLISM slide '{names[1]}' cannot be registered: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="elastix-") as tmp:
-        maps = run_elastix(fixed.image, moving.image, params, Path(tmp))
+        maps = run_elastix(fixed.image, moving.image, params, Path(tmp), names[1], elastix_log)
     before = sitk.GetArrayFromImage(
         sitk.Resample(moving.image, fixed.image, sitk.Transform(), sitk.sitkLinear)
     )
-    after = sitk.GetArrayFromImage(warp_to_fixed(maps, moving.image, fixed.image))
+    try:
+        after = sitk.GetArrayFromImage(warp_to_fixed(maps, moving.image, fixed.image))
+    except RuntimeError as exc:
+        raise RegistrationError(
+            f"transformix failed to warp slide '{names[1]}' with its registration: {str(exc).strip()[-300:]}"
+        ) from exc
     fixed_arr = sitk.GetArrayFromImage(fixed.image)
     spacing = np.asarray(fixed.image.GetSpacing())
     centers_um = np.asarray(centers_um, np.float64).reshape(-1, 2)
@@ -306,7 +352,10 @@ def register_slides(
     per_tile = tile_qc(fixed_arr, before, after, centers_px, half, float(spacing.mean()))
     valid = per_tile[~np.isnan(per_tile[:, 0])]
     if len(valid) == 0:
-        raise RegistrationError(f"{names[1]}: no reference tile lies inside the registration image")
+        raise RegistrationError(
+            f"slide '{names[1]}' ({moving_path}): no tile of the reference '{names[0]}' lies inside the "
+            "registration image, so the registration cannot be checked"
+        )
     ncc_before, ncc_after, residual = (float(np.median(valid[:, i])) for i in range(3))
     passed = ncc_after >= params.min_ncc and residual <= params.max_residual_um
     qc = {
@@ -347,18 +396,41 @@ def register_to_grid(
 ) -> dict:
     """Register one slide to the reference, QC it on the reference's tile grid, write the QC record.
 
-    A registration that fails QC raises a RegistrationError naming the slide (`on_failure="error"`), or is
-    recorded as failed so that the matched tiles leave the slide out (`"exclude"`).
+    A registration that fails (elastix error, unreadable moving slide, no tile inside, transformix error)
+    or fails QC raises a RegistrationError naming the slide (`on_failure="error"`); with `"exclude"` every
+    one of these is recorded as failed (`passed: false`, `error`: the message) so that the matched tiles
+    leave the slide out, and the outputs still exist (a transform folder holding only registration.json
+    with the error, and a QC picture stating it). elastix's log is kept next to the QC record:
+    `<qc_json without .json>.elastix.log`. Errors of the reference slide or the grid are always raised.
     """
+    if on_failure not in ON_FAILURE:
+        raise RegistrationError(f"on_failure must be one of {ON_FAILURE}, not {on_failure!r}")
     tiles = read_tile_table(grid_table)
     centers = tile_centers_um(tiles.frame, tiles.grid)
     tile_um = tiles.grid.tile_um
-    qc = register_slides(
-        fixed_path, moving_path, out_dir, centers, tile_um, params, names, slide_mpps, qc_png
-    )
+    elastix_log = elastix_log_path(qc_json)
+    elastix_log.unlink(missing_ok=True)  # a log of an earlier run must not pass for this run's
+    try:
+        qc = register_slides(
+            fixed_path, moving_path, out_dir, centers, tile_um, params, names, slide_mpps, qc_png, elastix_log
+        )
+    except RegistrationError as exc:
+        if on_failure == "error":
+            raise
+        log.warning("registration of '%s' failed, the slide will be left out: %s", names[1], exc)
+        qc = _failure_record(names, str(exc), params, elastix_log)
+        metadata = provenance(asdict(params), slide_id=names[1], reference=names[0], error=str(exc))
+        with atomic_path(out_dir) as tmp:
+            Path(tmp).mkdir(parents=True)
+            (Path(tmp) / "registration.json").write_text(json.dumps(metadata, indent=1, default=str))
+        if qc_png is not None:
+            _render_failure(str(exc), Path(qc_png))
     qc["on_failure"] = on_failure
+    qc["elastix_log"] = str(elastix_log) if Path(elastix_log).is_file() else None
     with atomic_path(qc_json) as tmp:
         Path(tmp).write_text(json.dumps(qc, indent=1))
+    if "error" in qc:
+        return qc
     summary = (
         f"{names[1]} → {names[0]}: median NCC {qc['ncc_before_median']:.3f} before, "
         f"{qc['ncc_after_median']:.3f} after; median residual {qc['residual_um_median']:.2f} µm"
@@ -369,9 +441,50 @@ def register_to_grid(
         raise RegistrationError(
             f"PLISM slide '{names[1]}' ({moving_path}) failed registration QC ({summary}; thresholds: NCC ≥ "
             f"{params.min_ncc}, residual ≤ {params.max_residual_um} µm). Is it the same tissue as the "
-            f"reference? Look at {qc_png or 'its checkerboard QC image'}, or set plism.on_failure: exclude to "
-            "leave it out."
+            f"reference? Look at {qc_png or 'its checkerboard QC image'} and {elastix_log}, or set "
+            "plism.on_failure: exclude to leave it out."
         )
     else:
         log.warning("registration failed QC, the slide will be left out: %s", summary)
     return qc
+
+
+ON_FAILURE = ("error", "exclude")
+
+
+def elastix_log_path(qc_json: str | Path) -> Path:
+    """Where elastix's log of a registration is kept: beside its QC record, `<name>.elastix.log`."""
+    qc_json = Path(qc_json)
+    return qc_json.with_name(qc_json.name.removesuffix(".json") + ".elastix.log")
+
+
+def _failure_record(
+    names: tuple[str, str], error: str, params: RegistrationConfig, elastix_log: Path
+) -> dict:
+    """The QC record of a registration that did not produce a usable transform."""
+    return {
+        "slide_id": names[1],
+        "reference": names[0],
+        "passed": False,
+        "error": error,
+        "ncc_before_median": None,
+        "ncc_after_median": None,
+        "residual_um_median": None,
+        "n_tiles": 0,
+        "thresholds": {"min_ncc": params.min_ncc, "max_residual_um": params.max_residual_um},
+    }
+
+
+def _render_failure(message: str, out: Path, width: int = 900) -> None:
+    """The QC picture of a failed registration: the error message on white (there is nothing to overlay)."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    lines = textwrap.wrap("REGISTRATION FAILED: " + message, 140)
+    image = Image.new("RGB", (width, 16 + 14 * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((8, 8 + 14 * i), line, fill=(180, 0, 0))
+    with atomic_path(out) as tmp:
+        image.save(tmp, format="PNG")

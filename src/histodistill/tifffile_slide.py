@@ -67,9 +67,14 @@ class TiffFileSlide:
                     self.properties[key] = value
             if unit is not None:
                 self.properties["tiff.ResolutionUnit"] = _UNITS.get(int(unit.value), "none")
-        except Exception:
+        except SlideError:
             self._tif.close()
             raise
+        except Exception as exc:  # tifffile's errors on a broken file vary (IndexError, ValueError, …)
+            self._tif.close()
+            raise SlideError(
+                f"TIFF {path} has no image tifffile can read ({type(exc).__name__}: {exc})"
+            ) from exc
         dims = [self._size(level.shape) for level in self._levels]
         self.level_dimensions = tuple(dims)
         w0, h0 = dims[0]
