@@ -32,6 +32,7 @@ from histodistill.atomic import atomic_path
 from histodistill.config import mpp_column
 from histodistill.errors import ConfigError, HistodistillError, SlideError
 from histodistill.ids import ID_RULE, IdError, bad_ids
+from histodistill.images import as_rgb8
 from histodistill.provenance import provenance, read_parquet, write_parquet
 from histodistill.registration import load_transform, map_points, tile_centers_um
 from histodistill.slides import best_level, checked_mpp, open_slide, parse_mpp, read_rgb
@@ -495,10 +496,12 @@ def ingest_h5(
                 for start in range(0, n, chunk_tiles):
                     stop = min(n, start + chunk_tiles)
                     for k, tid in enumerate(tile_ids[start:stop]):
-                        pixels = f[tid][()]
-                        if pixels.shape != (tile_px, tile_px, 3) or pixels.dtype != np.uint8:
+                        raw = f[tid][()]
+                        where = f"PLISM h5 slide '{s}' ({paths[s]}), tile {tid}"
+                        pixels = as_rgb8(raw, where, has_channels=raw.ndim == 3)  # any mode → uint8 RGB
+                        if pixels.shape != (tile_px, tile_px, 3):
                             raise PlismError(
-                                f"PLISM h5 slide '{s}', tile {tid}: {pixels.dtype} {pixels.shape}, expected uint8 ({tile_px}, {tile_px}, 3)"
+                                f"{where}: {raw.dtype} {raw.shape}, expected ({tile_px}, {tile_px}[, C]) like the reference's"
                             )
                         buffer[k] = pixels
                     tiles[si, start:stop] = buffer[: stop - start]

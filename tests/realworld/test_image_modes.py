@@ -201,3 +201,38 @@ def test_hest_patches_of_any_mode(tmp_path, img, expected):
         "rgba": np.array([[[255, 255, 255], [10, 20, 30]], [[0, 0, 0], [9, 9, 9]]], np.uint8),
     }[expected]
     np.testing.assert_array_equal(out[0], want)
+
+
+def test_plism_h5_tiles_of_any_mode(tmp_path):
+    """ingest_h5: the same tile stored as RGB, opaque RGBA, 16-bit RGB and (for a grey picture) 2-D grey."""
+    from histodistill.matched_tiles import ingest_h5, read_manifest
+    from histodistill.tilestore import TileStore
+
+    side = 16
+    rgb = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    variants = {
+        "GMH_S60": {"16_0_0": rgb, "16_16_0": np.repeat(grey[..., None], 3, 2)},
+        "GMH_AT2": {"16_0_0": np.dstack([rgb, np.full((side, side), 255, np.uint8)]), "16_16_0": grey},
+        "GIV_S60": {
+            "16_0_0": rgb.astype(np.uint16) * 257,
+            "16_16_0": grey[..., None].astype(np.uint16) * 257,
+        },
+    }
+    h5_dir = tmp_path / "h5"
+    h5_dir.mkdir()
+    for slide, tiles in variants.items():
+        with h5py.File(h5_dir / f"{slide}_to_GMH_S60.tif.h5", "w") as f:
+            for key, value in tiles.items():
+                f.create_dataset(key, data=value)
+    sheet = tmp_path / "plism.tsv"
+    sheet.write_text(
+        "slide_id\tpath\tscanner\tstaining\nGMH_S60\ta.tiff\tS60\tGMH\nGMH_AT2\tb.tiff\tAT2\tGMH\n"
+        "GIV_S60\tc.tiff\tS60\tGIV\n"
+    )
+    manifest = read_manifest(sheet, "GMH_S60")
+    assert ingest_h5(manifest, "GMH_S60", h5_dir, tmp_path / "t.zarr", tmp_path / "t.parquet") == 2
+    tiles = TileStore(tmp_path / "t.zarr").tiles
+    for s in range(3):
+        np.testing.assert_array_equal(tiles[s, 0], rgb)
+        np.testing.assert_array_equal(tiles[s, 1], np.repeat(grey[..., None], 3, 2))
