@@ -236,3 +236,31 @@ def test_plism_h5_tiles_of_any_mode(tmp_path):
     for s in range(3):
         np.testing.assert_array_equal(tiles[s, 0], rgb)
         np.testing.assert_array_equal(tiles[s, 1], np.repeat(grey[..., None], 3, 2))
+
+
+@pytest.mark.parametrize("mode", ["grey", "rgba", "rgb16"])
+def test_hest_task_of_any_mode_packs_to_the_rgb_tiles(tmp_path, mode):
+    """pack_hest_task: a demo HEST task whose patch files are rewritten as grey [N, H, W], opaque RGBA or
+    16-bit RGB gives the tile store the RGB (grey: R = G = B) tiles."""
+    from histodistill.bench.datasets import pack_hest_task
+    from histodistill.bench.hest import load_task
+    from histodistill.demo.tasks import make_demo_hest
+    from histodistill.tilestore import TileStore
+
+    tiles = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    if mode == "grey":
+        tiles = np.repeat(tiles[..., :1], 3, axis=3)
+    task_dir = make_demo_hest(tmp_path / "task", tiles, seed=1, spots_per_sample=5)
+    expected = []
+    for sample in load_task(task_dir).samples.values():
+        with h5py.File(sample.patches_path, "r+") as f:
+            rgb = f["img"][()]
+            expected.append(rgb)
+            del f["img"]
+            f["img"] = {
+                "grey": rgb[..., 0],
+                "rgba": np.concatenate([rgb, np.full(rgb.shape[:3] + (1,), 255, np.uint8)], axis=3),
+                "rgb16": rgb.astype(np.uint16) * 257,
+            }[mode]
+    n = pack_hest_task(task_dir, tmp_path / "hest.zarr", chunk_tiles=3)
+    np.testing.assert_array_equal(TileStore(tmp_path / "hest.zarr").read(0, n), np.concatenate(expected))
