@@ -122,6 +122,11 @@ SOURCES: dict[str, tuple] = {
             "lr",
             "eval_every",
             "patience",
+            "monitor",
+            "low_lr_factor",
+            "low_lr_epochs",
+            "seeding",
+            "seed",
             "seeds",
         )
     },
