@@ -17,6 +17,7 @@ rule score_plism:
         tiles_subset=BENCH["plism"]["tiles_subset"],
         block_size=BENCH["plism"]["block_size"],
         unmatched=BENCH["plism"]["unmatched"],
+        compat=BENCH["plism"]["compat"],
     log:
         "logs/score_plism/{model}.log",
     threads: threads_for("score_plism")

@@ -15,5 +15,6 @@ plism.run(
     dtype=p.dtype,
     block_size=p.block_size,
     unmatched=p.unmatched,
+    compat=p.compat,
     workers=snakemake.threads,
 )

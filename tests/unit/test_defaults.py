@@ -109,7 +109,10 @@ SOURCES: dict[str, tuple] = {
         f"embeddings.{f}": (extract_embeddings, f)
         for f in ("pooling", "batch_size", "num_workers", "precision")
     },
-    **{f"benchmarks.plism.{f}": (score_plism, f) for f in ("top_k", "dtype", "tiles_subset", "block_size")},
+    **{
+        f"benchmarks.plism.{f}": (score_plism, f)
+        for f in ("top_k", "dtype", "tiles_subset", "block_size", "compat")
+    },
     "benchmarks.plism.n_boot": (summarize_scores, "n_boot"),
     "benchmarks.hest.latent_dim": (score_task, "latent_dim"),
     "benchmarks.hest.seed": (score_task, "seed"),
