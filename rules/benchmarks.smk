@@ -18,6 +18,8 @@ rule score_plism:
         block_size=BENCH["plism"]["block_size"],
         unmatched=BENCH["plism"]["unmatched"],
         compat=BENCH["plism"]["compat"],
+        robustness_tiles=BENCH["plism"]["robustness_tiles"],
+        robustness_k=BENCH["plism"]["robustness_k"],
     log:
         "logs/score_plism/{model}.log",
     threads: threads_for("score_plism")

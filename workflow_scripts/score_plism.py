@@ -16,5 +16,7 @@ plism.run(
     block_size=p.block_size,
     unmatched=p.unmatched,
     compat=p.compat,
+    robustness_tiles=p.robustness_tiles,
+    robustness_k=p.robustness_k,
     workers=snakemake.threads,
 )

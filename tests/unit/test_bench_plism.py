@@ -27,6 +27,7 @@ from histodistill.bench.plism import (
     plot_scanner_vs_staining,
     plot_topk_vs_cosine,
     read_scores,
+    robustness_index,
     run,
     score_pairs,
     score_plism,
@@ -564,3 +565,61 @@ def test_report_rounds_the_leaderboard_of_plismbench_compat_scores(tmp_path):
 
 
 LB = [(ALL, "cosine"), (INTER_SCANNER, "top_10"), (INTER_STAINING, "top_10"), (INTER_BOTH, "top_10")]
+
+
+# ----------------------------------------------------------------------------- robustness index
+
+
+def test_robustness_index_by_hand():
+    # Tiles t0, t1 on slides s0, s1 at angles p00 = 0°, p10 = 10°, p01 = 25°, p11 = 60° (p{tile}{slide}).
+    # Nearest first: p00 → p10 (OS), p01 (SO), p11; p10 → p00 (OS), p01 (OO), p11 (SO);
+    # p01 → p10 (OO), p00 (SO), p11 (OS); p11 → p01 (OS), p10 (SO), p00 (OO).
+    # k = 1: SO 0, OS 3 → 0; k = 2: SO 3 (p00, p01, p11), OS 3 → 1; k = 3: SO 4, OS 4 → 1.
+    x = unit2d([0, 10, 25, 60])
+    tile, slide = [0, 1, 0, 1], ["s0", "s0", "s1", "s1"]
+    out = robustness_index(x, tile, {"slide": slide, "scanner": ["X"] * 4}, ks=(1, 2, 3), block_size=3)
+    assert out == {
+        "ri_slide_k1": 0.0,
+        "ri_slide_k2": 1.0,
+        "ri_slide_k3": 1.0,
+        # one scanner: no neighbour has the same tile from another scanner
+        "ri_scanner_k1": 0.0,
+        "ri_scanner_k2": 0.0,
+        "ri_scanner_k3": 0.0,
+    }
+    with pytest.raises(BenchmarkError, match="k values"):
+        robustness_index(x, tile, {"slide": slide}, ks=(4,))
+
+
+def test_robustness_index_in_the_scores_and_the_report(tmp_path):
+    from histodistill.report import build_report
+
+    rng = np.random.default_rng(2)
+    slides = slide_table(2, 2)  # 4 slides
+    tissue = rng.normal(size=(30, 16))
+    site = rng.normal(size=(4, 16)) * 10
+    robust = np.stack([tissue + 0.01 * rng.normal(size=tissue.shape) for _ in range(4)]).astype(np.float32)
+    by_site = np.stack([site[s] + 0.1 * tissue for s in range(4)]).astype(np.float32)
+    paths = {}
+    for name, feats in (("robust", robust), ("by_site", by_site)):
+        scores = score_pairs(feats, slides, top_k=(1, 10), robustness_tiles=20, robustness_k=(3, 10))
+        pooled = scores[scores["group"] == "pooled"].set_index("metric")["value"]
+        assert set(pooled.index) == {
+            f"ri_{s}_k{k}" for s in ("slide", "scanner", "staining") for k in (3, 10)
+        }
+        if name == "robust":  # the 3 nearest are the same tile on the 3 other slides: no OS at all
+            assert pooled["ri_slide_k3"] == np.inf
+        else:  # the nearest are other tiles of the same slide: no SO at k = 3, 10
+            assert pooled["ri_slide_k3"] == 0.0 and pooled["ri_slide_k10"] == 0.0
+        paths[name] = tmp_path / f"{name}.parquet"
+        score_plism(
+            feats, slides, paths[name], model=name, top_k=(1, 10), robustness_tiles=20, robustness_k=(3,)
+        )
+    summary = summarize_scores(read_scores(paths["by_site"])[0], n_boot=10)
+    row = summary[(summary["group"] == "pooled") & (summary["metric"] == "ri_slide_k3")].iloc[0]
+    assert row["median"] == 0.0 and row["n_pairs"] == 0
+    assert len(summary[summary["group"] == ALL]) == 3  # the pairs' metrics are unchanged
+    board = build_report({"plism": {m: str(p) for m, p in paths.items()}}, tmp_path / "report", n_boot=0)
+    ri = board.set_index("model")["plism_robustness_index"]  # site = slide at k = 3
+    assert ri["robust"] > 1 > ri["by_site"]
+    assert "robustness index" in (tmp_path / "report" / "index.html").read_text()

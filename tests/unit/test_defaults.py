@@ -111,7 +111,7 @@ SOURCES: dict[str, tuple] = {
     },
     **{
         f"benchmarks.plism.{f}": (score_plism, f)
-        for f in ("top_k", "dtype", "tiles_subset", "block_size", "compat")
+        for f in ("top_k", "dtype", "tiles_subset", "block_size", "compat", "robustness_k")
     },
     "benchmarks.plism.n_boot": (summarize_scores, "n_boot"),
     "benchmarks.hest.latent_dim": (score_task, "latent_dim"),
@@ -175,6 +175,7 @@ SOURCES: dict[str, tuple] = {
 PIPELINE_ONLY = {
     "on_missing_slide": "the workflow's check of the sample sheet (config.check_slide_files, default error)",
     "benchmarks.plism.unmatched": "the pipeline scores the unmatched cosine; the library's default stays plismbench's metric set",
+    "benchmarks.plism.robustness_tiles": "the pipeline adds the robustness index; the library's default stays plismbench's metric set",
     "results_dir": "the workflow's output folder; the library takes explicit paths",
     "seed": "the run's seed; each rule passes it (or one derived from it) to the library",
     "demo.enabled": "switch: make the demo slides",

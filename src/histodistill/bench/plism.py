@@ -31,6 +31,17 @@ differ in two ways:
    rounded medians, rounded to 3 decimals (`leaderboard_metric(..., decimals=3)`; the report does this for
    score files made with a plismbench compat).
 
+**Robustness index** (de Jong, Marcus & Teuwen 2025, "Current pathology foundation models are unrobust to
+medical center differences", arXiv 2501.18055): among the k nearest neighbours (cosine) of each sample, SO
+counts those with the same biology from another site and OS those with other biology from the same site;
+RI_k = ΣSO / ΣOS over all samples (> 1: biology dominates the site). Here the samples are `robustness_tiles`
+matched tiles of every slide pooled together (S·m points), the biology is the matched tile (m classes of S
+samples, so up to S − 1 neighbours can be SO), and the site is the slide (scanner × staining), the scanner,
+or the staining: metrics `ri_slide_k{k}`, `ri_scanner_k{k}`, `ri_staining_k{k}` in group "pooled" (one value
+per model, no pairs). Neighbours exclude the sample itself; ties at the k-th distance are broken by
+`argpartition`. The package `croma` (PyPI, 1.0.1) implements PathoROB's normalised variant SO / (SO + OS)
+with a k chosen by k-NN accuracy and a per-sample Python loop, so de Jong's ratio is computed here.
+
 Deliberate deviation: the float32 accumulation order of the dot products is BLAS's, not NumPy's sequential
 float16 `matmul` (CPU) nor cuBLAS's (GPU), so about 2 in 1,000 similarities can land one float16 step away;
 the effect on a pair's accuracy is far below the printed third decimal. A plismbench compat costs about 4×
@@ -102,6 +113,9 @@ PAIR_GROUPS = (INTER_SCANNER, INTER_STAINING, INTER_BOTH, REPLICATE)
 LEADERBOARD = ((ALL, COSINE), (INTER_SCANNER, "top_10"), (INTER_STAINING, "top_10"), (INTER_BOTH, "top_10"))
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPAT = ("exact", "plismbench", "plismbench_cpu")
+POOLED = "pooled"  # group of the robustness-index rows: all slides pooled, not a slide pair
+RI_SITES = ("slide", "scanner", "staining")
+DEFAULT_RI_K = (10, 50)
 LEADERBOARD_DECIMALS = 3  # plismbench rounds its medians, then the leaderboard mean, to 3 decimals
 
 
@@ -321,6 +335,53 @@ def plismbench_pair_scores(
         hits[1] += hit[side].sum(axis=0)
     accs = [(hits[0, j] / n + hits[1, j] / n) / 2 for j in range(len(ks))]
     return np.asarray([cosine, *accs], dtype=np.float64)
+
+
+def robustness_index(
+    x: np.ndarray,
+    biology: Sequence,
+    sites: Mapping[str, Sequence],
+    ks: Sequence[int] = DEFAULT_RI_K,
+    block_size: int = 1024,
+) -> dict[str, float]:
+    """de Jong et al.'s Robustness Index RI_k = ΣSO / ΣOS of L2-normalised samples x [N, D] (module docstring).
+
+    `biology[i]` is sample i's biological class, `sites[name][i]` its site under each confounder `name`.
+    Returns {f"ri_{name}_k{k}": value}; inf when no neighbour is OS (and SO > 0), NaN when neither.
+    Blockwise: memory block_size × N. Raises BenchmarkError when k ≥ N or the lengths differ.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or ks[-1] >= n:
+        raise BenchmarkError(f"robustness index: k values {ks} must be in 1 … {n - 1} (samples: {n})")
+    bio = pd.factorize(np.asarray(biology, dtype=object))[0]
+    site_codes = {name: pd.factorize(np.asarray(v, dtype=object))[0] for name, v in sites.items()}
+    if len(bio) != n or any(len(c) != n for c in site_codes.values()):
+        raise BenchmarkError(f"robustness index: {n} samples but labels of other lengths")
+    kmax = ks[-1]
+    so = {name: np.zeros(len(ks)) for name in site_codes}
+    os_ = {name: np.zeros(len(ks)) for name in site_codes}
+    for r0, r1 in _blocks(n, block_size):
+        sim = x[r0:r1] @ x.T
+        rows = np.arange(r1 - r0)
+        sim[rows, r0 + rows] = -np.inf  # not its own neighbour
+        top = np.argpartition(-sim, kmax - 1, axis=1)[:, :kmax]
+        order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)  # the kmax nearest, nearest first
+        same_bio = bio[top] == bio[r0:r1, None]
+        for name, code in site_codes.items():
+            same_site = code[top] == code[r0:r1, None]
+            so_cum = np.cumsum(same_bio & ~same_site, axis=1).sum(axis=0)
+            os_cum = np.cumsum(~same_bio & same_site, axis=1).sum(axis=0)
+            so[name] += [so_cum[k - 1] for k in ks]
+            os_[name] += [os_cum[k - 1] for k in ks]
+    out = {}
+    for name in site_codes:
+        for j, k in enumerate(ks):
+            a, b = so[name][j], os_[name][j]
+            out[f"ri_{name}_k{k}"] = float(a / b) if b > 0 else (float("inf") if a > 0 else float("nan"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -575,6 +636,8 @@ def score_pairs(
     cache_slides: int = 4,
     unmatched: bool = False,
     compat: str = "exact",
+    robustness_tiles: int = 0,
+    robustness_k: Sequence[int] = DEFAULT_RI_K,
 ) -> pd.DataFrame:
     """Score every slide pair: a tidy frame slide_a, slide_b, group, metric, value (pairs in slide order).
 
@@ -588,6 +651,8 @@ def score_pairs(
     path's. `dtype="float16"` rounds features and similarities to float16 like `plismbench`. `compat`
     "plismbench" / "plismbench_cpu" reproduce the public benchmark's float16 arithmetic and tie order instead
     (`plismbench_pair_scores`; always float16, `dtype` is then not used; see the module docstring).
+    `robustness_tiles` m > 0 adds the robustness index (`robustness_index`, k in `robustness_k`) of m evenly
+    spaced scored tiles of every slide pooled, as rows of group "pooled" with empty slide ids.
     """
     slides = _check_slides(slides)
     ids = slides["slide_id"].astype(str).tolist()
@@ -663,7 +728,7 @@ def score_pairs(
     position = {pair: i for i, pair in enumerate(schedule)}
     values = values[[position[(a, b)] for a, b in zip(pairs["a"], pairs["b"], strict=True)]]
     m = len(names)
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "slide_a": np.repeat(pairs["slide_a"].to_numpy(object), m),
             "slide_b": np.repeat(pairs["slide_b"].to_numpy(object), m),
@@ -672,6 +737,31 @@ def score_pairs(
             "value": values.ravel(),
         }
     )
+    if int(robustness_tiles) <= 0:
+        return frame
+    n_scored = len(subset) if subset is not None else n
+    m_tiles = min(int(robustness_tiles), n_scored)
+    rows = np.unique(np.linspace(0, n_scored - 1, m_tiles).round().astype(np.int64))
+    pooled = np.concatenate(
+        [(x if exact else normalize_features(x, np.float16))[rows] for x in map(cache.get, range(n_slides))]
+    )
+    rep = len(rows)
+    ri = robustness_index(
+        pooled,
+        np.tile(np.arange(rep), n_slides),
+        {
+            "slide": np.repeat(np.asarray(ids, dtype=object), rep),
+            "scanner": np.repeat(slides["scanner"].astype(str).to_numpy(object), rep),
+            "staining": np.repeat(slides["staining"].astype(str).to_numpy(object), rep),
+        },
+        robustness_k,
+        block_size,
+    )
+    log.info("PLISM robustness index (%d tiles × %d slides): %s", rep, n_slides, ri)
+    extra = pd.DataFrame(
+        {"slide_a": "", "slide_b": "", "group": POOLED, "metric": list(ri), "value": list(ri.values())}
+    )
+    return pd.concat([frame, extra], ignore_index=True)
 
 
 def _digest(array: np.ndarray | None) -> str | None:
@@ -701,8 +791,10 @@ def score_plism(
     cache_slides: int = 4,
     unmatched: bool = False,
     compat: str = "exact",
+    robustness_tiles: int = 0,
+    robustness_k: Sequence[int] = DEFAULT_RI_K,
 ) -> pd.DataFrame:
-    """Score all pairs (see `score_pairs`; `unmatched` adds the unmatched cosine and the separation; `compat`
+    """Score all pairs (see `score_pairs`; `robustness_tiles` adds the pooled robustness index; `unmatched` adds the unmatched cosine and the separation; `compat`
     exact or plismbench's arithmetic) and write the tidy frame to Parquet `out` atomically.
 
     `features`: an array-like, or a path to an embedding store, a [S, n, D] Zarr array or a .npy file.
@@ -732,12 +824,16 @@ def score_plism(
         cache_slides=cache_slides,
         unmatched=unmatched,
         compat=compat,
+        robustness_tiles=robustness_tiles,
+        robustness_k=robustness_k,
     )
     n, dim = _slide_shapes(feats, slides["slide_id"].astype(str).tolist())
     params = {
         "top_k": [int(k) for k in top_k],
         "unmatched": bool(unmatched),
         "compat": compat,
+        "robustness_tiles": int(robustness_tiles),
+        "robustness_k": [int(k) for k in robustness_k],
         "dtype": np.dtype(_dtype(dtype) if compat == "exact" else np.float16).name,
         "tiles_subset_digest": _digest(subset),
         "n_tiles": int(len(subset) if subset is not None else n),
@@ -782,6 +878,8 @@ def run(
     workers: int = 1,
     unmatched: bool = False,
     compat: str = "exact",
+    robustness_tiles: int = 0,
+    robustness_k: Sequence[int] = DEFAULT_RI_K,
 ) -> pd.DataFrame:
     """Score one model's embeddings of the PLISM matched tiles and write them to Parquet `out` (`score_plism`).
 
@@ -801,6 +899,8 @@ def run(
         workers=workers,
         unmatched=unmatched,
         compat=compat,
+        robustness_tiles=robustness_tiles,
+        robustness_k=robustness_k,
     )
 
 
@@ -848,6 +948,7 @@ def summarize_scores(
     """
     if not isinstance(scores, pd.DataFrame):
         scores = read_scores(scores)[0]
+    scores, pooled = _split_pooled(scores)
     wide, metrics, code_a, code_b, n_slides = _wide(scores)
     counts = slide_resamples(n_slides, n_boot, seed) if n_boot > 0 else None
     rows = []
@@ -864,9 +965,22 @@ def summarize_scores(
                 low, high = ci.get(stat, (np.full(len(metrics), np.nan),) * 2)
                 row |= {f"{stat}_ci_low": float(low[j]), f"{stat}_ci_high": float(high[j])}
             rows.append(row)
+    for metric, value in zip(pooled["metric"], pooled["value"], strict=True):  # one value: no spread, no CI
+        v = float(value)
+        rows.append({"group": POOLED, "metric": metric, "n_pairs": 0, "mean": v, "std": 0.0, "median": v})
+        rows[-1] |= {"iqr": 0.0, **dict.fromkeys(("mean_ci_low", "mean_ci_high"), np.nan)}
+        rows[-1] |= dict.fromkeys(("median_ci_low", "median_ci_high"), np.nan)
     columns = ["group", "metric", "n_pairs", *STATS]
     columns += ["mean_ci_low", "mean_ci_high", "median_ci_low", "median_ci_high"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _split_pooled(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Slide-pair rows, and the rows of all slides pooled (the robustness index)."""
+    if "group" not in scores.columns:
+        return scores, scores.iloc[:0]
+    pooled = (scores["group"] == POOLED).to_numpy()
+    return scores[~pooled], scores[pooled]
 
 
 def leaderboard_metric(summary: pd.DataFrame, decimals: int | None = None) -> float | pd.Series:
@@ -901,7 +1015,7 @@ def leaderboard_ci(
     """The leaderboard metric with a cluster-bootstrap CI (each replicate recomputes all four medians)."""
     if not isinstance(scores, pd.DataFrame):
         scores = read_scores(scores)[0]
-    wide, metrics, code_a, code_b, n_slides = _wide(scores)
+    wide, metrics, code_a, code_b, n_slides = _wide(_split_pooled(scores)[0])
     counts = slide_resamples(n_slides, n_boot, seed)
     masks = dict(_groups(wide))
     point, samples = [], []
@@ -1019,6 +1133,7 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     cols: dict[str, dict[str, float]] = {c: {} for c in ("plism_leaderboard", "plism_cosine_median")}
     cols |= {"plism_cosine_unmatched_median": {}, "plism_separation_median": {}}
     cols |= {f"plism_top10_{g}": {} for g in LEADERBOARD_TOP10_GROUPS}
+    cols |= {"plism_robustness_index": {}}
     for model, part in summary.groupby("model", sort=False) if len(summary) else []:
         part = part.drop(columns="model")
         decimals = LEADERBOARD_DECIMALS if _compat_of(part).startswith("plismbench") else None
@@ -1031,7 +1146,15 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
         cols["plism_separation_median"][model] = _median(part, ALL, SEPARATION)
         for g in LEADERBOARD_TOP10_GROUPS:
             cols[f"plism_top10_{g}"][model] = _median(part, g, "top_10")
+        ri = _ri_headline_metric(set(part.loc[part["group"] == POOLED, "metric"]))
+        cols["plism_robustness_index"][model] = _median(part, POOLED, ri) if ri else np.nan
     return by_model(cols, models)
+
+
+def _ri_headline_metric(metrics: set[str]) -> str | None:
+    """The leaderboard's robustness index: site = slide, at the largest k scored."""
+    ks = [int(m.removeprefix("ri_slide_k")) for m in metrics if m.startswith("ri_slide_k")]
+    return f"ri_slide_k{max(ks)}" if ks else None
 
 
 def _flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
@@ -1119,7 +1242,8 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
         _g=summary["group"].map({g: i for i, g in enumerate(groups)}).fillna(len(groups)),
         _m=summary["metric"].map({m: i for i, m in enumerate(metrics)}),
     ).sort_values(["_g", "_m"], kind="stable")
-    pairs = ordered.groupby(["group", "model"], sort=False)["n_pairs"].first()
+    paired = ordered[ordered["group"] != POOLED]
+    pairs = paired.groupby(["group", "model"], sort=False)["n_pairs"].first()
     body = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
     body += page.note(
         "Median over slide pairs [95% cluster-bootstrap CI, resampling slides], per pair group and metric. "
@@ -1127,7 +1251,10 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
         "inter-scanner/inter-staining groups. cosine_unmatched: the cosine of different tiles of the same slide "
         "pair (a random pairing); separation = cosine − cosine_unmatched. A model whose embeddings barely "
         f"tell tiles apart (median cosine_unmatched ≥ {COLLAPSE_UNMATCHED}) has a high matched cosine for "
-        "the wrong reason, and is flagged. Pairs per group: "
+        "the wrong reason, and is flagged. Group pooled: de Jong et al.'s robustness index over all slides "
+        "pooled, ri_{site}_k{k} = (neighbours with the same tile from another site) / (neighbours with another "
+        "tile from the same site) among the k nearest, site = slide, scanner or staining (> 1: the tissue "
+        "dominates the site; one value, no CI). Pairs per group: "
         + "; ".join(f"{g}: {n}" for g, n in pairs.groupby(level=0, sort=False).max().items())
     )
     compat = {}
@@ -1168,5 +1295,6 @@ BENCHMARK = Benchmark(
         "plism_top10_inter_scanner": "PLISM top-10 inter-scanner",
         "plism_top10_inter_staining": "PLISM top-10 inter-staining",
         "plism_top10_inter_scanner_staining": "PLISM top-10 inter-scanner+staining",
+        "plism_robustness_index": "PLISM robustness index (de Jong; site = slide, largest k)",
     },
 )
