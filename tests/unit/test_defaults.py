@@ -145,6 +145,8 @@ SOURCES: dict[str, tuple] = {
             "test_fraction",
             "val_fraction",
             "n_val_splits",
+            "split",
+            "split_seeds",
             "cross_domain",
             "cross_domain_runs",
         )
