@@ -17,6 +17,9 @@ rule score_plism:
         tiles_subset=BENCH["plism"]["tiles_subset"],
         block_size=BENCH["plism"]["block_size"],
         unmatched=BENCH["plism"]["unmatched"],
+        compat=BENCH["plism"]["compat"],
+        robustness_tiles=BENCH["plism"]["robustness_tiles"],
+        robustness_k=BENCH["plism"]["robustness_k"],
     log:
         "logs/score_plism/{model}.log",
     threads: threads_for("score_plism")

@@ -243,11 +243,17 @@ def hest_task_dir(task):
 def probe_task(name):
     """A probe task's dataset and row manifest: a cohort's tiles, or image files packed by `probe_store`."""
     task = PROBE["tasks"][name]
+    settings = {k: task[k] for k in ("eva", "linear") if task.get(k)}  # per-task linear-probe settings
     if task.get("images"):
-        return {"dataset": f"probe-{name}", "manifest": f"{RESULTS}/probe/{name}.csv", "level": task["level"]}
+        return {
+            "dataset": f"probe-{name}",
+            "manifest": f"{RESULTS}/probe/{name}.csv",
+            "level": task["level"],
+            **settings,
+        }
     if not (task.get("dataset") and task.get("manifest")):
         raise ValueError(f"benchmarks.probe.tasks.{name}: give `images`, or `dataset` and `manifest`")
-    return {"dataset": task["dataset"], "manifest": task["manifest"], "level": task["level"]}
+    return {"dataset": task["dataset"], "manifest": task["manifest"], "level": task["level"], **settings}
 
 
 PROBE_TASKS = {name: probe_task(name) for name in PROBE["tasks"]}

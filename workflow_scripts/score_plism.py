@@ -15,5 +15,8 @@ plism.run(
     dtype=p.dtype,
     block_size=p.block_size,
     unmatched=p.unmatched,
+    compat=p.compat,
+    robustness_tiles=p.robustness_tiles,
+    robustness_k=p.robustness_k,
     workers=snakemake.threads,
 )

@@ -4,7 +4,10 @@ Two sources give the same artifact:
 - `slides`: the reference slide's tissue grid is mapped through each slide's elastix registration
   (`histodistill.registration`) and cut there, each tile resampled through the registration's local affine
   (so rotation and scale between scanners are undone) at the target µm/px;
-- `h5`: the public pre-registered tiles (one HDF5 file per slide, key `level_x_y`, value uint8 224×224×3).
+- `h5`: the public pre-registered tiles (one HDF5 file per slide, value uint8 224×224×3). The key ends in
+  `level_x_y`: plismbench (owkin/plism-benchmark `engine/extract/utils.py`, commit b4f32b7) parses a key as
+  `key.split("_")[1:]` → three integers (level, x, y) after a leading field and sorts rows by (x, y); so both
+  `{prefix}_level_x_y` (plismbench's form) and a bare `level_x_y` are read, rows sorted by (x, y) alike.
 
 The artifact is a tile store (`histodistill.tilestore`) whose `tiles` array is [slide, tile, H, W, 3]
 (row i is the same tissue in every slide; one shard per slide × `chunk_tiles` tiles, so slides are written
@@ -42,7 +45,7 @@ from histodistill.tiling import read_tile_table
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("slide_id", "path", "scanner", "staining")
-_TILE_ID = re.compile(r"^(\d+)_(\d+)_(\d+)$")
+_TILE_ID = re.compile(r"^(?:[^_]+_)?(\d+)_(\d+)_(\d+)$")  # [prefix_]level_x_y, see the docstring
 
 
 class PlismError(HistodistillError):
@@ -412,7 +415,7 @@ def _sorted_tile_ids(ids) -> list[str]:
     for tid in ids:
         m = _TILE_ID.match(tid)
         if not m:
-            raise PlismError(f"unexpected tile id '{tid}' (expected level_x_y)")
+            raise PlismError(f"unexpected tile id '{tid}' (expected level_x_y or prefix_level_x_y, integers)")
         parsed.append((int(m.group(2)), int(m.group(3)), tid))
     return [tid for _, _, tid in sorted(parsed)]
 
@@ -456,7 +459,7 @@ def ingest_h5(
                 f"extra {extra[:5]}{'…' if len(extra) > 5 else ''} ({len(extra)})"
             )
     n = len(tile_ids)
-    xy = np.array([[int(v) for v in t.split("_")[1:]] for t in tile_ids], np.int64)
+    xy = np.array([[int(v) for v in _TILE_ID.match(t).groups()[1:]] for t in tile_ids], np.int64)
     table = pd.concat(
         [
             pd.DataFrame(

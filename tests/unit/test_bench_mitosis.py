@@ -15,7 +15,7 @@ from skimage import measure
 from histodistill.bench import BenchmarkError
 from histodistill.bench import mitosis as M
 from histodistill.bench.mitosis.data import slides_from_sheet, validate_annotations
-from histodistill.bench.mitosis.linear import fit_logistic_regression, run_linear_protocol
+from histodistill.bench.mitosis.linear import fit_logistic_regression, predict_linear, run_linear_protocol
 from histodistill.bench.mitosis.lora import (
     SlidePatchSampler,
     _merge_lora,
@@ -31,6 +31,7 @@ from histodistill.bench.mitosis.splits import (
     Split,
     _splits_frame,
     _splits_from_frame,
+    annotation_seeded_splits,
     cross_domain_splits,
     scaling_splits,
 )
@@ -284,6 +285,68 @@ def test_scaling_splits_are_reproducible_and_round_trip():
         )
         np.testing.assert_array_equal(x.train, y.train)
         np.testing.assert_array_equal(x.tests[M.ALL], y.tests[M.ALL])
+
+
+def test_annotation_seeded_splits_are_the_authors_draws_and_leak_no_annotation():
+    a = table(seed=2)
+    n = len(a)
+    splits = annotation_seeded_splits(a, fractions=(0.001, 0.01, 0.1, 1.0), seeds=(42, 43))
+    # linear_probing.py, written out: one generator per seed; test, then per fraction a draw and its 80%
+    want = []
+    for seed in (42, 43):
+        rng = np.random.default_rng(seed)
+        test = rng.choice(n, size=int(np.floor(n * 0.2)), replace=False)
+        pool = np.setdiff1d(np.arange(n), test)
+        for fraction in (0.001, 0.01, 0.1, 1.0):
+            size = int(np.floor(len(pool) * fraction))
+            if size == 0:
+                continue
+            draw = rng.choice(pool, size=size, replace=False)
+            keep = int(0.8 * size)
+            fit = rng.choice(draw, size=keep, replace=False) if keep else draw
+            want.append((seed, fraction, np.sort(test), np.sort(fit), np.setdiff1d(draw, fit)))
+    kept = [w for w in want if len(set(a["target"].to_numpy()[w[3]])) == 2]
+    assert len(kept) == len(splits) and len(splits) >= 4  # 0.1% draws nothing at this size
+    tests = set()
+    for s, (seed, fraction, test, fit, rest) in zip(splits, kept, strict=True):
+        assert (s.run, s.fraction, s.fit_val) == ((42, 43).index(seed), fraction, False)
+        np.testing.assert_array_equal(s.tests[M.ALL], test)
+        np.testing.assert_array_equal(s.train, fit)
+        np.testing.assert_array_equal(s.val, rest)
+        # no annotation in two of train, validation, test
+        assert not set(s.train) & set(s.tests[M.ALL]) and not set(s.val) & set(s.tests[M.ALL])
+        assert not set(s.train) & set(s.val)
+        if fraction == 1.0:
+            assert len(s.train) == int(0.8 * (n - len(test)))
+        tests.add(tuple(s.tests[M.ALL]))
+    assert len(tests) == 2  # a test draw per seed
+    assert cases(a, splits[-1].train) & cases(
+        a, splits[-1].tests[M.ALL]
+    )  # cases do cross: why it is not the default
+    back = _splits_from_frame(_splits_frame(splits))
+    assert [b.fit_val for b in back] == [False] * len(splits)
+
+
+def test_annotation_seeded_linear_probe_fits_on_the_80_percent_only():
+    a = table(seed=4)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(len(a), 8)) + a["target"].to_numpy()[:, None]
+    split = annotation_seeded_splits(a, fractions=(1.0,), seeds=(42,))[0]
+    pred = predict_linear(x, a, split, "m")
+    assert set(pred["n_train"]) == {len(split.train)} and len(split.val) > 0
+    case_split = scaling_splits(a, fractions=(1.0,), n_val_splits=1)[0]
+    assert set(predict_linear(x, a, case_split, "m")["n_train"]) == {
+        len(case_split.train) + len(case_split.val)
+    }
+    config = M.MitosisConfig.from_config(
+        {"split": "annotation_seeded", "split_seeds": [1, 2], "cross_domain": False}
+    )
+    assert config.split_seeds == (1, 2)
+    splits = protocol_splits(a, config)
+    assert {s.run for s in splits} == {0, 1} and not any(s.fit_val for s in splits)
+    assert all(s.fit_val for s in protocol_splits(a, M.MitosisConfig(cross_domain=False)))  # default: case
+    with pytest.raises(BenchmarkError, match="split 'slide' is not one of"):
+        M.MitosisConfig(split="slide")
 
 
 def test_split_errors():

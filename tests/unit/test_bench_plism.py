@@ -23,9 +23,11 @@ from histodistill.bench.plism import (
     open_embedding_features,
     pair_group,
     pair_scores,
+    plismbench_pair_scores,
     plot_scanner_vs_staining,
     plot_topk_vs_cosine,
     read_scores,
+    robustness_index,
     run,
     score_pairs,
     score_plism,
@@ -125,6 +127,119 @@ def test_float16_similarities_tie_by_hand():
         np.array([[1.0, 1.0001]]), "float16"
     )  # inputs rounded first, like plismbench
     assert rounded[0, 0] == rounded[0, 1]
+
+
+# ------------------------------------------------------------------------------ compat: plismbench
+
+
+def plismbench_reference(a: np.ndarray, b: np.ndarray, top_k, ties: str) -> np.ndarray:
+    """The public plismbench's computation written out on the full matrices (NumPy, float16 throughout):
+    dot products and norms rounded separately, top-k = positions 1…k of `argpartition` (CPU) or of a stable
+    sort (CuPy's argpartition, GPU)."""
+    a16, b16 = a.astype(np.float16), b.astype(np.float16)
+    n = len(a)
+    diag = np.diag(np.matmul(a16, b16.T))  # NumPy's float16 matmul: float32 sum, one rounding
+    norm_a, norm_b = np.linalg.norm(a16, axis=1), np.linalg.norm(b16, axis=1)
+    cosine = float((diag / (norm_a * norm_b)).mean())
+    ab = np.concatenate([a16, b16])
+    norm = np.linalg.norm(ab, axis=1, keepdims=True)
+    cos = np.matmul(ab, ab.T) / (norm * norm.T)
+    kmax = max(top_k)
+    if ties == "argpartition":
+        top = np.argpartition(-cos, range(1, kmax + 1), axis=1)[:, 1 : kmax + 1]
+    else:
+        top = np.argsort(-cos, axis=1, kind="stable")[:, 1 : kmax + 1]
+    target = np.r_[np.arange(n, 2 * n), np.arange(n)]
+    accs = []
+    for k in top_k:
+        hit = (top[:, :k] == target[:, None]).any(axis=1)
+        accs.append((hit[:n].sum() / n + hit[n:].sum() / n) / 2)
+    return np.array([cosine, *accs])
+
+
+# Case 1, a near-duplicate: a0 = e1, a1 = e2, b0 = (1, 0.001), b1 = e2 (a duplicate of a1).
+# Exact: every target is the most similar other row → top-1 = top-2 = 1; cosine = (0.9999995 + 1)/2.
+# plismbench: |b0|² = 1 + 1e-6 rounds to 1 in float16, so cos(a0, b0) = 1 = cos(a0, a0). Rows of
+# [a0, a1, b0, b1] (indices 0-3), ties by index: a0 → [a0, b0, …]: b0 at position 1, a hit; a1 → [a1, b1, …]:
+# a hit; b0 → [a0, b0, …]: its target a0 takes position 0 and is dropped, a miss at every k; b1 likewise.
+# So top-1 = top-2 = (2/2 + 0/2)/2 = 0.5, and cosine = mean(1, 1) = 1.
+NEAR_DUP = (np.array([[1, 0], [0, 1]], np.float32), np.array([[1, 0.001], [0, 1]], np.float32))
+# Case 2, ties between other rows: a0 = a1 = b0 = e1, b1 = e2. Exact (rows strictly above the target):
+# a0 → b0: 0 above, hit; a1 → b1 (0): a0, b0 above, miss at k ≤ 2; b0 → a0: hit; b1 → a1 (0): none above
+# (a0, b0 tie at 0), hit. top-1 = top-2 = (1/2 + 2/2)/2 = 0.75. plismbench, ties by index:
+# a0's row [1, 1, 1, 0] → order a0, a1, b0: b0 at position 2, a hit at k = 2 only; a1 → b1 at 3, a miss;
+# b0 → a0 at position 0, a miss; b1's row [0, 0, 0, 1] → b1, a0, a1: a1 at position 2, a hit at k = 2.
+# top-1 = 0, top-2 = (1/2 + 1/2)/2 = 0.5; cosine = (1 + 0)/2 in both.
+TIES = (np.array([[1, 0], [1, 0]], np.float32), np.array([[1, 0], [0, 1]], np.float32))
+
+
+@pytest.mark.parametrize(
+    ("case", "exact", "plismbench"),
+    [
+        (NEAR_DUP, [(0.9999995 + 1) / 2, 1.0, 1.0], [1.0, 0.5, 0.5]),
+        (TIES, [0.5, 0.75, 0.75], [0.5, 0.0, 0.5]),
+    ],
+)
+def test_compat_modes_by_hand(case, exact, plismbench):
+    a, b = case
+    out = pair_scores(normalize_features(a), normalize_features(b), top_k=(1, 2))
+    np.testing.assert_allclose(out, exact, rtol=0, atol=1e-7)
+    for block_size in (1, 3, 4):
+        got = plismbench_pair_scores(a, b, top_k=(1, 2), block_size=block_size, compat="plismbench")
+        np.testing.assert_array_equal(got, plismbench)
+    np.testing.assert_array_equal(plismbench_reference(a, b, (1, 2), "index"), plismbench)
+    cpu = plismbench_pair_scores(a, b, top_k=(1, 2), compat="plismbench_cpu")
+    np.testing.assert_array_equal(cpu, plismbench_reference(a, b, (1, 2), "argpartition"))
+
+
+@pytest.mark.parametrize("compat", ["plismbench", "plismbench_cpu"])
+def test_compat_equals_plismbenchs_computation_with_ties_and_duplicates(compat):
+    # Coarse features (multiples of 1/4) make float16 ties common; duplicated and near-duplicated tiles too.
+    rng = np.random.default_rng(3)
+    for trial in range(4):
+        a = rng.integers(-3, 4, size=(70, 6)).astype(np.float32) / 4
+        b = a + rng.integers(-1, 2, size=a.shape).astype(np.float32) / 4 * (rng.random((70, 1)) < 0.5)
+        b[:10] = a[:10] * (1 + 1e-4)  # near-duplicates
+        a[a.sum(1) == 0, 0] = 1.0  # no zero rows
+        b[b.sum(1) == 0, 0] = 1.0
+        ties = "index" if compat == "plismbench" else "argpartition"
+        want = plismbench_reference(a, b, (1, 3, 5, 10), ties)
+        got = plismbench_pair_scores(a, b, top_k=(1, 3, 5, 10), block_size=32, compat=compat)
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+
+
+def test_compat_plismbench_counts_near_duplicates_as_misses():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 32)).astype(np.float32)
+    b = a * 1.0001  # the same tiles, a near-duplicate for every target
+    exact = pair_scores(
+        normalize_features(a, "float16"), normalize_features(b, "float16"), (1, 10), dtype="float16"
+    )
+    compat = plismbench_pair_scores(a, b, (1, 10))
+    assert exact[1] == 1.0 and compat[1] < 0.9  # many targets tie with or beat the rounded self similarity
+    with pytest.raises(BenchmarkError, match="compat 'gpu' is not one of"):
+        plismbench_pair_scores(a, b, compat="gpu")
+
+
+def test_compat_in_score_pairs_and_leaderboard_rounding():
+    rng = np.random.default_rng(1)
+    feats = noisy_slides(rng, n_slides=3, n=30, dim=8)
+    slides = slide_table(1, 3)
+    scores = score_pairs(feats, slides, top_k=(1, 3), compat="plismbench", block_size=16)
+    for (a, b), row in wide(scores).iterrows():
+        ia, ib = slides["slide_id"].tolist().index(a), slides["slide_id"].tolist().index(b)
+        want = plismbench_reference(feats[ia], feats[ib], (1, 3), "index")
+        np.testing.assert_array_equal(row[["cosine", "top_1", "top_3"]].to_numpy(np.float64), want)
+    # plismbench's leaderboard: medians rounded to 3 decimals, then their mean rounded to 3 decimals
+    summary = pd.DataFrame(
+        {
+            "group": [ALL, INTER_SCANNER, INTER_STAINING, INTER_BOTH],
+            "metric": ["cosine", "top_10", "top_10", "top_10"],
+            "median": [0.12345, 0.66666, 0.50049, 0.9126],
+        }
+    )
+    assert leaderboard_metric(summary) == pytest.approx(2.2032 / 4)  # 0.5508
+    assert leaderboard_metric(summary, decimals=3) == 0.551  # (0.123 + 0.667 + 0.5 + 0.913)/4 = 0.55075
 
 
 def test_unrelated_slides_score_chance_with_slide_mates_as_distractors():
@@ -426,3 +541,85 @@ def test_figures(tmp_path):
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(BenchmarkError, match="model"):
         plot_topk_vs_cosine(summary.drop(columns="model"), tmp_path / "x.png")
+
+
+def test_report_rounds_the_leaderboard_of_plismbench_compat_scores(tmp_path):
+    from histodistill.report import build_report
+
+    rng = np.random.default_rng(5)
+    feats, slides = noisy_slides(rng, n_slides=4, n=24, dim=8, noise=1.5), slide_table(2, 2)
+    paths = {}
+    for compat in ("exact", "plismbench"):
+        paths[compat] = tmp_path / f"{compat}.parquet"
+        score_plism(feats, slides, paths[compat], model=compat, top_k=(1, 10), compat=compat)
+    assert read_scores(paths["plismbench"])[1]["params"]["compat"] == "plismbench"
+    board = build_report({"plism": {m: str(p) for m, p in paths.items()}}, tmp_path / "report", n_boot=0)
+    board = board.set_index("model")["plism_leaderboard"]
+    for compat, decimals in (("exact", None), ("plismbench", 3)):
+        summary = summarize_scores(read_scores(paths[compat])[0], n_boot=0)
+        medians = [float(summary.query("group == @g and metric == @m")["median"].iloc[0]) for g, m in LB]
+        want = np.mean(medians) if decimals is None else np.round(np.mean(np.round(medians, 3)), 3)
+        assert board[compat] == pytest.approx(want, abs=1e-12)
+    assert board["plismbench"] == round(board["plismbench"], 3)
+    assert "plismbench" in (tmp_path / "report" / "index.html").read_text()
+
+
+LB = [(ALL, "cosine"), (INTER_SCANNER, "top_10"), (INTER_STAINING, "top_10"), (INTER_BOTH, "top_10")]
+
+
+# ----------------------------------------------------------------------------- robustness index
+
+
+def test_robustness_index_by_hand():
+    # Tiles t0, t1 on slides s0, s1 at angles p00 = 0°, p10 = 10°, p01 = 25°, p11 = 60° (p{tile}{slide}).
+    # Nearest first: p00 → p10 (OS), p01 (SO), p11; p10 → p00 (OS), p01 (OO), p11 (SO);
+    # p01 → p10 (OO), p00 (SO), p11 (OS); p11 → p01 (OS), p10 (SO), p00 (OO).
+    # k = 1: SO 0, OS 3 → 0; k = 2: SO 3 (p00, p01, p11), OS 3 → 1; k = 3: SO 4, OS 4 → 1.
+    x = unit2d([0, 10, 25, 60])
+    tile, slide = [0, 1, 0, 1], ["s0", "s0", "s1", "s1"]
+    out = robustness_index(x, tile, {"slide": slide, "scanner": ["X"] * 4}, ks=(1, 2, 3), block_size=3)
+    assert out == {
+        "ri_slide_k1": 0.0,
+        "ri_slide_k2": 1.0,
+        "ri_slide_k3": 1.0,
+        # one scanner: no neighbour has the same tile from another scanner
+        "ri_scanner_k1": 0.0,
+        "ri_scanner_k2": 0.0,
+        "ri_scanner_k3": 0.0,
+    }
+    with pytest.raises(BenchmarkError, match="k values"):
+        robustness_index(x, tile, {"slide": slide}, ks=(4,))
+
+
+def test_robustness_index_in_the_scores_and_the_report(tmp_path):
+    from histodistill.report import build_report
+
+    rng = np.random.default_rng(2)
+    slides = slide_table(2, 2)  # 4 slides
+    tissue = rng.normal(size=(30, 16))
+    site = rng.normal(size=(4, 16)) * 10
+    robust = np.stack([tissue + 0.01 * rng.normal(size=tissue.shape) for _ in range(4)]).astype(np.float32)
+    by_site = np.stack([site[s] + 0.1 * tissue for s in range(4)]).astype(np.float32)
+    paths = {}
+    for name, feats in (("robust", robust), ("by_site", by_site)):
+        scores = score_pairs(feats, slides, top_k=(1, 10), robustness_tiles=20, robustness_k=(3, 10))
+        pooled = scores[scores["group"] == "pooled"].set_index("metric")["value"]
+        assert set(pooled.index) == {
+            f"ri_{s}_k{k}" for s in ("slide", "scanner", "staining") for k in (3, 10)
+        }
+        if name == "robust":  # the 3 nearest are the same tile on the 3 other slides: no OS at all
+            assert pooled["ri_slide_k3"] == np.inf
+        else:  # the nearest are other tiles of the same slide: no SO at k = 3, 10
+            assert pooled["ri_slide_k3"] == 0.0 and pooled["ri_slide_k10"] == 0.0
+        paths[name] = tmp_path / f"{name}.parquet"
+        score_plism(
+            feats, slides, paths[name], model=name, top_k=(1, 10), robustness_tiles=20, robustness_k=(3,)
+        )
+    summary = summarize_scores(read_scores(paths["by_site"])[0], n_boot=10)
+    row = summary[(summary["group"] == "pooled") & (summary["metric"] == "ri_slide_k3")].iloc[0]
+    assert row["median"] == 0.0 and row["n_pairs"] == 0
+    assert len(summary[summary["group"] == ALL]) == 3  # the pairs' metrics are unchanged
+    board = build_report({"plism": {m: str(p) for m, p in paths.items()}}, tmp_path / "report", n_boot=0)
+    ri = board.set_index("model")["plism_robustness_index"]  # site = slide at k = 3
+    assert ri["robust"] > 1 > ri["by_site"]
+    assert "robustness index" in (tmp_path / "report" / "index.html").read_text()

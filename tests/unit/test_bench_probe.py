@@ -10,12 +10,14 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from histodistill.bench import BenchmarkError
 from histodistill.bench.probe import (
     ABMIL,
+    EVA_LINEAR,
     AbmilConfig,
     KnnConfig,
     LinearProbeConfig,
     classification_metrics,
     fit_logreg,
     knn_proba,
+    linear_config,
     load_manifest,
     run,
     run_abmil,
@@ -145,6 +147,89 @@ def test_seeds_differ_and_each_is_reproducible():
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).max() > 1e-3
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+# kaiko-ai/eva 0.4.5+1 (commit 73b61a79): configs/vision/pathology/offline/classification/*.yaml
+EVA_TABLE = {  # task: (patience, max_steps, monitor)
+    "bach": (1250, 12_500, "balanced_accuracy"),  # val/MulticlassAccuracy, macro-averaged
+    "crc": (7, 12_500, "balanced_accuracy"),
+    "mhist": (278, 12_500, "balanced_accuracy"),  # val/BinaryBalancedAccuracy
+    "pcam": (3, 12_500, "balanced_accuracy"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(EVA_TABLE))
+def test_eva_per_task_settings_are_pinned(task):
+    cfg = EVA_LINEAR[task]
+    assert (cfg.patience, cfg.max_steps, cfg.monitor) == EVA_TABLE[task]
+    assert (cfg.batch_size, cfg.lr, cfg.eval_every) == (256, 3e-4, None)
+    assert (cfg.low_lr_factor, cfg.low_lr_epochs) == (1 / 3, 5)  # torch ConstantLR's defaults, per epoch
+    assert (cfg.seeding, cfg.seed, len(cfg.seeds)) == ("once", 42, 5)
+    assert set(EVA_LINEAR) == set(EVA_TABLE)
+
+
+def test_task_settings_take_eva_then_overrides():
+    assert linear_config({"patience": 2}, "bach").patience == 1250  # EVA's replace the global section
+    assert linear_config({"patience": 2}, "bach", {"max_steps": 10}).max_steps == 10
+    assert linear_config({"patience": 2, "seeds": [3]}).seeds == (3,)
+    with pytest.raises(BenchmarkError, match="unknown EVA task 'camelyon'"):
+        linear_config(None, "camelyon")
+    with pytest.raises(BenchmarkError, match="unknown setting 'patient'"):
+        linear_config({"patient": 3})
+    with pytest.raises(BenchmarkError, match="seeding 'twice'"):
+        LinearProbeConfig(seeding="twice")
+
+
+def test_learning_rate_is_a_third_for_the_first_five_epochs():
+    x, y, split = blobs((40, 10, 0))
+    enc = validate_split(y, split)
+    tr, va = enc.masks["train"], enc.masks["val"]
+    cfg = LinearProbeConfig(max_steps=16, batch_size=20, lr=3e-4, patience=None)  # 2 steps an epoch
+    fit = train_linear_probe(x[tr], enc.codes[tr], x[va], enc.codes[va], 3, 0, cfg)
+    assert fit.lrs == pytest.approx([1e-4] * 5 + [3e-4] * 3)
+    flat = train_linear_probe(
+        x[tr],
+        enc.codes[tr],
+        x[va],
+        enc.codes[va],
+        3,
+        0,
+        LinearProbeConfig(max_steps=16, batch_size=20, low_lr_epochs=0),
+    )
+    assert flat.lrs == pytest.approx([3e-4] * 8)
+
+
+def test_seeding_once_continues_one_stream_over_the_runs():
+    x, y, split = blobs(spread=1.0, seed=2)
+    enc = validate_split(y, split)
+    tr, va, te = (enc.masks[s] for s in ("train", "val", "test"))
+    base = dict(max_steps=30, eval_every=10, seeds=(0, 1))
+
+    def by_hand(**gen):
+        stream = torch.Generator().manual_seed(42)
+        fits = []
+        for seed in (0, 1):
+            g = {"generator": stream} if gen else {}
+            fits.append(
+                train_linear_probe(
+                    x[tr], enc.codes[tr], x[va], enc.codes[va], 3, seed, LinearProbeConfig(**base), **g
+                )
+            )
+        return [classification_metrics(enc.codes[te], f.predict_proba(x[te]))["auroc"] for f in fits], fits
+
+    once = run_probe(x, y, split, "t", methods=("linear",), linear=LinearProbeConfig(**base))
+    per_run = run_probe(
+        x, y, split, "t", methods=("linear",), linear=LinearProbeConfig(**base, seeding="per_run")
+    )
+    want_once, fits_once = by_hand(generator=True)
+    want_per_run, fits_per_run = by_hand()
+    got = lambda rows: rows.query("metric == 'auroc'").sort_values("seed")["value"].tolist()  # noqa: E731
+    assert got(once) == pytest.approx(want_once, abs=0)
+    assert got(per_run) == pytest.approx(want_per_run, abs=0)
+    # run 0 of the session starts from seed 42, run 1 continues the stream: neither is a reseeded run
+    w = lambda f: f.head.weight.detach()  # noqa: E731
+    assert not torch.equal(w(fits_once[0]), w(fits_once[1]))
+    assert not torch.equal(w(fits_once[1]), w(fits_per_run[1]))
 
 
 def test_early_stopping_keeps_the_best_state():

@@ -109,7 +109,10 @@ SOURCES: dict[str, tuple] = {
         f"embeddings.{f}": (extract_embeddings, f)
         for f in ("pooling", "batch_size", "num_workers", "precision")
     },
-    **{f"benchmarks.plism.{f}": (score_plism, f) for f in ("top_k", "dtype", "tiles_subset", "block_size")},
+    **{
+        f"benchmarks.plism.{f}": (score_plism, f)
+        for f in ("top_k", "dtype", "tiles_subset", "block_size", "compat", "robustness_k")
+    },
     "benchmarks.plism.n_boot": (summarize_scores, "n_boot"),
     "benchmarks.hest.latent_dim": (score_task, "latent_dim"),
     "benchmarks.hest.seed": (score_task, "seed"),
@@ -122,6 +125,11 @@ SOURCES: dict[str, tuple] = {
             "lr",
             "eval_every",
             "patience",
+            "monitor",
+            "low_lr_factor",
+            "low_lr_epochs",
+            "seeding",
+            "seed",
             "seeds",
         )
     },
@@ -137,6 +145,8 @@ SOURCES: dict[str, tuple] = {
             "test_fraction",
             "val_fraction",
             "n_val_splits",
+            "split",
+            "split_seeds",
             "cross_domain",
             "cross_domain_runs",
         )
@@ -167,6 +177,7 @@ SOURCES: dict[str, tuple] = {
 PIPELINE_ONLY = {
     "on_missing_slide": "the workflow's check of the sample sheet (config.check_slide_files, default error)",
     "benchmarks.plism.unmatched": "the pipeline scores the unmatched cosine; the library's default stays plismbench's metric set",
+    "benchmarks.plism.robustness_tiles": "the pipeline adds the robustness index; the library's default stays plismbench's metric set",
     "results_dir": "the workflow's output folder; the library takes explicit paths",
     "seed": "the run's seed; each rule passes it (or one derived from it) to the library",
     "demo.enabled": "switch: make the demo slides",

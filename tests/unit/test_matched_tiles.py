@@ -333,6 +333,20 @@ def test_h5_source_rows_sorted_by_x_then_y(tmp_path):
             np.testing.assert_array_equal(store.tiles[2, i], f[tid][()])
 
 
+def test_h5_keys_in_plismbenchs_form_are_read_as_level_x_y(tmp_path):
+    # plismbench reads key.split("_")[1:] as (level, x, y): a leading field, then three integers
+    ids = ["tile_16_448_0", "tile_16_0_224", "tile_16_224_0"]
+    manifest, h5_dir = _h5_set(tmp_path, ids)
+    ingest_h5(manifest, REF, h5_dir, tmp_path / "t.zarr", tmp_path / "t.parquet")
+    table, _ = read_matched_table(tmp_path / "t.parquet")
+    assert table["tile_id"][:3].tolist() == ["tile_16_0_224", "tile_16_224_0", "tile_16_448_0"]
+    assert table["x0"][:3].tolist() == [0, 224, 448] and table["y0"][:3].tolist() == [224, 0, 0]
+    (tmp_path / "bad").mkdir()
+    manifest, h5_dir = _h5_set(tmp_path / "bad", ["16_x_0"])
+    with pytest.raises(PlismError, match="unexpected tile id '16_x_0'"):
+        ingest_h5(manifest, REF, h5_dir, tmp_path / "u.zarr", tmp_path / "u.parquet")
+
+
 @pytest.mark.parametrize(
     ("change", "match"), [("drop", r"missing \['16_224_0'\]"), ("add", r"extra \['16_9_9'\]")]
 )

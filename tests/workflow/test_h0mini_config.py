@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from benchmarks.dag_scale import CONFIG, dry_run, job_counts, make_placeholder_tree, run_snakemake
+from histodistill.bench.probe import linear_config
 from histodistill.config import load_schema, validate_config
 from tests.conftest import REPO
 
@@ -56,6 +57,20 @@ def test_h0mini_config_is_valid_and_is_the_papers_recipe():
     assert len(config["benchmarks"]["hest"]["tasks"]) == 9
     manifest = (REPO / config["plism"]["manifest"]).read_text().splitlines()
     assert len(manifest) == 1 + 91 and manifest[0].split("\t") == ["slide_id", "path", "scanner", "staining"]
+    # every EVA patch task takes EVA's own linear-probe settings (pinned in tests/unit/test_bench_probe.py)
+    probe = config["benchmarks"]["probe"]
+    assert {name: task.get("eva") for name, task in probe["tasks"].items()} == {
+        "bach": "bach",
+        "crc": "crc",
+        "mhist": "mhist",
+        "pcam": "pcam",
+    }
+    patience = {
+        n: linear_config(probe["linear"], t["eva"], t.get("linear")).patience
+        for n, t in probe["tasks"].items()
+    }
+    assert patience == {"bach": 1250, "crc": 7, "mhist": 278, "pcam": 3}
+    assert linear_config(probe["linear"]) == linear_config(None)  # the global section is EVA's CRC default
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,42 @@ Ties are decided deterministically: a hit is when fewer than k rows (other than 
 target) are *strictly* more similar than the target. `plismbench` breaks ties by `argpartition` order, so
 results agree except on exact ties, which happen in practice only with `dtype="float16"`.
 
+`compat` (default "exact") selects what is computed. "exact" is the above: the mathematically intended
+metric, features L2-normalised in float32 (after rounding them to float16 with `dtype="float16"`). "plismbench"
+reproduces the public benchmark's numbers (owkin/plism-benchmark, commit b4f32b7 of 2025-06-06:
+`metrics/cosine_similarity.py`, `metrics/retrieval.py`, `utils/aggregate.py`, `utils/metrics.py`), which
+differ in two ways:
+
+1. **Near-duplicates.** plismbench rounds the raw features to float16 and divides the float16 dot products
+   (float32 accumulation, one rounding) by the product of the float16 norms (`np.linalg.norm` of the float16
+   rows: squares rounded to float16, summed in float32, rounded, square root rounded), each step rounded to
+   float16. A tile's similarity to itself is then not exactly 1, and its top-k list is the `argpartition`
+   positions 1…k of the whole 2n row, self included: a matched tile whose rounded cosine reaches the self
+   similarity (in practice a matched cosine ≥ ~0.998) takes position 0, is dropped with it, and counts as a
+   miss, where "exact" counts it as a hit. Ties fall where `argpartition` puts them: its default `--device
+   gpu` runs CuPy, whose `argpartition` is a full stable sort (ties by column index: "plismbench"); its
+   `--device cpu` runs NumPy's introselect ("plismbench_cpu", which calls `np.argpartition` on the rows
+   whose outcome a tie decides). The per-pair cosine is the float16 mean of the float16 diagonal.
+2. **Rounding.** Its summary rounds each median to 3 decimals, and the leaderboard is the mean of those
+   rounded medians, rounded to 3 decimals (`leaderboard_metric(..., decimals=3)`; the report does this for
+   score files made with a plismbench compat).
+
+**Robustness index** (de Jong, Marcus & Teuwen 2025, "Current pathology foundation models are unrobust to
+medical center differences", arXiv 2501.18055): among the k nearest neighbours (cosine) of each sample, SO
+counts those with the same biology from another site and OS those with other biology from the same site;
+RI_k = ΣSO / ΣOS over all samples (> 1: biology dominates the site). Here the samples are `robustness_tiles`
+matched tiles of every slide pooled together (S·m points), the biology is the matched tile (m classes of S
+samples, so up to S − 1 neighbours can be SO), and the site is the slide (scanner × staining), the scanner,
+or the staining: metrics `ri_slide_k{k}`, `ri_scanner_k{k}`, `ri_staining_k{k}` in group "pooled" (one value
+per model, no pairs). Neighbours exclude the sample itself; ties at the k-th distance are broken by
+`argpartition`. The package `croma` (PyPI, 1.0.1) implements PathoROB's normalised variant SO / (SO + OS)
+with a k chosen by k-NN accuracy and a per-sample Python loop, so de Jong's ratio is computed here.
+
+Deliberate deviation: the float32 accumulation order of the dot products is BLAS's, not NumPy's sequential
+float16 `matmul` (CPU) nor cuBLAS's (GPU), so about 2 in 1,000 similarities can land one float16 step away;
+the effect on a pair's accuracy is far below the printed third decimal. A plismbench compat costs about 4×
+"exact" (it forms the 2n × 2n similarity rows, as plismbench does).
+
 Pairs are grouped as in `plismbench`: inter-scanner (same staining), inter-staining (same scanner), both
 different, and all pairs. The leaderboard metric is the mean of four medians: cosine over all pairs and
 top-10 accuracy for each of the three groups.
@@ -76,6 +112,11 @@ ALL = "all"
 PAIR_GROUPS = (INTER_SCANNER, INTER_STAINING, INTER_BOTH, REPLICATE)
 LEADERBOARD = ((ALL, COSINE), (INTER_SCANNER, "top_10"), (INTER_STAINING, "top_10"), (INTER_BOTH, "top_10"))
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+COMPAT = ("exact", "plismbench", "plismbench_cpu")
+POOLED = "pooled"  # group of the robustness-index rows: all slides pooled, not a slide pair
+RI_SITES = ("slide", "scanner", "staining")
+DEFAULT_RI_K = (10, 50)
+LEADERBOARD_DECIMALS = 3  # plismbench rounds its medians, then the leaderboard mean, to 3 decimals
 
 
 def metric_names(top_k: Sequence[int] = DEFAULT_TOP_K) -> list[str]:
@@ -207,6 +248,140 @@ def pair_scores(
     out = [float(target.mean(dtype=np.float64))]
     out += [(np.mean(above_a < k) + np.mean(above_b < k)) / 2.0 for k in top_k]
     return np.asarray(out, dtype=np.float64)
+
+
+def _check_compat(compat: str) -> str:
+    if compat not in COMPAT:
+        raise BenchmarkError(f"compat {compat!r} is not one of {COMPAT}")
+    return compat
+
+
+def _mul16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """float16 × float16 rounded to float16 (the float32 product is exact, as NumPy's half multiply)."""
+    return (x.astype(np.float32) * y.astype(np.float32)).astype(np.float16)
+
+
+def _div16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """float16 / float16 rounded to float16 through float32, as NumPy's and CuPy's half division."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (x.astype(np.float32) / y.astype(np.float32)).astype(np.float16)
+
+
+def _hit_positions(cos: np.ndarray, target: np.ndarray, kth: int, ties: str) -> np.ndarray:
+    """Per row of a float16 similarity block [b, 2n], the position (0-based, descending) that a full sort
+    gives column `target[row]`: stable ties (lower column first) or NumPy's `argpartition` order (only
+    rows whose hits a tie decides are partitioned; kth positions 1…kth are then exact). Positions past
+    kth are reported as kth + 1."""
+    rows = np.arange(len(cos))
+    t = cos[rows, target][:, None]
+    greater = np.count_nonzero(cos > t, axis=1)
+    tied = cos == t
+    if ties == "index":
+        before = np.count_nonzero(tied & (np.arange(cos.shape[1])[None, :] < target[:, None]), axis=1)
+        return np.minimum(greater + before, kth + 1)
+    lo, hi = greater, greater + np.count_nonzero(tied, axis=1) - 1  # the target's possible positions
+    pos = np.minimum(lo, kth + 1)
+    decided = (hi == lo) | (lo > kth)
+    for k in range(0, kth + 1):  # positions 0 and 1…kth are the boundaries of every top-k window
+        decided &= ~((lo <= k) & (hi > k))
+    for r in np.flatnonzero(~decided):
+        part = np.argpartition(-cos[r], range(1, kth + 1))[: kth + 1]
+        where = np.flatnonzero(part == target[r])
+        pos[r] = where[0] if len(where) else kth + 1
+    return pos
+
+
+def plismbench_pair_scores(
+    xa: np.ndarray,
+    xb: np.ndarray,
+    top_k: Sequence[int] = DEFAULT_TOP_K,
+    block_size: int = 1024,
+    compat: str = "plismbench",
+) -> np.ndarray:
+    """[cosine, acc@k for k in top_k] of one slide pair as plismbench computes them, from the *raw* features
+    xa, xb [n, D] (not normalised; any float dtype, rounded to float16 here).
+
+    The arithmetic and the tie rules are the module docstring's (`compat` "plismbench": ties by index as
+    CuPy's sort; "plismbench_cpu": NumPy's `argpartition`). Memory: a block_size × 2n block.
+    """
+    if _check_compat(compat) == "exact":
+        raise BenchmarkError(
+            "plismbench_pair_scores computes a plismbench compat; use pair_scores for 'exact'"
+        )
+    if xa.shape != xb.shape:
+        raise BenchmarkError(f"slide pair: features of shape {xa.shape} and {xb.shape} are not matched tiles")
+    ties = "index" if compat == "plismbench" else "argpartition"
+    a16 = np.asarray(xa, dtype=np.float32).astype(np.float16)
+    b16 = np.asarray(xb, dtype=np.float32).astype(np.float16)
+    n = len(a16)
+    # CosineSimilarity: diag(a bᵀ) / (|a| |b|), each step in float16; the mean of float16 is float16
+    dots = np.cumsum(a16.astype(np.float32) * b16.astype(np.float32), axis=1, dtype=np.float32)[:, -1]
+    na, nb = np.linalg.norm(a16, axis=1), np.linalg.norm(b16, axis=1)
+    cosine = float(_div16(dots.astype(np.float16), _mul16(na, nb)).mean())
+    # TopkAccuracy: rows of the 2n × 2n cosine matrix of [a; b], positions 1…kmax of each row
+    ab16 = np.concatenate([a16, b16])
+    ab32 = ab16.astype(np.float32)
+    norms = np.linalg.norm(ab16, axis=1)
+    kmax = max(top_k)
+    ks = np.asarray(top_k)
+    hits = np.zeros((2, len(ks)), dtype=np.int64)
+    for r0, r1 in _blocks(2 * n, block_size):
+        cos = _div16((ab32[r0:r1] @ ab32.T).astype(np.float16), _mul16(norms[r0:r1, None], norms[None, :]))
+        target = (np.arange(r0, r1) + n) % (2 * n)
+        pos = _hit_positions(cos, target, kmax, ties)
+        hit = (pos[:, None] >= 1) & (pos[:, None] <= ks[None, :])
+        side = np.arange(r0, r1) >= n
+        hits[0] += hit[~side].sum(axis=0)
+        hits[1] += hit[side].sum(axis=0)
+    accs = [(hits[0, j] / n + hits[1, j] / n) / 2 for j in range(len(ks))]
+    return np.asarray([cosine, *accs], dtype=np.float64)
+
+
+def robustness_index(
+    x: np.ndarray,
+    biology: Sequence,
+    sites: Mapping[str, Sequence],
+    ks: Sequence[int] = DEFAULT_RI_K,
+    block_size: int = 1024,
+) -> dict[str, float]:
+    """de Jong et al.'s Robustness Index RI_k = ΣSO / ΣOS of L2-normalised samples x [N, D] (module docstring).
+
+    `biology[i]` is sample i's biological class, `sites[name][i]` its site under each confounder `name`.
+    Returns {f"ri_{name}_k{k}": value}; inf when no neighbour is OS (and SO > 0), NaN when neither.
+    Blockwise: memory block_size × N. Raises BenchmarkError when k ≥ N or the lengths differ.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or ks[-1] >= n:
+        raise BenchmarkError(f"robustness index: k values {ks} must be in 1 … {n - 1} (samples: {n})")
+    bio = pd.factorize(np.asarray(biology, dtype=object))[0]
+    site_codes = {name: pd.factorize(np.asarray(v, dtype=object))[0] for name, v in sites.items()}
+    if len(bio) != n or any(len(c) != n for c in site_codes.values()):
+        raise BenchmarkError(f"robustness index: {n} samples but labels of other lengths")
+    kmax = ks[-1]
+    so = {name: np.zeros(len(ks)) for name in site_codes}
+    os_ = {name: np.zeros(len(ks)) for name in site_codes}
+    for r0, r1 in _blocks(n, block_size):
+        sim = x[r0:r1] @ x.T
+        rows = np.arange(r1 - r0)
+        sim[rows, r0 + rows] = -np.inf  # not its own neighbour
+        top = np.argpartition(-sim, kmax - 1, axis=1)[:, :kmax]
+        order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)  # the kmax nearest, nearest first
+        same_bio = bio[top] == bio[r0:r1, None]
+        for name, code in site_codes.items():
+            same_site = code[top] == code[r0:r1, None]
+            so_cum = np.cumsum(same_bio & ~same_site, axis=1).sum(axis=0)
+            os_cum = np.cumsum(~same_bio & same_site, axis=1).sum(axis=0)
+            so[name] += [so_cum[k - 1] for k in ks]
+            os_[name] += [os_cum[k - 1] for k in ks]
+    out = {}
+    for name in site_codes:
+        for j, k in enumerate(ks):
+            a, b = so[name][j], os_[name][j]
+            out[f"ri_{name}_k{k}"] = float(a / b) if b > 0 else (float("inf") if a > 0 else float("nan"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -460,6 +635,9 @@ def score_pairs(
     workers: int = 1,
     cache_slides: int = 4,
     unmatched: bool = False,
+    compat: str = "exact",
+    robustness_tiles: int = 0,
+    robustness_k: Sequence[int] = DEFAULT_RI_K,
 ) -> pd.DataFrame:
     """Score every slide pair: a tidy frame slide_a, slide_b, group, metric, value (pairs in slide order).
 
@@ -470,7 +648,11 @@ def score_pairs(
     [S, n, D], a list of arrays, or a `SlideMajorFeatures`. `tiles_subset` selects rows of every slide.
     Memory: `cache_slides` + `workers` normalised slides, S·n·kmax floats, and one block_size × n block per
     worker. `workers` threads score pairs concurrently (BLAS releases the GIL); results equal the serial
-    path's. `dtype="float16"` rounds features and similarities to float16 like `plismbench`.
+    path's. `dtype="float16"` rounds features and similarities to float16 like `plismbench`. `compat`
+    "plismbench" / "plismbench_cpu" reproduce the public benchmark's float16 arithmetic and tie order instead
+    (`plismbench_pair_scores`; always float16, `dtype` is then not used; see the module docstring).
+    `robustness_tiles` m > 0 adds the robustness index (`robustness_index`, k in `robustness_k`) of m evenly
+    spaced scored tiles of every slide pooled, as rows of group "pooled" with empty slide ids.
     """
     slides = _check_slides(slides)
     ids = slides["slide_id"].astype(str).tolist()
@@ -487,6 +669,7 @@ def score_pairs(
             f"block_size, workers, cache_slides must be ≥ 1: {block_size}, {workers}, {cache_slides}"
         )
     dt = _dtype(dtype)
+    exact = _check_compat(compat) == "exact"
     n, dim = _slide_shapes(features, ids)
     subset = _check_subset(tiles_subset, n)
     kmax = max(top_k)
@@ -504,7 +687,7 @@ def score_pairs(
             raise BenchmarkError(
                 f"slide {ids[s]!r}: {len(rows)} tile(s) have NaN/inf features (first: tile {tile})"
             )
-        return normalize_features(x, dt)
+        return normalize_features(x, dt) if exact else np.asarray(x, dtype=np.float32)
 
     cache = _SlideCache(load, int(cache_slides) + int(workers))
     tops: list[np.ndarray | None] = [None] * n_slides
@@ -515,15 +698,20 @@ def score_pairs(
     def score(pair: tuple[int, int]) -> np.ndarray:
         a, b = pair
         xa, xb = cache.get(a), cache.get(b)
-        matched = pair_scores(xa, xb, top_k, block_size, dt, tops[a], tops[b])
+        if exact:
+            matched = pair_scores(xa, xb, top_k, block_size, dt, tops[a], tops[b])
+        else:
+            matched = plismbench_pair_scores(xa, xb, top_k, block_size, compat)
+            xa, xb = normalize_features(xa, np.float16), normalize_features(xb, np.float16)
         if not unmatched:
             return matched
-        other = unmatched_cosine(xa, xb, (a, b), dt)
+        other = unmatched_cosine(xa, xb, (a, b), dt if exact else np.float16)
         return np.concatenate([matched, [other, matched[0] - other]])
 
     start = time.perf_counter()
-    for _ in _map(workers, prepare, range(n_slides)):
-        pass
+    if exact:  # plismbench's arithmetic has no per-slide part to share
+        for _ in _map(workers, prepare, range(n_slides)):
+            pass
     schedule = _pair_schedule(n_slides, max(1, int(cache_slides) // 2))
     names = [*metric_names(top_k), *((COSINE_UNMATCHED, SEPARATION) if unmatched else ())]
     values = np.empty((len(schedule), len(names)))
@@ -540,7 +728,7 @@ def score_pairs(
     position = {pair: i for i, pair in enumerate(schedule)}
     values = values[[position[(a, b)] for a, b in zip(pairs["a"], pairs["b"], strict=True)]]
     m = len(names)
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "slide_a": np.repeat(pairs["slide_a"].to_numpy(object), m),
             "slide_b": np.repeat(pairs["slide_b"].to_numpy(object), m),
@@ -549,6 +737,31 @@ def score_pairs(
             "value": values.ravel(),
         }
     )
+    if int(robustness_tiles) <= 0:
+        return frame
+    n_scored = len(subset) if subset is not None else n
+    m_tiles = min(int(robustness_tiles), n_scored)
+    rows = np.unique(np.linspace(0, n_scored - 1, m_tiles).round().astype(np.int64))
+    pooled = np.concatenate(
+        [(x if exact else normalize_features(x, np.float16))[rows] for x in map(cache.get, range(n_slides))]
+    )
+    rep = len(rows)
+    ri = robustness_index(
+        pooled,
+        np.tile(np.arange(rep), n_slides),
+        {
+            "slide": np.repeat(np.asarray(ids, dtype=object), rep),
+            "scanner": np.repeat(slides["scanner"].astype(str).to_numpy(object), rep),
+            "staining": np.repeat(slides["staining"].astype(str).to_numpy(object), rep),
+        },
+        robustness_k,
+        block_size,
+    )
+    log.info("PLISM robustness index (%d tiles × %d slides): %s", rep, n_slides, ri)
+    extra = pd.DataFrame(
+        {"slide_a": "", "slide_b": "", "group": POOLED, "metric": list(ri), "value": list(ri.values())}
+    )
+    return pd.concat([frame, extra], ignore_index=True)
 
 
 def _digest(array: np.ndarray | None) -> str | None:
@@ -577,9 +790,12 @@ def score_plism(
     workers: int = 1,
     cache_slides: int = 4,
     unmatched: bool = False,
+    compat: str = "exact",
+    robustness_tiles: int = 0,
+    robustness_k: Sequence[int] = DEFAULT_RI_K,
 ) -> pd.DataFrame:
-    """Score all pairs (see `score_pairs`; `unmatched` adds the unmatched cosine and the separation) and write
-    the tidy frame to Parquet `out` atomically.
+    """Score all pairs (see `score_pairs`; `robustness_tiles` adds the pooled robustness index; `unmatched` adds the unmatched cosine and the separation; `compat`
+    exact or plismbench's arithmetic) and write the tidy frame to Parquet `out` atomically.
 
     `features`: an array-like, or a path to an embedding store, a [S, n, D] Zarr array or a .npy file.
     `tiles_subset`: int array or .npy path (e.g. the 8,139-tile leaderboard subset). Provenance (settings,
@@ -607,12 +823,18 @@ def score_plism(
         workers=workers,
         cache_slides=cache_slides,
         unmatched=unmatched,
+        compat=compat,
+        robustness_tiles=robustness_tiles,
+        robustness_k=robustness_k,
     )
     n, dim = _slide_shapes(feats, slides["slide_id"].astype(str).tolist())
     params = {
         "top_k": [int(k) for k in top_k],
         "unmatched": bool(unmatched),
-        "dtype": np.dtype(_dtype(dtype)).name,
+        "compat": compat,
+        "robustness_tiles": int(robustness_tiles),
+        "robustness_k": [int(k) for k in robustness_k],
+        "dtype": np.dtype(_dtype(dtype) if compat == "exact" else np.float16).name,
         "tiles_subset_digest": _digest(subset),
         "n_tiles": int(len(subset) if subset is not None else n),
         "slides": slides["slide_id"].astype(str).tolist(),
@@ -655,6 +877,9 @@ def run(
     block_size: int = 1024,
     workers: int = 1,
     unmatched: bool = False,
+    compat: str = "exact",
+    robustness_tiles: int = 0,
+    robustness_k: Sequence[int] = DEFAULT_RI_K,
 ) -> pd.DataFrame:
     """Score one model's embeddings of the PLISM matched tiles and write them to Parquet `out` (`score_plism`).
 
@@ -673,6 +898,9 @@ def run(
         block_size=block_size,
         workers=workers,
         unmatched=unmatched,
+        compat=compat,
+        robustness_tiles=robustness_tiles,
+        robustness_k=robustness_k,
     )
 
 
@@ -720,6 +948,7 @@ def summarize_scores(
     """
     if not isinstance(scores, pd.DataFrame):
         scores = read_scores(scores)[0]
+    scores, pooled = _split_pooled(scores)
     wide, metrics, code_a, code_b, n_slides = _wide(scores)
     counts = slide_resamples(n_slides, n_boot, seed) if n_boot > 0 else None
     rows = []
@@ -736,16 +965,35 @@ def summarize_scores(
                 low, high = ci.get(stat, (np.full(len(metrics), np.nan),) * 2)
                 row |= {f"{stat}_ci_low": float(low[j]), f"{stat}_ci_high": float(high[j])}
             rows.append(row)
+    for metric, value in zip(pooled["metric"], pooled["value"], strict=True):  # one value: no spread, no CI
+        v = float(value)
+        rows.append({"group": POOLED, "metric": metric, "n_pairs": 0, "mean": v, "std": 0.0, "median": v})
+        rows[-1] |= {"iqr": 0.0, **dict.fromkeys(("mean_ci_low", "mean_ci_high"), np.nan)}
+        rows[-1] |= dict.fromkeys(("median_ci_low", "median_ci_high"), np.nan)
     columns = ["group", "metric", "n_pairs", *STATS]
     columns += ["mean_ci_low", "mean_ci_high", "median_ci_low", "median_ci_high"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def leaderboard_metric(summary: pd.DataFrame) -> float | pd.Series:
-    """Mean of the four leaderboard medians; a Series by model when `summary` has a `model` column."""
+def _split_pooled(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Slide-pair rows, and the rows of all slides pooled (the robustness index)."""
+    if "group" not in scores.columns:
+        return scores, scores.iloc[:0]
+    pooled = (scores["group"] == POOLED).to_numpy()
+    return scores[~pooled], scores[pooled]
+
+
+def leaderboard_metric(summary: pd.DataFrame, decimals: int | None = None) -> float | pd.Series:
+    """Mean of the four leaderboard medians; a Series by model when `summary` has a `model` column.
+
+    `decimals` (plismbench: 3) rounds each median, then the mean, as the public leaderboard does
+    (`utils/aggregate.py` `.round(3)`, `utils/metrics.py` `.mean(axis=1).round(3)`; NumPy rounding, half to
+    even on the binary value).
+    """
     if "model" in summary.columns:
         by_model = {
-            m: leaderboard_metric(g.drop(columns="model")) for m, g in summary.groupby("model", sort=False)
+            m: leaderboard_metric(g.drop(columns="model"), decimals)
+            for m, g in summary.groupby("model", sort=False)
         }
         return pd.Series(by_model, name="leaderboard")
     medians = []
@@ -756,7 +1004,9 @@ def leaderboard_metric(summary: pd.DataFrame) -> float | pd.Series:
                 f"summary has {len(hit)} rows for ({group}, {metric}); the leaderboard needs one"
             )
         medians.append(float(hit["median"].iloc[0]))
-    return float(np.mean(medians))
+    if decimals is None:
+        return float(np.mean(medians))
+    return float(np.round(np.mean(np.round(medians, decimals)), decimals))
 
 
 def leaderboard_ci(
@@ -765,7 +1015,7 @@ def leaderboard_ci(
     """The leaderboard metric with a cluster-bootstrap CI (each replicate recomputes all four medians)."""
     if not isinstance(scores, pd.DataFrame):
         scores = read_scores(scores)[0]
-    wide, metrics, code_a, code_b, n_slides = _wide(scores)
+    wide, metrics, code_a, code_b, n_slides = _wide(_split_pooled(scores)[0])
     counts = slide_resamples(n_slides, n_boot, seed)
     masks = dict(_groups(wide))
     point, samples = [], []
@@ -858,8 +1108,19 @@ def plot_scanner_vs_staining(summary: pd.DataFrame, out: str | os.PathLike, k: i
 LEADERBOARD_TOP10_GROUPS = (INTER_SCANNER, INTER_STAINING, INTER_BOTH)
 
 
+def _model_rows(frame: pd.DataFrame, model: str, path: Path) -> pd.DataFrame:
+    """One model's score rows, tagged with the `compat` its file was scored with (its provenance)."""
+    _, meta = read_scores(path)
+    return frame.assign(compat=((meta or {}).get("params") or {}).get("compat", "exact"))
+
+
+def _compat_of(frame: pd.DataFrame) -> str:
+    return str(frame["compat"].iloc[0]) if "compat" in frame.columns and len(frame) else "exact"
+
+
 def _summarize_for_report(frame: pd.DataFrame, n_boot: int = N_BOOT, boot_seed: int = 0) -> pd.DataFrame:
-    return summarize_scores(frame, n_boot=n_boot, seed=boot_seed)
+    summary = summarize_scores(frame, n_boot=n_boot, seed=boot_seed)
+    return summary.assign(compat=_compat_of(frame))
 
 
 def _median(summary: pd.DataFrame, group: str, metric: str) -> float:
@@ -872,10 +1133,12 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     cols: dict[str, dict[str, float]] = {c: {} for c in ("plism_leaderboard", "plism_cosine_median")}
     cols |= {"plism_cosine_unmatched_median": {}, "plism_separation_median": {}}
     cols |= {f"plism_top10_{g}": {} for g in LEADERBOARD_TOP10_GROUPS}
+    cols |= {"plism_robustness_index": {}}
     for model, part in summary.groupby("model", sort=False) if len(summary) else []:
         part = part.drop(columns="model")
+        decimals = LEADERBOARD_DECIMALS if _compat_of(part).startswith("plismbench") else None
         try:
-            cols["plism_leaderboard"][model] = leaderboard_metric(part)
+            cols["plism_leaderboard"][model] = leaderboard_metric(part, decimals)
         except BenchmarkError as exc:
             log.warning("PLISM leaderboard of %r: %s", model, exc)
         cols["plism_cosine_median"][model] = _median(part, ALL, COSINE)
@@ -883,7 +1146,15 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
         cols["plism_separation_median"][model] = _median(part, ALL, SEPARATION)
         for g in LEADERBOARD_TOP10_GROUPS:
             cols[f"plism_top10_{g}"][model] = _median(part, g, "top_10")
+        ri = _ri_headline_metric(set(part.loc[part["group"] == POOLED, "metric"]))
+        cols["plism_robustness_index"][model] = _median(part, POOLED, ri) if ri else np.nan
     return by_model(cols, models)
+
+
+def _ri_headline_metric(metrics: set[str]) -> str | None:
+    """The leaderboard's robustness index: site = slide, at the largest k scored."""
+    ks = [int(m.removeprefix("ri_slide_k")) for m in metrics if m.startswith("ri_slide_k")]
+    return f"ri_slide_k{max(ks)}" if ks else None
 
 
 def _flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
@@ -971,7 +1242,8 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
         _g=summary["group"].map({g: i for i, g in enumerate(groups)}).fillna(len(groups)),
         _m=summary["metric"].map({m: i for i, m in enumerate(metrics)}),
     ).sort_values(["_g", "_m"], kind="stable")
-    pairs = ordered.groupby(["group", "model"], sort=False)["n_pairs"].first()
+    paired = ordered[ordered["group"] != POOLED]
+    pairs = paired.groupby(["group", "model"], sort=False)["n_pairs"].first()
     body = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
     body += page.note(
         "Median over slide pairs [95% cluster-bootstrap CI, resampling slides], per pair group and metric. "
@@ -979,9 +1251,21 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
         "inter-scanner/inter-staining groups. cosine_unmatched: the cosine of different tiles of the same slide "
         "pair (a random pairing); separation = cosine − cosine_unmatched. A model whose embeddings barely "
         f"tell tiles apart (median cosine_unmatched ≥ {COLLAPSE_UNMATCHED}) has a high matched cosine for "
-        "the wrong reason, and is flagged. Pairs per group: "
+        "the wrong reason, and is flagged. Group pooled: de Jong et al.'s robustness index over all slides "
+        "pooled, ri_{site}_k{k} = (neighbours with the same tile from another site) / (neighbours with another "
+        "tile from the same site) among the k nearest, site = slide, scanner or staining (> 1: the tissue "
+        "dominates the site; one value, no CI). Pairs per group: "
         + "; ".join(f"{g}: {n}" for g, n in pairs.groupby(level=0, sort=False).max().items())
     )
+    compat = {}
+    if "compat" in summary.columns:
+        firsts = summary.groupby("model", sort=False)["compat"].first()
+        compat = {m: c for m, c in firsts.items() if c != "exact"}
+    if compat:
+        body += page.note(
+            "Scored with the public plismbench's float16 arithmetic and tie order, leaderboard from medians "
+            "rounded to 3 decimals: " + ", ".join(f"{m} ({c})" for m, c in compat.items())
+        )
     body += page.wide_table(
         ordered,
         ["group", "metric"],
@@ -1001,6 +1285,7 @@ BENCHMARK = Benchmark(
     figures=_figures,
     section=_section,
     flags=_flags,
+    model_rows=_model_rows,
     unranked=lambda column: column == "plism_cosine_unmatched_median",  # a diagnostic: lower is better
     labels={
         "plism_leaderboard": "PLISM leaderboard",
@@ -1010,5 +1295,6 @@ BENCHMARK = Benchmark(
         "plism_top10_inter_scanner": "PLISM top-10 inter-scanner",
         "plism_top10_inter_staining": "PLISM top-10 inter-staining",
         "plism_top10_inter_scanner_staining": "PLISM top-10 inter-scanner+staining",
+        "plism_robustness_index": "PLISM robustness index (de Jong; site = slide, largest k)",
     },
 )

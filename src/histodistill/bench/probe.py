@@ -2,13 +2,35 @@
 
 Protocols and the sources they were checked against:
 
-- **Linear probe (kaiko-ai/eva, offline classification configs, e.g. `crc.yaml`)**: a `torch.nn.Linear`
-  head (one logit + BCE for two classes, K logits + cross-entropy otherwise, as EVA's binary/multiclass
-  configs), AdamW(lr 3e-4), batch 256 with shuffling, a fixed budget of 12,500 steps, validation every
-  epoch (Lightning's default; `eval_every` overrides it), early stopping when the monitored validation
-  metric has not strictly improved for `patience` checks, and the best checkpoint is the one evaluated;
-  5 runs, mean ± sample std (EVA's `statistics.stdev`). We monitor balanced accuracy: EVA's multiclass
-  `MulticlassAccuracy` is macro-averaged (= balanced accuracy); its binary configs monitor plain accuracy.
+- **Linear probe (kaiko-ai/eva `configs/vision/pathology/offline/classification/{bach,crc,mhist,
+  patch_camelyon}.yaml` and `eva.HeadModule`; read at eva 0.4.5+1, commit 73b61a79 of 2026-04-29, the
+  settings unchanged since eva 0.2.1)**: a `torch.nn.Linear` head (one logit + BCE for two classes, K logits +
+  cross-entropy otherwise, as EVA's binary/multiclass configs), `torch.optim.AdamW(lr 3e-4)` (torch's
+  other defaults: betas (0.9, 0.999), weight decay 0.01), batch 256 with shuffling, a budget of 12,500
+  steps, validation every epoch (Lightning's default; `eval_every` overrides it), early stopping when the
+  monitored validation metric has not strictly improved for `patience` checks (Lightning `EarlyStopping`,
+  `min_delta` 0, mode max), and the best checkpoint is the one evaluated (`checkpoint_type: best`).
+  Learning rate: EVA's configs set no scheduler, so `HeadModule`'s default applies, torch's
+  `ConstantLR` with its defaults (factor 1/3, total_iters 5) stepped once per epoch (Lightning's default
+  interval): lr/3 for the first 5 epochs, then lr (`low_lr_factor`, `low_lr_epochs`). Seeding: EVA seeds
+  once (`seed_everything(42)`, its `EVA_GLOBAL_SEED`) and runs its 5 runs one after the other from that
+  stream; `seeding: once` does the same with one torch generator seeded with `seed` (head init and batch
+  order of run i continue where run i − 1 stopped; `seeds` then only label the runs), `seeding: per_run`
+  reseeds each run with its entry of `seeds`. Per-task settings (`EVA_LINEAR`):
+
+  ========  ========  =========  ============================================  ==================
+  task      patience  max steps  monitored (EVA name)                          EVA's validation
+  ========  ========  =========  ============================================  ==================
+  BACH      1250      12,500     val/MulticlassAccuracy (macro = bal. acc.)    val
+  CRC       7         12,500     val/MulticlassAccuracy (macro = bal. acc.)    val (CRC-VAL-HE-7K)
+  MHIST     278       12,500     val/BinaryBalancedAccuracy                    the test split
+  PCam      3         12,500     val/BinaryBalancedAccuracy                    val (test separate)
+  ========  ========  =========  ============================================  ==================
+
+  Every task: batch 256, AdamW lr 3e-4, ConstantLR(1/3, 5 epochs), 5 runs seeded once with 42. Mean ±
+  sample std over the runs (EVA's `statistics.stdev`). Deliberate deviations: the generator is ours, so
+  the runs are EVA's in structure, not bit for bit (Lightning draws its sampler seeds from the global RNG);
+  the split that early-stops the head is the manifest's `val` (EVA's MHIST config early-stops on test).
 - **k-NN (DINO's `knn_classifier`)**: cosine similarity of L2-normalised features, the k most similar
   training tiles vote with weight exp(sim / 0.07); computed block by block (queries × training blocks,
   keeping a running top-k), never as an all-pairs matrix. k is chosen on the validation split (best
@@ -37,7 +59,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +87,83 @@ METRICS = ("balanced_accuracy", "f1_weighted", "auroc")
 # ----------------------------------------------------------------------------------------- configs
 
 
+MONITORS = ("balanced_accuracy", "accuracy")
+SEEDING = ("once", "per_run")
+
+
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """EVA's offline linear-probe settings; `eval_every=None` validates once per epoch."""
+    """EVA's offline linear-probe settings (defaults: EVA's CRC config); `eval_every=None` validates once per
+    epoch. `patience` counts validation checks without improvement (None: never stop); `monitor` is the
+    validation metric that early-stops and selects the head; the lr is `lr · low_lr_factor` for the first
+    `low_lr_epochs` epochs (EVA: torch `ConstantLR` defaults; 0 epochs: constant); `seeding` once (EVA: one
+    stream seeded with `seed` for all runs) or per_run (each run seeded with its entry of `seeds`).
+    `EVA_LINEAR` holds each EVA task's settings.
+    """
 
     max_steps: int = 12_500
     batch_size: int = 256
     lr: float = 3e-4
     eval_every: int | None = None
-    patience: int | None = 7  # validation checks without improvement (EVA crc.yaml); None: never stop
+    patience: int | None = 7
+    monitor: str = "balanced_accuracy"
+    low_lr_factor: float = 1 / 3
+    low_lr_epochs: int = 5
+    seeding: str = "once"
+    seed: int = 42
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     threads: int | None = 1  # torch threads while training; None leaves torch's setting
+
+    def __post_init__(self):
+        if self.monitor not in MONITORS:
+            raise BenchmarkError(f"linear probe: monitor {self.monitor!r} is not one of {MONITORS}")
+        if self.seeding not in SEEDING:
+            raise BenchmarkError(f"linear probe: seeding {self.seeding!r} is not one of {SEEDING}")
+        if not 0 < self.low_lr_factor <= 1:
+            raise BenchmarkError(f"linear probe: low_lr_factor {self.low_lr_factor} is not in (0, 1]")
+
+
+# EVA's per-task linear-probe settings (kaiko-ai/eva 0.4.5+1, commit 73b61a79; unchanged since 0.2.1):
+# configs/vision/pathology/offline/classification/{bach,crc,mhist,patch_camelyon}.yaml. EVA's multiclass
+# `MulticlassAccuracy` is macro-averaged, i.e. balanced accuracy; its binary tasks monitor
+# `BinaryBalancedAccuracy`. Pinned by tests/unit/test_bench_probe.py.
+_EVA = LinearProbeConfig()
+EVA_LINEAR: dict[str, LinearProbeConfig] = {
+    "bach": replace(_EVA, patience=1250),
+    "crc": replace(_EVA, patience=7),
+    "mhist": replace(_EVA, patience=278),
+    "pcam": replace(_EVA, patience=3),
+}
+
+
+def linear_config(
+    base: LinearProbeConfig | Mapping[str, Any] | None = None,
+    eva: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LinearProbeConfig:
+    """A task's linear-probe settings: EVA's for task `eva` (one of `EVA_LINEAR`) or else `base` (a config or
+    a mapping of `LinearProbeConfig` fields), then the task's `overrides`. Raises BenchmarkError for an
+    unknown EVA task or setting."""
+    if eva is not None:
+        if eva not in EVA_LINEAR:
+            raise BenchmarkError(f"probe: unknown EVA task {eva!r}; expected one of {sorted(EVA_LINEAR)}")
+        cfg = EVA_LINEAR[eva]
+    elif isinstance(base, LinearProbeConfig):
+        cfg = base
+    else:
+        cfg = _from_mapping(LinearProbeConfig(), base or {})
+    return _from_mapping(cfg, overrides or {})
+
+
+def _from_mapping(cfg: LinearProbeConfig, values: Mapping[str, Any]) -> LinearProbeConfig:
+    known = {f.name for f in fields(LinearProbeConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BenchmarkError(f"linear probe: unknown setting {unknown[0]!r} (settings: {sorted(known)})")
+    values = dict(values)
+    if "seeds" in values:
+        values["seeds"] = tuple(values["seeds"])
+    return replace(cfg, **values)
 
 
 @dataclass(frozen=True)
@@ -296,6 +384,7 @@ class LinearProbeFit:
     best_step: int
     best_val: float
     steps_run: int
+    lrs: list[float] = field(default_factory=list)  # the learning rate of each epoch run
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -317,6 +406,12 @@ def _loss(n_classes: int):
     return nn.CrossEntropyLoss()
 
 
+def _monitored(monitor: str, codes: np.ndarray, pred: np.ndarray) -> float:
+    if monitor == "accuracy":
+        return float(np.mean(np.asarray(codes) == pred))
+    return _balanced_accuracy(codes, pred)
+
+
 def train_linear_probe(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -325,33 +420,45 @@ def train_linear_probe(
     n_classes: int,
     seed: int,
     config: LinearProbeConfig | None = None,
+    generator: torch.Generator | None = None,
 ) -> LinearProbeFit:
-    """Train EVA's linear head on integer codes; keep the state with the best validation balanced accuracy.
+    """Train EVA's linear head on integer codes; keep the state with the best monitored validation metric.
 
-    Deterministic for a seed: the head's init and the batch order come from the seed only (the global
-    torch RNG is left as it was).
+    x_train [n, D], y_train [n] integer codes in [0, n_classes). Randomness (the head's init, then the
+    batch order) comes from `generator` when given, which it advances (EVA's one stream over its runs),
+    else from a generator seeded with `seed`; the global torch RNG is left as it was. The learning rate is
+    `lr · low_lr_factor` for the first `low_lr_epochs` epochs, then `lr` (torch `ConstantLR`, stepped per
+    epoch as EVA's default scheduler); `LinearProbeFit.lrs` records each epoch's rate.
     """
     cfg = config or LinearProbeConfig()
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     with torch_threads(cfg.threads):
-        return _train_linear_probe(x_train, y_train, x_val, y_val, n_classes, seed, cfg)
+        return _train_linear_probe(x_train, y_train, x_val, y_val, n_classes, gen, cfg)
 
 
-def _train_linear_probe(x_train, y_train, x_val, y_val, n_classes: int, seed: int, cfg: LinearProbeConfig):
+def _train_linear_probe(x_train, y_train, x_val, y_val, n_classes: int, gen, cfg: LinearProbeConfig):
     x = torch.as_tensor(np.asarray(x_train, dtype=np.float32))
     t = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
     n, dim = x.shape
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.set_rng_state(gen.get_state())  # nn.Linear draws its init from the global RNG
         head = nn.Linear(dim, 1 if n_classes == 2 else n_classes)
-    gen = torch.Generator().manual_seed(seed)
+        gen.set_state(torch.get_rng_state())
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr)
+    sched = None
+    if cfg.low_lr_epochs > 0:
+        sched = torch.optim.lr_scheduler.ConstantLR(
+            opt, factor=cfg.low_lr_factor, total_iters=cfg.low_lr_epochs
+        )
     loss_fn = _loss(n_classes)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     eval_every = cfg.eval_every or steps_per_epoch
     has_val = x_val is not None and len(x_val) > 0
     best, best_state, best_step, bad, step = -math.inf, None, 0, 0, 0
+    lrs: list[float] = []
     stop = False
     while step < cfg.max_steps and not stop:
+        lrs.append(float(opt.param_groups[0]["lr"]))
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
@@ -362,7 +469,7 @@ def _train_linear_probe(x_train, y_train, x_val, y_val, n_classes: int, seed: in
             step += 1
             if has_val and (step % eval_every == 0 or step == cfg.max_steps):
                 fit = LinearProbeFit(head, n_classes, step, best, step)
-                score = _balanced_accuracy(y_val, fit.predict_proba(x_val).argmax(1))
+                score = _monitored(cfg.monitor, y_val, fit.predict_proba(x_val).argmax(1))
                 if score > best:  # strictly better, as Lightning's EarlyStopping/ModelCheckpoint (mode=max)
                     best, best_step, bad = score, step, 0
                     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -371,11 +478,13 @@ def _train_linear_probe(x_train, y_train, x_val, y_val, n_classes: int, seed: in
                     stop = cfg.patience is not None and bad >= cfg.patience
             if step >= cfg.max_steps or stop:
                 break
+        if sched is not None:
+            sched.step()  # end of the epoch (Lightning's default `interval: epoch`)
     if best_state is not None:
         head.load_state_dict(best_state)
     else:
         best_step = step
-    return LinearProbeFit(head, n_classes, best_step, best, step)
+    return LinearProbeFit(head, n_classes, best_step, best, step, lrs)
 
 
 # ----------------------------------------------------------------------------------------- k-NN
@@ -500,8 +609,12 @@ def run_probe(
 
     if "linear" in methods:
         cfg = linear or LinearProbeConfig()
+        # EVA seeds once for all its runs; per_run reseeds each run with its seed
+        stream = torch.Generator().manual_seed(cfg.seed) if cfg.seeding == "once" else None
         for seed in cfg.seeds:
-            fit = train_linear_probe(x[tr], enc.codes[tr], x[va], enc.codes[va], k_classes, seed, cfg)
+            fit = train_linear_probe(
+                x[tr], enc.codes[tr], x[va], enc.codes[va], k_classes, seed, cfg, generator=stream
+            )
             log.info(
                 "%s linear seed %d: best val bacc %.4f at step %d of %d",
                 task,
@@ -758,7 +871,8 @@ def run(
     `embedding_stores[i]` is the model's embedding store of the i-th task's dataset, rows in tile-store
     order. Tile-level tasks run `methods` (`run_probe`); slide-level tasks run ABMIL on each slide's tiles
     (`run_abmil`, with the linear probe's seeds). `linear` overrides `LinearProbeConfig` fields, `knn_ks`
-    the k-NN candidates. Returns the rows (task, method, seed, metric, value) of every task. Raises
+    the k-NN candidates. A task may name its EVA settings (`eva`: bach, crc, mhist or pcam; `EVA_LINEAR`),
+    which then replace `linear` for it, and override single settings (`linear`, a mapping of fields). Returns the rows (task, method, seed, metric, value) of every task. Raises
     BenchmarkError when the lists differ in length, a manifest does not fit its embeddings, or a slide-level
     task's manifest lacks a `slide_id` column.
     """
@@ -768,9 +882,7 @@ def run(
 
     if len(tasks) != len(embedding_stores):
         raise BenchmarkError(f"{len(tasks)} probe task(s) but {len(embedding_stores)} embedding store(s)")
-    linear_cfg = LinearProbeConfig(
-        **{**(linear or {}), "seeds": tuple((linear or {}).get("seeds", (0, 1, 2, 3, 4)))}
-    )
+    linear_cfg = linear_config(linear)
     knn = KnnConfig(ks=tuple(knn_ks)) if knn_ks is not None else KnnConfig()
     frames = []
     for (name, task), emb_path in zip(tasks.items(), embedding_stores, strict=True):
@@ -785,8 +897,9 @@ def run(
             abmil = AbmilConfig(seeds=linear_cfg.seeds)
             frames.append(run_abmil(x, manifest.label, manifest.split, manifest.slide_id, name, abmil))
         else:
+            task_cfg = linear_config(linear_cfg, task.get("eva"), task.get("linear"))
             frames.append(
-                run_probe(x, manifest.label, manifest.split, name, methods, linear=linear_cfg, knn=knn)
+                run_probe(x, manifest.label, manifest.split, name, methods, linear=task_cfg, knn=knn)
             )
     rows = pd.concat(frames, ignore_index=True)
     params = {"tasks": dict(tasks), "methods": list(methods), "linear": dict(linear or {}), "knn_ks": knn_ks}

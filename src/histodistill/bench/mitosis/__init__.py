@@ -25,7 +25,9 @@ dataset `mitosis`. Each model gets its own transform (`histodistill.models.trans
 
 **Methods**: the linear probe on those embeddings (`linear`: UNI's L-BFGS logistic regression) and LoRA
 fine-tuning with a sampler of annotated and random patches (`lora`). **Protocols** (`splits`): data
-scaling over nested training fractions with a fixed case-level test split, and single-source cross-domain.
+scaling over nested training fractions with a fixed case-level test split (`split: case`, the default; or
+the authors' `annotation_seeded`: an annotation-level test draw per seed, fitted on 80% of each training
+draw, which lets one case's annotations sit in training and test), and single-source cross-domain.
 
 **Output** (`results`, `figures`). Tidy rows `model, method, protocol, fraction, train_domain, test_domain,
 run, metric, value` (metrics: balanced accuracy and weighted F1 at probability 0.5, AUROC; plus `n_train`),

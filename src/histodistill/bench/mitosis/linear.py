@@ -82,7 +82,8 @@ def predict_linear(
     max_iter: int = 1000,
     implementation: str = "torch",
 ) -> pd.DataFrame:
-    """Linear probing on one split: fit on train ∪ val, predict every test set (PREDICTION_COLUMNS).
+    """Linear probing on one split: fit on train ∪ val (on train alone when `split.fit_val` is False, the
+    authors' annotation-seeded protocol), predict every test set (PREDICTION_COLUMNS).
 
     `features` [N, D] are in annotation order (row i = annotation i). Raises BenchmarkError when their
     shape does not match the annotations or they hold NaN or inf.
@@ -95,7 +96,7 @@ def predict_linear(
     if not np.isfinite(features).all():
         raise BenchmarkError(f"{model}: the features hold NaN or inf")
     targets = annotations["target"].to_numpy()
-    fit_rows = np.union1d(split.train, split.val)
+    fit_rows = np.union1d(split.train, split.val) if split.fit_val else np.sort(split.train)
     predict = fit_logistic_regression(features[fit_rows], targets[fit_rows], max_iter, implementation)
     frames = []
     for test_domain, test in split.tests.items():

@@ -20,7 +20,15 @@ from histodistill.bench.mitosis.linear import run_linear_protocol
 from histodistill.bench.mitosis.lora import LoraFinetuneConfig, run_lora_protocol
 from histodistill.bench.mitosis.patches import PatchReader
 from histodistill.bench.mitosis.results import write_results
-from histodistill.bench.mitosis.splits import FRACTIONS, Split, cross_domain_splits, scaling_splits
+from histodistill.bench.mitosis.splits import (
+    FRACTIONS,
+    PAPER_SEEDS,
+    SPLIT_MODES,
+    Split,
+    annotation_seeded_splits,
+    cross_domain_splits,
+    scaling_splits,
+)
 from histodistill.models import load_model
 from histodistill.models.ref import ModelRef
 from histodistill.provenance import provenance
@@ -38,7 +46,10 @@ class MitosisConfig:
     Patches are `patch_px` at `mpp` µm/px; `methods` ⊆ ("linear", "lora"); the scaling protocol keeps
     `fractions` of the training data over `n_val_splits` runs with a fixed `test_fraction` of the cases
     held out and `val_fraction` of the rest validating; `cross_domain` adds `cross_domain_runs` runs of the
-    single-source protocol (when the annotations have more than one domain).
+    single-source protocol (when the annotations have more than one domain). `split` chooses the scaling
+    protocol's test split: "case" (a fixed case-level split, the default: no case is in both training and
+    test) or "annotation_seeded" (the authors': an annotation-level test draw per seed of `split_seeds`,
+    fitted on 80% of each training draw; `n_val_splits` is then not used; see `splits`).
     """
 
     mpp: float = 0.25
@@ -50,7 +61,13 @@ class MitosisConfig:
     n_val_splits: int = 5
     cross_domain: bool = True
     cross_domain_runs: int = 5
+    split: str = "case"
+    split_seeds: tuple[int, ...] = PAPER_SEEDS
     lora: LoraFinetuneConfig = field(default_factory=LoraFinetuneConfig)
+
+    def __post_init__(self):
+        if self.split not in SPLIT_MODES:
+            raise BenchmarkError(f"benchmarks.mitosis.split {self.split!r} is not one of {SPLIT_MODES}")
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> MitosisConfig:
@@ -66,7 +83,7 @@ class MitosisConfig:
                 raise BenchmarkError(
                     f"benchmarks.mitosis: unknown setting(s) {unknown} for {target.__name__}"
                 )
-        for key in ("methods", "fractions"):
+        for key in ("methods", "fractions", "split_seeds"):
             if key in settings:
                 settings[key] = tuple(settings[key])
         if "betas" in lora:
@@ -80,10 +97,21 @@ def settings_params(settings: Any) -> dict[str, Any]:
 
 
 def protocol_splits(annotations: pd.DataFrame, config: MitosisConfig, seed: int = 0) -> list[Split]:
-    """The scaling splits, then (with `config.cross_domain` and ≥ 2 domains) the cross-domain ones."""
-    splits = scaling_splits(
-        annotations, config.fractions, config.test_fraction, config.n_val_splits, config.val_fraction, seed
-    )
+    """The scaling splits (`config.split`), then (with `config.cross_domain` and ≥ 2 domains) the
+    cross-domain ones. The annotation-seeded splits use `config.split_seeds`, not `seed`."""
+    if config.split == "annotation_seeded":
+        splits = annotation_seeded_splits(
+            annotations, config.fractions, config.test_fraction, config.split_seeds
+        )
+    else:
+        splits = scaling_splits(
+            annotations,
+            config.fractions,
+            config.test_fraction,
+            config.n_val_splits,
+            config.val_fraction,
+            seed,
+        )
     if config.cross_domain and annotations["domain"].nunique() > 1:
         splits += cross_domain_splits(
             annotations, config.test_fraction, config.val_fraction, config.cross_domain_runs, seed

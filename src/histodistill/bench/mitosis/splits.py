@@ -1,10 +1,20 @@
-"""Case-level splits of the two protocols (Ammeling et al. 2025): data scaling and single-source cross-domain.
+"""Splits of the two protocols (Ammeling et al. 2025): data scaling and single-source cross-domain.
 
 Data scaling: one fixed test split of ~20% of the annotations by case (per domain), then 5 Monte-Carlo runs,
 each drawing ~20% of the remaining cases as validation; each run keeps the fractions 0.1 / 1 / 10 / 100% of
 its training and validation annotations, nested (a smaller fraction is a subset of a larger one) and
 stratified by label with at least one annotation per label. The authors split annotations, not cases, and
-redraw the test set per seed; the issue asks for a fixed case-level test split, which we do.
+redraw the test set per seed; the issue asks for a fixed case-level test split, which we do by default
+(`split: case`), because annotations of one case in both training and test leak.
+
+`split: annotation_seeded` (`annotation_seeded_splits`) is the authors' protocol instead, as their
+`linear_probing.py` (DeepMicroscopy/FoundationModelComparison, commit 2d5352a) draws it: per seed (42 … 46),
+`rng = np.random.default_rng(seed)`; the test set is `rng.choice(N, floor(0.2 N))` annotations (any case);
+for each training fraction f in turn (in the configured order), `rng.choice(pool, floor(f · |pool|))` draws from the rest (independent
+draws, not nested) and `rng.choice(draw, int(0.8 |draw|))` keeps 80% of it to fit on. The same generator
+calls give the same rows. The other 20% of the draw is the split's validation set, which the linear probe
+does not fit on (`Split.fit_val` False; LoRA validates on it). A fraction whose draw is empty is skipped, as
+the authors do; one whose training rows lack a label is skipped with a warning (no classifier can be fitted).
 Cross-domain: for each domain, ~20% of its cases are held out (redrawn per run), ~20% of the rest validate,
 and the model trained on the remainder is tested on the holdout (diagonal) and on every annotation of each
 other domain, giving an N×N matrix per run.
@@ -13,6 +23,7 @@ other domain, giving an N×N matrix per run.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +34,11 @@ import pandas as pd
 from histodistill.bench import BenchmarkError
 from histodistill.bench.mitosis.data import TARGETS
 
+log = logging.getLogger(__name__)
+
 SCALING, CROSS_DOMAIN = "scaling", "cross_domain"
+SPLIT_MODES = ("case", "annotation_seeded")
+PAPER_SEEDS = (42, 43, 44, 45, 46)  # linear_probing.py's SEEDS
 ALL = "all"  # train_domain / test_domain of the scaling protocol (every domain pooled)
 FRACTIONS = (0.001, 0.01, 0.1, 1.0)
 
@@ -33,7 +48,8 @@ class Split:
     """Row positions (int64, into the annotation table) of one run: train, validation and named test sets.
 
     `tests` maps test domain → rows (`ALL` for the scaling protocol); `fraction` is the share of the run's
-    training and validation annotations kept; `train_domain` is `ALL` or the cross-domain source domain.
+    training and validation annotations kept; `train_domain` is `ALL` or the cross-domain source domain;
+    `fit_val` says whether the linear probe also fits on the validation rows.
     """
 
     protocol: str
@@ -43,6 +59,7 @@ class Split:
     tests: dict[str, np.ndarray]
     fraction: float = 1.0
     train_domain: str = ALL
+    fit_val: bool = True  # the linear probe fits on train ∪ val (False: on train only, the authors' protocol)
 
 
 def _pick_cases(
@@ -150,6 +167,67 @@ def scaling_splits(
     return out
 
 
+def annotation_seeded_splits(
+    annotations: pd.DataFrame,
+    fractions: Sequence[float] = FRACTIONS,
+    test_fraction: float = 0.2,
+    seeds: Sequence[int] = PAPER_SEEDS,
+    fit_share: float = 0.8,
+) -> list[Split]:
+    """The authors' data-scaling splits: per seed an annotation-level test draw, then per fraction a draw
+    from the rest of which `fit_share` is fitted on (module docstring). One Split per (seed, fraction) kept,
+    `run` = the seed's position in `seeds`; test and training rows never share an annotation (they may share
+    a case: that is the protocol's leak). Raises BenchmarkError for fractions outside (0, 1], no seeds, or a
+    test fraction that leaves no test or no training annotation.
+    """
+    fractions = [float(f) for f in fractions]
+    if not fractions or min(fractions) <= 0 or max(fractions) > 1:
+        raise BenchmarkError(f"scaling fractions must lie in (0, 1]; got {fractions}")
+    if not len(seeds):
+        raise BenchmarkError("annotation_seeded splits need at least one seed")
+    n = len(annotations)
+    n_test = int(np.floor(n * test_fraction))
+    if not 0 < n_test < n:
+        raise BenchmarkError(f"test_fraction {test_fraction} of {n} annotations gives {n_test} test rows")
+    targets = annotations["target"].to_numpy()
+    out: list[Split] = []
+    for run, seed in enumerate(seeds):
+        rng = np.random.default_rng(int(seed))
+        test = rng.choice(n, size=n_test, replace=False)
+        pool = np.setdiff1d(np.arange(n), test)
+        for fraction in fractions:
+            size = int(np.floor(len(pool) * fraction))
+            if size <= 0:
+                log.warning(
+                    "annotation_seeded seed %d: fraction %g draws no annotation; skipped", seed, fraction
+                )
+                continue
+            draw = rng.choice(pool, size=size, replace=False)
+            keep = int(fit_share * len(draw))
+            train = rng.choice(draw, size=keep, replace=False) if keep > 0 else draw
+            val = np.setdiff1d(draw, train)
+            if len(set(targets[train].tolist())) < 2:
+                log.warning(
+                    "annotation_seeded seed %d, fraction %g: the %d training annotations have one label; skipped",
+                    seed,
+                    fraction,
+                    len(train),
+                )
+                continue
+            out.append(
+                Split(
+                    SCALING,
+                    run,
+                    np.sort(train).astype(np.int64),
+                    val.astype(np.int64),
+                    {ALL: np.sort(test).astype(np.int64)},
+                    fraction,
+                    fit_val=False,
+                )
+            )
+    return out
+
+
 def cross_domain_splits(
     annotations: pd.DataFrame,
     holdout_fraction: float = 0.2,
@@ -202,6 +280,7 @@ def _splits_frame(splits: Sequence[Split]) -> pd.DataFrame:
                         "train_domain": s.train_domain,
                         "role": role,
                         "test_domain": test_domain,
+                        "fit_val": s.fit_val,
                         "row": np.asarray(rows, np.int64),
                     }
                 )
@@ -219,7 +298,10 @@ def _splits_from_frame(frame: pd.DataFrame) -> list[Split]:
             d: t["row"].to_numpy(np.int64)
             for d, t in g[g["role"] == "test"].groupby("test_domain", sort=False)
         }
+        fit_val = bool(g["fit_val"].iloc[0]) if "fit_val" in g.columns else True
         out.append(
-            Split(protocol, int(run), rows["train"], rows["val"], tests, float(fraction), train_domain)
+            Split(
+                protocol, int(run), rows["train"], rows["val"], tests, float(fraction), train_domain, fit_val
+            )
         )
     return out
