@@ -6,7 +6,14 @@ from pathlib import Path
 
 # Parse-time imports stay light (nothing heavier than pandas: no torch, SimpleITK, zarr, h5py, scipy,
 # scikit-image; tests/unit/test_light_imports.py): heavy modules are imported by the rules' scripts only.
-from histodistill.config import DISTILL_HEAD_DEFAULTS, check_slide_files, read_plism_manifest, read_sample_sheet
+from histodistill.config import (
+    DISTILL_HEAD_DEFAULTS,
+    REPORT_CONFIG_KEYS,
+    check_slide_files,
+    config_slice,
+    read_plism_manifest,
+    read_sample_sheet,
+)
 from histodistill.models.ref import ModelRef
 from histodistill.mpp import parse_mpp
 
@@ -231,6 +238,12 @@ MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
 
 def bench_models():
     return BENCH["models"] or config["embeddings"]["models"]
+
+
+def report_config():
+    """The settings the report shows (histodistill.config.REPORT_CONFIG_KEYS), its only config params: an
+    edit of anything else (resources, a SLURM runtime, a distillation setting) does not rerun the report."""
+    return config_slice(config, REPORT_CONFIG_KEYS)
 
 
 def hest_task_dir(task):

@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 SCHEMA_RESOURCE = "schema.yaml"  # package data of `histodistill` (pyproject: tool.setuptools.package-data)
 SAMPLE_COLUMNS = ("slide_id", "path", "cohort")
 PLISM_MANIFEST_COLUMNS = ("slide_id", "path", "scanner", "staining")
+# The settings the report shows (its provenance block): the report rule gets only these as params, so an edit
+# of anything else (resources, a SLURM runtime, a distillation setting) does not rerun it. Settings that
+# change a result reach the report through its input files, which carry their own config hashes.
+REPORT_CONFIG_KEYS = (
+    "seed",
+    "tiling.mpp",
+    "tiling.tile_px",
+    "teacher.model",
+    "embeddings.models",
+    "benchmarks.models",
+)
 # Defaults of the distillation heads' dimensions: DistillConfig's own, kept here so the workflow can check
 # them when it is parsed without importing torch (histodistill.distill imports it).
 DISTILL_HEAD_DEFAULTS = {
@@ -243,3 +254,24 @@ def read_plism_manifest(path: str | Path, reference: str, stainings: list[str] |
         sheet = sheet[sheet["staining"].isin(stainings)]
     sheet = sheet.assign(mpp=mpp_column(sheet, f"PLISM manifest {path}"))
     return sheet.set_index("slide_id", drop=False)
+
+
+def config_slice(config: dict[str, Any], keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The part of a nested config holding only the dotted `keys` (e.g. "tiling.mpp"), nested as in `config`.
+
+    Keys absent from `config` are left out. Values are deep copies, so the slice can be edited freely.
+    """
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = config
+        parts = key.split(".")
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            target = out
+            for part in parts[:-1]:
+                target = target.setdefault(part, {})
+            target[parts[-1]] = copy.deepcopy(node)
+    return out

@@ -406,6 +406,39 @@ def test_a_collapsed_model_is_flagged_and_never_bold(tmp_path):
     assert all(c[unmatched] == "" for c in cells.values())  # a diagnostic (lower is better): never bold
 
 
+def test_a_model_whose_probes_are_at_chance_is_flagged_and_never_bold(tmp_path):
+    """A probe at chance (its balanced accuracy within the null's reach of 1/K) marks the model collapsed /
+    uninformative, even where it scores best in one column (here the linear probe)."""
+
+    def rows(linear: float, knn: float) -> pd.DataFrame:
+        out = [("crc", "linear", 0, "balanced_accuracy", linear), ("crc", "knn", 0, "balanced_accuracy", knn)]
+        for method in ("linear", "knn"):  # two classes, null SE 0.05: at chance up to 0.5 + 0.082
+            out += [("crc", method, 0, "chance_balanced_accuracy", 0.5)]
+            out += [("crc", method, 0, "chance_balanced_accuracy_se", 0.05)]
+        return pd.DataFrame(out, columns=["task", "method", "seed", "metric", "value"])
+
+    scores = {
+        "lucky": write_tidy(rows(0.58, 0.55), tmp_path / "lucky.parquet"),
+        "informative": write_tidy(rows(0.57, 0.90), tmp_path / "informative.parquet"),
+        "weaker": write_tidy(rows(0.56, 0.85), tmp_path / "weaker.parquet"),  # bold needs 2 counted models
+    }
+    board = build_report({"probe": scores}, tmp_path / "report", n_boot=0).set_index("model")
+    assert board.loc["informative", "status"] == board.loc["weaker", "status"] == "ok"
+    assert board.loc["lucky", "status"].startswith("collapsed / uninformative: probes at chance")
+    assert (
+        board.loc["lucky", "probe_balanced_accuracy_linear"]
+        > board.loc["informative", "probe_balanced_accuracy_linear"]
+    )
+    page = (tmp_path / "report" / "index.html").read_text()
+    leaderboard = page.split('id="leaderboard"')[1].split("</table>")[0]
+    cells = {
+        m: re.findall(r"<td( class=\"best\")?>", row)
+        for m, row in re.findall(r'<tr><td class="key">([^<]*)</td>(.*?)</tr>', leaderboard)
+    }
+    assert "best" not in " ".join(cells["lucky"])
+    assert cells["informative"].count(' class="best"') == 2  # both probe columns
+
+
 def test_skipped_slides_are_listed_on_the_page_and_in_the_provenance(tmp_path):
     path = tmp_path / "a.parquet"
     write_tidy(hest_rows({"t1": [0.3, 0.4]}), path)

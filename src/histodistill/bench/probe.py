@@ -20,7 +20,9 @@ Protocols and the sources they were checked against:
   requested; UNI's default path is its own torch L-BFGS on un-standardised features, whose penalty is
   (1/C)·0.5·‖W‖₂ added to the *mean* loss, so the two are not numerically identical.
 - **Metrics**: balanced accuracy, weighted F1, AUROC (binary: the positive class's probability;
-  multiclass: one-vs-rest, macro over the classes present in the evaluated split).
+  multiclass: one-vs-rest, macro over the classes present in the evaluated split). Every run also records
+  its balanced accuracy's chance level and null standard error (`chance_metrics`), from which the report
+  flags a model whose probes are at chance (`at_chance`, `probe_flags`).
 - **ABMIL (Ilse et al. 2018, gated attention; EVA's `networks/abmil.py` and `camelyon16_small.yaml`)**:
   Linear projection to 128 → gated attention (tanh ⊙ sigmoid, hidden 128) → attention-weighted mean →
   MLP (128, 64) → logits; AdamW(lr 1e-3), cosine annealing over the epochs, batch 32 bags (padded and
@@ -55,6 +57,13 @@ from histodistill.bench.registry import Benchmark, Figure, by_model, complete_me
 from histodistill.devices import torch_threads
 
 log = logging.getLogger(__name__)
+
+# A probe is "at chance" when its balanced accuracy does not exceed chance by more than
+# max(CHANCE_Z × null standard error, CHANCE_MARGIN): see `at_chance`.
+CHANCE_Z = 1.645  # one-sided 5% level
+CHANCE_MARGIN = 0.02  # balanced-accuracy points: closer to chance than this is uninformative at any n
+CHANCE = "chance_balanced_accuracy"
+CHANCE_SE = "chance_balanced_accuracy_se"
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("tile_index", "label", "split")
@@ -280,6 +289,36 @@ def classification_metrics(codes: np.ndarray, proba: np.ndarray) -> dict[str, fl
     return {"balanced_accuracy": float(bacc), "f1_weighted": float(f1), "auroc": auroc(codes, proba)}
 
 
+def chance_metrics(codes: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy's chance level and its standard error under "predictions carry no information".
+
+    Balanced accuracy is the mean over the K classes present in `codes` (integer labels [n]) of each class's
+    recall. A classifier whose predictions are independent of the labels, drawn uniformly over the K
+    classes, has recall_k ~ Binomial(n_k, 1/K) / n_k, so its balanced accuracy has mean 1/K (`CHANCE`) and
+    standard error sqrt(Σ_k (1/K)(1 − 1/K) / n_k) / K (`CHANCE_SE`; (K−1)/(K²n) squared for balanced
+    classes). A constant predictor also scores exactly 1/K. Returns NaN for both when `codes` is empty.
+    """
+    _, counts = np.unique(np.asarray(codes), return_counts=True)
+    if len(counts) == 0:
+        return {CHANCE: math.nan, CHANCE_SE: math.nan}
+    k = len(counts)
+    se = math.sqrt(float(np.sum((1 / k) * (1 - 1 / k) / counts))) / k
+    return {CHANCE: 1.0 / k, CHANCE_SE: se}
+
+
+def at_chance(balanced_accuracy: float, chance: float, se: float) -> bool:
+    """True when `balanced_accuracy` is not above chance: ≤ chance + max(CHANCE_Z · se, CHANCE_MARGIN).
+
+    The first term is a one-sided z-test at the 5% level of "no better than chance" with `chance_metrics`'
+    null standard error (the mean over seeds is scored on one test set, so its null spread is at most a
+    single run's: the test does not shrink with the number of seeds); the margin keeps a huge test set
+    from calling 0.51 on two classes informative. False when any input is NaN (not tested).
+    """
+    if not all(math.isfinite(v) for v in (balanced_accuracy, chance, se)):
+        return False
+    return balanced_accuracy <= chance + max(CHANCE_Z * se, CHANCE_MARGIN)
+
+
 def _balanced_accuracy(codes: np.ndarray, pred: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
@@ -496,6 +535,7 @@ def run_probe(
     ev = _eval_split(enc, f"task {task}")
     tr, va, te = enc.masks["train"], enc.masks["val"], enc.masks[ev]
     k_classes = enc.n_classes
+    chance = chance_metrics(enc.codes[te])
     rows: list[tuple] = []
 
     if "linear" in methods:
@@ -511,7 +551,10 @@ def run_probe(
                 fit.steps_run,
             )
             rows += _rows(
-                task, "linear", seed, classification_metrics(enc.codes[te], fit.predict_proba(x[te]))
+                task,
+                "linear",
+                seed,
+                {**classification_metrics(enc.codes[te], fit.predict_proba(x[te])), **chance},
             )
 
     if "knn" in methods:
@@ -530,7 +573,9 @@ def run_probe(
         on_eval = knn_proba(
             x[tr], enc.codes[tr], x[te], k_classes, wanted, cfg_k.temperature, cfg_k.block_size
         )
-        rows += _rows(task, "knn", 0, {**classification_metrics(enc.codes[te], on_eval[best_k]), "k": best_k})
+        rows += _rows(
+            task, "knn", 0, {**classification_metrics(enc.codes[te], on_eval[best_k]), **chance, "k": best_k}
+        )
         if cfg_k.report_all_k:
             for k in ks:
                 rows += _rows(task, f"knn_k{k}", 0, classification_metrics(enc.codes[te], on_eval[k]))
@@ -539,7 +584,7 @@ def run_probe(
         cfg_l = logreg or LogRegConfig()
         fit_rows = tr | va if (cfg_l.combine_trainval and ev == "test") else tr
         predict = fit_logreg(x[fit_rows], enc.codes[fit_rows], cfg_l)
-        rows += _rows(task, "logreg", 0, classification_metrics(enc.codes[te], predict(x[te])))
+        rows += _rows(task, "logreg", 0, {**classification_metrics(enc.codes[te], predict(x[te])), **chance})
 
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
@@ -735,7 +780,8 @@ def run_abmil(
             cfg,
         )
         proba = abmil_proba(model, [bags[i] for i in pick[ev]], enc.n_classes, cfg.batch_size)
-        rows += _rows(task, "abmil", seed, classification_metrics(enc.codes[pick[ev]], proba))
+        metrics = classification_metrics(enc.codes[pick[ev]], proba)
+        rows += _rows(task, "abmil", seed, {**metrics, **chance_metrics(enc.codes[pick[ev]])})
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
@@ -813,6 +859,40 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     return by_model(cols, models)
 
 
+def probe_flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
+    """Models whose probes are at chance on every task: for each task, even the best method's mean
+    balanced accuracy is `at_chance` (against that task's recorded chance level and null standard error).
+
+    Tasks scored without the chance rows (files written before they existed) are not judged; a model with
+    no judged task is not flagged. Returns {model: reason}.
+    """
+    out: dict[str, str] = {}
+    if summary.empty or not {CHANCE, CHANCE_SE} <= set(summary["metric"]):
+        return out
+    for model, part in summary.groupby("model", sort=False):
+        judged = []  # (task, best mean balanced accuracy, chance, null SE)
+        for task, rows in part.groupby("task", sort=True):
+            means = rows.pivot_table(index="method", columns="metric", values="mean", aggfunc="first")
+            if not {"balanced_accuracy", CHANCE, CHANCE_SE} <= set(means.columns):
+                continue
+            means = means[~means.index.str.startswith("knn_k")]  # every k is not a method of its own
+            judged.append(
+                (
+                    task,
+                    float(means["balanced_accuracy"].max()),
+                    float(means[CHANCE].max()),
+                    float(means[CHANCE_SE].max()),
+                )
+            )
+        if judged and all(at_chance(best, chance, se) for _, best, chance, se in judged):
+            task, best, chance, se = judged[0]
+            out[model] = (
+                f"probes at chance on all {len(judged)} task(s) (e.g. {task}: best balanced accuracy "
+                f"{best:.3f} ≤ chance {chance:.3f} + max({CHANCE_Z} × null SE {se:.3f}, {CHANCE_MARGIN}))"
+            )
+    return out
+
+
 def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
     from histodistill.report import figures
 
@@ -864,4 +944,5 @@ BENCHMARK = Benchmark(
     figures=_figures,
     section=_section,
     labels=lambda column: _label(column.removeprefix("probe_balanced_accuracy_")),
+    flags=probe_flags,
 )

@@ -29,6 +29,7 @@ from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
 from histodistill.bench.plism import N_BOOT
 from histodistill.bench.registry import Benchmark, Figure, benchmarks
+from histodistill.config import REPORT_CONFIG_KEYS
 from histodistill.provenance import config_hash, library_versions, provenance, read_parquet, write_parquet
 from histodistill.report import figures
 from histodistill.report import html as page
@@ -50,14 +51,7 @@ log = logging.getLogger(__name__)
 
 BOOT_SEED = 0
 MODEL_COLUMNS = ("params_m", "gflops", "tiles_per_s", "device", "status")
-CONFIG_KEYS = (
-    "seed",
-    "tiling.mpp",
-    "tiling.tile_px",
-    "teacher.model",
-    "embeddings.models",
-    "benchmarks.models",
-)
+CONFIG_KEYS = REPORT_CONFIG_KEYS
 LABELS = {
     "model": "model",
     "params_m": "params (M)",
@@ -245,7 +239,7 @@ def _provenance_block(
     versions = {**library_versions(), **_versions("pandas", "matplotlib", "scikit-learn")}
     items: list[tuple[str, Any]] = [
         ("created (UTC)", created),
-        ("config hash", run_hash or "\u2013"),
+        ("config hash (of the settings below)", run_hash or "\u2013"),
         ("histodistill", __version__),
         ("libraries", ", ".join(f"{k} {v}" for k, v in versions.items())),
     ]
@@ -279,7 +273,8 @@ def _provenance_block(
         )
     if config:
         body += page.details(
-            "run config", page.pre(json.dumps(config, indent=1, sort_keys=True, default=str))
+            "report settings (each score file carries its own config hash)",
+            page.pre(json.dumps(config, indent=1, sort_keys=True, default=str)),
         )
     return body
 
@@ -377,8 +372,9 @@ def build_report(
     lead += page.note(
         "Bold: best per column among the models not flagged. –: no scores (for a mean over tasks: at least "
         "one task missing). status: a model is flagged collapsed / uninformative when a benchmark's own "
-        "numbers say its embeddings cannot tell inputs apart (e.g. PLISM: different tiles embedded almost "
-        "alike); its numbers are shown but never bold."
+        "numbers say its embeddings cannot tell inputs apart (PLISM: different tiles embedded almost "
+        "alike; probes and the mitosis linear probe: balanced accuracy at chance, i.e. at most 1/K + "
+        "max(1.645 × its null standard error, 0.02), on every task); its numbers are shown but never bold."
     )
     sections = [
         ("provenance", "Run provenance", _provenance_block(config, inputs, run_hash, created, skipped_slides))
