@@ -333,10 +333,19 @@ def test_model_profile_counts_params_and_flops():
 
 def test_run_profiles_models_and_reads_throughput(tmp_path):
     stores = []
+    busy = {
+        "load_1min": 3.14,
+        "cpus": 2,
+        "torch_threads": 2,
+        "num_workers": 0,
+        "batch_size": 32,
+        "tiles_timed": 96,
+    }
     for model, rate in (("h0_mini_tiny", 120.0), ("student-r1", 900.0)):
         store = tmp_path / "emb" / model / "cohort.zarr"
         zarr.open_group(store, mode="w", zarr_format=3).attrs.update(
             {"complete": True, "tiles_per_s": rate, "throughput_device": "cpu"}
+            | ({"throughput_conditions": busy} if model == "h0_mini_tiny" else {})
         )
         stores.append(store)
     (tmp_path / "hest").mkdir()
@@ -357,7 +366,10 @@ def test_run_profiles_models_and_reads_throughput(tmp_path):
     assert board["params_m"].tolist() == pytest.approx([size["params_m"]] * 2)
     assert board["tiles_per_s"].tolist() == [120.0, 900.0] and board["device"].tolist() == ["cpu", "cpu"]
     assert board.loc["student-r1", "hest_pearson_mean"] == pytest.approx(np.mean([0.6, 0.2]))
-    assert (tmp_path / "report" / "index.html").is_file()
+    size_section = (tmp_path / "report" / "index.html").read_text().split('id="size"')[1]
+    # the speed is shown with the load it was measured under; the other store recorded none
+    assert "load 3.1 on 2 CPUs (BUSY), 2 torch threads, batch 32, 0 workers, 96 tiles" in size_section
+    assert "measured under" in size_section
     with pytest.raises(ReportError, match="benchmark 'hest' is not one of"):
         run_report(files, stores, tmp_path / "r2", benchmarks=["probe"], models=models)
     with pytest.raises(ReportError, match="2 model"):

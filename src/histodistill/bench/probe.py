@@ -53,17 +53,12 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from histodistill.bench import BenchmarkError
+from histodistill.bench.chance import CHANCE, CHANCE_MARGIN, CHANCE_SE, CHANCE_Z, at_chance, chance_metrics
 from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
 from histodistill.devices import torch_threads
 
 log = logging.getLogger(__name__)
 
-# A probe is "at chance" when its balanced accuracy does not exceed chance by more than
-# max(CHANCE_Z × null standard error, CHANCE_MARGIN): see `at_chance`.
-CHANCE_Z = 1.645  # one-sided 5% level
-CHANCE_MARGIN = 0.02  # balanced-accuracy points: closer to chance than this is uninformative at any n
-CHANCE = "chance_balanced_accuracy"
-CHANCE_SE = "chance_balanced_accuracy_se"
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("tile_index", "label", "split")
@@ -287,36 +282,6 @@ def classification_metrics(codes: np.ndarray, proba: np.ndarray) -> dict[str, fl
         bacc = balanced_accuracy_score(codes, pred)
     f1 = f1_score(codes, pred, average="weighted", labels=np.unique(codes), zero_division=0)
     return {"balanced_accuracy": float(bacc), "f1_weighted": float(f1), "auroc": auroc(codes, proba)}
-
-
-def chance_metrics(codes: np.ndarray) -> dict[str, float]:
-    """Balanced accuracy's chance level and its standard error under "predictions carry no information".
-
-    Balanced accuracy is the mean over the K classes present in `codes` (integer labels [n]) of each class's
-    recall. A classifier whose predictions are independent of the labels, drawn uniformly over the K
-    classes, has recall_k ~ Binomial(n_k, 1/K) / n_k, so its balanced accuracy has mean 1/K (`CHANCE`) and
-    standard error sqrt(Σ_k (1/K)(1 − 1/K) / n_k) / K (`CHANCE_SE`; (K−1)/(K²n) squared for balanced
-    classes). A constant predictor also scores exactly 1/K. Returns NaN for both when `codes` is empty.
-    """
-    _, counts = np.unique(np.asarray(codes), return_counts=True)
-    if len(counts) == 0:
-        return {CHANCE: math.nan, CHANCE_SE: math.nan}
-    k = len(counts)
-    se = math.sqrt(float(np.sum((1 / k) * (1 - 1 / k) / counts))) / k
-    return {CHANCE: 1.0 / k, CHANCE_SE: se}
-
-
-def at_chance(balanced_accuracy: float, chance: float, se: float) -> bool:
-    """True when `balanced_accuracy` is not above chance: ≤ chance + max(CHANCE_Z · se, CHANCE_MARGIN).
-
-    The first term is a one-sided z-test at the 5% level of "no better than chance" with `chance_metrics`'
-    null standard error (the mean over seeds is scored on one test set, so its null spread is at most a
-    single run's: the test does not shrink with the number of seeds); the margin keeps a huge test set
-    from calling 0.51 on two classes informative. False when any input is NaN (not tested).
-    """
-    if not all(math.isfinite(v) for v in (balanced_accuracy, chance, se)):
-        return False
-    return balanced_accuracy <= chance + max(CHANCE_Z * se, CHANCE_MARGIN)
 
 
 def _balanced_accuracy(codes: np.ndarray, pred: np.ndarray) -> float:

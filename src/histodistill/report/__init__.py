@@ -219,14 +219,44 @@ def _size_section(board: pd.DataFrame, models: Mapping[str, Mapping[str, Any]] |
         ]
         for r in board.itertuples(index=False)
     ]
-    body = page.table(["model", "params (M)", "GFLOPs @224", "tiles/s", "device"], rows)
+    for row, model in zip(rows, board["model"], strict=True):
+        row.append(
+            page.fmt(throughput_conditions((models or {}).get(model, {}).get("throughput_conditions")))
+        )
+    body = page.table(["model", "params (M)", "GFLOPs @224", "tiles/s", "device", "measured under"], rows)
     body += page.note(
         "GFLOPs of one 224 × 224 forward pass: "
         + ("; ".join(sorted(conventions)) if conventions else FLOP_CONVENTION)
-        + ". Throughput (tiles/s) is passed in as measured by the pipeline on the device shown; – where not "
-        "measured."
+        + ". Throughput (tiles/s) is that of the model's embedding run, on the device shown and under the "
+        "load shown (the machine's 1-minute load average against the CPUs the run could use; BUSY when the "
+        "load exceeded them, so other work shared the machine): it is a measurement of that run, not a "
+        "property of the model, and compares across models only under like conditions; – where not measured."
     )
     return body
+
+
+def throughput_conditions(conditions: Mapping[str, Any] | None) -> str | None:
+    """One line for the load a throughput was measured under (`histodistill.embed`'s
+    `throughput_conditions`), e.g. "load 3.1 on 2 CPUs (BUSY), 2 torch threads, batch 32, 0 workers,
+    120 tiles"; None when not recorded."""
+    if not conditions:
+        return None
+    parts = []
+    load, cpus = conditions.get("load_1min"), conditions.get("cpus")
+    if load is not None and cpus:
+        parts.append(
+            f"load {float(load):.1f} on {int(cpus)} CPUs" + (" (BUSY)" if float(load) > cpus else "")
+        )
+    for key, label in (
+        ("torch_threads", "torch threads"),
+        ("batch_size", "batch"),
+        ("num_workers", "workers"),
+    ):
+        if conditions.get(key) is not None:
+            parts.append(f"{conditions[key]} {label}" if key != "batch_size" else f"batch {conditions[key]}")
+    if conditions.get("tiles_timed") is not None:
+        parts.append(f"{conditions['tiles_timed']} tiles")
+    return ", ".join(parts) or None
 
 
 def _provenance_block(
@@ -407,8 +437,8 @@ def run(
 
     `score_files`: `<benchmark>/<model>.parquet` paths (the directory names the benchmark, the stem the
     model); `benchmarks`: every enabled benchmark (one with no file shows as absent); `models[i]` and
-    `embedding_stores[i]`: a model and one of its embedding stores, whose attributes give `tiles_per_s` and
-    `throughput_device`. A distilled student `student-<run>` is profiled as its run's architecture
+    `embedding_stores[i]`: a model and one of its embedding stores, whose attributes give `tiles_per_s`,
+    `throughput_device` and `throughput_conditions` (the load it was measured under, shown beside it). A distilled student `student-<run>` is profiled as its run's architecture
     (`students[run]`); `n_boot`: replicates of the PLISM CIs. Writes `out_dir/{leaderboard.parquet,figures/,index.html}`; returns the leaderboard.
     Raises ReportError when a score file's directory is not one of `benchmarks` or the two model lists
     differ in length.
@@ -434,6 +464,7 @@ def run(
             **model_profile(arch),
             "tiles_per_s": attrs.get("tiles_per_s"),
             "device": attrs.get("throughput_device"),
+            "throughput_conditions": attrs.get("throughput_conditions"),
         }
     return build_report(
         scores, out_dir, models=profiles, config=config, n_boot=n_boot, skipped_slides=skipped_slides

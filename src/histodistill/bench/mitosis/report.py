@@ -15,8 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.mitosis.figures import plot_cross_domain, plot_scaling
-from histodistill.bench.probe import CHANCE, CHANCE_MARGIN, CHANCE_SE, CHANCE_Z, at_chance
+from histodistill.bench.chance import CHANCE, CHANCE_MARGIN, CHANCE_SE, CHANCE_Z, at_chance
 from histodistill.bench.registry import Benchmark, Figure, by_model
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,10 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
 
 
 def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
-    """Scaling curves and the cross-domain AUROC heat maps, where the summary has their rows."""
+    """Scaling curves and the cross-domain AUROC heat maps (`histodistill.report.mitosis_figures`, in the
+    report's model colours), where the summary has their rows."""
+    from histodistill.report.mitosis_figures import plot_cross_domain, plot_scaling
+
     if not {"protocol", "mean", "std"} <= set(summary.columns):
         return []
     out = []
@@ -96,20 +98,21 @@ def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) ->
         (
             plot_scaling,
             "mitosis_scaling.png",
-            "Mitosis: test scores vs training data (mean ± std over runs).",
+            "Mitosis: test scores vs training data (mean ± std over runs; colour: model, line: method).",
         ),
         (
             plot_cross_domain,
             "mitosis_cross_domain.png",
-            "Mitosis: single-source cross-domain AUROC (rows: training domain; diagonal: in-domain holdout).",
+            "Mitosis: single-source cross-domain AUROC (rows: training domain; diagonal: in-domain holdout; "
+            "one colour scale fitted to the values).",
         ),
     ):
         try:
-            plot(summary, fig_dir / name)
+            png = plot(summary, fig_dir / name, colors=colors)
         except BenchmarkError as exc:  # e.g. one domain only: no cross-domain protocol
             log.info("no %s: %s", name, exc)
             continue
-        out.append(Figure((fig_dir / name).read_bytes(), name, caption))
+        out.append(Figure(png, name, caption))
     return out
 
 
@@ -141,7 +144,7 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
 
 
 def _flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
-    """Models whose linear probe is at chance (`histodistill.bench.probe.at_chance`) in every protocol's
+    """Models whose linear probe is at chance (`histodistill.bench.chance.at_chance`) in every protocol's
     headline setting (all the training data, pooled domains). Files without the chance rows are not judged."""
     out: dict[str, str] = {}
     if summary.empty or not {"method", "protocol"} <= set(summary.columns):

@@ -2,7 +2,7 @@
 
 Rows are `model, method, protocol, fraction, train_domain, test_domain, run, metric, value` (metrics:
 balanced accuracy and weighted F1 at probability 0.5, AUROC; plus `n_train` and balanced accuracy's chance
-level and null standard error, `histodistill.bench.probe.chance_metrics`, which the report uses to flag a
+level and null standard error, `histodistill.bench.chance.chance_metrics`, which the report uses to flag a
 model whose linear probe is at chance); summaries are mean ± sample std (ddof = 1) over runs.
 """
 
@@ -70,7 +70,8 @@ def score_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
     Kept apart from prediction so a GPU job without scikit-learn (the torch env) can write predictions
     and the bench env scores them. A test set with one class gets AUROC NaN and a warning.
     """
-    from histodistill.bench.probe import chance_metrics, classification_metrics
+    from histodistill.bench.chance import chance_metrics
+    from histodistill.bench.probe import classification_metrics
 
     rows: list[tuple] = []
     for key, g in predictions.groupby(PREDICTION_KEYS, sort=False, dropna=False):
