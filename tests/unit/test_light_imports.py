@@ -39,7 +39,11 @@ def parse_time_imports(path: Path) -> list[str]:
                 indent = _indent(above)
                 lazy = lazy or above.lstrip().startswith("def ")
         if not lazy:
-            found.append(match.group(2).strip())
+            statement, j = match.group(2).strip(), i
+            while statement.count("(") > statement.count(")"):  # a parenthesised multi-line import
+                j += 1
+                statement += " " + lines[j].strip()
+            found.append(statement)
     return found
 
 
@@ -47,10 +51,15 @@ def test_the_parser_finds_module_level_imports_and_skips_function_level_ones(tmp
     smk = tmp_path / "x.smk"
     smk.write_text(
         "from histodistill.config import a\n"
+        "from histodistill.mpp import (\n    b,\n    c,\n)\n"
         "if x:\n    import histodistill.slides\n"
         "def f():\n    if y:\n        from histodistill.distill.trainer import DistillConfig\n"
     )
-    assert parse_time_imports(smk) == ["from histodistill.config import a", "import histodistill.slides"]
+    assert parse_time_imports(smk) == [
+        "from histodistill.config import a",
+        "from histodistill.mpp import ( b, c, )",
+        "import histodistill.slides",
+    ]
 
 
 def test_workflow_parse_time_imports_pull_in_no_heavy_library():
@@ -58,6 +67,7 @@ def test_workflow_parse_time_imports_pull_in_no_heavy_library():
     for path in [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]:
         statements += parse_time_imports(path)
     assert any("histodistill.models.ref" in s for s in statements)  # the scan found common.smk's helpers
+    assert any("read_plism_manifest" in s for s in statements)  # and its multi-line import
     code = "\n".join(
         [
             "import sys",
