@@ -7,7 +7,13 @@ prints its wall-clock time, the growth relative to the smallest N, the marginal 
 linear fit (fixed + per slide; the fixed part includes Snakemake's startup, measured separately) and the
 job counts per rule (only `tile_slide` grows with N).
 
+First it prints the demo's startup cost: `snakemake -n all_benchmarks` on the demo config (a dry run that
+parses the Snakefile and plans the demo's DAG) against `snakemake --version` (interpreter, Snakemake and its
+plugins: the floor any workflow pays), after one warm-up each, interleaved over `--startup-repeats`, min and
+median, and their ratio (target ≤ 1.3: the workflow's parse-time imports stay light, issue 19).
+
 Usage: python benchmarks/dag_scale.py [--slides 1000 5000 10000] [--repeats 1] [--keep DIR]
+       python benchmarks/dag_scale.py --startup-only [--startup-repeats 7]
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,6 +141,49 @@ def startup_seconds() -> float:
     return time.perf_counter() - start
 
 
+def demo_dry_run_seconds(workdir: Path) -> float:
+    """Wall-clock of `snakemake -n all_benchmarks` on the demo config (config.yaml, local, no profile) in
+    `workdir`, a fresh directory holding a copy of configs/: nothing is built, so the whole demo DAG is
+    planned. Exits when the dry run fails."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+    command += ["--configfile", str(REPO / "config.yaml"), "--cores", "1", "-n", "all_benchmarks"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"demo dry run failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    return seconds
+
+
+def startup_comparison(repeats: int) -> tuple[list[float], list[float]]:
+    """(`--version` seconds, demo `-n` seconds) over `repeats` interleaved rounds after one warm-up each."""
+    workdir = Path(tempfile.mkdtemp(prefix="dag_startup-"))
+    try:
+        shutil.copytree(REPO / "configs", workdir / "configs")
+        startup_seconds(), demo_dry_run_seconds(workdir)  # warm-up: page cache, .pyc files
+        version, dry = [], []
+        for _ in range(repeats):
+            version.append(startup_seconds())
+            dry.append(demo_dry_run_seconds(workdir))
+        return version, dry
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_startup(repeats: int) -> None:
+    version, dry = startup_comparison(repeats)
+    for name, times in (("snakemake --version", version), ("snakemake -n (demo)", dry)):
+        print(
+            f"{name:<22} min {min(times):5.2f} s  median {statistics.median(times):5.2f} s  ({repeats} runs)"
+        )
+    print(
+        f"ratio -n / --version:   min {min(dry) / min(version):.2f}×  median "
+        f"{statistics.median(dry) / statistics.median(version):.2f}×  (target ≤ 1.3)",
+        flush=True,
+    )
+
+
 def scontrol_seconds() -> float | None:
     """Wall-clock of `scontrol show config`, which snakemake-executor-plugin-slurm runs when it is imported
     (to pick its status command): instant on a cluster, up to its 10 s timeout where SLURM's client is
@@ -155,7 +205,13 @@ def main() -> None:
     parser.add_argument("--slides", type=int, nargs="+", default=[1000, 5000, 10000])
     parser.add_argument("--repeats", type=int, default=1, help="dry runs per size (the fastest is kept)")
     parser.add_argument("--keep", type=Path, help="write the trees here (default: a temporary directory)")
+    parser.add_argument("--startup-repeats", type=int, default=5, help="interleaved startup rounds")
+    parser.add_argument("--startup-only", action="store_true", help="only the demo startup comparison")
     args = parser.parse_args()
+
+    print_startup(args.startup_repeats)
+    if args.startup_only:
+        return
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="dag_scale-"))
     rows = []

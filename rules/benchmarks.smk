@@ -240,7 +240,7 @@ rule report:
         students={name: run.get("student") for name, run in config["distill"]["runs"].items()},
         n_boot=BENCH["plism"]["n_boot"],
         skipped_slides=SKIPPED_SLIDES,
-        config=config,
+        config=report_config(),
     log:
         "logs/report.log",
     threads: threads_for("report")

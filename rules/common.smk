@@ -4,11 +4,19 @@
 import gc
 from pathlib import Path
 
-from histodistill.config import check_slide_files, read_sample_sheet
+# Parse-time imports stay light (nothing heavier than pandas: no torch, SimpleITK, zarr, h5py, scipy,
+# scikit-image; tests/unit/test_light_imports.py): heavy modules are imported by the rules' scripts only.
+from histodistill.config import (
+    DISTILL_HEAD_DEFAULTS,
+    REPORT_CONFIG_KEYS,
+    check_slide_files,
+    config_slice,
+    read_plism_manifest,
+    read_sample_sheet,
+)
 from histodistill.ids import ID_REGEX
-from histodistill.matched_tiles import read_manifest
 from histodistill.models.ref import ModelRef
-from histodistill.slides import parse_mpp
+from histodistill.mpp import parse_mpp
 
 RESULTS = config["results_dir"]
 # Every slide file must exist when the workflow loads (the demo's are rendered by demo_slide), whatever the
@@ -117,7 +125,7 @@ PLISM_OUT = f"{RESULTS}/plism"
 if PLISM["enabled"]:
     if not PLISM["manifest"]:
         raise ValueError("plism.enabled needs plism.manifest (a TSV: slide_id, path, scanner, staining)")
-    PLISM_SLIDES = read_manifest(PLISM["manifest"], PLISM["reference"], PLISM["stainings"] or None)
+    PLISM_SLIDES = read_plism_manifest(PLISM["manifest"], PLISM["reference"], PLISM["stainings"] or None)
     PLISM_MOVING = [s for s in PLISM_SLIDES["slide_id"] if s != PLISM["reference"]]
     PLISM_SETTINGS = {k: PLISM[k] for k in ("reference", "stainings", "mpp", "tile_px", "min_tissue")}
 
@@ -148,7 +156,7 @@ def distill_run(run):
     return config["distill"]["runs"][run]
 
 
-HEAD_DIMS = ("n_prototypes", "head_hidden", "dino_bottleneck", "ibot_bottleneck")
+HEAD_DIMS = tuple(DISTILL_HEAD_DEFAULTS)
 
 
 def teacher_heads_file(run):
@@ -179,12 +187,10 @@ def run_settings(run):
 # not after the heads are trained (unset run keys are DistillConfig's defaults).
 for _run in config["distill"]["runs"]:
     if teacher_heads_file(_run):
-        from histodistill.distill.trainer import DistillConfig
-
         _differ = {
-            k: (distill_run(_run).get(k, getattr(DistillConfig(), k)), config["distill"]["teacher_heads"][k])
+            k: (distill_run(_run).get(k, DISTILL_HEAD_DEFAULTS[k]), config["distill"]["teacher_heads"][k])
             for k in HEAD_DIMS
-            if distill_run(_run).get(k, getattr(DistillConfig(), k)) != config["distill"]["teacher_heads"][k]
+            if distill_run(_run).get(k, DISTILL_HEAD_DEFAULTS[k]) != config["distill"]["teacher_heads"][k]
         }
         if _differ:
             raise ValueError(
@@ -234,6 +240,12 @@ MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
 
 def bench_models():
     return BENCH["models"] or config["embeddings"]["models"]
+
+
+def report_config():
+    """The settings the report shows (histodistill.config.REPORT_CONFIG_KEYS), its only config params: an
+    edit of anything else (resources, a SLURM runtime, a distillation setting) does not rerun the report."""
+    return config_slice(config, REPORT_CONFIG_KEYS)
 
 
 def hest_task_dir(task):

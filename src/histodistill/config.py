@@ -19,12 +19,32 @@ import yaml
 
 from histodistill.errors import ConfigError
 from histodistill.ids import ID_RULE, IdError, bad_ids, is_safe_id
-from histodistill.slides import parse_mpp
+from histodistill.mpp import parse_mpp
 
 log = logging.getLogger(__name__)
 
 SCHEMA_RESOURCE = "schema.yaml"  # package data of `histodistill` (pyproject: tool.setuptools.package-data)
 SAMPLE_COLUMNS = ("slide_id", "path", "cohort")
+PLISM_MANIFEST_COLUMNS = ("slide_id", "path", "scanner", "staining")
+# The settings the report shows (its provenance block): the report rule gets only these as params, so an edit
+# of anything else (resources, a SLURM runtime, a distillation setting) does not rerun it. Settings that
+# change a result reach the report through its input files, which carry their own config hashes.
+REPORT_CONFIG_KEYS = (
+    "seed",
+    "tiling.mpp",
+    "tiling.tile_px",
+    "teacher.model",
+    "embeddings.models",
+    "benchmarks.models",
+)
+# Defaults of the distillation heads' dimensions: DistillConfig's own, kept here so the workflow can check
+# them when it is parsed without importing torch (histodistill.distill imports it).
+DISTILL_HEAD_DEFAULTS = {
+    "n_prototypes": 1024,
+    "dino_bottleneck": 384,
+    "ibot_bottleneck": 256,
+    "head_hidden": 2048,
+}
 
 
 def load_schema(path: str | Path | None = None) -> dict[str, Any]:
@@ -34,10 +54,12 @@ def load_schema(path: str | Path | None = None) -> dict[str, Any]:
     from a source checkout. Raises OSError if `path` cannot be read.
     """
     if path is not None:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    return yaml.safe_load(
-        resources.files("histodistill").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
-    )
+        text = Path(path).read_text(encoding="utf-8")
+    else:
+        text = resources.files("histodistill").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+    # libyaml's safe loader where PyYAML was built with it: the same documents, ~10x faster than the pure-
+    # Python one (the schema is read every time the Snakefile is parsed, `snakemake -n` included)
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (a safe loader)
 
 
 def _with_defaults(validator_class):
@@ -191,3 +213,70 @@ def mpp_column(sheet: pd.DataFrame, where: str) -> pd.Series:
 def safe_id(value: str) -> bool:
     """Whether `value` is a valid slide/cohort id (`histodistill.ids.is_safe_id`, the one validator)."""
     return is_safe_id(value)
+
+
+def read_plism_manifest(path: str | Path, reference: str, stainings: list[str] | None = None) -> pd.DataFrame:
+    """Read and check the PLISM manifest (TSV: slide_id, path, scanner, staining[, mpp]), indexed by slide_id.
+
+    Lives here, not in `histodistill.matched_tiles` (which re-exports it as `read_manifest`), because the
+    workflow reads it when it is parsed, where only light modules may be imported. Raises ConfigError for a
+    missing file or column, an unsafe or duplicate slide id, a duplicate (scanner, staining), an unknown
+    reference or staining.
+
+    `stainings` keeps only those stainings (e.g. the paper's 3-staining subset); the reference must stay.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"PLISM manifest not found: {path} (set plism.manifest)")
+    sheet = pd.read_csv(path, sep="\t", dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False)
+    missing = [c for c in PLISM_MANIFEST_COLUMNS if c not in sheet.columns]
+    if missing:
+        raise ConfigError(
+            f"PLISM manifest {path} lacks column(s) {missing}; it needs {list(PLISM_MANIFEST_COLUMNS)}"
+        )
+    bad = bad_ids(sheet["slide_id"])
+    if bad:
+        raise IdError(f"PLISM manifest {path}: unsafe slide id(s) {bad}: use only {ID_RULE}")
+    dup = sorted(sheet.loc[sheet["slide_id"].duplicated(), "slide_id"].unique())
+    if dup:
+        raise ConfigError(f"PLISM manifest {path}: duplicate slide_id(s) {dup}")
+    pairs = sheet[["scanner", "staining"]].apply(tuple, axis=1)
+    dup_pairs = sorted(set(pairs[pairs.duplicated()]))
+    if dup_pairs:
+        names = [f"{sc}/{st}: {sheet.loc[pairs == (sc, st), 'slide_id'].tolist()}" for sc, st in dup_pairs]
+        raise ConfigError(f"PLISM manifest {path}: duplicate (scanner, staining): {'; '.join(names)}")
+    if reference not in set(sheet["slide_id"]):
+        raise ConfigError(
+            f"PLISM reference '{reference}' is not in the manifest {path} (slide ids: {sheet['slide_id'].tolist()})"
+        )
+    if stainings:
+        unknown = sorted(set(stainings) - set(sheet["staining"]))
+        if unknown:
+            raise ConfigError(f"plism.stainings: {unknown} not in the manifest {path}")
+        ref_staining = sheet.loc[sheet["slide_id"] == reference, "staining"].iloc[0]
+        if ref_staining not in stainings:
+            raise ConfigError(f"plism.stainings must include the reference's staining '{ref_staining}'")
+        sheet = sheet[sheet["staining"].isin(stainings)]
+    sheet = sheet.assign(mpp=mpp_column(sheet, f"PLISM manifest {path}"))
+    return sheet.set_index("slide_id", drop=False)
+
+
+def config_slice(config: dict[str, Any], keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The part of a nested config holding only the dotted `keys` (e.g. "tiling.mpp"), nested as in `config`.
+
+    Keys absent from `config` are left out. Values are deep copies, so the slice can be edited freely.
+    """
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = config
+        parts = key.split(".")
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            target = out
+            for part in parts[:-1]:
+                target = target.setdefault(part, {})
+            target[parts[-1]] = copy.deepcopy(node)
+    return out

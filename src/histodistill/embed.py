@@ -4,11 +4,18 @@ Streaming: a DataLoader (workers, pinned memory on GPU) feeds `inference_mode` f
 on GPU); results are written chunk by chunk into `OUT.partial`, whose attrs record how many rows are done.
 A killed run resumes from the last complete chunk when rerun with the same settings; the finished store
 is renamed to OUT, so OUT is never partial.
+
+Throughput: the finished store's attrs hold `tiles_per_s` of this run, `throughput_device`, and
+`throughput_conditions`, the load it was measured under (the machine's 1-minute load average, the larger of
+its values before and after the timed loop; the CPUs this process may use; torch threads; DataLoader
+workers; batch size; tiles timed). The report shows them beside the number: a speed measured on a shared,
+busy machine (load above the CPUs) is not a property of the model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -104,6 +111,7 @@ def extract_embeddings(
         shuffle=False,
     )
     buffer: list[np.ndarray] = []
+    load_before = _load_1min()
     t0 = time.perf_counter()
     with torch.inference_mode():
         for images, _ in loader:
@@ -122,9 +130,34 @@ def extract_embeddings(
     elapsed = time.perf_counter() - t0
     # Throughput of this run (the report's "measured speed"); a resumed run measures its own part only.
     rate = (n - start) / elapsed if elapsed > 0 and n > start else None
-    output.finish(tiles_per_s=rate, throughput_device=str(dev))
+    conditions = {
+        "load_1min": max((v for v in (load_before, _load_1min()) if v is not None), default=None),
+        "cpus": _cpus(),
+        "torch_threads": torch.get_num_threads(),
+        "num_workers": num_workers,
+        "batch_size": batch_size,
+        "tiles_timed": n - start,
+    }
+    output.finish(tiles_per_s=rate, throughput_device=str(dev), throughput_conditions=conditions)
     log.info("%s: %d embeddings of shape %s → %s", model_name, n, shape[1:], out)
     return n
+
+
+def _load_1min() -> float | None:
+    """The machine's 1-minute load average (runnable processes, this one included); None where the OS has
+    none (os.getloadavg is Unix-only)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 class EmbeddingStore:

@@ -17,7 +17,6 @@ x0, y0 (level-0 px of that slide), residual_um.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -32,9 +31,9 @@ import zarr
 from PIL import Image
 
 from histodistill.atomic import atomic_path
-from histodistill.config import mpp_column
-from histodistill.errors import ConfigError, HistodistillError, SlideError
-from histodistill.ids import ID_RULE, IdError, bad_ids
+from histodistill.config import PLISM_MANIFEST_COLUMNS as MANIFEST_COLUMNS  # noqa: F401 (re-exported)
+from histodistill.config import read_plism_manifest as read_manifest  # noqa: F401 (re-exported)
+from histodistill.errors import HistodistillError, SlideError
 from histodistill.images import as_rgb8
 from histodistill.provenance import provenance, read_parquet, write_parquet
 from histodistill.registration import load_transform, map_points, tile_centers_um
@@ -44,53 +43,11 @@ from histodistill.tiling import read_tile_table
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("slide_id", "path", "scanner", "staining")
 _TILE_ID = re.compile(r"^(?:[^_]+_)?(\d+)_(\d+)_(\d+)$")  # [prefix_]level_x_y, see the docstring
 
 
 class PlismError(HistodistillError):
     """The PLISM manifest, a registration or the pre-registered tiles are unusable."""
-
-
-def read_manifest(path: str | Path, reference: str, stainings: list[str] | None = None) -> pd.DataFrame:
-    """Read and check the PLISM manifest (TSV: slide_id, path, scanner, staining[, mpp]).
-
-    `stainings` keeps only those stainings (e.g. the paper's 3-staining subset); the reference must stay.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"PLISM manifest not found: {path} (set plism.manifest)")
-    sheet = pd.read_csv(path, sep="\t", dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in sheet.columns]
-    if missing:
-        raise ConfigError(
-            f"PLISM manifest {path} lacks column(s) {missing}; it needs {list(MANIFEST_COLUMNS)}"
-        )
-    bad = bad_ids(sheet["slide_id"])
-    if bad:
-        raise IdError(f"PLISM manifest {path}: unsafe slide id(s) {bad}: use only {ID_RULE}")
-    dup = sorted(sheet.loc[sheet["slide_id"].duplicated(), "slide_id"].unique())
-    if dup:
-        raise ConfigError(f"PLISM manifest {path}: duplicate slide_id(s) {dup}")
-    pairs = sheet[["scanner", "staining"]].apply(tuple, axis=1)
-    dup_pairs = sorted(set(pairs[pairs.duplicated()]))
-    if dup_pairs:
-        names = [f"{sc}/{st}: {sheet.loc[pairs == (sc, st), 'slide_id'].tolist()}" for sc, st in dup_pairs]
-        raise ConfigError(f"PLISM manifest {path}: duplicate (scanner, staining): {'; '.join(names)}")
-    if reference not in set(sheet["slide_id"]):
-        raise ConfigError(
-            f"PLISM reference '{reference}' is not in the manifest {path} (slide ids: {sheet['slide_id'].tolist()})"
-        )
-    if stainings:
-        unknown = sorted(set(stainings) - set(sheet["staining"]))
-        if unknown:
-            raise ConfigError(f"plism.stainings: {unknown} not in the manifest {path}")
-        ref_staining = sheet.loc[sheet["slide_id"] == reference, "staining"].iloc[0]
-        if ref_staining not in stainings:
-            raise ConfigError(f"plism.stainings must include the reference's staining '{ref_staining}'")
-        sheet = sheet[sheet["staining"].isin(stainings)]
-    sheet = sheet.assign(mpp=mpp_column(sheet, f"PLISM manifest {path}"))
-    return sheet.set_index("slide_id", drop=False)
 
 
 @dataclass

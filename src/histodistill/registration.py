@@ -295,7 +295,8 @@ def _rgb_on_fixed(moving: SlideImage, fixed: sitk.Image, maps: list | None) -> n
 
 
 def render_checkerboards(fixed: SlideImage, moving: SlideImage, maps: list, out: Path, max_px: int = 1024):
-    """QC picture: checkerboard of reference and moving slide, before (left) and after (right)."""
+    """QC picture: checkerboard of reference and moving slide, before (left) and after (right) registration,
+    each half labelled on a strip above it."""
     before = checkerboard(fixed.rgb, _rgb_on_fixed(moving, fixed.image, None))
     warped = _rgb_on_fixed(moving, fixed.image, maps)
     outside = warped.sum(axis=2) == 0  # transformix fills outside the moving slide with 0
@@ -304,8 +305,25 @@ def render_checkerboards(fixed: SlideImage, moving: SlideImage, maps: list, out:
     gap = np.full((before.shape[0], 8, 3), 255, np.uint8)
     panel = Image.fromarray(np.concatenate([before, gap, after], axis=1))
     panel.thumbnail((2 * max_px, max_px))
+    panel = _label_halves(panel, ("before registration", "after registration"))
     with atomic_path(out) as tmp:
         panel.save(tmp, format="PNG")
+
+
+def _label_halves(panel: Image.Image, labels: tuple[str, str]) -> Image.Image:
+    """`panel` with a white strip on top naming its left and right halves (centred over each)."""
+    from PIL import ImageDraw, ImageFont
+
+    size = max(12, panel.height // 32)
+    font = ImageFont.load_default(size=size)
+    strip = size + 12
+    out = Image.new("RGB", (panel.width, panel.height + strip), "white")
+    out.paste(panel, (0, strip))
+    draw = ImageDraw.Draw(out)
+    for i, text in enumerate(labels):
+        center = panel.width * (2 * i + 1) / 4
+        draw.text((center, strip / 2), text, fill="black", font=font, anchor="mm")
+    return out
 
 
 def register_slides(

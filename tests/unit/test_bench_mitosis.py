@@ -43,6 +43,7 @@ from histodistill.errors import SlideError
 from histodistill.models import load_model
 from histodistill.models.registry import LoadedModel
 from histodistill.models.transforms import ModelTransform, transform_batch
+from histodistill.report.mitosis_figures import plot_cross_domain, plot_scaling
 from histodistill.tilestore import TileStore
 
 SMALL_DEMO = MitosisDemoConfig(
@@ -394,7 +395,7 @@ def test_cross_domain_splits_hold_out_cases_and_give_an_n_by_n_matrix(tmp_path):
     assert (np.diag(matrix) > matrix.to_numpy()[~np.eye(3, dtype=bool)].reshape(3, 2).max(1)).all()
     summary = M.summarize(rows)
     assert summary.loc[summary.metric == "auroc", "n"].eq(2).all()
-    M.plot_cross_domain(summary, tmp_path / "cross.png")
+    plot_cross_domain(summary, tmp_path / "cross.png")
     assert (tmp_path / "cross.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -683,7 +684,14 @@ def test_lora_protocol_end_to_end_on_the_demo(demo):
     assert sorted(predictions["row"]) == sorted(split.tests[M.ALL])
     assert predictions["probability"].between(0, 1).all()
     rows = score_predictions(predictions)
-    assert set(rows["metric"]) == {"balanced_accuracy", "f1_weighted", "auroc", "n_train"}
+    assert set(rows["metric"]) == {
+        "balanced_accuracy",
+        "f1_weighted",
+        "auroc",
+        "n_train",
+        "chance_balanced_accuracy",
+        "chance_balanced_accuracy_se",
+    }
     assert set(rows["method"]) == {"lora"} and rows["value"].notna().all()
 
 
@@ -702,12 +710,36 @@ def test_results_round_trip_with_provenance_and_scaling_figure(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
     summary = M.summarize(rows)
     assert set(summary["fraction"]) == set(M.FRACTIONS)
-    M.plot_scaling(summary, tmp_path / "scaling.png")
+    plot_scaling(summary, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     pq.write_table(pa.table({"a": [1]}), tmp_path / "plain.parquet")
     with pytest.raises(BenchmarkError, match="not a histodistill result file"):
         M.read_results(tmp_path / "plain.parquet")
     assert json.loads(json.dumps(settings_params(M.LoraFinetuneConfig())))["rank"] == 16
+
+
+def test_a_linear_probe_at_chance_is_flagged_and_its_chance_rows_are_not_shown():
+    """Random features carry nothing about mitotic figures: their linear probe is at chance and the report
+    flags the model; informative features are not flagged. The chance rows stay out of the leaderboard."""
+    from histodistill.bench.mitosis.report import BENCHMARK
+
+    a = table()
+    rng = np.random.default_rng(0)
+    informative = rng.normal(size=(len(a), 64)) + a["target"].to_numpy()[:, None]  # C = D·K/100 = 1.28
+    features = {"informative": informative, "random": rng.normal(size=(len(a), 64))}
+    splits = scaling_splits(a, fractions=(1.0,), n_val_splits=1)
+    summary = pd.concat(
+        [
+            BENCHMARK.summarize(run_linear_protocol(x, a, splits, m).drop(columns="model")).assign(model=m)
+            for m, x in features.items()
+        ],
+        ignore_index=True,
+    )
+    flags = BENCHMARK.flags(summary, list(features))
+    assert set(flags) == {"random"}, flags
+    assert flags["random"].startswith("mitosis linear probe at chance (scaling: balanced accuracy")
+    columns = BENCHMARK.headline(summary, list(features)).columns
+    assert not [c for c in columns if "chance" in c] and any(c.endswith("balanced_accuracy") for c in columns)
 
 
 def _top_level_imports(module: str) -> set[str]:

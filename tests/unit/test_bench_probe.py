@@ -14,11 +14,14 @@ from histodistill.bench.probe import (
     AbmilConfig,
     KnnConfig,
     LinearProbeConfig,
+    at_chance,
+    chance_metrics,
     classification_metrics,
     fit_logreg,
     knn_proba,
     linear_config,
     load_manifest,
+    probe_flags,
     run,
     run_abmil,
     run_probe,
@@ -389,3 +392,64 @@ def test_run_scores_every_task_and_writes_provenance(tmp_path):
     with pytest.raises(BenchmarkError, match="1 probe task"):
         run(tasks, [], tmp_path / "x.parquet", model="m")
     assert not (tmp_path / "x.parquet").exists()
+
+
+# ----------------------------------------------------------------------------------------- at chance
+
+
+def test_chance_metrics_by_hand_and_by_simulation():
+    codes = np.repeat([0, 1, 2], [10, 20, 70])
+    m = chance_metrics(codes)
+    k = 3
+    se = math.sqrt(sum((1 / k) * (1 - 1 / k) / n for n in (10, 20, 70))) / k
+    assert m["chance_balanced_accuracy"] == pytest.approx(1 / 3)
+    assert m["chance_balanced_accuracy_se"] == pytest.approx(se)
+    # the null: predictions drawn uniformly at random, independent of the labels
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 3, (20000, len(codes)))
+    sims = np.mean([(pred[:, codes == c] == c).mean(1) for c in range(3)], axis=0)  # balanced accuracy
+    assert sims[0] == pytest.approx(balanced_accuracy_score(codes, pred[0]))
+    assert np.mean(sims) == pytest.approx(1 / 3, abs=0.005)
+    assert np.std(sims) == pytest.approx(se, rel=0.03)
+    assert math.isnan(chance_metrics(np.array([], int))["chance_balanced_accuracy"])
+
+
+def test_at_chance_uses_the_z_test_and_the_margin():
+    assert at_chance(0.58, 0.5, 0.05)  # 0.5 + 1.645 × 0.05 = 0.582
+    assert not at_chance(0.59, 0.5, 0.05)
+    assert at_chance(0.515, 0.5, 0.001) and not at_chance(0.53, 0.5, 0.001)  # margin 0.02 on a huge test set
+    assert not at_chance(float("nan"), 0.5, 0.05)  # not judged
+
+
+def _flags_of(rows_by_model):
+    summary = pd.concat([summarize(r).assign(model=m) for m, r in rows_by_model.items()], ignore_index=True)
+    return probe_flags(summary, list(rows_by_model))
+
+
+def test_random_embeddings_are_flagged_at_chance_and_informative_ones_are_not():
+    """The constructed case of issue 20: embeddings that carry no information about the label (random, or
+    collapsed to one vector) are flagged; embeddings that separate the classes are not."""
+    x, y, split = blobs((300, 100, 400), spread=3.0, seed=2)
+    random = np.random.default_rng(3).normal(size=x.shape)
+    collapsed = np.ones_like(x) + 1e-6 * np.random.default_rng(4).normal(size=x.shape)
+    cfg = LinearProbeConfig(max_steps=200, eval_every=50, seeds=(0,))
+    rows = {
+        name: run_probe(feats, y, split, "toy", linear=cfg)
+        for name, feats in (("informative", x), ("random", random), ("collapsed", collapsed))
+    }
+    assert {"chance_balanced_accuracy", "chance_balanced_accuracy_se"} <= set(rows["random"]["metric"])
+    flags = _flags_of(rows)
+    assert set(flags) == {"random", "collapsed"}, flags
+    assert flags["random"].startswith("probes at chance on all 1 task(s) (e.g. toy: best balanced accuracy")
+
+
+def test_a_model_above_chance_on_one_task_is_not_flagged():
+    x, y, split = blobs((300, 100, 400), spread=3.0, seed=2)
+    random = np.random.default_rng(3).normal(size=x.shape)
+    cfg = LinearProbeConfig(max_steps=200, eval_every=50, seeds=(0,))
+    mixed = pd.concat(
+        [run_probe(random, y, split, "noise", ("knn",), linear=cfg), run_probe(x, y, split, "sep", ("knn",))]
+    )
+    assert _flags_of({"mixed": mixed}) == {}
+    old = mixed[~mixed["metric"].str.startswith("chance_")]  # scored before the chance rows existed
+    assert _flags_of({"old": old[old["task"] == "noise"]}) == {}  # not judged

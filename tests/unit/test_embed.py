@@ -52,6 +52,23 @@ def test_provenance(embedded):
     assert "torch" in prov["versions"] and prov["config_hash"]
 
 
+def test_throughput_is_stored_with_the_load_it_was_measured_under(embedded):
+    import os
+
+    attrs = EmbeddingStore(embedded).attrs
+    cond = attrs["throughput_conditions"]
+    assert attrs["tiles_per_s"] > 0 and set(cond) == {
+        "load_1min",
+        "cpus",
+        "torch_threads",
+        "num_workers",
+        "batch_size",
+        "tiles_timed",
+    }
+    assert 1 <= cond["cpus"] <= os.cpu_count() and cond["torch_threads"] >= 1
+    assert cond["load_1min"] >= 0 and cond["tiles_timed"] == len(EmbeddingStore(embedded).embeddings)
+
+
 def test_kill_midway_then_resume_equals_uninterrupted(tmp_path, store, embedded):
     out = tmp_path / "killed.zarr"
     code = (

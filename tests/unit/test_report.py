@@ -333,10 +333,19 @@ def test_model_profile_counts_params_and_flops():
 
 def test_run_profiles_models_and_reads_throughput(tmp_path):
     stores = []
+    busy = {
+        "load_1min": 3.14,
+        "cpus": 2,
+        "torch_threads": 2,
+        "num_workers": 0,
+        "batch_size": 32,
+        "tiles_timed": 96,
+    }
     for model, rate in (("h0_mini_tiny", 120.0), ("student-r1", 900.0)):
         store = tmp_path / "emb" / model / "cohort.zarr"
         zarr.open_group(store, mode="w", zarr_format=3).attrs.update(
             {"complete": True, "tiles_per_s": rate, "throughput_device": "cpu"}
+            | ({"throughput_conditions": busy} if model == "h0_mini_tiny" else {})
         )
         stores.append(store)
     (tmp_path / "hest").mkdir()
@@ -357,7 +366,10 @@ def test_run_profiles_models_and_reads_throughput(tmp_path):
     assert board["params_m"].tolist() == pytest.approx([size["params_m"]] * 2)
     assert board["tiles_per_s"].tolist() == [120.0, 900.0] and board["device"].tolist() == ["cpu", "cpu"]
     assert board.loc["student-r1", "hest_pearson_mean"] == pytest.approx(np.mean([0.6, 0.2]))
-    assert (tmp_path / "report" / "index.html").is_file()
+    size_section = (tmp_path / "report" / "index.html").read_text().split('id="size"')[1]
+    # the speed is shown with the load it was measured under; the other store recorded none
+    assert "load 3.1 on 2 CPUs (BUSY), 2 torch threads, batch 32, 0 workers, 96 tiles" in size_section
+    assert "measured under" in size_section
     with pytest.raises(ReportError, match="benchmark 'hest' is not one of"):
         run_report(files, stores, tmp_path / "r2", benchmarks=["probe"], models=models)
     with pytest.raises(ReportError, match="2 model"):
@@ -404,6 +416,39 @@ def test_a_collapsed_model_is_flagged_and_never_bold(tmp_path):
     assert cells["good"][column] == ' class="best"'  # the best cosine among the unflagged models
     unmatched = header.index("PLISM cosine of different tiles (median, all)") - 1
     assert all(c[unmatched] == "" for c in cells.values())  # a diagnostic (lower is better): never bold
+
+
+def test_a_model_whose_probes_are_at_chance_is_flagged_and_never_bold(tmp_path):
+    """A probe at chance (its balanced accuracy within the null's reach of 1/K) marks the model collapsed /
+    uninformative, even where it scores best in one column (here the linear probe)."""
+
+    def rows(linear: float, knn: float) -> pd.DataFrame:
+        out = [("crc", "linear", 0, "balanced_accuracy", linear), ("crc", "knn", 0, "balanced_accuracy", knn)]
+        for method in ("linear", "knn"):  # two classes, null SE 0.05: at chance up to 0.5 + 0.082
+            out += [("crc", method, 0, "chance_balanced_accuracy", 0.5)]
+            out += [("crc", method, 0, "chance_balanced_accuracy_se", 0.05)]
+        return pd.DataFrame(out, columns=["task", "method", "seed", "metric", "value"])
+
+    scores = {
+        "lucky": write_tidy(rows(0.58, 0.55), tmp_path / "lucky.parquet"),
+        "informative": write_tidy(rows(0.57, 0.90), tmp_path / "informative.parquet"),
+        "weaker": write_tidy(rows(0.56, 0.85), tmp_path / "weaker.parquet"),  # bold needs 2 counted models
+    }
+    board = build_report({"probe": scores}, tmp_path / "report", n_boot=0).set_index("model")
+    assert board.loc["informative", "status"] == board.loc["weaker", "status"] == "ok"
+    assert board.loc["lucky", "status"].startswith("collapsed / uninformative: probes at chance")
+    assert (
+        board.loc["lucky", "probe_balanced_accuracy_linear"]
+        > board.loc["informative", "probe_balanced_accuracy_linear"]
+    )
+    page = (tmp_path / "report" / "index.html").read_text()
+    leaderboard = page.split('id="leaderboard"')[1].split("</table>")[0]
+    cells = {
+        m: re.findall(r"<td( class=\"best\")?>", row)
+        for m, row in re.findall(r'<tr><td class="key">([^<]*)</td>(.*?)</tr>', leaderboard)
+    }
+    assert "best" not in " ".join(cells["lucky"])
+    assert cells["informative"].count(' class="best"') == 2  # both probe columns
 
 
 def test_skipped_slides_are_listed_on_the_page_and_in_the_provenance(tmp_path):

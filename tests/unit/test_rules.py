@@ -51,3 +51,62 @@ def test_every_job_rule_declares_resources_and_an_environment(name):
     assert "resources_for(" in text, f"{path}: rule {name} has no resources: **resources_for({name!r})"
     assert "threads_for(" in text, f"{path}: rule {name} has no threads: threads_for({name!r})"
     assert "conda:" in text, f"{path}: rule {name} has no conda environment"
+
+
+# ------------------------------------------------------------------------------------ the report's params
+
+_REPORT_PARAMS = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings, StorageSettings
+
+repo, workdir, variants = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+out = []
+for overrides in variants:
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(),
+            config_settings=ConfigSettings(configfiles=[repo / "config.yaml"], config=overrides),
+            storage_settings=StorageSettings(),
+            snakefile=repo / "Snakefile",
+            workdir=workdir,
+        )._workflow
+        params = workflow.get_rule("report").params
+        out.append({k: v({}) if callable(v) else v for k, v in zip(params.keys(), params, strict=True)})
+print(json.dumps(out, default=str))
+"""
+
+
+def test_report_params_hold_only_what_changes_the_report(tmp_path):
+    """Editing a setting the report does not show (a SLURM runtime, a distillation setting) leaves rule
+    report's params as they were, so Snakemake does not rerun it; a shown setting (seed) changes them."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    variants = [
+        {},
+        {
+            "resources": {"report": {"runtime_min": 999, "mem_mb": 1234, "cpus": 1}},
+            "distill": {"runs": {"demo": {"iterations": 7, "lr": 0.01}}},
+        },
+        {"seed": 1},
+    ]
+    code = subprocess.run(
+        [sys.executable, "-c", _REPORT_PARAMS, str(REPO), str(tmp_path), json.dumps(variants)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert code.returncode == 0, code.stderr[-3000:]
+    base, unshown, seed = json.loads(code.stdout.strip().splitlines()[-1])
+    assert (
+        base["config"]["seed"] == 0 and "resources" not in base["config"] and "distill" not in base["config"]
+    )
+    assert unshown == base
+    assert seed != base and seed["config"]["seed"] == 1

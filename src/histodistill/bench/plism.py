@@ -1047,33 +1047,63 @@ def _median_of(summary: pd.DataFrame, model: str, group: str, metric: str) -> tu
     )
 
 
+def _limits(values: np.ndarray) -> tuple[float, float]:
+    """Axis limits around `values` (point estimates and CI ends), padded 5%, never below 0 for scores that
+    are all ≥ 0 nor above 1 for scores that are all ≤ 1 (cosines and accuracies live in [0, 1] here)."""
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    pad = max(0.05 * (hi - lo), 0.01)
+    low, high = lo - pad, hi + pad
+    if lo >= 0:
+        low = max(low, 0.0)
+    if hi <= 1:
+        high = min(high, 1.0)
+    return low, high
+
+
 def _scatter(summary: pd.DataFrame, out, x: tuple[str, str], y: tuple[str, str], labels, title, diagonal):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """One point per model (colours: the axes' property cycle), labelled by a legend outside the axes, so
+    names never overprint. When every model sits at one point the plot would show nothing: the PNG then
+    says so in words (`histodistill.report.figures.message_png`)."""
+    from histodistill.report.figures import message_png, new_figure
 
     if "model" not in summary.columns:
         raise BenchmarkError("figure needs a summary with a 'model' column (concatenate per-model summaries)")
-    fig = Figure(figsize=(5.5, 4.5))
-    FigureCanvasAgg(fig)
+    models = list(dict.fromkeys(summary["model"]))
+    points = {m: (_median_of(summary, m, *x), _median_of(summary, m, *y)) for m in models}
+    xy = np.array([[px[0], py[0]] for px, py in points.values()])
+    if np.ptp(xy[:, 0]) < 1e-9 and np.ptp(xy[:, 1]) < 1e-9:
+        who = "the only model" if len(models) == 1 else f"all {len(models)} models"
+        text = (
+            f"{title}: not drawn, {who} at ({labels[0]} = {xy[0, 0]:.3f}, {labels[1]} = {xy[0, 1]:.3f}); "
+            "nothing to compare (see the tables)."
+        )
+        with atomic_path(out) as tmp:
+            Path(tmp).write_bytes(message_png(text, width=7.0))
+        return Path(out)
+    fig = new_figure(7.0, 4.5, layout="constrained")
     ax = fig.add_subplot()
-    for model in dict.fromkeys(summary["model"]):
-        xm, xl, xh = _median_of(summary, model, *x)
-        ym, yl, yh = _median_of(summary, model, *y)
+    ends = [xy.ravel()]
+    for model, ((xm, xl, xh), (ym, yl, yh)) in points.items():
         xerr = None if np.isnan(xl) else [[xm - xl], [xh - xm]]
         yerr = None if np.isnan(yl) else [[ym - yl], [yh - ym]]
-        ax.errorbar(xm, ym, xerr=xerr, yerr=yerr, fmt="o", capsize=2)
-        ax.annotate(str(model), (xm, ym), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if diagonal:
-        lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
-        hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.errorbar(xm, ym, xerr=xerr, yerr=yerr, fmt="o", capsize=2, label=str(model))
+        ends.append(np.array([v for v in (xl, xh, yl, yh) if not np.isnan(v)]))
+    if diagonal:  # one range on both axes, so the diagonal is the 45° line
+        lo, hi = _limits(np.concatenate(ends))
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="equal")
+        ax.set_aspect("equal")
+    else:
+        ax.set_xlim(*_limits(np.array([v for (p, _) in points.values() for v in p if not np.isnan(v)])))
+        ax.set_ylim(*_limits(np.array([v for (_, q) in points.values() for v in q if not np.isnan(v)])))
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return Path(out)
 
 

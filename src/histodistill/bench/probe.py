@@ -42,7 +42,9 @@ Protocols and the sources they were checked against:
   requested; UNI's default path is its own torch L-BFGS on un-standardised features, whose penalty is
   (1/C)·0.5·‖W‖₂ added to the *mean* loss, so the two are not numerically identical.
 - **Metrics**: balanced accuracy, weighted F1, AUROC (binary: the positive class's probability;
-  multiclass: one-vs-rest, macro over the classes present in the evaluated split).
+  multiclass: one-vs-rest, macro over the classes present in the evaluated split). Every run also records
+  its balanced accuracy's chance level and null standard error (`chance_metrics`), from which the report
+  flags a model whose probes are at chance (`at_chance`, `probe_flags`).
 - **ABMIL (Ilse et al. 2018, gated attention; EVA's `networks/abmil.py` and `camelyon16_small.yaml`)**:
   Linear projection to 128 → gated attention (tanh ⊙ sigmoid, hidden 128) → attention-weighted mean →
   MLP (128, 64) → logits; AdamW(lr 1e-3), cosine annealing over the epochs, batch 32 bags (padded and
@@ -73,10 +75,12 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from histodistill.bench import BenchmarkError
+from histodistill.bench.chance import CHANCE, CHANCE_MARGIN, CHANCE_SE, CHANCE_Z, at_chance, chance_metrics
 from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
 from histodistill.devices import torch_threads
 
 log = logging.getLogger(__name__)
+
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("tile_index", "label", "split")
@@ -605,6 +609,7 @@ def run_probe(
     ev = _eval_split(enc, f"task {task}")
     tr, va, te = enc.masks["train"], enc.masks["val"], enc.masks[ev]
     k_classes = enc.n_classes
+    chance = chance_metrics(enc.codes[te])
     rows: list[tuple] = []
 
     if "linear" in methods:
@@ -624,7 +629,10 @@ def run_probe(
                 fit.steps_run,
             )
             rows += _rows(
-                task, "linear", seed, classification_metrics(enc.codes[te], fit.predict_proba(x[te]))
+                task,
+                "linear",
+                seed,
+                {**classification_metrics(enc.codes[te], fit.predict_proba(x[te])), **chance},
             )
 
     if "knn" in methods:
@@ -643,7 +651,9 @@ def run_probe(
         on_eval = knn_proba(
             x[tr], enc.codes[tr], x[te], k_classes, wanted, cfg_k.temperature, cfg_k.block_size
         )
-        rows += _rows(task, "knn", 0, {**classification_metrics(enc.codes[te], on_eval[best_k]), "k": best_k})
+        rows += _rows(
+            task, "knn", 0, {**classification_metrics(enc.codes[te], on_eval[best_k]), **chance, "k": best_k}
+        )
         if cfg_k.report_all_k:
             for k in ks:
                 rows += _rows(task, f"knn_k{k}", 0, classification_metrics(enc.codes[te], on_eval[k]))
@@ -652,7 +662,7 @@ def run_probe(
         cfg_l = logreg or LogRegConfig()
         fit_rows = tr | va if (cfg_l.combine_trainval and ev == "test") else tr
         predict = fit_logreg(x[fit_rows], enc.codes[fit_rows], cfg_l)
-        rows += _rows(task, "logreg", 0, classification_metrics(enc.codes[te], predict(x[te])))
+        rows += _rows(task, "logreg", 0, {**classification_metrics(enc.codes[te], predict(x[te])), **chance})
 
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
@@ -848,7 +858,8 @@ def run_abmil(
             cfg,
         )
         proba = abmil_proba(model, [bags[i] for i in pick[ev]], enc.n_classes, cfg.batch_size)
-        rows += _rows(task, "abmil", seed, classification_metrics(enc.codes[pick[ev]], proba))
+        metrics = classification_metrics(enc.codes[pick[ev]], proba)
+        rows += _rows(task, "abmil", seed, {**metrics, **chance_metrics(enc.codes[pick[ev]])})
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
@@ -926,6 +937,40 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     return by_model(cols, models)
 
 
+def probe_flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
+    """Models whose probes are at chance on every task: for each task, even the best method's mean
+    balanced accuracy is `at_chance` (against that task's recorded chance level and null standard error).
+
+    Tasks scored without the chance rows (files written before they existed) are not judged; a model with
+    no judged task is not flagged. Returns {model: reason}.
+    """
+    out: dict[str, str] = {}
+    if summary.empty or not {CHANCE, CHANCE_SE} <= set(summary["metric"]):
+        return out
+    for model, part in summary.groupby("model", sort=False):
+        judged = []  # (task, best mean balanced accuracy, chance, null SE)
+        for task, rows in part.groupby("task", sort=True):
+            means = rows.pivot_table(index="method", columns="metric", values="mean", aggfunc="first")
+            if not {"balanced_accuracy", CHANCE, CHANCE_SE} <= set(means.columns):
+                continue
+            means = means[~means.index.str.startswith("knn_k")]  # every k is not a method of its own
+            judged.append(
+                (
+                    task,
+                    float(means["balanced_accuracy"].max()),
+                    float(means[CHANCE].max()),
+                    float(means[CHANCE_SE].max()),
+                )
+            )
+        if judged and all(at_chance(best, chance, se) for _, best, chance, se in judged):
+            task, best, chance, se = judged[0]
+            out[model] = (
+                f"probes at chance on all {len(judged)} task(s) (e.g. {task}: best balanced accuracy "
+                f"{best:.3f} ≤ chance {chance:.3f} + max({CHANCE_Z} × null SE {se:.3f}, {CHANCE_MARGIN}))"
+            )
+    return out
+
+
 def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
     from histodistill.report import figures
 
@@ -977,4 +1022,5 @@ BENCHMARK = Benchmark(
     figures=_figures,
     section=_section,
     labels=lambda column: _label(column.removeprefix("probe_balanced_accuracy_")),
+    flags=probe_flags,
 )

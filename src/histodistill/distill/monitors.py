@@ -154,13 +154,23 @@ def plot_train_log(
     fig.suptitle(title)
     ax.legend()
     ax = axes[0, 1]
-    ax.plot(it, frame["lr"], label="learning rate")
-    ax.set(xlabel="iteration", ylabel="learning rate", title="schedules")
+    ax.plot(it, frame["lr"], label="learning rate (left axis)")
+    ax.set(xlabel="iteration", ylabel="learning rate")
+    ax.set_title("schedules", pad=24)
     twin = ax.twinx()
-    twin.plot(it, frame["teacher_temp"], color="tab:red", label="teacher temperature")
+    twin.plot(it, frame["teacher_temp"], color="tab:red", label="teacher temperature (right axis)")
     twin.set_ylabel("teacher temperature")
-    ax.legend(loc="upper left")
-    twin.legend(loc="lower right")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    # one legend for both axes, above the panel: a legend inside would cover one of the curves
+    ax.legend(
+        handles,
+        [h.get_label() for h in handles],
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=2,
+        fontsize=7,
+        frameon=False,
+    )
     ax = axes[0, 2]
     weights = [c for c in frame.columns if c.startswith("weight_") and c.endswith("_eff")]
     for c, style in zip(weights, ["-", "--", ":", "-."] * len(weights), strict=False):

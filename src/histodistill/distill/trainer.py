@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from histodistill.atomic import atomic_path
 from histodistill.augment import normalize
+from histodistill.config import DISTILL_HEAD_DEFAULTS
 from histodistill.devices import autocast_dtype
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
 from histodistill.distill.launch import REQUEUE_EXIT_CODE
@@ -72,10 +73,10 @@ class DistillConfig:
     # a heads file from `histodistill train-heads` (the workflow turns `trained` into the
     # train_teacher_heads output) or `frozen` (seeded random heads: tests only)
     teacher_heads: str = "frozen"
-    n_prototypes: int = 1024
-    dino_bottleneck: int = 384
-    ibot_bottleneck: int = 256
-    head_hidden: int = 2048
+    n_prototypes: int = DISTILL_HEAD_DEFAULTS["n_prototypes"]
+    dino_bottleneck: int = DISTILL_HEAD_DEFAULTS["dino_bottleneck"]
+    ibot_bottleneck: int = DISTILL_HEAD_DEFAULTS["ibot_bottleneck"]
+    head_hidden: int = DISTILL_HEAD_DEFAULTS["head_hidden"]
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     dino_normalization: str = (

@@ -29,6 +29,7 @@ from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
 from histodistill.bench.plism import N_BOOT
 from histodistill.bench.registry import Benchmark, Figure, benchmarks
+from histodistill.config import REPORT_CONFIG_KEYS
 from histodistill.provenance import config_hash, library_versions, provenance, read_parquet, write_parquet
 from histodistill.report import figures
 from histodistill.report import html as page
@@ -50,14 +51,7 @@ log = logging.getLogger(__name__)
 
 BOOT_SEED = 0
 MODEL_COLUMNS = ("params_m", "gflops", "tiles_per_s", "device", "status")
-CONFIG_KEYS = (
-    "seed",
-    "tiling.mpp",
-    "tiling.tile_px",
-    "teacher.model",
-    "embeddings.models",
-    "benchmarks.models",
-)
+CONFIG_KEYS = REPORT_CONFIG_KEYS
 LABELS = {
     "model": "model",
     "params_m": "params (M)",
@@ -225,14 +219,44 @@ def _size_section(board: pd.DataFrame, models: Mapping[str, Mapping[str, Any]] |
         ]
         for r in board.itertuples(index=False)
     ]
-    body = page.table(["model", "params (M)", "GFLOPs @224", "tiles/s", "device"], rows)
+    for row, model in zip(rows, board["model"], strict=True):
+        row.append(
+            page.fmt(throughput_conditions((models or {}).get(model, {}).get("throughput_conditions")))
+        )
+    body = page.table(["model", "params (M)", "GFLOPs @224", "tiles/s", "device", "measured under"], rows)
     body += page.note(
         "GFLOPs of one 224 × 224 forward pass: "
         + ("; ".join(sorted(conventions)) if conventions else FLOP_CONVENTION)
-        + ". Throughput (tiles/s) is passed in as measured by the pipeline on the device shown; – where not "
-        "measured."
+        + ". Throughput (tiles/s) is that of the model's embedding run, on the device shown and under the "
+        "load shown (the machine's 1-minute load average against the CPUs the run could use; BUSY when the "
+        "load exceeded them, so other work shared the machine): it is a measurement of that run, not a "
+        "property of the model, and compares across models only under like conditions; – where not measured."
     )
     return body
+
+
+def throughput_conditions(conditions: Mapping[str, Any] | None) -> str | None:
+    """One line for the load a throughput was measured under (`histodistill.embed`'s
+    `throughput_conditions`), e.g. "load 3.1 on 2 CPUs (BUSY), 2 torch threads, batch 32, 0 workers,
+    120 tiles"; None when not recorded."""
+    if not conditions:
+        return None
+    parts = []
+    load, cpus = conditions.get("load_1min"), conditions.get("cpus")
+    if load is not None and cpus:
+        parts.append(
+            f"load {float(load):.1f} on {int(cpus)} CPUs" + (" (BUSY)" if float(load) > cpus else "")
+        )
+    for key, label in (
+        ("torch_threads", "torch threads"),
+        ("batch_size", "batch"),
+        ("num_workers", "workers"),
+    ):
+        if conditions.get(key) is not None:
+            parts.append(f"{conditions[key]} {label}" if key != "batch_size" else f"batch {conditions[key]}")
+    if conditions.get("tiles_timed") is not None:
+        parts.append(f"{conditions['tiles_timed']} tiles")
+    return ", ".join(parts) or None
 
 
 def _provenance_block(
@@ -245,7 +269,7 @@ def _provenance_block(
     versions = {**library_versions(), **_versions("pandas", "matplotlib", "scikit-learn")}
     items: list[tuple[str, Any]] = [
         ("created (UTC)", created),
-        ("config hash", run_hash or "\u2013"),
+        ("config hash (of the settings below)", run_hash or "\u2013"),
         ("histodistill", __version__),
         ("libraries", ", ".join(f"{k} {v}" for k, v in versions.items())),
     ]
@@ -279,7 +303,8 @@ def _provenance_block(
         )
     if config:
         body += page.details(
-            "run config", page.pre(json.dumps(config, indent=1, sort_keys=True, default=str))
+            "report settings (each score file carries its own config hash)",
+            page.pre(json.dumps(config, indent=1, sort_keys=True, default=str)),
         )
     return body
 
@@ -377,8 +402,9 @@ def build_report(
     lead += page.note(
         "Bold: best per column among the models not flagged. –: no scores (for a mean over tasks: at least "
         "one task missing). status: a model is flagged collapsed / uninformative when a benchmark's own "
-        "numbers say its embeddings cannot tell inputs apart (e.g. PLISM: different tiles embedded almost "
-        "alike); its numbers are shown but never bold."
+        "numbers say its embeddings cannot tell inputs apart (PLISM: different tiles embedded almost "
+        "alike; probes and the mitosis linear probe: balanced accuracy at chance, i.e. at most 1/K + "
+        "max(1.645 × its null standard error, 0.02), on every task); its numbers are shown but never bold."
     )
     sections = [
         ("provenance", "Run provenance", _provenance_block(config, inputs, run_hash, created, skipped_slides))
@@ -411,8 +437,8 @@ def run(
 
     `score_files`: `<benchmark>/<model>.parquet` paths (the directory names the benchmark, the stem the
     model); `benchmarks`: every enabled benchmark (one with no file shows as absent); `models[i]` and
-    `embedding_stores[i]`: a model and one of its embedding stores, whose attributes give `tiles_per_s` and
-    `throughput_device`. A distilled student `student-<run>` is profiled as its run's architecture
+    `embedding_stores[i]`: a model and one of its embedding stores, whose attributes give `tiles_per_s`,
+    `throughput_device` and `throughput_conditions` (the load it was measured under, shown beside it). A distilled student `student-<run>` is profiled as its run's architecture
     (`students[run]`); `n_boot`: replicates of the PLISM CIs. Writes `out_dir/{leaderboard.parquet,figures/,index.html}`; returns the leaderboard.
     Raises ReportError when a score file's directory is not one of `benchmarks` or the two model lists
     differ in length.
@@ -438,6 +464,7 @@ def run(
             **model_profile(arch),
             "tiles_per_s": attrs.get("tiles_per_s"),
             "device": attrs.get("throughput_device"),
+            "throughput_conditions": attrs.get("throughput_conditions"),
         }
     return build_report(
         scores, out_dir, models=profiles, config=config, n_boot=n_boot, skipped_slides=skipped_slides

@@ -61,10 +61,22 @@ def write_png(data: bytes, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height))
+def new_figure(width: float, height: float, layout: str | None = None) -> Figure:
+    """A pyplot-free figure (inches) on an Agg canvas; `layout` as matplotlib's (e.g. "constrained")."""
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
+
+
+_new_figure = new_figure
+
+
+def message_png(text: str, width: float = 6.0) -> bytes:
+    """A figure that is only a sentence, for a plot that would be degenerate (nothing to compare, every
+    point in one place): the page then says why there is no plot instead of showing a misleading one."""
+    fig = new_figure(width, 1.0)
+    fig.text(0.5, 0.5, mpl_label(text), ha="center", va="center", wrap=True, fontsize=10)
+    return figure_png(fig)
 
 
 def _bars(

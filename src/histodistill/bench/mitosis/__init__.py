@@ -31,7 +31,8 @@ draw, which lets one case's annotations sit in training and test), and single-so
 
 **Output** (`results`, `figures`). Tidy rows `model, method, protocol, fraction, train_domain, test_domain,
 run, metric, value` (metrics: balanced accuracy and weighted F1 at probability 0.5, AUROC; plus `n_train`),
-summaries as mean ± sample std (ddof = 1) over runs, Parquet with provenance, PNG figures. `run` (in
+summaries as mean ± sample std (ddof = 1) over runs, Parquet with provenance; the figures are the report's
+(`histodistill.report.mitosis_figures`). `run` (in
 `protocol`) is the whole benchmark for one model.
 """
 
@@ -42,7 +43,6 @@ from histodistill.bench.mitosis.data import (
     read_annotations,
     read_dataset,
 )
-from histodistill.bench.mitosis.figures import plot_cross_domain, plot_scaling
 from histodistill.bench.mitosis.lora import LoraFinetuneConfig, SamplerConfig
 from histodistill.bench.mitosis.patches import pack_patch_store
 from histodistill.bench.mitosis.protocol import MitosisConfig, run
@@ -73,8 +73,6 @@ __all__ = [
     "SamplerConfig",
     "cross_domain_matrix",
     "pack_patch_store",
-    "plot_cross_domain",
-    "plot_scaling",
     "read_annotations",
     "read_dataset",
     "read_results",

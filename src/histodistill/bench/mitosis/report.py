@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.mitosis.figures import plot_cross_domain, plot_scaling
+from histodistill.bench.chance import CHANCE, CHANCE_MARGIN, CHANCE_SE, CHANCE_Z, at_chance
 from histodistill.bench.registry import Benchmark, Figure, by_model
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 KEYS = ("method", "protocol", "metric")
 REPLICATE_COLUMNS = ("run", "seed", "fold", "repeat", "replicate")  # averaged over, never a setting
 SUMMARY_STATS = ("mean", "std", "n")
+HIDDEN_METRICS = (CHANCE, CHANCE_SE)  # recorded for the at-chance flag, not shown as scores
+FLAGGED_METHOD = "linear_probe"  # the frozen-feature probe (LoRA fine-tunes the model: no test of features)
+
+
+def _shown(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[~summary["metric"].isin(HIDDEN_METRICS)] if "metric" in summary.columns else summary
 
 
 def _model_rows(frame: pd.DataFrame, model: str, path: Path) -> pd.DataFrame:
@@ -68,6 +74,7 @@ def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
 
 def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     cols: dict[str, dict[str, float]] = {}
+    summary = _shown(summary)
     if len(summary):
         rows = headline_rows(summary)
         keys = [k for k in KEYS if k in rows.columns]
@@ -80,7 +87,10 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
 
 
 def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
-    """Scaling curves and the cross-domain AUROC heat maps, where the summary has their rows."""
+    """Scaling curves and the cross-domain AUROC heat maps (`histodistill.report.mitosis_figures`, in the
+    report's model colours), where the summary has their rows."""
+    from histodistill.report.mitosis_figures import plot_cross_domain, plot_scaling
+
     if not {"protocol", "mean", "std"} <= set(summary.columns):
         return []
     out = []
@@ -88,26 +98,28 @@ def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) ->
         (
             plot_scaling,
             "mitosis_scaling.png",
-            "Mitosis: test scores vs training data (mean ± std over runs).",
+            "Mitosis: test scores vs training data (mean ± std over runs; colour: model, line: method).",
         ),
         (
             plot_cross_domain,
             "mitosis_cross_domain.png",
-            "Mitosis: single-source cross-domain AUROC (rows: training domain; diagonal: in-domain holdout).",
+            "Mitosis: single-source cross-domain AUROC (rows: training domain; diagonal: in-domain holdout; "
+            "one colour scale fitted to the values).",
         ),
     ):
         try:
-            plot(summary, fig_dir / name)
+            png = plot(summary, fig_dir / name, colors=colors)
         except BenchmarkError as exc:  # e.g. one domain only: no cross-domain protocol
             log.info("no %s: %s", name, exc)
             continue
-        out.append(Figure((fig_dir / name).read_bytes(), name, caption))
+        out.append(Figure(png, name, caption))
     return out
 
 
 def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure]) -> str:
     from histodistill.report import html as page
 
+    summary = _shown(summary)
     if summary.empty:
         return page.note("No mitosis scores.")
     pictures = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
@@ -131,6 +143,28 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
     return pictures + body
 
 
+def _flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
+    """Models whose linear probe is at chance (`histodistill.bench.chance.at_chance`) in every protocol's
+    headline setting (all the training data, pooled domains). Files without the chance rows are not judged."""
+    out: dict[str, str] = {}
+    if summary.empty or not {"method", "protocol"} <= set(summary.columns):
+        return out
+    rows = headline_rows(summary[summary["method"] == FLAGGED_METHOD])
+    for model, part in rows.groupby("model", sort=False):
+        judged = []
+        for protocol, g in part.groupby("protocol", sort=True):
+            means = dict(zip(g["metric"], g["mean"], strict=True))
+            if {"balanced_accuracy", CHANCE, CHANCE_SE} <= set(means):
+                judged.append((protocol, means["balanced_accuracy"], means[CHANCE], means[CHANCE_SE]))
+        if judged and all(at_chance(b, c, se) for _, b, c, se in judged):
+            protocol, bacc, chance, se = judged[0]
+            out[model] = (
+                f"mitosis linear probe at chance ({protocol}: balanced accuracy {bacc:.3f} ≤ chance {chance:.3f}"
+                f" + max({CHANCE_Z} × null SE {se:.3f}, {CHANCE_MARGIN}))"
+            )
+    return out
+
+
 def _label(column: str) -> str:
     return "mitosis " + column.removeprefix("mitosis_").replace("_", " ")
 
@@ -146,5 +180,6 @@ BENCHMARK = Benchmark(
     section=_section,
     labels=_label,
     model_rows=_model_rows,
+    flags=_flags,
     unranked=lambda column: column.endswith("_n_train"),  # training-set sizes, not scores
 )

@@ -1,8 +1,9 @@
 """Per-annotation predictions → tidy metric rows → summaries; the result file (Parquet with provenance).
 
 Rows are `model, method, protocol, fraction, train_domain, test_domain, run, metric, value` (metrics:
-balanced accuracy and weighted F1 at probability 0.5, AUROC; plus `n_train`); summaries are mean ± sample
-std (ddof = 1) over runs.
+balanced accuracy and weighted F1 at probability 0.5, AUROC; plus `n_train` and balanced accuracy's chance
+level and null standard error, `histodistill.bench.chance.chance_metrics`, which the report uses to flag a
+model whose linear probe is at chance); summaries are mean ± sample std (ddof = 1) over runs.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def prediction_frame(
 
 
 def score_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Per-annotation probabilities → tidy metric rows (balanced accuracy, weighted F1, AUROC, n_train).
+    """Per-annotation probabilities → tidy metric rows (balanced accuracy, weighted F1, AUROC, its chance
+    level and null SE, n_train).
 
     Kept apart from prediction so a GPU job without scikit-learn (the torch env) can write predictions
     and the bench env scores them. A test set with one class gets AUROC NaN and a warning.
     """
+    from histodistill.bench.chance import chance_metrics
     from histodistill.bench.probe import classification_metrics
 
     rows: list[tuple] = []
@@ -80,6 +83,7 @@ def score_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
             warnings.filterwarnings("ignore", message="AUROC undefined")
             warnings.filterwarnings("ignore", message="A single label was found")
             metrics = classification_metrics(codes, np.stack([1.0 - p1, p1], 1))
+        metrics |= chance_metrics(codes)
         metrics["n_train"] = float(g["n_train"].iloc[0])
         rows += [(*key, name, float(v)) for name, v in metrics.items()]
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
