@@ -19,7 +19,7 @@ busy machine slows them alike. Prints tiles/s (min and median time over the repe
 2 and 4 threads, the process CPU time per tile (all threads; insensitive to other load on the machine), the
 ratio ours/baseline (target ≥ 1.5× at 2 threads on 2 cores), the scaling of ours and the peak RSS.
 
-Usage: python benchmarks/tiling.py [--demo-px 8192 6144 --large-px 16384 12288 --repeats 5]
+Usage: python benchmarks/tiling.py [--demo-px 8192 6144 --large-px 12288 9216 --repeats 5]
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--demo-px", type=int, nargs=2, default=(8192, 6144), metavar=("W", "H"))
-    parser.add_argument("--large-px", type=int, nargs=2, default=(16384, 12288), metavar=("W", "H"))
+    parser.add_argument("--large-px", type=int, nargs=2, default=(12288, 9216), metavar=("W", "H"))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))

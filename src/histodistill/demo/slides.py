@@ -4,6 +4,19 @@ Tissue is rendered in optical-density space (Beer–Lambert) from two stain conc
 behave like real H&E: haematoxylin on nuclei, eosin on a fibrous stroma, fat as empty holes, glass as a
 bright grey background. The result is a tiled, pyramidal, deflate-compressed TIFF with its µm/px in the
 TIFF resolution tags, which OpenSlide opens as a generic TIFF.
+
+Streaming (histodistill issue 19): a slide is rendered in bands of BAND_ROWS level-0 rows and written tile
+row by tile row (`make_demo_slide`, `write_pyramid_bands`), so memory is a few tile rows of the slide's
+width whatever its size (12,288 × 9,216 px: 4 min 10 s and 9.7 GiB with whole levels in memory before).
+This changed the pixels a seed gives (deliberately; the same seed still gives the same bytes): the
+whole-level renderer drew every random number from one stream in whole-image order (per-pixel noise first,
+then nuclei positions over the whole slide) and used whole-image operations (a normalization by the
+upsampled fields' range, a rotation of the whole fibre image, Gaussian blurs), none of which a band can
+reproduce without rendering everything above it. Now each draw is tied to where it lands (sensor noise per
+band, nuclei per 512 px cell, fat holes per lattice row, fibres by a hash of their lattice point), the
+low-frequency fields are evaluated separably, and blurs get a margin. The tissue model is the same
+(envelope, fields, thresholds, sizes and densities); the demo teacher trains on `render_tissue_maps`, which
+concatenates the same bands, so it sees exactly what the demo slides hold.
 """
 
 from __future__ import annotations
@@ -99,7 +112,7 @@ def _keys_weights(out_size: int, in_size: int, coords: np.ndarray) -> tuple[np.n
 
 class _SmoothField:
     """Low-frequency noise in ≈[0, 1] over a slide: a small random grid, blurred, bicubic-upsampled to the
-    slide (`cells` grid points over the slide, like PIL's resize), normalised by its range.
+    slide (`cells` grid points over the slide, like PIL's resize), normalized by its range (sampled on 257 rows).
 
     Evaluated separably: the grid is interpolated along x once for the whole slide width, then any rows
     (`rows`) or points (`at`) along y, with the same float32 operations in the same order for a pixel
