@@ -186,6 +186,26 @@ def _premultiplied_to_rgb(argb: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def _read_argb(
+    slide: openslide.OpenSlide, x0: int, y0: int, level: int, width: int, height: int
+) -> np.ndarray:
+    """OpenSlide's premultiplied ARGB (uint32 [height, width]) decoded straight into an array owned here.
+
+    Uses openslide-python's `lowlevel._read_region` (the C call `OpenSlide.read_region` makes; ctypes
+    releases the GIL around it) with the buffer the pinned openslide-python 1.4 would allocate itself.
+    """
+    argb = np.empty((height, width), np.uint32)
+    lowlevel._read_region(slide._osr, argb.ctypes.data_as(POINTER(c_uint32)), x0, y0, level, width, height)
+    return argb
+
+
+def _region_error(slide, x0: int, y0: int, level: int, width: int, height: int, exc: Exception) -> SlideError:
+    name = getattr(slide, "_filename", "slide")
+    return SlideError(
+        f"corrupt slide {name}: cannot read {width}x{height} px at ({x0}, {y0}) level {level} ({exc})"
+    )
+
+
 def read_rgb(slide: openslide.OpenSlide, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
     """read_region as uint8 RGB [height, width, 3]; transparent pixels (outside the scanned area) become white.
 
@@ -193,7 +213,7 @@ def read_rgb(slide: openslide.OpenSlide, x0: int, y0: int, level: int, width: in
     `openslide.OpenSlide`, OpenSlide decodes straight into a buffer owned here (the C call releases the GIL,
     so threads read in parallel) and one copy unpacks it to RGB; `OpenSlide.read_region` instead goes
     through a PIL image, whose conversion to an array copies the RGBA again before the RGB copy (0.17 s per
-    demo slide, histodistill issue 19). The pixels are equal to `read_region`'s RGBA without its alpha
+    demo slide, histodistill issue 19). The pixels equal `read_region`'s RGBA without its alpha
     (openslide-python 1.4's `lowlevel.read_region` and `argb2rgba`, which this mirrors; the pinned version).
     Other slide objects (e.g. `openslide.ImageSlide`) go through their `read_region`.
 
@@ -202,20 +222,34 @@ def read_rgb(slide: openslide.OpenSlide, x0: int, y0: int, level: int, width: in
     x0, y0, level, width, height = int(x0), int(y0), int(level), int(width), int(height)
     try:
         if isinstance(slide, openslide.OpenSlide) and width > 0 and height > 0:
-            argb = np.empty((height, width), np.uint32)
-            lowlevel._read_region(
-                slide._osr, argb.ctypes.data_as(POINTER(c_uint32)), x0, y0, level, width, height
-            )
-            return _premultiplied_to_rgb(argb)
+            return _premultiplied_to_rgb(_read_argb(slide, x0, y0, level, width, height))
         rgba = np.asarray(slide.read_region((x0, y0), level, (width, height)))
     except openslide.OpenSlideError as exc:
-        name = getattr(slide, "_filename", "slide")
-        raise SlideError(
-            f"corrupt slide {name}: cannot read {width}x{height} px at ({x0}, {y0}) level {level} ({exc})"
-        ) from exc
+        raise _region_error(slide, x0, y0, level, width, height, exc) from exc
     rgb = rgba[..., :3].copy()
     rgb[rgba[..., 3] == 0] = 255
     return rgb
+
+
+def read_rgb_image(
+    slide: openslide.OpenSlide, x0: int, y0: int, level: int, width: int, height: int
+) -> Image.Image:
+    """The pixels of `read_rgb` as a PIL RGB image, for resizing: an opaque region of an `OpenSlide` is
+    unpacked by PIL straight from OpenSlide's buffer (one copy, instead of one to an array and one into PIL).
+
+    Raises SlideError as `read_rgb`.
+    """
+    x0, y0, level, width, height = int(x0), int(y0), int(level), int(width), int(height)
+    if isinstance(slide, openslide.OpenSlide) and width > 0 and height > 0:
+        try:
+            argb = _read_argb(slide, x0, y0, level, width, height)
+        except openslide.OpenSlideError as exc:
+            raise _region_error(slide, x0, y0, level, width, height, exc) from exc
+        if argb.min() >= 0xFF000000:  # opaque: PIL's BGRX unpacker (XRGB on big-endian) drops the alpha byte
+            rawmode = "BGRX" if sys.byteorder == "little" else "XRGB"
+            return Image.frombuffer("RGB", (width, height), argb, "raw", rawmode, 0, 1)
+        return Image.fromarray(_premultiplied_to_rgb(argb))
+    return Image.fromarray(read_rgb(slide, x0, y0, level, width, height))
 
 
 def read_scaled(slide: openslide.OpenSlide, slide_mpp: float, target_mpp: float) -> np.ndarray:

@@ -31,7 +31,7 @@ from skimage import morphology
 from histodistill.atomic import atomic_path
 from histodistill.errors import NoTissueError, SlideError
 from histodistill.provenance import provenance, read_parquet, write_parquet
-from histodistill.slides import best_level, open_slide, read_rgb, read_scaled, resolve_mpp
+from histodistill.slides import best_level, open_slide, read_rgb, read_rgb_image, read_scaled, resolve_mpp
 from histodistill.tissue import MaskConfig, tile_fractions, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -300,12 +300,13 @@ def tile_slide(
 def tile_pixels(slide, x0: int, y0: int, level: int, read_px: int, tile_px: int) -> np.ndarray:
     """One tile: uint8 [tile_px, tile_px, 3] from a `read_px`-px square at `level` whose top-left corner is
     (x0, y0) level-0 px, resized (PIL bilinear) only when `read_px != tile_px`. One decode and one copy
-    (`histodistill.slides.read_rgb`) when no resize is needed.
+    (`histodistill.slides.read_rgb`) when no resize is needed; with a resize, the decoded buffer goes to
+    PIL in one copy (`read_rgb_image`) and the resized tile to an array in one more.
     """
-    tile = read_rgb(slide, x0, y0, level, read_px, read_px)
-    if read_px != tile_px:
-        tile = np.asarray(Image.fromarray(tile).resize((tile_px, tile_px), Image.Resampling.BILINEAR))
-    return tile
+    if read_px == tile_px:
+        return read_rgb(slide, x0, y0, level, read_px, read_px)
+    region = read_rgb_image(slide, x0, y0, level, read_px, read_px)
+    return np.asarray(region.resize((tile_px, tile_px), Image.Resampling.BILINEAR))
 
 
 def iter_tile_pixels(

@@ -3,7 +3,15 @@ import openslide
 import pytest
 
 from histodistill.errors import MppError, SlideError
-from histodistill.slides import best_level, open_slide, parse_mpp, read_rgb, read_scaled, resolve_mpp
+from histodistill.slides import (
+    best_level,
+    open_slide,
+    parse_mpp,
+    read_rgb,
+    read_rgb_image,
+    read_scaled,
+    resolve_mpp,
+)
 
 
 def test_mpp_from_openslide_properties():
@@ -160,6 +168,9 @@ def test_read_rgb_equals_read_region_and_whitens_outside(demo_slide):
             got = read_rgb(slide, x0, y0, level, w, h)
             assert got.shape == (h, w, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
             np.testing.assert_array_equal(got, expected)
+            image = read_rgb_image(slide, x0, y0, level, w, h)  # opaque: PIL unpacks OpenSlide's buffer
+            assert image.mode == "RGB" and image.size == (w, h)
+            np.testing.assert_array_equal(np.asarray(image), expected)
         outside = read_rgb(slide, w0 - 40, h0 - 60, 0, 100, 100)
         assert (outside[60:, :] == 255).all() and (outside[:, 40:] == 255).all()
 
