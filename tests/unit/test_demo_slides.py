@@ -129,6 +129,6 @@ def test_generation_memory_is_flat_in_slide_height(tmp_path):
             tracemalloc.stop()
 
     short, tall = peak(512), peak(4096)
-    level0 = 1024 * 4096 * 3
-    assert tall < 1.15 * short + 2**20, (short, tall)
-    assert tall < level0, (tall, level0)
+    one_map = 1024 * 4096 * 4  # one float32 map of the whole tall slide; the whole-level renderer held ~20
+    assert tall < 1.15 * short + 2**20, (short, tall)  # measured: 10.9 MB and 9.1 MB
+    assert tall < one_map, (tall, one_map)
