@@ -9,4 +9,5 @@ pack_tiles(
     snakemake.output.store,
     chunk_tiles=snakemake.params.chunk_tiles,
     zstd_level=snakemake.params.compression_level,
+    workers=snakemake.threads,
 )

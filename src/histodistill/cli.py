@@ -92,7 +92,7 @@ def _tile(args: argparse.Namespace) -> None:
 
 def _pack(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    n = pack_tiles(args.tables, args.out, chunk_tiles=args.chunk_tiles)
+    n = pack_tiles(args.tables, args.out, chunk_tiles=args.chunk_tiles, workers=args.workers)
     elapsed = time.perf_counter() - start
     log.info("packed %d tiles → %s (%.1f s, %.0f tiles/s)", n, args.out, elapsed, n / max(elapsed, 1e-9))
 
@@ -326,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tile store (.zarr)")
     p.add_argument(
         "--chunk-tiles", type=int, default=param_default(pack_tiles, "chunk_tiles"), help="tiles per shard"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=param_default(pack_tiles, "workers"),
+        help="reader threads (the store is the same for any number)",
     )
     p.set_defaults(func=_pack)
 

@@ -58,12 +58,17 @@ def write_index(root, index: dict[str, np.ndarray]) -> None:
 
 
 def pack_tiles(
-    table_paths: Sequence[str | Path], out: str | Path, chunk_tiles: int = 64, zstd_level: int = 3
+    table_paths: Sequence[str | Path],
+    out: str | Path,
+    chunk_tiles: int = 64,
+    zstd_level: int = 3,
+    workers: int = 1,
 ) -> int:
     """Read the pixels of every tile in `table_paths` and write them to a new tile store at `out`.
 
-    Streams slide by slide and shard by shard: memory holds one shard of tiles and one band of a slide.
-    Returns the number of tiles written.
+    Streams slide by slide and shard by shard: memory holds one shard of tiles and the tiles in flight of
+    `workers` reader threads (`histodistill.tiling.iter_tile_pixels`; the store is the same for every
+    `workers`). Returns the number of tiles written.
     """
     tables = [read_tile_table(p) for p in table_paths]
     if not tables:
@@ -101,7 +106,7 @@ def pack_tiles(
             if table.empty:
                 continue
             with open_slide(grid.slide_path) as slide:
-                for _, pixels in iter_tile_pixels(slide, table, grid):
+                for _, pixels in iter_tile_pixels(slide, table, grid, workers=workers):
                     buffer[filled] = pixels
                     filled += 1
                     if filled == chunk_tiles:

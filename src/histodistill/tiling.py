@@ -2,7 +2,9 @@
 
 A tile is defined physically: `tile_px` pixels at `mpp` µm/px, i.e. a square of tile_px·mpp µm. Its
 pixels are read from the coarsest pyramid level at or finer than `mpp` and resized only when that level is
-not exactly at `mpp`. Reads are batched: one `read_region` per run of neighbouring tiles in a grid row.
+not exactly at `mpp`. Each tile is one read at that level (OpenSlide's tile cache already decodes a TIFF tile
+shared by neighbours once); `iter_tile_pixels` spreads the reads over threads, since OpenSlide's decoding
+releases the GIL, and yields them in table order.
 
 A tile table is a Parquet file (one row per tile, TABLE_SCHEMA) whose header is a `TileGrid`: the geometry
 its tiles share. `write_tile_table` and `read_tile_table` are the only functions that write and read it,
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +31,7 @@ from skimage import morphology
 from histodistill.atomic import atomic_path
 from histodistill.errors import NoTissueError, SlideError
 from histodistill.provenance import provenance, read_parquet, write_parquet
-from histodistill.slides import best_level, checked_mpp, open_slide, read_rgb, read_scaled
+from histodistill.slides import best_level, checked_mpp, open_slide, read_rgb, read_rgb_image, read_scaled
 from histodistill.tissue import MaskConfig, tile_fractions, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ TABLE_SCHEMA = pa.schema(
         ("tissue_frac", pa.float32()),
     ]
 )
-MAX_RUN_TILES = 32  # the most neighbouring tiles read by one read_region call (bounds memory)
+READ_CHUNK_TILES = 8  # tiles one reader task reads (neighbours in table order share TIFF tiles and cache)
 
 
 @dataclass(frozen=True)
@@ -293,64 +297,70 @@ def tile_slide(
     return plan.table
 
 
-def _runs(cols: np.ndarray) -> Iterator[tuple[int, int]]:
-    """Split sorted positions of one grid row into runs of consecutive columns (≤ MAX_RUN_TILES long)."""
-    start = 0
-    for i in range(1, len(cols) + 1):
-        if i == len(cols) or cols[i] != cols[i - 1] + 1 or i - start >= MAX_RUN_TILES:
-            yield start, i
-            start = i
+def tile_pixels(slide, x0: int, y0: int, level: int, read_px: int, tile_px: int) -> np.ndarray:
+    """One tile: uint8 [tile_px, tile_px, 3] from a `read_px`-px square at `level` whose top-left corner is
+    (x0, y0) level-0 px, resized (PIL bilinear) only when `read_px != tile_px`. One decode and one copy
+    (`histodistill.slides.read_rgb`) when no resize is needed; with a resize, the decoded buffer goes to
+    PIL in one copy (`read_rgb_image`) and the resized tile to an array in one more.
+    """
+    if read_px == tile_px:
+        return read_rgb(slide, x0, y0, level, read_px, read_px)
+    region = read_rgb_image(slide, x0, y0, level, read_px, read_px)
+    return np.asarray(region.resize((tile_px, tile_px), Image.Resampling.BILINEAR))
 
 
 def iter_tile_pixels(
-    slide, table: pd.DataFrame, grid: TileGrid | Mapping[str, Any]
+    slide, table: pd.DataFrame, grid: TileGrid | Mapping[str, Any], workers: int = 1
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (row position in `table`, uint8 [tile_px, tile_px, 3]) for every tile, in table order.
 
-    `grid` is the table's TileGrid (or the metadata it is stored in). One read_region covers a run of
-    neighbouring tiles of a grid row at the grid's level; each tile is then cut out and resized to tile_px
-    only if the level is not exactly at the target µm/px.
+    `grid` is the table's TileGrid (or the metadata it is stored in). Each tile is one read of `read_px` px
+    at the grid's level (`tile_pixels`), resized to tile_px only if the level is not exactly at the target
+    µm/px. `workers` > 1 reads with that many threads sharing `slide` (OpenSlide handles are thread-safe
+    and its decoding, like PIL's resize, releases the GIL): tasks of READ_CHUNK_TILES consecutive tiles, at
+    most 2 × workers of them in flight, so memory stays bounded whatever the table's size. The pixels are
+    the same for every `workers` (tests/unit/test_tiling.py).
+
+    Raises ValueError for `workers` < 1 and SlideError for an unreadable region.
     """
+    if workers < 1:
+        raise ValueError(f"iter_tile_pixels: workers must be ≥ 1, got {workers}")
     if table.empty:
         return
     grid = TileGrid.of(grid)
-    tile_px, footprint0, level, read_px = grid.tile_px, grid.footprint_px0, grid.level, grid.read_px
-    downsample = slide.level_downsamples[level]
-    x0s, y0s = table["x0"].to_numpy(), table["y0"].to_numpy()
-    cols = np.round(x0s / footprint0).astype(np.int64)
-    order = np.lexsort((x0s, y0s))
-    pending: dict[int, np.ndarray] = {}
-    next_pos = 0
-    row_starts = np.flatnonzero(np.r_[True, y0s[order][1:] != y0s[order][:-1]])
-    for a, b in zip(row_starts, np.r_[row_starts[1:], len(order)], strict=True):
-        idx = order[a:b]
-        for s, e in _runs(cols[idx]):
-            run = idx[s:e]
-            xs = int(x0s[run[0]])
-            width = round((int(x0s[run[-1]]) - xs) / downsample) + read_px
-            band = read_rgb(slide, xs, int(y0s[run[0]]), level, width, read_px)
-            for i in run:
-                off = round((int(x0s[i]) - xs) / downsample)
-                tile = band[:, off : off + read_px]
-                if tile.shape[1] < read_px:  # rounding at the run's right edge
-                    tile = np.pad(tile, ((0, 0), (0, read_px - tile.shape[1]), (0, 0)), mode="edge")
-                if read_px != tile_px:
-                    tile = np.asarray(
-                        Image.fromarray(tile).resize((tile_px, tile_px), Image.Resampling.BILINEAR)
-                    )
-                pending[int(i)] = np.ascontiguousarray(tile)
-            while next_pos in pending:  # keep table order while reading row by row
-                yield next_pos, pending.pop(next_pos)
-                next_pos += 1
-    while next_pos in pending:
-        yield next_pos, pending.pop(next_pos)
-        next_pos += 1
+    tile_px, level, read_px = grid.tile_px, grid.level, grid.read_px
+    x0s, y0s = table["x0"].to_numpy(np.int64), table["y0"].to_numpy(np.int64)
+    if workers == 1:
+        for i in range(len(table)):
+            yield i, tile_pixels(slide, int(x0s[i]), int(y0s[i]), level, read_px, tile_px)
+        return
+
+    def read_chunk(start: int) -> list[np.ndarray]:
+        stop = min(start + READ_CHUNK_TILES, len(table))
+        return [
+            tile_pixels(slide, int(x0s[i]), int(y0s[i]), level, read_px, tile_px) for i in range(start, stop)
+        ]
+
+    starts = iter(range(0, len(table), READ_CHUNK_TILES))
+    pending: deque[tuple[int, Future]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tile-reader")
+    try:
+        for start in starts:
+            pending.append((start, pool.submit(read_chunk, start)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            start, future = pending.popleft()
+            tiles = future.result()
+            if (nxt := next(starts, None)) is not None:
+                pending.append((nxt, pool.submit(read_chunk, nxt)))
+            for k, tile in enumerate(tiles):
+                yield start + k, tile
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_tile(slide, row: pd.Series, tile_px: int) -> np.ndarray:
-    """One tile on its own (the per-item path used by a DataLoader over slides)."""
+    """One tile on its own (the per-item path used by a DataLoader over slides): `tile_pixels` of a row."""
     read_px = int(row["read_px"])
-    tile = read_rgb(slide, int(row["x0"]), int(row["y0"]), int(row["level"]), read_px, read_px)
-    if read_px != tile_px:
-        tile = np.asarray(Image.fromarray(tile).resize((tile_px, tile_px), Image.Resampling.BILINEAR))
-    return tile
+    return tile_pixels(slide, int(row["x0"]), int(row["y0"]), int(row["level"]), read_px, tile_px)

@@ -3,7 +3,15 @@ import openslide
 import pytest
 
 from histodistill.errors import MppError, SlideError
-from histodistill.slides import best_level, open_slide, parse_mpp, read_rgb, read_scaled, resolve_mpp
+from histodistill.slides import (
+    best_level,
+    open_slide,
+    parse_mpp,
+    read_rgb,
+    read_rgb_image,
+    read_scaled,
+    resolve_mpp,
+)
 
 
 def test_mpp_from_openslide_properties():
@@ -143,3 +151,44 @@ def test_parse_mpp_rejects_what_is_not_a_positive_number(value):
 def test_bad_override_is_an_mpp_error_naming_the_slide():
     with pytest.raises(MppError, match="slide 'x': override .*'fast'"):
         resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}, "fast", slide_name="slide 'x'")
+
+
+def test_read_rgb_equals_read_region_and_whitens_outside(demo_slide):
+    with open_slide(demo_slide) as slide:
+        w0, h0 = slide.dimensions
+        # a region straddling the slide's bottom-right corner: OpenSlide returns transparent pixels there
+        for x0, y0, level, w, h in [
+            (300, 200, 0, 77, 51),
+            (w0 - 40, h0 - 60, 0, 100, 100),
+            (0, 0, 2, 130, 90),
+        ]:
+            rgba = np.asarray(slide.read_region((x0, y0), level, (w, h)))
+            expected = rgba[..., :3].copy()
+            expected[rgba[..., 3] == 0] = 255
+            got = read_rgb(slide, x0, y0, level, w, h)
+            assert got.shape == (h, w, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, expected)
+            image = read_rgb_image(slide, x0, y0, level, w, h)  # opaque: PIL unpacks OpenSlide's buffer
+            assert image.mode == "RGB" and image.size == (w, h)
+            np.testing.assert_array_equal(np.asarray(image), expected)
+        outside = read_rgb(slide, w0 - 40, h0 - 60, 0, 100, 100)
+        assert (outside[60:, :] == 255).all() and (outside[:, 40:] == 255).all()
+
+
+def test_premultiplied_conversion_matches_openslide_python():
+    """Partly transparent pixels are un-premultiplied exactly as openslide-python's own C conversion does."""
+    from openslide import _convert
+
+    from histodistill.slides import _premultiplied_to_rgb
+
+    rng = np.random.default_rng(0)
+    alpha = rng.integers(0, 256, (64, 48)).astype(np.uint32)
+    alpha[:8], alpha[8:12] = 255, 0
+    colour = (rng.integers(0, 256, (64, 48, 3)) * alpha[..., None] // 255).astype(np.uint32)  # premultiplied
+    argb = (alpha << 24) | (colour[..., 0] << 16) | (colour[..., 1] << 8) | colour[..., 2]
+    reference = argb.copy()
+    _convert.argb2rgba(reference)  # in place, to RGBA bytes
+    rgba = reference.view(np.uint8).reshape(64, 48, 4)
+    expected = rgba[..., :3].copy()
+    expected[rgba[..., 3] == 0] = 255
+    np.testing.assert_array_equal(_premultiplied_to_rgb(argb), expected)

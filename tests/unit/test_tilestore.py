@@ -80,7 +80,7 @@ def test_dataset_does_not_pickle_open_handles(store, two_tables):
 def test_pack_failure_leaves_no_store(tmp_path, two_tables, monkeypatch):
     import histodistill.tilestore as tilestore
 
-    def broken(slide, table, meta):
+    def broken(slide, table, meta, workers=1):
         yield 0, np.zeros((224, 224, 3), np.uint8)
         raise OSError("slide read failed")
 

@@ -100,7 +100,7 @@ def test_tiles_are_mostly_tissue(tmp_path, demo_slide):
     assert sat[~kept].mean() < sat[kept].mean() / 2
 
 
-def test_band_reading_equals_one_read_per_tile(tmp_path, demo_slide):
+def test_tile_iteration_equals_one_read_per_tile(tmp_path, demo_slide):
     table = tile_slide(demo_slide, "s", tmp_path / "t.parquet", TilingConfig(min_tissue=0.2))
     _, meta = read_tile_table(tmp_path / "t.parquet")
     with open_slide(demo_slide) as slide:
@@ -108,6 +108,36 @@ def test_band_reading_equals_one_read_per_tile(tmp_path, demo_slide):
         assert [i for i, _ in got] == list(range(len(table)))
         for i, pixels in got:
             np.testing.assert_array_equal(pixels, read_tile(slide, table.iloc[i], 224))
+
+
+@pytest.mark.parametrize("mpp", [0.5, 0.6])  # level exactly at the target; a level resized to it
+def test_threaded_reading_is_byte_identical_to_sequential(tmp_path, demo_slide, mpp):
+    params = TilingConfig(mpp=mpp, tile_px=224 if mpp == 0.5 else 112, min_tissue=0.0)
+    table = tile_slide(demo_slide, "s", tmp_path / "t.parquet", params)
+    _, meta = read_tile_table(tmp_path / "t.parquet")
+    assert len(table) % 8 != 0  # a last reader task shorter than READ_CHUNK_TILES
+    with open_slide(demo_slide) as slide:
+        sequential = list(iter_tile_pixels(slide, table, meta))
+    for workers in (2, 3):
+        with open_slide(demo_slide) as slide:  # a fresh handle: no tile already in OpenSlide's cache
+            threaded = list(iter_tile_pixels(slide, table, meta, workers=workers))
+        assert [i for i, _ in threaded] == list(range(len(table)))
+        for (_, a), (_, b) in zip(sequential, threaded, strict=True):
+            assert a.dtype == b.dtype == np.uint8 and a.flags.c_contiguous and b.flags.c_contiguous
+            np.testing.assert_array_equal(a, b)
+
+
+def test_threaded_reading_stops_early_and_rejects_zero_workers(tmp_path, demo_slide):
+    table = tile_slide(demo_slide, "s", tmp_path / "t.parquet", TilingConfig(min_tissue=0.0))
+    _, meta = read_tile_table(tmp_path / "t.parquet")
+    with open_slide(demo_slide) as slide:
+        tiles = iter_tile_pixels(slide, table, meta, workers=2)
+        first = [next(tiles) for _ in range(3)]
+        tiles.close()  # the consumer stops: in-flight reads finish, queued ones are cancelled
+        assert [i for i, _ in first] == [0, 1, 2]
+        np.testing.assert_array_equal(first[2][1], read_tile(slide, table.iloc[2], 224))
+        with pytest.raises(ValueError, match="workers must be ≥ 1"):
+            next(iter_tile_pixels(slide, table, meta, workers=0))
 
 
 def test_resize_when_no_level_is_at_the_target(tmp_path, demo_slide):
