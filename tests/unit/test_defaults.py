@@ -88,6 +88,12 @@ SOURCES: dict[str, tuple] = {
             "min_object_um2",
             "min_hole_um2",
             "min_saturation",
+            "min_brightness",
+            "max_brightness",
+            "remove_ink",
+            "min_od",
+            "tissue_method",
+            "tissue_weights",
             "on_no_tissue",
         )
     },
