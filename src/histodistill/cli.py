@@ -22,6 +22,7 @@ from histodistill.errors import HistodistillError
 from histodistill.registration import RegistrationConfig, register_to_grid
 from histodistill.tilestore import pack_tiles
 from histodistill.tiling import TilingConfig
+from histodistill.tissue import TISSUE_METHODS
 
 log = logging.getLogger("histodistill")
 LIBRARY_DEFAULT = "default: the library's"  # help text of an option left to the function's own default
@@ -81,6 +82,8 @@ def _tile(args: argparse.Namespace) -> None:
         tile_px=args.tile_px,
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
+        tissue_method=args.tissue_method,
+        tissue_weights=args.tissue_weights,
         on_no_tissue=args.on_no_tissue,
     )
     slide_id = args.slide_id or Path(args.slide).stem
@@ -309,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-mpp", type=float, default=tiling.mask_mpp, help="µm/px of the tissue-mask thumbnail"
     )
     p.add_argument("--slide-mpp", type=float, help="override the slide's own µm/px (level 0)")
+    p.add_argument(
+        "--tissue-method",
+        choices=list(TISSUE_METHODS),
+        default=tiling.tissue_method,
+        help="tissue mask: classical cues, or a learned TorchScript segmenter (--tissue-weights)",
+    )
+    p.add_argument(
+        "--tissue-weights", default=tiling.tissue_weights, help="local TorchScript tissue segmenter"
+    )
     p.add_argument("--on-no-tissue", choices=["warn", "error"], default=tiling.on_no_tissue)
     p.add_argument("--qc", help="write a QC PNG (thumbnail, tissue mask, tile grid) here")
     p.set_defaults(func=_tile)

@@ -314,7 +314,7 @@ def read_tile_table(path: str | Path) -> TileTable:
 QC_COLORS = {  # overlay colors of the QC image, drawn in its legend
     "tissue outline": (0, 160, 0),
     "kept tile": (30, 60, 220),
-    "pen ink (removed)": (230, 0, 230),
+    "pen ink (removed)": (0, 200, 200),
     "dark background (removed)": (255, 140, 0),
 }
 _LEGEND_ROW = 14  # px per legend row
