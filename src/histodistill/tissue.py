@@ -14,8 +14,8 @@
 3. **The stain cue**: HSV saturation for colour slides, optical density for greyscale ones (below),
    smoothed (Gaussian, σ = 1 px), thresholded with Otsu's method computed on the pixels the window and
    the ink filter left, and never below a floor (`min_saturation`, `min_od`), so a blank slide gives an
-   empty mask. When Otsu's lower class is itself above the floor there is no background to separate (a
-   slide that is all tissue, e.g. one tile large): the floor alone is the threshold.
+   empty mask. When Otsu's lower class is itself stained (mean ≥ twice the floor) there is no background
+   to separate (a slide that is all tissue, e.g. one tile large): the floor alone is the threshold.
 4. **Greyscale slides** (single-channel, or RGB whose 99th-percentile chroma max−min is below
    `GREY_CHROMA`, judged on the pixels inside the brightness window): saturation is meaningless, so the
    cue is optical density OD = −log10(luminance) (Beer–Lambert, with white = 1), and `greyscale` is set
@@ -125,12 +125,15 @@ def is_greyscale(rgb: np.ndarray, valid: np.ndarray | None = None) -> bool:
 
 
 def _threshold(values: np.ndarray, floor: float) -> float:
-    """Otsu's threshold on `values`, never below `floor`; the floor alone when Otsu's lower class is above it."""
+    """Otsu's threshold on `values`, never below `floor`; the floor alone when Otsu's lower class is
+    stained (mean ≥ 2 × floor): then there is no background to separate, only tissue (e.g. a slide one
+    tile large), and Otsu would cut the tissue in two. A faintly tinted glass (mean below 2 × floor) still
+    counts as background."""
     if values.size == 0 or float(values.max() - values.min()) < 1e-6:
         return floor
     otsu = float(filters.threshold_otsu(values))
     lower = values[values <= otsu]
-    if lower.size and float(lower.mean()) >= floor:  # no background among `values`: all of it is tissue
+    if lower.size and float(lower.mean()) >= 2 * floor:
         return floor
     return max(otsu, floor)
 
