@@ -115,7 +115,10 @@ def model_weights(name):
 
 # ------------------------------------------------------------------------------------------------ tiling
 
-TILING_KEYS = ("mpp", "tile_px", "min_tissue", "mask_mpp", "min_object_um2", "min_hole_um2", "min_saturation", "on_no_tissue")
+TILING_KEYS = (
+    "mpp", "tile_px", "min_tissue", "mask_mpp", "min_object_um2", "min_hole_um2", "min_saturation",
+    "min_brightness", "max_brightness", "remove_ink", "min_od", "tissue_method", "tissue_weights", "on_no_tissue",
+)
 
 
 # ------------------------------------------------------------------------------------------------ PLISM

@@ -4,6 +4,8 @@
 rule tile_slide:
     input:
         slide=lambda w: slide_path(w.slide),
+        # tiling.tissue_method: learned reads a local segmenter: new weights re-tile (none by default).
+        tissue_weights=config["tiling"]["tissue_weights"] or [],
     output:
         table=f"{RESULTS}/tiles/{{cohort}}/{{slide}}.parquet",
         qc=f"{RESULTS}/qc/{{cohort}}/{{slide}}.png",

@@ -23,6 +23,7 @@ from histodistill.ids import check_id, id_from_path
 from histodistill.registration import RegistrationConfig, register_to_grid
 from histodistill.tilestore import pack_tiles
 from histodistill.tiling import TilingConfig
+from histodistill.tissue import TISSUE_METHODS
 
 log = logging.getLogger("histodistill")
 LIBRARY_DEFAULT = "default: the library's"  # help text of an option left to the function's own default
@@ -82,6 +83,8 @@ def _tile(args: argparse.Namespace) -> None:
         tile_px=args.tile_px,
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
+        tissue_method=args.tissue_method,
+        tissue_weights=args.tissue_weights,
         on_no_tissue=args.on_no_tissue,
     )
     slide_id = check_id(args.slide_id, "--slide-id") if args.slide_id else id_from_path(args.slide)
@@ -317,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-mpp", type=float, default=tiling.mask_mpp, help="µm/px of the tissue-mask thumbnail"
     )
     p.add_argument("--slide-mpp", type=float, help="override the slide's own µm/px (level 0)")
+    p.add_argument(
+        "--tissue-method",
+        choices=list(TISSUE_METHODS),
+        default=tiling.tissue_method,
+        help="tissue mask: classical cues, or a learned TorchScript segmenter (--tissue-weights)",
+    )
+    p.add_argument(
+        "--tissue-weights", default=tiling.tissue_weights, help="local TorchScript tissue segmenter"
+    )
     p.add_argument("--on-no-tissue", choices=["warn", "error"], default=tiling.on_no_tissue)
     p.add_argument("--qc", help="write a QC PNG (thumbnail, tissue mask, tile grid) here")
     p.set_defaults(func=_tile)

@@ -11,6 +11,7 @@ import math
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from ctypes import POINTER, c_uint32
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,20 +407,45 @@ def read_rgb_image(
 
 
 def read_scaled(slide: openslide.OpenSlide, slide_mpp: float, target_mpp: float) -> np.ndarray:
-    """The whole slide at `target_mpp` (for thumbnails), read from the best level in bounded strips."""
-    level = best_level(slide, slide_mpp, target_mpp)
-    lw, lh = slide.level_dimensions[level]
-    downsample = slide.level_downsamples[level]
-    scale = slide_mpp * downsample / target_mpp  # output px per level px (≤ 1 + tolerance)
-    out_w, out_h = max(1, round(lw * scale)), max(1, round(lh * scale))
-    out = np.empty((out_h, out_w, 3), np.uint8)
-    band_rows = max(1, _BAND_BYTES // (4 * lw))
-    row = 0
-    while row < lh:
-        rows = min(band_rows, lh - row)
-        o0, o1 = round(row * scale), round((row + rows) * scale)
-        if o1 > o0:
-            band = read_rgb(slide, 0, round(row * downsample), level, lw, rows)
-            out[o0:o1] = np.asarray(Image.fromarray(band).resize((out_w, o1 - o0), Image.Resampling.BOX))
-        row += rows
-    return out
+    """The whole slide at `target_mpp` (for thumbnails), read from the best level in bounded strips.
+
+    Returns uint8 [H, W, 3] with H, W ≥ 1; every output row is written (see `read_scaled_many`).
+    """
+    return read_scaled_many(slide, slide_mpp, [target_mpp])[0]
+
+
+def read_scaled_many(
+    slide: openslide.OpenSlide, slide_mpp: float, targets: Sequence[float]
+) -> list[np.ndarray]:
+    """The whole slide at each µm/px of `targets` (uint8 [H, W, 3] each), decoding each level only once.
+
+    Targets with the same best level (`best_level`) share one pass over that level in bands of at most
+    `_BAND_BYTES` of RGBA; each band is box-filtered into every output. Bands depend on the level only, so
+    an output is identical whether it is read alone or with others (the tissue mask does not depend on
+    whether a QC image is drawn). A band's output rows are its input rows times out_h / level height, so
+    consecutive bands tile the output exactly and every row is written, also on slides a few pixels high.
+    """
+    outputs: list[np.ndarray] = [np.zeros((1, 1, 3), np.uint8)] * len(targets)
+    by_level: dict[int, list[int]] = {}
+    for i, target in enumerate(targets):
+        by_level.setdefault(best_level(slide, slide_mpp, target), []).append(i)
+    for level, indices in sorted(by_level.items()):
+        lw, lh = slide.level_dimensions[level]
+        downsample = slide.level_downsamples[level]
+        for i in indices:
+            scale = slide_mpp * downsample / targets[i]  # output px per level px (≤ 1 + tolerance)
+            outputs[i] = np.empty((max(1, round(lh * scale)), max(1, round(lw * scale)), 3), np.uint8)
+        band_rows = max(1, _BAND_BYTES // (4 * lw))
+        row = 0
+        while row < lh:
+            rows = min(band_rows, lh - row)
+            band = None
+            for i in indices:
+                out_h, out_w = outputs[i].shape[:2]
+                o0, o1 = round(row * out_h / lh), round((row + rows) * out_h / lh)
+                if o1 > o0:
+                    if band is None:
+                        band = Image.fromarray(read_rgb(slide, 0, round(row * downsample), level, lw, rows))
+                    outputs[i][o0:o1] = np.asarray(band.resize((out_w, o1 - o0), Image.Resampling.BOX))
+            row += rows
+    return outputs

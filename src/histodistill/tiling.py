@@ -18,7 +18,7 @@ import math
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,8 +31,15 @@ from skimage import morphology
 from histodistill.atomic import atomic_path
 from histodistill.errors import NoTissueError, SlideError
 from histodistill.provenance import provenance, read_parquet, write_parquet
-from histodistill.slides import best_level, checked_mpp, open_slide, read_rgb, read_rgb_image, read_scaled
-from histodistill.tissue import MaskConfig, tile_fractions, tissue_mask
+from histodistill.slides import (
+    best_level,
+    checked_mpp,
+    open_slide,
+    read_rgb,
+    read_rgb_image,
+    read_scaled_many,
+)
+from histodistill.tissue import MaskConfig, TissueDetection, detect_tissue, tile_fractions
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +70,24 @@ class TilingConfig:
     min_object_um2: float = 20000.0
     min_hole_um2: float = 5000.0
     min_saturation: float = 0.05
+    min_brightness: float = 0.12
+    max_brightness: float = 0.9
+    remove_ink: bool = True
+    min_od: float = 0.05
+    tissue_method: str = "classical"
+    tissue_weights: str | None = None
     on_no_tissue: str = "warn"
 
     @property
     def mask(self) -> MaskConfig:
-        return MaskConfig(self.mask_mpp, self.min_saturation, self.min_object_um2, self.min_hole_um2)
+        """The tissue-mask settings, with min_object_um2 and min_hole_um2 capped at one tile's area (µm²):
+        a piece of tissue as large as a tile is never removed (a slide one tile large keeps its tile), and a
+        hole as large as a tile is never filled."""
+        tile_um2 = (self.tile_px * self.mpp) ** 2
+        values = {f.name: getattr(self, f.name) for f in fields(MaskConfig)}
+        values["min_object_um2"] = min(self.min_object_um2, tile_um2)
+        values["min_hole_um2"] = min(self.min_hole_um2, tile_um2)
+        return MaskConfig(**values)
 
 
 @dataclass(frozen=True)
@@ -139,19 +159,41 @@ class TileTable(NamedTuple):
 
 @dataclass
 class TilePlan:
+    """A slide's tile table before it is written, with what the tissue mask was computed from.
+
+    `thumbnail` (uint8 [h, w, 3]) is the slide at the mask's µm/px and `mask` (bool [h, w]) its tissue;
+    `tissue` holds the rejected pixels (pen ink, dark background) too; `qc_image` (uint8, longest side
+    ≈ qc_max_px) is the QC image's background when `plan_tiles` was asked for one, read in the same pass.
+    """
+
     table: pd.DataFrame
     grid: TileGrid
     metadata: dict  # everything `write_tile_table` stores: provenance, the grid's keys, slide facts
     thumbnail: np.ndarray
     mask: np.ndarray
+    tissue: TissueDetection | None = None
+    qc_image: np.ndarray | None = None
 
 
 def plan_tiles(
-    slide_path: str | Path, slide_id: str, params: TilingConfig, slide_mpp: float | None = None
+    slide_path: str | Path,
+    slide_id: str,
+    params: TilingConfig,
+    slide_mpp: float | None = None,
+    qc_max_px: int | None = None,
 ) -> TilePlan:
-    """Compute the tissue mask and the tile grid of one slide; read no level-0 pixels."""
+    """Compute the tissue mask and the tile grid of one slide, decoding each pyramid level at most once.
+
+    The mask comes from a thumbnail at `mask_mpp` (`histodistill.tissue.detect_tissue`). With `qc_max_px`
+    the QC image's background (longest side ≈ qc_max_px) is read in the same pass over the slide
+    (`read_scaled_many`): a single-level slide is decoded once, not once for the mask and once for QC.
+    Logs a warning for a greyscale slide, and for a slide without tiles with the reason (thinner than a
+    tile, no tissue found, or tissue too sparse for `min_tissue`); raises NoTissueError for the latter
+    when `on_no_tissue` is `error`, SlideError for a target µm/px finer than the scan.
+    """
+    name = f"slide '{slide_id}' ({slide_path})"
     with open_slide(slide_path) as slide:
-        mpp = checked_mpp(slide, slide_mpp, slide_name=f"slide '{slide_id}' ({slide_path})")
+        mpp = checked_mpp(slide, slide_mpp, slide_name=name)
         if params.mpp < mpp.mean * (1 - 0.01):
             raise SlideError(
                 f"slide '{slide_id}': target {params.mpp} µm/px is finer than the scan ({mpp.mean:g} µm/px); "
@@ -163,9 +205,21 @@ def plan_tiles(
         footprint0 = params.tile_px * params.mpp / mpp.mean  # tile side in level-0 px
         read_px = round(footprint0 / downsample)
         mask_mpp = max(params.mask_mpp, mpp.mean)
-        thumbnail = read_scaled(slide, mpp.mean, mask_mpp)
+        targets = [mask_mpp]
+        if qc_max_px is not None:
+            targets.append(max(mpp.mean * max(width0, height0) / qc_max_px, mpp.mean))
+        images = read_scaled_many(slide, mpp.mean, targets)
+        thumbnail = images[0]
         level_count = slide.level_count
-    mask = tissue_mask(thumbnail, params.mask)
+    tissue = detect_tissue(thumbnail, replace(params.mask, mask_mpp=mask_mpp))
+    mask = tissue.mask
+    if tissue.greyscale:
+        log.warning(
+            "%s looks greyscale (no colour in the thumbnail): tissue is thresholded on optical density "
+            "(%.3f) instead of saturation",
+            name,
+            tissue.threshold,
+        )
     px0 = width0 / thumbnail.shape[1]  # level-0 px per mask px (exact for this thumbnail)
 
     cols, rows = math.floor(width0 / footprint0), math.floor(height0 / footprint0)
@@ -187,10 +241,7 @@ def plan_tiles(
         }
     )
     if table.empty:
-        message = (
-            f"slide '{slide_id}' ({slide_path}): no tile reaches min_tissue={params.min_tissue} "
-            f"(tissue in {mask.mean():.1%} of the thumbnail)"
-        )
+        message = f"{name}: no tiles: " + _no_tile_reason(params, tissue, frac, (width0, height0), footprint0)
         if params.on_no_tissue == "error":
             raise NoTissueError(message + "; set tiling.on_no_tissue: warn to keep an empty table instead")
         log.warning("%s; writing an empty tile table", message)
@@ -214,8 +265,32 @@ def plan_tiles(
         grid=[rows, cols],
         n_tiles=len(table),
         tissue_found=not table.empty,
+        tissue_cue=tissue.cue,
+        greyscale=tissue.greyscale,
+        ink_fraction=float(tissue.ink.mean()),
+        dark_fraction=float(tissue.dark.mean()),
     )
-    return TilePlan(table, grid, metadata, thumbnail, mask)
+    return TilePlan(table, grid, metadata, thumbnail, mask, tissue, images[1] if qc_max_px else None)
+
+
+def _no_tile_reason(
+    params: TilingConfig, tissue: TissueDetection, frac: np.ndarray, size0: tuple[int, int], footprint0: float
+) -> str:
+    """Why a slide gave no tile, in words: the first of thinner than a tile, no tissue, too little tissue."""
+    width0, height0 = size0
+    if frac.size == 0:
+        return (
+            f"the slide ({width0} x {height0} level-0 px) is smaller than one tile ({footprint0:.0f} px: "
+            f"{params.tile_px} px at {params.mpp} µm/px); no tissue check was made"
+        )
+    rejected = f"{tissue.dark.mean():.1%} dark background, {tissue.ink.mean():.1%} pen ink"
+    grey = " (greyscale slide, optical density)" if tissue.greyscale else ""
+    if not tissue.mask.any():
+        return f"no tissue found in the thumbnail{grey} ({rejected})"
+    return (
+        f"no tile reaches min_tissue={params.min_tissue} (tissue in {tissue.mask.mean():.1%} of the "
+        f"thumbnail{grey}, the fullest tile {frac.max():.1%}; {rejected})"
+    )
 
 
 def tile_table_metadata(tile_grid: TileGrid, params: dict[str, Any], /, **extra: Any) -> dict[str, Any]:
@@ -247,37 +322,71 @@ def read_tile_table(path: str | Path) -> TileTable:
     return TileTable(frame, metadata)
 
 
+QC_COLORS = {  # overlay colors of the QC image, drawn in its legend
+    "tissue outline": (0, 160, 0),
+    "kept tile": (30, 60, 220),
+    "pen ink (removed)": (0, 200, 200),
+    "dark background (removed)": (255, 140, 0),
+}
+_LEGEND_ROW = 14  # px per legend row
+
+
+def _fit(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+
+
 def render_qc(plan: TilePlan, out: str | Path, max_px: int = QC_MAX_PX) -> None:
-    """QC image: a thumbnail with the tissue outline (green), non-tissue faded, kept tiles outlined (blue)."""
+    """QC image (PNG): the slide with its tissue outline, the kept tiles and what the mask rejected.
+
+    Tissue is outlined in green and kept tiles in blue; pen ink and dark background that the mask removed
+    are tinted in their own colors (`QC_COLORS`); glass is faded. A legend band is added below the slide
+    image (whose longest side is ≈ `max_px`). The slide image is `plan.qc_image`, read in the same pass
+    as the mask's thumbnail (`plan_tiles(..., qc_max_px=...)`); a plan without one uses its thumbnail.
+    The slide is never read again here.
+    """
     md, grid = plan.metadata, plan.grid
     width0, height0 = md["slide_dimensions"]
-    qc_mpp = max(grid.slide_mpp_x * max(width0, height0) / max_px, grid.slide_mpp_x)
-    with open_slide(grid.slide_path) as slide:
-        image = Image.fromarray(read_scaled(slide, grid.slide_mpp_x, qc_mpp))
+    image = Image.fromarray(plan.qc_image if plan.qc_image is not None else plan.thumbnail)
+    if plan.qc_image is None or max(image.size) > max_px:
+        factor = max_px / max(image.size)
+        image = image.resize(
+            (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.Resampling.BOX
+        )
     size = image.size
-    mask = (
-        np.asarray(Image.fromarray(plan.mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST))
-        > 0
-    )
+    mask = _fit(plan.mask, size)
     outline = mask & ~morphology.erosion(mask, morphology.disk(1))
     pixels = np.asarray(image).copy()
     pixels[~mask] = (0.6 * pixels[~mask] + 0.4 * 255).astype(np.uint8)  # fade what is not tissue
-    pixels[outline] = (0, 160, 0)
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
+    if plan.tissue is not None:
+        for key, removed in (
+            ("pen ink (removed)", plan.tissue.ink),
+            ("dark background (removed)", plan.tissue.dark),
+        ):
+            where = _fit(removed, size) & ~mask
+            pixels[where] = (0.35 * pixels[where] + 0.65 * np.array(QC_COLORS[key])).astype(np.uint8)
+    pixels[outline] = QC_COLORS["tissue outline"]
+    legend = 4 + _LEGEND_ROW * (len(QC_COLORS) + 1)
+    canvas = Image.new("RGB", (max(size[0], 240), size[1] + legend), (255, 255, 255))
+    canvas.paste(Image.fromarray(pixels), (0, 0))
+    draw = ImageDraw.Draw(canvas)
     per_px0 = size[0] / width0
     side = grid.footprint_px0 * per_px0
     for x0, y0 in zip(plan.table["x0"], plan.table["y0"], strict=True):
         x, y = x0 * per_px0, y0 * per_px0
-        draw.rectangle([x, y, x + side, y + side], outline=(30, 60, 220), width=1)
+        draw.rectangle([x, y, x + side, y + side], outline=QC_COLORS["kept tile"], width=1)
     draw.text(
-        (4, 4),
+        (4, size[1] + 2),
         f"{grid.slide_id}: {len(plan.table)} tiles of {grid.tile_px} px at {grid.mpp} um/px; "
-        f"slide {grid.slide_mpp_x:.4g} um/px ({grid.mpp_source})",
+        f"slide {grid.slide_mpp_x:.4g} um/px ({grid.mpp_source})"
+        + ("; greyscale: optical density" if md.get("greyscale") else ""),
         fill=(0, 0, 0),
     )
+    for row, (label, rgb) in enumerate(QC_COLORS.items(), start=1):
+        y = size[1] + 2 + row * _LEGEND_ROW
+        draw.rectangle([4, y + 1, 14, y + 10], fill=rgb)
+        draw.text((20, y), label, fill=(0, 0, 0))
     with atomic_path(out) as tmp:
-        image.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")
 
 
 def tile_slide(
@@ -290,7 +399,9 @@ def tile_slide(
     qc_max_px: int = QC_MAX_PX,
 ) -> pd.DataFrame:
     """Plan the tiles of one slide and write the tile table (and the QC image)."""
-    plan = plan_tiles(slide_path, slide_id, params, slide_mpp)
+    plan = plan_tiles(
+        slide_path, slide_id, params, slide_mpp, qc_max_px=qc_max_px if qc is not None else None
+    )
     if qc is not None:
         render_qc(plan, qc, qc_max_px)
     write_tile_table(plan.table, plan.metadata, out)

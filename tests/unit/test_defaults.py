@@ -88,6 +88,12 @@ SOURCES: dict[str, tuple] = {
             "min_object_um2",
             "min_hole_um2",
             "min_saturation",
+            "min_brightness",
+            "max_brightness",
+            "remove_ink",
+            "min_od",
+            "tissue_method",
+            "tissue_weights",
             "on_no_tissue",
         )
     },
@@ -406,6 +412,7 @@ def test_cli_defaults_are_the_librarys():
         tiling.mask_mpp,
         tiling.on_no_tissue,
     )
+    assert (tile.tissue_method, tile.tissue_weights) == (tiling.tissue_method, tiling.tissue_weights)
     reg = parser.parse_args(["register", "a.svs", "b.svs", "--out", "o"])
     config = RegistrationConfig()
     assert (reg.fine_mpp, reg.grid_spacing_um, reg.iterations, reg.min_ncc, reg.max_residual_um) == (

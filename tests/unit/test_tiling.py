@@ -180,7 +180,8 @@ def test_blank_slide_warns_and_writes_an_empty_table(tmp_path, blank_slide, capl
     out = tmp_path / "t.parquet"
     with caplog.at_level(logging.WARNING):
         table = tile_slide(blank_slide, "blank", out, PARAMS, qc=tmp_path / "qc.png")
-    assert table.empty and "no tile reaches min_tissue" in caplog.text
+    assert table.empty and "no tissue found in the thumbnail" in caplog.text  # the cause: glass only
+    assert "greyscale" not in caplog.text
     frame, meta = read_tile_table(out)
     assert frame.empty and meta["tissue_found"] is False and meta["n_tiles"] == 0
     assert (tmp_path / "qc.png").exists()

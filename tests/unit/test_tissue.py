@@ -52,3 +52,18 @@ def test_tile_fractions_match_brute_force():
         c0, r0 = round(x / px0), round(y / px0)
         c1, r1 = min(round((x + 448) / px0), 60), min(round((y + 448) / px0), 40)
         assert f == mask[r0:r1, c0:c1].sum() / ((c1 - c0) * (r1 - r0))
+
+
+def test_all_tissue_image_is_all_tissue_and_tinted_glass_is_not():
+    """Otsu on an image that is only tissue would cut it in two: the floor decides instead. Glass with a
+    faint yellow tint (saturation ≈ 0.07, above the floor) next to tissue stays background."""
+    rng = np.random.default_rng(3)
+    tissue = np.clip(np.array([215.0, 140, 185]) + rng.normal(0, 6, (40, 40, 3)), 0, 255).astype(np.uint8)
+    params = MaskConfig(min_object_um2=0, min_hole_um2=0)
+    assert tissue_mask(tissue, params).all()
+    img, truth = _pink_disk(noise=1.0)
+    glass = (img == img[0, 0]).all(2) | ~truth
+    tinted = img.copy()
+    tinted[glass & ~truth] = (226, 222, 210)  # luminance 0.87: inside the brightness window
+    mask = tissue_mask(tinted, MaskConfig(mask_mpp=8.0, min_object_um2=8 * 8 * 50, min_hole_um2=0))
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.95
