@@ -234,10 +234,12 @@ rule report:
     output:
         html=report(f"{RESULTS}/report/index.html", category="Benchmarks"),
         leaderboard=f"{RESULTS}/report/leaderboard.parquet",
+        distillation=f"{RESULTS}/report/distillation.parquet",  # recovery of the teacher per student
     params:
         benchmarks=lambda w: ENABLED_BENCHMARKS,
         models=bench_models(),
         students={name: run.get("student") for name, run in config["distill"]["runs"].items()},
+        teacher=config["teacher"]["model"],  # with students and their random-init twin: recovery
         n_boot=BENCH["plism"]["n_boot"],
         skipped_slides=SKIPPED_SLIDES,
         config=report_config(),

@@ -14,6 +14,7 @@ report.run(
     benchmarks=p.benchmarks,
     models=p.models,
     students=p.students,
+    teacher=p.teacher,
     config=p.config,
     n_boot=p.n_boot,
     skipped_slides=p.skipped_slides,

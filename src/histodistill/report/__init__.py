@@ -31,7 +31,7 @@ from histodistill.bench.plism import N_BOOT
 from histodistill.bench.registry import Benchmark, Figure, benchmarks
 from histodistill.config import REPORT_CONFIG_KEYS
 from histodistill.provenance import config_hash, library_versions, provenance, read_parquet, write_parquet
-from histodistill.report import figures
+from histodistill.report import distillation, figures
 from histodistill.report import html as page
 from histodistill.report.model_card import FLOP_CONVENTION, count_flops, model_profile
 
@@ -346,8 +346,14 @@ def build_report(
     title: str = "histodistill benchmarks",
     n_boot: int = N_BOOT,
     skipped_slides: Sequence[Mapping[str, str]] = (),
+    roles: distillation.DistillationRoles | None = None,
 ) -> pd.DataFrame:
     """Write `out_dir/leaderboard.parquet`, `out_dir/figures/*.png` and `out_dir/index.html`; return the board.
+
+    `roles` (teacher, students and their random-init baselines; `distillation.roles`) writes
+    `out_dir/distillation.parquet` (one row per student and score column: the three values and the
+    recovery, `distillation.recovery_table`; no rows without a reported teacher and student) and, when
+    both are reported, adds the distillation section.
 
     `skipped_slides` (`slide_id`, `path`): sample-sheet slides left out because their file was missing
     (`on_missing_slide: skip`); the page lists them first, so no result hides a missing slide.
@@ -413,6 +419,13 @@ def build_report(
     for name, bench in known.items():
         if name in summaries:
             sections.append((name, bench.title, bench.section(summaries[name], order, figs[name])))
+    if roles is not None:
+        ranked = [c for c in shown.columns if c in higher_better]
+        recoveries = distillation.recovery_table(board, ranked, roles)
+        write_parquet(recoveries, out_dir / "distillation.parquet", meta | {"artifact": "distillation"})
+        if roles.enabled:
+            body = distillation.section(recoveries, distillation.cost_table(board, roles), roles, labels)
+            sections.append(("distillation", "Distillation: recovery of the teacher", body))
     sections.append(("size", "Model size", _size_section(board, models)))
     document = page.page(title, sections)
     with atomic_path(out_dir / "index.html") as tmp:
@@ -429,11 +442,13 @@ def run(
     benchmarks: list[str],
     models: list[str],
     students: Mapping[str, str | None] | None = None,
+    teacher: str | None = None,
     config: dict | None = None,
     n_boot: int = N_BOOT,
     skipped_slides: Sequence[Mapping[str, str]] = (),
 ) -> pd.DataFrame:
-    """The report of a workflow run: `build_report` with each model's size and measured throughput.
+    """The report of a workflow run: `build_report` with each model's size and measured throughput, and
+    the distillation section when `teacher` and a student `student-<run>` of `students` are reported.
 
     `score_files`: `<benchmark>/<model>.parquet` paths (the directory names the benchmark, the stem the
     model); `benchmarks`: every enabled benchmark (one with no file shows as absent); `models[i]` and
@@ -454,18 +469,28 @@ def run(
             raise ReportError(f"score file {path}: benchmark {path.parent.name!r} is not one of {benchmarks}")
         scores[path.parent.name][path.stem] = path
     students = students or {}
-    profiles = {}
+    profiles, random_init = {}, {}
     for model, emb_path in zip(models, embedding_stores, strict=True):
         # a distilled student has its run's architecture; its size is that of the architecture
         ref = ModelRef.parse(model)
         arch = students.get(ref.run, model) if ref.is_student else model
         attrs = EmbeddingStore(emb_path).attrs
+        # a random-init baseline: a model whose embeddings came from seeded random weights (their provenance)
+        digest = str(attrs.get("provenance", {}).get("weights_digest", ""))
+        random_init[model] = digest.startswith("random-init")
         profiles[model] = {
             **model_profile(arch),
             "tiles_per_s": attrs.get("tiles_per_s"),
             "device": attrs.get("throughput_device"),
             "throughput_conditions": attrs.get("throughput_conditions"),
         }
+    who = distillation.roles(teacher, students, models, random_init)
     return build_report(
-        scores, out_dir, models=profiles, config=config, n_boot=n_boot, skipped_slides=skipped_slides
+        scores,
+        out_dir,
+        models=profiles,
+        config=config,
+        n_boot=n_boot,
+        skipped_slides=skipped_slides,
+        roles=who,
     )
