@@ -119,27 +119,45 @@ class ShardRowReader:
             self.fill = np.full(self.row_shape, array.fill_value, self.dtype)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Row i [*row_shape] (a new array)."""
         if not self.fast:
             return self.array[int(i)]
-        k, j = divmod(int(i), self.rows_per_shard)
-        key = self.array.metadata.encode_chunk_key((k,) + (0,) * len(self.row_shape))
+        return self.read(int(i), int(i) + 1)[0]
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) [hi - lo, *row_shape]: per shard file, one read of the index entries, one per row."""
+        if not self.fast:
+            return self.array[lo:hi]
+        out = np.empty((hi - lo, *self.row_shape), self.dtype)
+        row = lo
+        while row < hi:
+            k, j = divmod(row, self.rows_per_shard)
+            take = min(hi - row, self.rows_per_shard - j)
+            self._read_shard(k, j, out[row - lo : row - lo + take])
+            row += take
+        return out
+
+    def _read_shard(self, k: int, j: int, out: np.ndarray) -> None:
+        """Rows j … j + len(out) of shard file k into `out`."""
+        path = self.root / self.array.metadata.encode_chunk_key((k,) + (0,) * len(self.row_shape))
         try:
-            fd = os.open(self.root / key, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return self.fill.copy()  # a shard never written holds the fill value (Zarr semantics)
+            out[...] = self.fill  # a shard never written holds the fill value (Zarr semantics)
+            return
         try:
             index_start = os.fstat(fd).st_size - 4 - 16 * self.rows_per_shard
-            offset, nbytes = np.frombuffer(os.pread(fd, 16, index_start + 16 * j), "<u8")
-            if offset == self._EMPTY:
-                return self.fill.copy()
-            if nbytes != self.nbytes:
-                raise HistodistillError(
-                    f"{self.root / key}: row {i} holds {nbytes} bytes, expected {self.nbytes}"
-                )
-            out = np.empty(self.row_shape, self.dtype)
-            if os.preadv(fd, [memoryview(out).cast("B")], int(offset)) != self.nbytes:
-                raise HistodistillError(f"{self.root / key}: short read of row {i}")
-            return out
+            entries = np.frombuffer(os.pread(fd, 16 * len(out), index_start + 16 * j), "<u8").reshape(-1, 2)
+            for r, (offset, nbytes) in enumerate(entries):
+                if offset == self._EMPTY:
+                    out[r] = self.fill
+                    continue
+                if nbytes != self.nbytes:
+                    raise HistodistillError(
+                        f"{path}: row {j + r} holds {nbytes} bytes, expected {self.nbytes}"
+                    )
+                if os.preadv(fd, [memoryview(out[r]).cast("B")], int(offset)) != self.nbytes:
+                    raise HistodistillError(f"{path}: short read of row {j + r}")
         finally:
             os.close(fd)
 
@@ -395,8 +413,8 @@ class TeacherCache:
         return out
 
     def read(self, lo: int, hi: int, fields: tuple[str, ...] = ("cls", "patch")) -> dict[str, np.ndarray]:
-        """Rows [lo, hi) of each array in `fields` (e.g. cls [n, V, D] fp16, patch [n, V, T, D] fp16), read as
-        slices across shards, so each stored chunk is decompressed once (not once per row, as `get` does).
+        """Rows [lo, hi) of each array in `fields` (e.g. cls [n, V, D] fp16, patch [n, V, T, D] fp16), read
+        as ranges across shards (`ShardRowReader.read`: one index read per shard file, one read per row).
         HistodistillError for a range outside the cache or a field it does not hold."""
         if not 0 <= lo <= hi <= len(self):
             raise HistodistillError(
@@ -404,12 +422,15 @@ class TeacherCache:
             )
         ends = [*self.starts[1:], len(self)]
         parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-        for shard, start, end in zip(self.shards, self.starts, ends, strict=True):
+        for k, (shard, start, end) in enumerate(zip(self.shards, self.starts, ends, strict=True)):
             a, b = max(lo, int(start)), min(hi, int(end))
             if a >= b:
                 continue
             for f in fields:
-                if f not in shard:
+                if f not in self._readers[k]:
+                    self._readers[k][f] = ShardRowReader(shard[f]) if f in shard else None
+                reader = self._readers[k][f]
+                if reader is None:
                     raise HistodistillError(f"teacher cache {self.path} holds no {f!r} array")
-                parts[f].append(shard[f][a - start : b - start])
-        return {f: np.concatenate(v) for f, v in parts.items()}
+                parts[f].append(reader.read(a - int(start), b - int(start)))
+        return {f: np.concatenate(v) if len(v) != 1 else v[0] for f, v in parts.items()}
