@@ -125,9 +125,7 @@ def main() -> None:
                 )
             ratio_med = statistics.median(times["floor"]) / statistics.median(times["cache"])
             ratio_min = min(times["floor"]) / min(times["cache"])
-            print(
-                f"  cache / floor rows/s: median {ratio_med:.2f}, min-time {ratio_min:.2f} (target ≥ 0.5)"
-            )
+            print(f"  cache / floor rows/s: median {ratio_med:.2f}, min-time {ratio_min:.2f} (target ≥ 0.5)")
             del cache, mmaps
 
 
