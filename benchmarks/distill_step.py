@@ -167,7 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         child = multiprocessing.get_context("spawn").Process(
-            target=make_demo_slide, args=(tmp / "s.tiff", 2, DemoSlideConfig(4096, 3072))
+            target=make_demo_slide, args=(tmp / "s.tiff", 2, DemoSlideConfig(3072, 2048))
         )
         child.start()
         child.join()
