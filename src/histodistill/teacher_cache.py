@@ -6,6 +6,17 @@ patch tokens after the final norm (fp16; `patch_tokens: full | pool2 | none`, po
 
 Sharding: shard k of S covers tile rows [k·N/S, (k+1)·N/S) and is its own resumable store (one GPU job
 each); `gather_teacher_cache` writes a small manifest store that `TeacherCache` reads as one cohort.
+
+Layout (cache format 2, `CACHE_FORMAT`, recorded as attrs `cache_format` in every shard and manifest): each
+per-tile array (`params` [N, V, F] float64, `view_digest` [N, V] int64, `cls` [N, V, D] fp16, `patch`
+[N, V, T, D] fp16) is a sharded Zarr v3 array with ONE TILE (all its views) PER INNER CHUNK, uncompressed,
+and `batch_size · chunk_batches` tiles per shard file (the tile store's scheme, `tilestore.py`). A random
+row therefore costs one read of that row's bytes, not the decompression of a 256-row chunk (format 1, whose
+`patch` chunks held a whole caching batch: ~96 MiB decompressed per row at the paper's shapes). The fp16
+tokens are stored uncompressed: zstd saves ~8% on them and costs more than the read (benchmarks/cache_read.py).
+`TeacherCache.get` reads rows straight from the shard files (`ShardRowReader`: the shard index entry, then the
+row's bytes, as the Zarr v3 sharding spec lays them out) and only the arrays asked for. A cache of another
+format raises a HistodistillError that says to rebuild it.
 """
 
 from __future__ import annotations
@@ -40,6 +51,115 @@ from histodistill.tilestore import ProcessLocal, TileStore
 
 log = logging.getLogger(__name__)
 PATCH_MODES = ("full", "pool2", "none")
+CACHE_FORMAT = 2  # 1: `patch` chunked by caching batch (no `cache_format` attr); 2: one tile per inner chunk
+ROW_ARRAYS = ("params", "view_digest", "cls", "patch")
+REBUILD_HINT = (
+    "rebuild it: delete it and its shards and rerun `snakemake … cache_teacher` (rules/teacher.smk), or "
+    "`histodistill cache-teacher` per shard then `histodistill gather-teacher`"
+)
+
+
+def check_cache_format(attrs: dict, path: str | Path) -> None:
+    """HistodistillError unless `attrs` (a shard's or manifest's) record cache format `CACHE_FORMAT`."""
+    found = attrs.get("cache_format", 1)
+    if found != CACHE_FORMAT:
+        raise HistodistillError(
+            f"teacher cache {path} has cache format {found}; this version of histodistill reads format "
+            f"{CACHE_FORMAT} (one tile per inner chunk, docs/architecture.md): {REBUILD_HINT}"
+        )
+
+
+def create_row_array(group, name: str, shape: tuple[int, ...], dtype: str, rows_per_shard: int):
+    """A per-tile array [N, …]: one row per inner chunk (uncompressed), `rows_per_shard` rows per shard file."""
+    n = shape[0]
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=(1, *shape[1:]),
+        shards=(max(1, min(rows_per_shard, n or 1)), *shape[1:]),
+        dtype=dtype,
+        compressors=None,
+    )
+
+
+class ShardRowReader:
+    """Reads row i of a sharded Zarr v3 array with one row per inner chunk straight from its shard file.
+
+    Per row: one 16-byte read of the shard index entry (offset, nbytes; Zarr v3 sharding spec, index at the
+    end of the shard) and one read of the row's bytes, with no event loop and no index cache, so memory is
+    flat in cache size. Arrays of any other layout (compressed inner chunks, index at the start, a store
+    that is not a local directory) are read through zarr (`array[i]`); `fast` says which path is used. The
+    index checksum (crc32c) is not verified on this path (zarr verifies it).
+    """
+
+    _EMPTY = 2**64 - 1
+
+    def __init__(self, array: zarr.Array):
+        from zarr.codecs import BytesCodec, ShardingCodec
+        from zarr.storage import LocalStore
+
+        self.array = array
+        self.row_shape, self.dtype = tuple(array.shape[1:]), np.dtype(array.dtype).newbyteorder("<")
+        codecs = array.metadata.codecs
+        sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
+        store = array.store_path.store
+        self.fast = (
+            sharding is not None
+            and isinstance(store, LocalStore)
+            and tuple(sharding.chunk_shape) == (1, *self.row_shape)
+            and len(sharding.codecs) == 1
+            and isinstance(sharding.codecs[0], BytesCodec)
+            and sharding.index_location.value == "end"
+            and [type(c).__name__ for c in sharding.index_codecs] == ["BytesCodec", "Crc32cCodec"]
+        )
+        if self.fast:
+            self.rows_per_shard = int(array.shards[0])
+            self.root = Path(store.root) / array.store_path.path
+            self.nbytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+            self.fill = np.full(self.row_shape, array.fill_value, self.dtype)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Row i [*row_shape] (a new array)."""
+        if not self.fast:
+            return self.array[int(i)]
+        return self.read(int(i), int(i) + 1)[0]
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) [hi - lo, *row_shape]: per shard file, one read of the index entries, one per row."""
+        if not self.fast:
+            return self.array[lo:hi]
+        out = np.empty((hi - lo, *self.row_shape), self.dtype)
+        row = lo
+        while row < hi:
+            k, j = divmod(row, self.rows_per_shard)
+            take = min(hi - row, self.rows_per_shard - j)
+            self._read_shard(k, j, out[row - lo : row - lo + take])
+            row += take
+        return out
+
+    def _read_shard(self, k: int, j: int, out: np.ndarray) -> None:
+        """Rows j … j + len(out) of shard file k into `out`."""
+        path = self.root / self.array.metadata.encode_chunk_key((k,) + (0,) * len(self.row_shape))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            out[...] = self.fill  # a shard never written holds the fill value (Zarr semantics)
+            return
+        try:
+            index_start = os.fstat(fd).st_size - 4 - 16 * self.rows_per_shard
+            entries = np.frombuffer(os.pread(fd, 16 * len(out), index_start + 16 * j), "<u8").reshape(-1, 2)
+            for r, (offset, nbytes) in enumerate(entries):
+                if offset == self._EMPTY:
+                    out[r] = self.fill
+                    continue
+                if nbytes != self.nbytes:
+                    raise HistodistillError(
+                        f"{path}: row {j + r} holds {nbytes} bytes, expected {self.nbytes}"
+                    )
+                if os.preadv(fd, [memoryview(out[r]).cast("B")], int(offset)) != self.nbytes:
+                    raise HistodistillError(f"{path}: short read of row {j + r}")
+        finally:
+            os.close(fd)
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -123,6 +243,7 @@ def cache_teacher(
         "augment": augment.__dict__,
         "tile_store": store.attrs["provenance"]["config_hash"],
         "chunk_rows": chunk_rows,
+        "cache_format": CACHE_FORMAT,
     }
     meta = provenance(
         params,
@@ -142,19 +263,12 @@ def cache_teacher(
         transform=spec.to_json()["transform"],
     )
 
-    def create(group):
-        group.create_array(
-            "params",
-            shape=(n, views, len(VIEW_FIELDS)),
-            chunks=(chunk_rows, views, len(VIEW_FIELDS)),
-            dtype="float64",
-        )
-        group.create_array("view_digest", shape=(n, views), chunks=(chunk_rows, views), dtype="int64")
-        group.create_array("cls", shape=(n, views, d), chunks=(chunk_rows, views, d), dtype="float16")
+    def create(group):  # one tile per inner chunk, one write block (chunk_rows tiles) per shard file
+        create_row_array(group, "params", (n, views, len(VIEW_FIELDS)), "float64", chunk_rows)
+        create_row_array(group, "view_digest", (n, views), "int64", chunk_rows)
+        create_row_array(group, "cls", (n, views, d), "float16", chunk_rows)
         if n_patch:
-            group.create_array(
-                "patch", shape=(n, views, n_patch, d), chunks=(batch_size, views, n_patch, d), dtype="float16"
-            )
+            create_row_array(group, "patch", (n, views, n_patch, d), "float16", chunk_rows)
         group.create_array("tile_index", data=np.arange(lo, hi, dtype=np.int64))
 
     output = ResumableStore(out, meta, create)
@@ -197,7 +311,7 @@ def cache_teacher(
         output.write({k: np.concatenate(v) for k, v in pending.items() if v})
     raw = views * (d + n_patch * d) * 2 + views * (len(VIEW_FIELDS) + 1) * 8
     disk = sum(f.stat().st_size for f in output.partial.rglob("*") if f.is_file())
-    output.finish(bytes_per_tile_raw=raw, bytes_per_tile_disk=disk / max(n, 1))
+    output.finish(bytes_per_tile_raw=raw, bytes_per_tile_disk=disk / max(n, 1), cache_format=CACHE_FORMAT)
     log.info(
         "teacher cache shard %d: %d tiles, %.1f KiB/tile raw, %.1f KiB/tile on disk",
         shard,
@@ -216,6 +330,7 @@ def gather_teacher_cache(shard_paths: list[str | Path], out: str | Path) -> dict
         root = zarr.open_group(p, mode="r")
         if not root.attrs.get("complete"):
             raise HistodistillError(f"teacher cache shard {p} is incomplete")
+        check_cache_format(dict(root.attrs), p)
         shards.append((Path(p), dict(root.attrs)))
     shards.sort(key=lambda s: s[1]["provenance"]["rows"][0])
     rows = [s[1]["provenance"]["rows"] for s in shards]
@@ -239,6 +354,7 @@ def gather_teacher_cache(shard_paths: list[str | Path], out: str | Path) -> dict
         "bytes_per_tile_raw": raw,
         "bytes_per_tile_disk": disk,
         "provenance": first,
+        "cache_format": CACHE_FORMAT,
     }
     with atomic_path(out) as tmp:
         zarr.open_group(tmp, mode="w", zarr_format=3).attrs.update(manifest)
@@ -246,7 +362,10 @@ def gather_teacher_cache(shard_paths: list[str | Path], out: str | Path) -> dict
 
 
 class TeacherCache:
-    """One cohort's cache across its shards: rows are tile-store rows."""
+    """One cohort's cache across its shards: rows are tile-store rows.
+
+    HistodistillError for a path that is neither a manifest nor a complete shard, and for a cache of
+    another format than `CACHE_FORMAT` (the message says how to rebuild it)."""
 
     def __init__(self, path: str | Path):
         """`path` is a manifest (from `gather_teacher_cache`) or a single shard store."""
@@ -254,33 +373,48 @@ class TeacherCache:
         root = zarr.open_group(self.path, mode="r")
         self.attrs = dict(root.attrs)
         if "shards" in self.attrs:
+            check_cache_format(self.attrs, self.path)
             self.shards = [zarr.open_group(self.path.parent / s, mode="r") for s in self.attrs["shards"]]
             self.starts = np.array([r[0] for r in self.attrs["rows"]])
         elif self.attrs.get("complete") and "cls" in root:
+            check_cache_format(self.attrs, self.path)
             lo, hi = self.attrs["provenance"]["rows"]
             self.shards, self.starts = [root], np.array([lo])
             self.attrs = {**self.attrs, "n_tiles": hi, "rows": [[lo, hi]]}
         else:
             raise HistodistillError(f"{self.path} is neither a teacher cache manifest nor a complete shard")
+        self._readers: list[dict[str, ShardRowReader | None]] = [{} for _ in self.shards]
 
     def __len__(self) -> int:
         return int(self.attrs["n_tiles"])
 
-    def _locate(self, row: int):
+    def _locate_shard(self, row: int) -> tuple[int, int]:
+        if not 0 <= row < len(self):
+            raise HistodistillError(f"row {row} is outside the cache's {len(self)} rows ({self.path})")
         k = int(np.searchsorted(self.starts, row, side="right") - 1)
-        return self.shards[k], row - int(self.starts[k])
+        return k, row - int(self.starts[k])
 
-    def get(self, row: int) -> dict[str, np.ndarray]:
-        """params [V, F], view_digest [V], cls [V, D] and (if stored) patch [V, T, D] of one tile-store row."""
-        shard, i = self._locate(int(row))
-        out = {"params": shard["params"][i], "view_digest": shard["view_digest"][i], "cls": shard["cls"][i]}
-        if "patch" in shard:
-            out["patch"] = shard["patch"][i]
+    def get(self, row: int, fields: tuple[str, ...] = ROW_ARRAYS) -> dict[str, np.ndarray]:
+        """Of one tile-store row, the arrays named in `fields` that the cache holds: params [V, F] float64,
+        view_digest [V] int64, cls [V, D] fp16, patch [V, T, D] fp16. Only those arrays are read (online
+        distillation asks for `("params",)`). HistodistillError for a row outside the cache or an unknown
+        field name."""
+        unknown = set(fields) - set(ROW_ARRAYS)
+        if unknown:
+            raise HistodistillError(f"unknown teacher cache fields {sorted(unknown)}; known: {ROW_ARRAYS}")
+        k, i = self._locate_shard(int(row))
+        shard, readers = self.shards[k], self._readers[k]
+        out = {}
+        for f in fields:
+            if f not in readers:  # None: an array this cache does not hold (patch with patch_tokens: none)
+                readers[f] = ShardRowReader(shard[f]) if f in shard else None
+            if readers[f] is not None:
+                out[f] = readers[f][i]
         return out
 
     def read(self, lo: int, hi: int, fields: tuple[str, ...] = ("cls", "patch")) -> dict[str, np.ndarray]:
-        """Rows [lo, hi) of each array in `fields` (e.g. cls [n, V, D] fp16, patch [n, V, T, D] fp16), read as
-        slices across shards, so each stored chunk is decompressed once (not once per row, as `get` does).
+        """Rows [lo, hi) of each array in `fields` (e.g. cls [n, V, D] fp16, patch [n, V, T, D] fp16), read
+        as ranges across shards (`ShardRowReader.read`: one index read per shard file, one read per row).
         HistodistillError for a range outside the cache or a field it does not hold."""
         if not 0 <= lo <= hi <= len(self):
             raise HistodistillError(
@@ -288,12 +422,15 @@ class TeacherCache:
             )
         ends = [*self.starts[1:], len(self)]
         parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-        for shard, start, end in zip(self.shards, self.starts, ends, strict=True):
+        for k, (shard, start, end) in enumerate(zip(self.shards, self.starts, ends, strict=True)):
             a, b = max(lo, int(start)), min(hi, int(end))
             if a >= b:
                 continue
             for f in fields:
-                if f not in shard:
+                if f not in self._readers[k]:
+                    self._readers[k][f] = ShardRowReader(shard[f]) if f in shard else None
+                reader = self._readers[k][f]
+                if reader is None:
                     raise HistodistillError(f"teacher cache {self.path} holds no {f!r} array")
-                parts[f].append(shard[f][a - start : b - start])
-        return {f: np.concatenate(v) for f, v in parts.items()}
+                parts[f].append(reader.read(a - int(start), b - int(start)))
+        return {f: np.concatenate(v) if len(v) != 1 else v[0] for f, v in parts.items()}

@@ -1,14 +1,20 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import zarr
 
 from histodistill.augment import normalize, render, view_digest
+from histodistill.distill.data import DistillDataset
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.teacher_cache import (
+    CACHE_FORMAT,
+    ShardRowReader,
     TeacherCache,
     cache_teacher,
+    create_row_array,
     gather_teacher_cache,
     pool_patches,
     shard_range,
@@ -93,3 +99,96 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, demo_store, demo_cache):
     resumed = zarr.open_group(out, mode="r")
     for name in ("params", "view_digest", "cls", "patch"):
         np.testing.assert_array_equal(resumed[name][:], reference[name][:])
+
+
+def _copy_cache(demo_cache, dest):
+    """The demo cache's manifest and shards copied under `dest` (the manifest names its shards relatively)."""
+    for name in ("cache.zarr", "shard-0.zarr", "shard-1.zarr"):
+        shutil.copytree(demo_cache.parent / name, dest / name)
+    return dest / "cache.zarr"
+
+
+def test_layout_is_one_tile_per_inner_chunk_and_one_write_block_per_shard_file(demo_cache):
+    """Cache format 2: every per-tile array has inner chunks of one row (all views) and shard files of
+    `batch_size · chunk_batches` rows (4 in the fixture), uncompressed; the format is in the attrs."""
+    tc = TeacherCache(demo_cache)
+    assert tc.attrs["cache_format"] == CACHE_FORMAT == 2
+    for shard in tc.shards:
+        assert shard.attrs["cache_format"] == CACHE_FORMAT
+        for name in ("params", "view_digest", "cls", "patch"):
+            array = shard[name]
+            assert array.chunks == (1, *array.shape[1:]), name
+            assert array.shards == (4, *array.shape[1:]), name
+            assert array.compressors == (), name
+            assert ShardRowReader(array).fast, name
+
+
+def test_direct_row_reads_equal_zarr_reads(demo_cache):
+    tc = TeacherCache(demo_cache)
+    for row in range(len(tc)):
+        entry = tc.get(row)
+        k = int(row >= tc.attrs["rows"][1][0])
+        i = row - tc.attrs["rows"][k][0]
+        for name, value in entry.items():
+            expected = tc.shards[k][name][i]
+            assert value.dtype == expected.dtype and value.shape == expected.shape
+            np.testing.assert_array_equal(value, expected)
+    ranges = tc.read(1, len(tc) - 1, fields=("view_digest", "patch"))  # across both shards' files
+    for name, value in ranges.items():
+        expected = np.concatenate([s[name][:] for s in tc.shards])[1:-1]
+        np.testing.assert_array_equal(value, expected)
+    with pytest.raises(HistodistillError, match="outside the cache"):
+        tc.get(len(tc))
+
+
+def test_other_layouts_are_read_through_zarr(tmp_path):
+    """A compressed array is not on the direct path; its rows still read correctly (zarr's decoder)."""
+    root = zarr.open_group(tmp_path / "z.zarr", mode="w", zarr_format=3)
+    data = np.arange(5 * 2 * 3, dtype=np.float16).reshape(5, 2, 3)
+    root.create_array("x", data=data, chunks=(1, 2, 3), shards=(4, 2, 3))  # zstd by default
+    plain = create_row_array(root, "y", (5, 2, 3), "float16", 4)
+    plain[:4] = data[:4]  # row 4's shard is never written: the fill value
+    compressed, direct = ShardRowReader(root["x"]), ShardRowReader(root["y"])
+    assert not compressed.fast and direct.fast
+    np.testing.assert_array_equal(direct.read(1, 5)[:3], data[1:4])
+    for i in range(5):
+        np.testing.assert_array_equal(compressed[i], data[i])
+        np.testing.assert_array_equal(direct[i], data[i] if i < 4 else np.zeros((2, 3), np.float16))
+
+
+def test_online_reads_no_token_arrays(tmp_path, demo_store, demo_cache):
+    """With the token arrays deleted, the view parameters (online mode's only need) still read, and the
+    online DistillDataset still serves views; the cached one fails (so the deletion is real)."""
+    cache = _copy_cache(demo_cache, tmp_path)
+    for k in (0, 1):
+        for name in ("cls", "patch"):
+            shutil.rmtree(tmp_path / f"shard-{k}.zarr" / name)
+    tc, reference = TeacherCache(cache), TeacherCache(demo_cache)
+    for row in (0, len(tc) - 1):
+        entry = tc.get(row, ("params",))
+        assert set(entry) == {"params"}
+        np.testing.assert_array_equal(entry["params"], reference.get(row)["params"])
+    online = DistillDataset(demo_store, cache, 0, 0, cached=False)
+    item = online[(1, 0)]
+    assert item["globals"].shape[0] == 2 and "teacher_cls" not in item
+    with pytest.raises((KeyError, FileNotFoundError)):
+        DistillDataset(demo_store, cache, 0, 0, cached=True)[(1, 0)]
+
+
+@pytest.mark.parametrize("target", ["cache.zarr", "shard-0.zarr"])
+def test_an_old_format_cache_says_to_rebuild(tmp_path, demo_cache, target):
+    """Format 1 caches have no `cache_format` attr; manifest and shard alike are refused, naming the rule."""
+    _copy_cache(demo_cache, tmp_path)
+    group = zarr.open_group(tmp_path / target, mode="r+")
+    group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k != "cache_format"})
+    with pytest.raises(
+        HistodistillError, match=r"cache format 1; .* reads format 2 .*rebuild.*cache_teacher"
+    ):
+        TeacherCache(tmp_path / target)
+    if target == "shard-0.zarr":
+        with pytest.raises(HistodistillError, match="cache format 1"):
+            gather_teacher_cache(
+                [tmp_path / "shard-0.zarr", tmp_path / "shard-1.zarr"], tmp_path / "new.zarr"
+            )
+    else:
+        assert TeacherCache(tmp_path / "shard-0.zarr").attrs["cache_format"] == 2

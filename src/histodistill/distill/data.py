@@ -72,13 +72,14 @@ class DistillDataset:
         self.slide_ids = [s["slide_id"] for s in store.attrs["slides"]]
         self.slide_index, self.tile_id = store.root["slide_index"][:], store.root["tile_id"][:]
         self.n_views = int(TeacherCache(self.cache_path).attrs["views"])
+        self.fields = ("params", "cls", "patch") if cached else ("params",)
         self._handles = ProcessLocal(partial(_open_pair, self.tiles_path, self.cache_path))
 
     def __getitem__(self, item: tuple[int, int]):
         row, epoch = item
         store, cache = self._handles.get()
         tile = store[row]
-        entry = cache.get(row)
+        entry = cache.get(row, self.fields)  # online mode reads the view parameters only
         pair = 2 * (epoch % max(self.n_views // 2, 1))  # cycle through the cached view pairs
         globals_ = torch.stack([render(tile, entry["params"][pair + j], self.augment) for j in range(2)])
         slide = self.slide_ids[int(self.slide_index[row])]
