@@ -138,9 +138,12 @@ def run_to_end(stage: Stage, inputs: Path, out: Path) -> float:
     return work
 
 
-def run_killed_at(stage: Stage, inputs: Path, out: Path, delay: float | None, chunk: int | None) -> bool:
+def run_killed_at(
+    stage: Stage, inputs: Path, out: Path, delay: float | None, chunk: int | None
+) -> tuple[bool, float]:
     """Run the job and SIGKILL its process group `delay` s after its imports (or let the chunk hook kill it
-    after `chunk` chunks); True when it died by SIGKILL, False when it finished first."""
+    after `chunk` chunks); returns (True when it died by SIGKILL, False when it finished first; its working
+    time in seconds)."""
     env = {KILL_HOOK: str(chunk)} if chunk else {}
     proc, marker, log = start(stage, inputs, out, env)
     try:
@@ -152,16 +155,17 @@ def run_killed_at(stage: Stage, inputs: Path, out: Path, delay: float | None, ch
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait(timeout=600)
+        work = time.perf_counter() - ready
     finally:
         log.close()
     if rc not in (0, -signal.SIGKILL):
         tail = (out.parent / f"{out.name}.log").read_text(errors="replace")[-3000:]
         raise AssertionError(f"stage {stage.name}: a rerun after a kill exited with {rc}\n{tail}")
-    return rc == -signal.SIGKILL
+    return rc == -signal.SIGKILL, work
 
 
 def inject(
-    stage: Stage, inputs: Path, work: Path, seed: int, kills: int = 4, max_tries: int = 8
+    stage: Stage, inputs: Path, work: Path, seed: int, kills: int = 4, max_tries: int = 10
 ) -> StageResult:
     """The reference run, then kills at seeded random points in one run folder (each start after the
     first resumes or redoes the killed one's work), then an uninterrupted rerun; compares every output.
@@ -175,16 +179,19 @@ def inject(
         assert (ref / name).exists(), f"stage {stage.name}: the reference run wrote no {name}"
     rng = np.random.default_rng(seed)
     records: list[KillRecord] = []
+    span = reference_s  # kill delays are drawn in [0, span); a start that finishes first narrows it
     for attempt in range(max_tries):
         if sum(r.killed for r in records) >= kills:
             break
         if stage.chunk_kills and stage.chunks > 1 and attempt % 2 == 1:
             chunk = int(rng.integers(1, stage.chunks))
-            killed = run_killed_at(stage, inputs, run, None, chunk)
+            killed, _ = run_killed_at(stage, inputs, run, None, chunk)
             how = f"after chunk {chunk}"
         else:
-            delay = float(rng.uniform(0.0, reference_s))
-            killed = run_killed_at(stage, inputs, run, delay, None)
+            delay = float(rng.uniform(0.0, span))
+            killed, took = run_killed_at(stage, inputs, run, delay, None)
+            if not killed:  # the machine was slower during the reference run (or this start resumed)
+                span = min(span, took)
             how = f"at {delay:.2f} s"
         present = []
         for name in stage.outputs:  # absent, or complete: never half-written at its final path
