@@ -33,6 +33,24 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def replace_path(src: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move `src` onto `target`, a file or a directory, so that `target` is never partial.
+
+    `os.replace` is atomic for a file, but cannot replace a non-empty directory; deleting the old directory
+    first would leave a half-deleted one at `target` if the process is killed meanwhile. So an existing
+    directory is first renamed aside (one atomic rename), then `src` takes its place, then the old one is
+    deleted: a kill in between leaves `target` absent or complete (and the old copy under a temporary name).
+    """
+    src, target = Path(src), Path(target)
+    if target.is_dir() and not target.is_symlink():
+        old = _temp_sibling(target)
+        os.replace(target, old)
+        os.replace(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, target)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure delete it.
@@ -46,9 +64,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if tmp.is_file() and not tmp.is_symlink():
             os.chmod(tmp, 0o666 & ~_umask())
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_path(tmp, target)
     except BaseException:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)

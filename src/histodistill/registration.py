@@ -209,9 +209,15 @@ def warp_to_fixed(maps: list, moving: sitk.Image, fixed: sitk.Image) -> sitk.Ima
 
 
 def save_transform(maps: list, out_dir: Path, metadata: dict) -> None:
-    """Write the parameter maps (elastix text format) and what made them into `out_dir`."""
+    """Write the parameter maps (elastix text format) and what made them into `out_dir`.
+
+    The maps are chained by order (`load_transform`), so each is written with `NoInitialTransform`: elastix
+    would otherwise record the path of its temporary folder, deleted since, which made the file differ
+    between two runs of the same registration."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for pm, name in zip(maps, TRANSFORM_FILES, strict=True):
+        pm = dict(pm)
+        pm["InitialTransformParameterFileName"] = ["NoInitialTransform"]
         sitk.WriteParameterFile(pm, str(out_dir / name))
     (out_dir / "registration.json").write_text(json.dumps(metadata, indent=1, default=str))
 

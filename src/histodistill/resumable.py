@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from histodistill.atomic import atomic_path
+from histodistill.atomic import atomic_path, replace_path
 
 log = logging.getLogger(__name__)
 KILL_HOOK = "HISTODISTILL_KILL_AFTER_CHUNKS"  # tests: SIGKILL this process after writing N chunks
@@ -66,7 +66,5 @@ class ResumableStore:
 
     def finish(self, **attrs) -> Path:
         self.root.attrs.update({**attrs, "complete": True})
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.partial, self.out)
+        replace_path(self.partial, self.out)  # OUT is absent or complete, even if killed here
         return self.out

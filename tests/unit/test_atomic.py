@@ -48,3 +48,36 @@ def test_a_failed_write_leaves_no_target_and_no_temporary(tmp_path):
         raise RuntimeError("killed")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+KILLED_WHILE_DELETING = """
+import os, shutil, signal, sys
+from pathlib import Path
+from histodistill.atomic import atomic_path
+
+def rmtree_then_die(path, *args, **kwargs):  # a job killed while deleting the old directory
+    first = sorted(Path(path).iterdir())[0]
+    first.unlink()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+shutil.rmtree = rmtree_then_die
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.mkdir()
+    for name in ("a", "b", "c"):
+        (tmp / name).write_text("new")
+"""
+
+
+def test_a_kill_while_replacing_a_directory_never_leaves_it_half_deleted(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "store.zarr"
+    out.mkdir()
+    for name in ("a", "b", "c"):
+        (out / name).write_text("old")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_DELETING, str(out)], check=False)
+    assert proc.returncode == -9  # it did die inside the deletion
+    contents = {p.name: p.read_text() for p in out.iterdir()} if out.exists() else None
+    # Absent or complete, never the old directory with a file missing.
+    assert contents in (None, dict.fromkeys("abc", "new"), dict.fromkeys("abc", "old"))

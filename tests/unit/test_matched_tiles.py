@@ -369,3 +369,21 @@ def test_h5_source_missing_file_is_named(tmp_path):
     (h5_dir / f"GIV_S60_to_{REF}.tif.h5").unlink()
     with pytest.raises(PlismError, match="GIV_S60_to_GMH_S60.tif.h5"):
         ingest_h5(manifest, REF, h5_dir, tmp_path / "t.zarr", tmp_path / "t.parquet")
+
+
+def test_a_saved_transform_names_no_temporary_file(tmp_path):
+    """elastix records the B-spline map's initial transform as a file in its temporary folder, deleted after
+    the run: saved, that path would dangle and make two runs' files differ. Maps chain by order instead."""
+    import SimpleITK as sitk
+
+    from histodistill.registration import save_transform
+
+    maps = [sitk.GetDefaultParameterMap("affine"), sitk.GetDefaultParameterMap("bspline")]
+    maps[1]["InitialTransformParameterFileName"] = [
+        str(tmp_path / "elastix-x1" / "TransformParameters.0.txt")
+    ]
+    save_transform(maps, tmp_path / "t", {})
+    text = (tmp_path / "t" / "bspline.txt").read_text()
+    assert "elastix-x1" not in text
+    assert '(InitialTransformParameterFileName "NoInitialTransform")' in text
+    assert [dict(m) for m in load_transform(tmp_path / "t")][1]["Transform"] == ("BSplineTransform",)
