@@ -11,7 +11,15 @@ import math
 
 import numpy as np
 
-__all__ = ["CHANCE", "CHANCE_MARGIN", "CHANCE_SE", "CHANCE_Z", "at_chance", "chance_metrics"]
+__all__ = [
+    "CHANCE",
+    "CHANCE_MARGIN",
+    "CHANCE_SE",
+    "CHANCE_Z",
+    "at_chance",
+    "at_chance_reason",
+    "chance_metrics",
+]
 
 # A probe is "at chance" when its balanced accuracy does not exceed chance by more than
 # max(CHANCE_Z × null standard error, CHANCE_MARGIN): see `at_chance`.
@@ -49,3 +57,10 @@ def at_chance(balanced_accuracy: float, chance: float, se: float) -> bool:
     if not all(math.isfinite(v) for v in (balanced_accuracy, chance, se)):
         return False
     return balanced_accuracy <= chance + max(CHANCE_Z * se, CHANCE_MARGIN)
+
+
+def at_chance_reason(balanced_accuracy: float, chance: float, se: float) -> str:
+    """The `at_chance` test with its numbers, for a flag's message: "0.512 ≤ chance 0.500 + max(…)"."""
+    return (
+        f"{balanced_accuracy:.3f} ≤ chance {chance:.3f} + max({CHANCE_Z} × null SE {se:.3f}, {CHANCE_MARGIN})"
+    )

@@ -75,7 +75,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.chance import CHANCE, CHANCE_MARGIN, CHANCE_SE, CHANCE_Z, at_chance, chance_metrics
+from histodistill.bench.chance import CHANCE, CHANCE_SE, at_chance, at_chance_reason, chance_metrics
 from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
 from histodistill.devices import torch_threads
 
@@ -966,7 +966,7 @@ def probe_flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
             task, best, chance, se = judged[0]
             out[model] = (
                 f"probes at chance on all {len(judged)} task(s) (e.g. {task}: best balanced accuracy "
-                f"{best:.3f} ≤ chance {chance:.3f} + max({CHANCE_Z} × null SE {se:.3f}, {CHANCE_MARGIN}))"
+                f"{at_chance_reason(best, chance, se)})"
             )
     return out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.chance import CHANCE, CHANCE_MARGIN, CHANCE_SE, CHANCE_Z, at_chance
+from histodistill.bench.chance import CHANCE, CHANCE_SE, at_chance, at_chance_reason
 from histodistill.bench.registry import Benchmark, Figure, by_model
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def _flags(summary: pd.DataFrame, models: Sequence[str]) -> dict[str, str]:
         if judged and all(at_chance(b, c, se) for _, b, c, se in judged):
             protocol, bacc, chance, se = judged[0]
             out[model] = (
-                f"mitosis linear probe at chance ({protocol}: balanced accuracy {bacc:.3f} ≤ chance {chance:.3f}"
-                f" + max({CHANCE_Z} × null SE {se:.3f}, {CHANCE_MARGIN}))"
+                f"mitosis linear probe at chance ({protocol}: balanced accuracy {at_chance_reason(bacc, chance, se)})"
             )
     return out
 
