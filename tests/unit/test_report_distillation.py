@@ -65,8 +65,8 @@ def _files(tmp_path, models):
     return files
 
 
-def test_report_gives_each_students_recovery_and_cost(tmp_path):
-    digests = {TEACHER: "abc123", "student-dino": "d1", "student-feat": "d2", BASELINE: "random-init:0"}
+def _report(tmp_path, digests, students):
+    """The workflow's report of HEST and probe scores for the models of `digests` (weights digest each)."""
     models = list(digests)
     out = tmp_path / "report"
     run_report(
@@ -75,9 +75,16 @@ def test_report_gives_each_students_recovery_and_cost(tmp_path):
         out,
         benchmarks=["hest", "probe"],
         models=models,
-        students={"dino": BASELINE, "feat": BASELINE, "other": BASELINE},  # "other" is not reported
+        students=students,
         teacher=TEACHER,
     )
+    return out
+
+
+def test_report_gives_each_students_recovery_and_cost(tmp_path):
+    digests = {TEACHER: "abc123", "student-dino": "d1", "student-feat": "d2", BASELINE: "random-init:0"}
+    students = {"dino": BASELINE, "feat": BASELINE, "other": BASELINE}  # "other" is not reported
+    out = _report(tmp_path, digests, students)
     table, _ = read_parquet(out / "distillation.parquet", "distillation", AssertionError)
     got = table.set_index(["student", "column"])["recovery"]
     assert set(table["student"]) == {"student-dino", "student-feat"} and set(table["baseline"]) == {BASELINE}
@@ -100,17 +107,7 @@ def test_report_gives_each_students_recovery_and_cost(tmp_path):
 def test_no_recovery_without_a_random_init_baseline(tmp_path):
     # the student's architecture is reported with trained weights (e.g. the published H0-mini): no baseline
     digests = {TEACHER: "abc123", "student-dino": "d1", BASELINE: "sha256-of-published-weights"}
-    models = list(digests)
-    out = tmp_path / "report"
-    run_report(
-        _files(tmp_path, models),
-        _stores(tmp_path, digests),
-        out,
-        benchmarks=["hest", "probe"],
-        models=models,
-        students={"dino": BASELINE},
-        teacher=TEACHER,
-    )
+    out = _report(tmp_path, digests, students={"dino": BASELINE})
     table, _ = read_parquet(out / "distillation.parquet", "distillation", AssertionError)
     assert table["recovery"].isna().all() and table["baseline"].isna().all()
     assert "No random-init baseline of student-dino" in (out / "index.html").read_text()
@@ -118,17 +115,7 @@ def test_no_recovery_without_a_random_init_baseline(tmp_path):
 
 def test_no_section_without_a_teacher(tmp_path):
     digests = {"student-dino": "d1", BASELINE: "random-init:0"}
-    models = list(digests)
-    out = tmp_path / "report"
-    run_report(
-        _files(tmp_path, models),
-        _stores(tmp_path, digests),
-        out,
-        benchmarks=["hest", "probe"],
-        models=models,
-        students={"dino": BASELINE},
-        teacher=TEACHER,  # configured but not reported
-    )
+    out = _report(tmp_path, digests, students={"dino": BASELINE})  # the teacher: configured, not reported
     assert 'id="distillation"' not in (out / "index.html").read_text()
     table, _ = read_parquet(out / "distillation.parquet", "distillation", AssertionError)
     assert isinstance(table, pd.DataFrame) and table.empty
