@@ -26,15 +26,36 @@ rule train_teacher_heads:
         "../workflow_scripts/train_teacher_heads.py"
 
 
-# students/{run}/checkpoint.pt is not an output: Snakemake deletes a failed job's outputs before its retry,
-# and a run preempted with exit 75 resumes from it. The trainer binds it to this rule's inputs (tile store,
-# teacher cache, heads, weights, settings) and never resumes one trained on others; a finished run removes it.
+# A run's resume directory (its checkpoint.pt) is the output of its own rule: Snakemake knows it, so
+# `--delete-all-output` removes it and a change of any input or setting recreates it empty, while a failed or
+# preempted `distill` job (exit 75) keeps it for its retry, since Snakemake deletes only that job's outputs.
+# The trainer also binds each checkpoint to the digests of its inputs and never resumes one trained on others.
+rule distill_resume:
+    input:
+        tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
+        cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
+        heads=lambda w: teacher_heads_file(w.run),
+        teacher_weights=model_weights(config["teacher"]["model"]) or [],
+    output:
+        resume=directory(f"{RESULTS}/students/{{run}}/resume"),
+    params:
+        settings=lambda w: run_settings(w.run),
+    log:
+        "logs/distill_resume/{run}.log",
+    localrule: True
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/distill_resume.py"
+
+
 rule distill:
     input:
         tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
         heads=lambda w: teacher_heads_file(w.run),
         teacher_weights=model_weights(config["teacher"]["model"]) or [],  # loaded by teacher_mode: online
+        resume=f"{RESULTS}/students/{{run}}/resume",  # its mtime is its .snakemake_timestamp: checkpoints do not count
     output:
         student=f"{RESULTS}/students/{{run}}/student.safetensors",
         ema=f"{RESULTS}/students/{{run}}/student_ema.safetensors",

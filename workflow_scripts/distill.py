@@ -16,5 +16,6 @@ sys.exit(
         nproc_per_node=snakemake.params.nproc_per_node,
         nodes=int(getattr(snakemake.resources, "nodes", 1)),  # resources.distill.nodes: the allocation
         log_path=snakemake.log[0],
+        checkpoint_dir=snakemake.input.resume,
     )
 )

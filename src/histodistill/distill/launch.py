@@ -41,6 +41,7 @@ def launch_command(
     nodes: int = 1,
     host: str | None = None,
     job_id: str | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> list[str]:
     """The torchrun (single node) or srun + torchrun (several nodes) command line of one run.
 
@@ -80,6 +81,7 @@ def launch_command(
         str(tiles),
         str(cache),
         str(out_dir),
+        *([str(checkpoint_dir)] if checkpoint_dir is not None else []),
     ]
 
 
@@ -92,6 +94,7 @@ def launch(
     nproc_per_node: int = 1,
     nodes: int = 1,
     log_path: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> int:
     """Train one student into `out_dir`; returns the exit code for the job (0, `REQUEUE_EXIT_CODE`, or the
     launcher's own non-zero code when a process failed).
@@ -99,19 +102,30 @@ def launch(
     `settings`: `DistillConfig` fields (an unknown key raises TypeError here, before any process starts);
     `tiles`: the cohort's tile store; `cache`: its teacher cache. With more than one process, the settings
     are written to `out_dir/distill_config.json` for the trainer processes, and their stdout and stderr are
-    appended to `log_path` (else inherited).
+    appended to `log_path` (else inherited). `checkpoint_dir` (default `out_dir`) holds the run's
+    `checkpoint.pt` and, with more than one process, the settings file `distill_config.json`; the workflow
+    passes the run's resume directory (rule `distill_resume`).
     """
     from histodistill.distill.trainer import DistillConfig, Trainer
 
     cfg = DistillConfig(**settings)
     out_dir = Path(out_dir)
     if nproc_per_node == 1 and nodes == 1:
-        result = Trainer(cfg, tiles, cache, out_dir).fit()
+        result = Trainer(cfg, tiles, cache, out_dir, checkpoint_dir=checkpoint_dir).fit()
         return REQUEUE_EXIT_CODE if "stopped_at" in result else 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / "distill_config.json"
+    settings_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir
+    settings_dir.mkdir(parents=True, exist_ok=True)
+    config_path = settings_dir / "distill_config.json"
     config_path.write_text(json.dumps(cfg.__dict__))
-    command = launch_command(config_path, tiles, cache, out_dir, nproc_per_node=nproc_per_node, nodes=nodes)
+    command = launch_command(
+        config_path,
+        tiles,
+        cache,
+        out_dir,
+        nproc_per_node=nproc_per_node,
+        nodes=nodes,
+        checkpoint_dir=checkpoint_dir,
+    )
     log.info("launching %s", " ".join(command))
     if log_path is None:
         return subprocess.run(command, check=False).returncode
@@ -119,3 +133,21 @@ def launch(
         handler.flush()
     with open(log_path, "a") as log_file:
         return subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def new_resume_dir(path: str | Path, settings: Mapping[str, Any]) -> Path:
+    """Create a run's empty resume directory (rule `distill_resume`), where `launch` keeps the checkpoint.
+
+    It holds `run.json`, the settings it was made for (for people; the trainer binds each checkpoint to
+    its inputs itself). Created beside `path` and renamed into place, so a killed job leaves no directory
+    Snakemake would take as done. Raises FileExistsError when `path` exists (Snakemake removes a stale
+    one before the job runs).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    (tmp / "run.json").write_text(json.dumps(dict(settings), indent=1, sort_keys=True, default=str) + "\n")
+    os.rename(tmp, path)
+    log.info("resume directory %s (a checkpoint in it is resumed by `distill`)", path)
+    return path

@@ -11,12 +11,12 @@ resumes from the last checkpoint and replays exactly the batches an uninterrupte
 
 A checkpoint is bound to its inputs (`input_digests`): the tile store's and the teacher cache's provenance
 hashes, the teacher heads' and teacher weights' sha256, and the settings. A resume with any difference
-starts over and logs which input changed; a checkpoint is never loaded in part. `checkpoint.pt` is not a
-declared output of the workflow's `distill` rule on purpose: Snakemake deletes a failed job's outputs
-before its retry, and a run preempted with EXIT_REQUEUE must find its checkpoint to resume. The binding
-makes a checkpoint left behind (by a crash, or next to outputs `--delete-all-output` removed) harmless,
-and a run that finishes removes its checkpoint once its declared outputs are written, so a completed run
-leaves nothing the workflow does not know about.
+starts over and logs which input changed; a checkpoint is never loaded in part. `checkpoint.pt` lives in
+`checkpoint_dir` (default: the output directory). In the workflow that is the run's resume directory,
+`students/<run>/resume`, the output of its own rule (`distill_resume`, rules/distill.smk): Snakemake knows
+it (`--delete-all-output` removes it, and a change of any input or setting recreates it empty), while a
+failed or preempted `distill` job keeps it for its retry, since Snakemake deletes only the failed job's own
+outputs. A run that finishes removes its checkpoint once its declared outputs are written.
 """
 
 from __future__ import annotations
@@ -207,8 +207,12 @@ class Trainer:
         cache: str | Path,
         out_dir: str | Path,
         device: str = "auto",
+        checkpoint_dir: str | Path | None = None,
     ):
+        """`out_dir` gets the declared outputs (student, EMA, train log, plot); `checkpoint_dir` (default
+        `out_dir`) holds `checkpoint.pt`."""
         self.cfg, self.tiles, self.cache_path, self.out = cfg, Path(tiles), Path(cache), Path(out_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out
         self.rank, self.local_rank, self.world = dist_env()
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -286,7 +290,7 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.checkpoint_dir / "checkpoint.pt"
 
     def state_dict(self) -> dict:
         """Everything an exact resume needs. The objective's heads (student and teacher side) and buffers
@@ -510,6 +514,7 @@ class Trainer:
         """fit's loop, under its signal handlers: {"stopped_at": k} when it stopped early, else None."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if not self.maybe_resume():
             self.agreement_before = self.agreement(self.model.backbone)
         dataset = DistillDataset(
@@ -670,11 +675,14 @@ def _check_heads_teacher(heads_path: str, teacher: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for torchrun: python -m histodistill.distill.trainer CONFIG.json TILES CACHE OUT_DIR."""
-    config_path, tiles, cache, out = (argv or sys.argv[1:])[:4]
+    """Entry point for torchrun:
+    python -m histodistill.distill.trainer CONFIG.json TILES CACHE OUT_DIR [CHECKPOINT_DIR]."""
+    args = argv or sys.argv[1:]
+    config_path, tiles, cache, out = args[:4]
+    checkpoint_dir = args[4] if len(args) > 4 else None
     cfg = DistillConfig(**json.loads(Path(config_path).read_text()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(cfg, tiles, cache, out)
+    trainer = Trainer(cfg, tiles, cache, out, checkpoint_dir=checkpoint_dir)
     result = trainer.fit()
     if dist.is_initialized():
         dist.destroy_process_group()
