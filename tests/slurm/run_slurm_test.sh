@@ -5,9 +5,11 @@
 #
 # The cluster is private (tests/slurm/local_cluster.sh: its own slurm.conf in WORKDIR/slurm, own state,
 # spool, ports and PID files; /etc/slurm untouched) and is stopped at the end, also on failure. The
-# workflow is copied into WORKDIR with a smaller demo config.yaml (smaller slides, fewer iterations), and
-# the command runs there as a user would type it. Afterwards the outputs are checked, and SLURM's own job
-# list must show every rule's jobs COMPLETED (so they ran through sbatch, not locally).
+# workflow is copied into WORKDIR/run with the workflow tests' smaller demo config.yaml
+# (tests/workflow/demo_config.py), and the command runs there as a user would type it. Afterwards the
+# outputs are checked, and SLURM's own job list (saved to WORKDIR/run/slurm_jobs.txt) must show every rule's
+# jobs COMPLETED (so they ran through sbatch, not locally). The workflow tests' demo fixture runs this script:
+# the suite runs the demo end to end once, through SLURM where it can.
 # Usage: tests/slurm/run_slurm_test.sh [WORKDIR]   (exit 77: cannot run here, e.g. not root)
 set -euo pipefail
 
@@ -25,25 +27,10 @@ eval "$exports"
 sinfo
 PARTITION=$(sinfo -h -o "%P" | grep '\*$' | tr -d '*' | head -1)
 
-# The workflow, as a user's checkout has it, with a smaller demo.
+# The workflow, as a user's checkout has it, with the smaller demo of the workflow tests
+# (tests/workflow/demo_config.py: the suite runs the demo end to end once, through this script).
 RUN="$WORK/run"
-mkdir -p "$RUN"
-cp -r "$REPO/Snakefile" "$REPO/rules" "$REPO/workflow_scripts" "$REPO/configs" "$REPO/profiles" "$REPO/envs" "$RUN/"
-"$PY" - "$REPO/config.yaml" "$RUN/config.yaml" "$PARTITION" <<'PYCONF'
-import sys, yaml
-config = yaml.safe_load(open(sys.argv[1]))
-config["demo"].update(width_px=2048, height_px=1536, plism_width_px=2048, plism_height_px=1536)
-config["resources"] = {
-    "default": {"partition": sys.argv[3], "runtime_min": 20, "mem_mb": 1500, "cpus": 1},
-    "distill": {"partition": sys.argv[3], "runtime_min": 20, "mem_mb": 4000, "cpus": 2},
-}
-config["distill"]["nproc_per_node"] = 2  # torchrun inside the SLURM job (gloo on CPU)
-config["distill"]["runs"]["demo"].update(iterations=10, checkpoint_every=5)
-probe = config["benchmarks"]["probe"]
-probe["linear"].update(max_steps=300, seeds=[0])
-config["benchmarks"]["mitosis"]["lora"].update(epochs=1, epoch_samples=16, val_samples=8)
-yaml.safe_dump(config, open(sys.argv[2], "w"))
-PYCONF
+(cd "$REPO" && "$PY" -m tests.workflow.demo_config "$RUN" "$PARTITION")
 
 cd "$RUN"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,9 +50,12 @@ assert set(board["model"]) >= {"h_optimus_0_tiny", "student-demo", "h0_mini_tiny
 html = (run / "results/report/index.html").read_text()
 assert "Leaderboard" in html and "PLISM" in html, html[:500]
 train_log = pd.read_parquet(run / "results/students/demo/train_log.parquet")
-assert len(train_log) == 10 and train_log["loss_total"].notna().all()
+import yaml
+iterations = yaml.safe_load((run / "config.yaml").read_text())["distill"]["runs"]["demo"]["iterations"]
+assert len(train_log) == iterations and train_log["loss_total"].notna().all()
 assert "world_size=2" in (run / "logs/distill/demo.log").read_text()
 jobs = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%k|%T"], capture_output=True, text=True, check=True)
+(run / "slurm_jobs.txt").write_text(jobs.stdout)  # SLURM's own job list, for the tests
 rows = [line.split("|") for line in jobs.stdout.split("\n") if line.startswith("rule_")]
 states = Counter(state for _, state in rows)
 assert set(states) == {"COMPLETED"}, states

@@ -1,7 +1,9 @@
-"""End to end: `snakemake all` on the demo (smaller slides), then scoped reruns and config errors."""
+"""End to end: the demo (smaller slides) once, through README's SLURM command where a cluster can be
+started; then scoped reruns and config errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -19,49 +21,20 @@ from histodistill.teacher_cache import TeacherCache
 from histodistill.tilestore import TileStore
 from histodistill.tiling import read_tile_table
 from tests.conftest import REPO
+from tests.workflow.demo_config import PLISM_SLIDES, prepare, write_demo_config
 
-SNAKEMAKE = [
-    sys.executable,
-    "-m",
-    "snakemake",
-    "-s",
-    str(REPO / "Snakefile"),
-    "--profile",
-    str(REPO / "profiles" / "local"),
-]
-
-
-PLISM_SLIDES = ("GMH_S60", "GMH_AT2", "GIV_S60", "GIV_GT450")
-
-
-def write_demo_config(
-    workdir: Path, teacher: dict | None = None, plism: dict | None = None, **tiling
-) -> Path:
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["demo"].update(width_px=2048, height_px=1536, plism_width_px=2048, plism_height_px=1536)
-    config["tiling"].update(tiling)
-    config["teacher"].update(teacher or {})
-    config["plism"].update(plism or {})
-    (workdir / "configs").mkdir(exist_ok=True)
-    (workdir / "configs" / "demo_samples.tsv").write_text((REPO / "configs" / "demo_samples.tsv").read_text())
-    # PLISM: the reference, another scanner, another staining, and both different (3 registrations)
-    rows = (REPO / "configs" / "demo_plism.tsv").read_text().splitlines()
-    keep = [r for r in rows if r.split("\t")[0] in ("slide_id", *PLISM_SLIDES)]
-    (workdir / "configs" / "demo_plism.tsv").write_text("\n".join(keep) + "\n")
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+SLURM_SCRIPT = REPO / "tests" / "slurm" / "run_slurm_test.sh"
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`snakemake --profile profiles/local --cores 2 ARGS` in `workdir`, with the workdir's own copy of the
+    workflow when it has one (the demo run's), else this checkout's."""
+    root = workdir if (workdir / "Snakefile").exists() else REPO
+    command = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile")]
+    command += ["--profile", str(root / "profiles" / "local"), "-d", str(workdir)]
+    command += ["--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run(
-        [*SNAKEMAKE, "-d", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if check and result.returncode != 0:
         raise AssertionError(result.stdout[-4000:] + result.stderr[-4000:])
     return result
@@ -80,10 +53,51 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
-    write_demo_config(workdir)
-    snakemake(workdir, "all")
-    return workdir
+    """The demo, run once for the whole suite: README's `snakemake --profile profiles/slurm all_benchmarks`
+    through a private local SLURM cluster (tests/slurm/run_slurm_test.sh, which also checks SLURM's job
+    list), or with the local profile where no cluster can be started (not root, no slurm-wlm; or
+    HISTODISTILL_TEST_SLURM=0). Then the rest of `all` (the embedding exports) with the local profile."""
+    root = tmp_path_factory.mktemp("demo")
+    run = root / "run"
+    result = None
+    if os.environ.get("HISTODISTILL_TEST_SLURM", "1") != "0":
+        env = {**os.environ, "PYTHON": sys.executable}
+        result = subprocess.run(
+            ["bash", str(SLURM_SCRIPT), str(root)], capture_output=True, text=True, env=env, timeout=2400
+        )
+        (root / "slurm_test.log").write_text(result.stdout + result.stderr)
+    if result is None or result.returncode == 77:
+        prepare(run)
+        snakemake(run, "all_benchmarks")
+    else:
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+        assert "SLURM run ok" in result.stdout
+    snakemake(run, "all")
+    return run
+
+
+@pytest.mark.slurm
+def test_readme_slurm_command_ran_every_rule_through_slurm(demo_run):
+    """The demo fixture's run: README's SLURM command completed, every job COMPLETED in SLURM's own list."""
+    jobs = demo_run / "slurm_jobs.txt"
+    if not jobs.exists():
+        log = demo_run.parent / "slurm_test.log"
+        pytest.skip(f"no SLURM cluster here: {log.read_text()[-300:] if log.exists() else 'disabled'}")
+    rows = [line.split("|") for line in jobs.read_text().splitlines() if line.startswith("rule_")]
+    assert rows and {state for _, state in rows} == {"COMPLETED"}
+    rules = {comment.split("_wildcards_")[0].removeprefix("rule_") for comment, _ in rows}
+    assert {
+        "demo_slide",
+        "tile_slide",
+        "register_plism",
+        "distill",
+        "embed",
+        "score_probe",
+        "report",
+    } <= rules
+    log = (demo_run.parent / "slurm_test.log").read_text()
+    assert "has been submitted with SLURM jobid" in log and "README's SLURM command finished" in log
+    assert "world_size=2" in (demo_run / "logs" / "distill" / "demo.log").read_text()
 
 
 def test_demo_produces_tables_qc_and_store(demo_run):
@@ -135,6 +149,7 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "train_teacher_heads": 1,  # learned on the teacher cache, which follows the tiles
+        "distill_resume": 1,  # a new, empty resume directory: the old checkpoint is gone
         "distill": 1,
         # 4 models on the cohort, the student on the PLISM tiles and the mitosis patches, the 3 scored
         # models on the HEST task
@@ -163,6 +178,7 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "cache_teacher_shard": 2,
         "cache_teacher": 1,
         "train_teacher_heads": 1,  # learned on the teacher cache
+        "distill_resume": 1,
         "distill": 1,
         "embed": 4,  # the student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
         "export_embeddings": 4,
@@ -193,6 +209,7 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
             "cache_teacher_shard": 2,
             "cache_teacher": 1,
             "train_teacher_heads": 1,
+            "distill_resume": 1,
             "distill": 1,
             "embed": 8,  # teacher and student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
             **scores,
@@ -210,7 +227,7 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
     finally:
         write_demo_config(demo_run)
     scores = {"score_plism": 1, "score_hest": 1, "score_probe": 1, "score_mitosis": 1, "report": 1}
-    assert jobs == {"distill": 1, "embed": 4, "export_embeddings": 4, **scores, "all": 1}
+    assert jobs == {"distill_resume": 1, "distill": 1, "embed": 4, "export_embeddings": 4, **scores, "all": 1}
 
 
 def test_demo_makes_plism_matched_tiles_and_embeds_them(demo_run):
@@ -270,10 +287,24 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
 def test_demo_distils_a_student(demo_run):
     out = demo_run / "results" / "students" / "demo"
     log = pd.read_parquet(out / "train_log.parquet")
-    assert len(log) == 60 and log["loss_total"].notna().all()
+    iterations = yaml.safe_load((demo_run / "config.yaml").read_text())["distill"]["runs"]["demo"][
+        "iterations"
+    ]
+    assert len(log) == iterations and log["loss_total"].notna().all()
     assert (out / "loss.png").exists() and (out / "student_ema.safetensors").exists()
     emb = EmbeddingStore(demo_run / "results" / "embeddings" / "student-demo" / "demo.zarr")
     assert emb.attrs["provenance"]["model_id"] == "student:demo"
+
+
+def test_the_resume_directory_is_an_output_snakemake_knows(demo_run):
+    resume = demo_run / "results" / "students" / "demo" / "resume"
+    assert sorted(p.name for p in resume.glob("[!.]*")) == [
+        "distill_config.json",
+        "run.json",
+    ]  # checkpoint removed
+    assert json.loads((resume / "run.json").read_text())["student"] == "h0_mini_tiny"
+    listed = snakemake(demo_run, "--delete-all-output", "--dry-run", "all_students")
+    assert "results/students/demo/resume" in listed.stdout + listed.stderr
 
 
 def test_changing_a_packing_setting_reruns_packing_only(demo_run):
