@@ -243,3 +243,39 @@ def test_demo_slide_task_bags_hold_a_dense_tile_iff_positive(tmp_path):
     with pytest.raises(BenchmarkError, match="split test .* has 0 dense"):
         make_demo_slide_task(tmp_path / "probe.csv", tmp_path / "bags2.csv")
     assert not (tmp_path / "bags2.csv").exists()
+
+
+def test_run_scores_each_slide_task_from_the_embedding_store_and_writes_provenance(tmp_path):
+    import zarr
+
+    from histodistill.bench.slide import run
+    from histodistill.provenance import read_parquet
+
+    bags, labels, splits = _one_class_decides(3, True, n=(8, 4, 4), dim=6)
+    emb = np.concatenate(bags).astype(np.float32)
+    owner = np.repeat(np.arange(len(bags)), [len(b) for b in bags])  # tile → slide, in store order
+    store = tmp_path / "emb.zarr"
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    root.create_array("embeddings", data=emb)
+    root.create_array("slide_index", data=owner)
+    slides = [{"slide_id": f"S{i}"} for i in range(len(bags))]
+    root.attrs.update({"complete": True, "provenance": {"config_hash": "abc", "slides": slides}})
+    manifest = tmp_path / "slides.csv"
+    # the slide table lists slides in its own order; each bag is all of the slide's tiles
+    table = pd.DataFrame({"slide_id": [s["slide_id"] for s in slides], "label": labels, "split": splits})
+    table.iloc[::-1].to_csv(manifest, index=False)
+    tasks = {"toy": {"dataset": "d", "manifest": str(manifest), "abmil": {"seeds": [0, 1]}}}
+    base = {"max_epochs": 3, "patience": None, "projected_dim": 8, "hidden_attention": 8, "hidden_mlp": [8]}
+    got = run(tasks, [store], tmp_path / "slide.parquet", model="m", abmil=base)
+    cfg = abmil_config(base, overrides={"seeds": [0, 1]})
+    order = list(range(len(bags)))[::-1]
+    expected = score_bags(
+        [bags[i] for i in order], [labels[i] for i in order], [splits[i] for i in order], "toy", cfg
+    )
+    pd.testing.assert_frame_equal(got, expected)
+    written, meta = read_parquet(tmp_path / "slide.parquet", "slide scores", BenchmarkError)
+    pd.testing.assert_frame_equal(written, expected)
+    assert meta["benchmark"] == "slide" and meta["model"] == "m" and meta["params"]["tasks"] == tasks
+    with pytest.raises(BenchmarkError, match="1 slide task"):
+        run(tasks, [], tmp_path / "x.parquet", model="m")
+    assert not (tmp_path / "x.parquet").exists()

@@ -292,7 +292,7 @@ def run(
         if "tile_index" not in manifest.columns:
             slides = store.attrs.get("provenance", {}).get("slides", [])
             ids = np.array([s["slide_id"] for s in slides], dtype=object)
-            tile_slides = ids[store.index()["slide_index"]]
+            tile_slides = ids[store.root["slide_index"][:]]  # each tile's slide
         bags, labels, splits, names = slide_bags(manifest, embeddings, tile_slides, f"slide task {name}")
         cfg = task_config(task, abmil)
         log.info("slide task %s: %d slides, settings %s", name, len(bags), cfg)
