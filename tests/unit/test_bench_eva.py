@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import histodistill.bench as bench_package
+from histodistill.bench import BenchmarkError
 from histodistill.bench.eva import AVERAGED, EVA_TASKS, collect, eva_average
 from histodistill.bench.registry import benchmarks
 from histodistill.report import build_report
@@ -88,6 +89,11 @@ def test_collect_takes_each_benchmarks_eva_tasks_only():
         ["a", "panda_small", 0.6],
     ]
     assert collect({}).empty
+    twice = _summary([("a", "crc", 0.9)], "abmil")  # a slide task named as a patch task
+    with pytest.raises(
+        BenchmarkError, match=r"EVA task 'crc' of model 'a' is scored by \['probe', 'slide'\]"
+    ):
+        collect({"probe": probe, "slide": twice})
 
 
 SEGMENTATION = '''

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from histodistill.bench import BenchmarkError
 from histodistill.bench.registry import Benchmark, benchmarks, by_model
 
 
@@ -53,7 +54,7 @@ COLUMNS = ["model", "task", "value"]
 
 def collect(summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Every benchmark's EVA numbers (`eva_scores`) as rows model, task, value, EVA tasks only, in
-    `EVA_TASKS` order. Raises ValueError when two benchmarks give one model's task."""
+    `EVA_TASKS` order. Raises BenchmarkError when two benchmarks give one model's task."""
     parts = []
     for name, bench in benchmarks().items():
         summary = summaries.get(name)
@@ -68,7 +69,7 @@ def collect(summaries: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     if len(twice):
         row = twice.iloc[0]
         sources = sorted(twice.loc[(twice.model == row.model) & (twice.task == row.task), "_from"])
-        raise ValueError(f"EVA task {row.task!r} of model {row.model!r} is scored by {sources}; keep one")
+        raise BenchmarkError(f"EVA task {row.task!r} of model {row.model!r} is scored by {sources}; keep one")
     order = {t: i for i, t in enumerate(EVA_TASKS)}
     table = table.sort_values("task", key=lambda s: s.map(order), kind="stable")
     return table[COLUMNS].reset_index(drop=True)
