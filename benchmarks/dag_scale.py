@@ -86,6 +86,12 @@ def make_placeholder_tree(root: str | Path, n_slides: int, config: str | Path = 
                 (root / task[key]).touch()
         if task.get("dataset") and task["dataset"] not in _sheet_cohorts(sheet):
             (results / "tilestore" / f"{task['dataset']}.zarr").mkdir(parents=True, exist_ok=True)
+    # the slide tasks' slide tables; their cohorts' tile stores (cohorts outside this sheet of TCGA slides)
+    for task in cfg["benchmarks"].get("slide", {}).get("tasks", {}).values():
+        (root / task["manifest"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / task["manifest"]).touch()
+        if task["dataset"] not in _sheet_cohorts(sheet):
+            (results / "tilestore" / f"{task['dataset']}.zarr").mkdir(parents=True, exist_ok=True)
     return root
 
 

@@ -1,4 +1,5 @@
-# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, mitosis,
+# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, EVA's
+# slide-level tasks (ABMIL), mitosis,
 # then the report. Each scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task},
 # probe-{task}, mitosis, cohorts); mitosis' LoRA also reads the slides.
 if BENCH["plism"]["enabled"] and config["plism"]["enabled"]:
@@ -152,6 +153,49 @@ rule score_probe:
         "../envs/bench.yaml"
     script:
         "../workflow_scripts/score_probe.py"
+
+
+if SLIDE["tasks"]:
+    ENABLED_BENCHMARKS.append("slide")
+
+if config["demo"]["enabled"] and SLIDE["demo"]:
+
+    rule slide_demo:
+        input:
+            probe=f"{RESULTS}/demo/probe/{SLIDE['demo']}_tissue.csv",  # the demo probe's tile labels
+        output:
+            SLIDE_DEMO_TASK,
+        params:
+            seed=config["seed"],
+        log:
+            "logs/slide_demo.log",
+        conda:
+            "../envs/bench.yaml"
+        threads: threads_for("slide_demo")
+        resources:
+            **resources_for("slide_demo"),
+        script:
+            "../workflow_scripts/slide_demo.py"
+
+
+rule score_slide:
+    input:
+        manifests=[t["manifest"] for t in SLIDE_TASKS.values()],
+        embeddings=lambda w: [embedding(w.model, t["dataset"]) for t in SLIDE_TASKS.values()],
+    output:
+        f"{RESULTS}/benchmarks/slide/{{model}}.parquet",
+    params:
+        tasks=SLIDE_TASKS,
+        abmil=SLIDE["abmil"],
+    log:
+        "logs/score_slide/{model}.log",
+    threads: threads_for("score_slide")
+    resources:
+        **resources_for("score_slide"),
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../workflow_scripts/score_slide.py"
 
 
 if MITOSIS["enabled"]:

@@ -273,6 +273,23 @@ def probe_task(name):
 
 PROBE_TASKS = {name: probe_task(name) for name in PROBE["tasks"]}
 
+SLIDE = BENCH["slide"]
+SLIDE_DEMO_TASK = f"{RESULTS}/demo/slide/{SLIDE['demo']}_bags.csv"
+
+
+def slide_task(name):
+    """A slide task's dataset, manifest and settings (EVA's task name, ABMIL overrides)."""
+    task = SLIDE["tasks"][name]
+    return {k: task[k] for k in ("dataset", "manifest", "eva", "abmil") if task.get(k)}
+
+
+SLIDE_TASKS = {name: slide_task(name) for name in SLIDE["tasks"]}
+if config["demo"]["enabled"] and SLIDE["demo"] and SLIDE["demo"] != PROBE["demo"]:
+    raise ValueError(
+        f"benchmarks.slide.demo ({SLIDE['demo']}) draws its bags from the demo probe's tile labels: "
+        f"set benchmarks.probe.demo to the same cohort (now {PROBE['demo']})"
+    )
+
 
 def mitosis_inputs():
     """The annotated slides: the demo set's directory, or the user's sheet, annotations and slides."""

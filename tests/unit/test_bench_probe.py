@@ -294,7 +294,9 @@ def test_abmil_learns_the_bag_rule():
     y = sum((p[1] for p in parts), [])
     slides = sum((p[2] for p in parts), [])
     split = sum(([["train", "val", "test"][i]] * len(p[1]) for i, p in enumerate(parts)), [])
-    rows = run_abmil(x, y, split, slides, "toy", AbmilConfig(max_epochs=40, batch_size=8, seeds=(0, 1)))
+    rows = run_abmil(
+        x, y, split, slides, "toy", AbmilConfig(max_epochs=40, batch_size=8, patience=5, seeds=(0, 1))
+    )
     bacc = rows[rows.metric == "balanced_accuracy"]["value"]
     assert len(bacc) == 2 and bacc.min() >= 0.95, rows
 

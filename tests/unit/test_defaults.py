@@ -140,6 +140,11 @@ SOURCES: dict[str, tuple] = {
         )
     },
     "benchmarks.probe.knn_ks": (KnnConfig, "ks"),
+    **{
+        f"benchmarks.slide.abmil.{f.name}": (AbmilConfig, f.name)
+        for f in dataclasses.fields(AbmilConfig)
+        if f.name != "threads"
+    },
     # MitosisConfig is the benchmark's one settings class (bench.mitosis.protocol); its section keys are its fields.
     **{
         f"benchmarks.mitosis.{f}": (MitosisConfig, f)
@@ -210,6 +215,7 @@ PIPELINE_ONLY = {
     "benchmarks.hest.tasks": "selection",
     "benchmarks.hest.demo": "demo switch (a cohort name)",
     "benchmarks.probe.demo": "demo switch (a cohort name)",
+    "benchmarks.slide.demo": "demo switch (a cohort name)",
     "benchmarks.mitosis.enabled": "switch",
     "benchmarks.mitosis.demo": "switch",
     "benchmarks.mitosis.samples": "path",
@@ -230,7 +236,7 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
         "report_all_k": "extra rows for tests and analyses",
     },
     LogRegConfig: "the published protocol (UNI's linear_probe.py)",
-    AbmilConfig: "EVA's protocol; its seeds follow benchmarks.probe.linear.seeds",
+    AbmilConfig: {"threads": "a process setting, not part of the protocol"},
     SamplerConfig: "the paper's sampling mix",
     MitosisConfig: {"lora": "the section benchmarks.mitosis.lora (LoraFinetuneConfig's fields)"},
     LoraFinetuneConfig: {

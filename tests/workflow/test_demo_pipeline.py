@@ -158,9 +158,11 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "hest_demo": 1,  # the demo HEST task and probe labels are made from the cohort's tiles
         "hest_store": 1,
         "probe_demo": 1,
+        "slide_demo": 1,  # its bags are drawn from the probe's tile labels
         "score_plism": 1,  # only the student's PLISM embeddings change
         "score_hest": 3,
         "score_probe": 3,
+        "score_slide": 3,
         "score_mitosis": 1,  # the student's
         "report": 1,
         "all": 1,
@@ -185,6 +187,7 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "score_plism": 1,
         "score_hest": 1,
         "score_probe": 1,
+        "score_slide": 1,
         "score_mitosis": 1,
         "report": 1,
         "all": 1,
@@ -201,7 +204,14 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
         write_demo_config(demo_run)
     # the teacher's cache, the student distilled from it, both models' embeddings and scores; not the
     # random-init baseline (h0_mini_tiny), the tiles or the benchmark data
-    scores = {"score_plism": 2, "score_hest": 2, "score_probe": 2, "score_mitosis": 2, "report": 1}
+    scores = {
+        "score_plism": 2,
+        "score_hest": 2,
+        "score_probe": 2,
+        "score_slide": 2,
+        "score_mitosis": 2,
+        "report": 1,
+    }
     assert (
         jobs
         == {
@@ -226,7 +236,14 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
         jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
     finally:
         write_demo_config(demo_run)
-    scores = {"score_plism": 1, "score_hest": 1, "score_probe": 1, "score_mitosis": 1, "report": 1}
+    scores = {
+        "score_plism": 1,
+        "score_hest": 1,
+        "score_probe": 1,
+        "score_slide": 1,
+        "score_mitosis": 1,
+        "report": 1,
+    }
     assert jobs == {"distill_resume": 1, "distill": 1, "embed": 4, "export_embeddings": 4, **scores, "all": 1}
 
 
@@ -268,7 +285,13 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
     results = demo_run / "results"
     leaderboard = pd.read_parquet(results / "report" / "leaderboard.parquet")
     assert leaderboard["model"].tolist() == ["h_optimus_0_tiny", "student-demo", "h0_mini_tiny"]
-    for column in ("plism_leaderboard", "hest_pearson_mean", "probe_balanced_accuracy_linear", "gflops"):
+    columns = (
+        "plism_leaderboard",
+        "hest_pearson_mean",
+        "probe_balanced_accuracy_linear",
+        "slide_balanced_accuracy",
+    )
+    for column in (*columns, "gflops"):
         assert leaderboard[column].notna().all(), column
     assert leaderboard["tiles_per_s"].gt(0).all()
     # the random-init student architecture is not the teacher: their scores differ

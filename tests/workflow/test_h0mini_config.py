@@ -14,14 +14,21 @@ import pytest
 import yaml
 
 from benchmarks.dag_scale import CONFIG, dry_run, job_counts, make_placeholder_tree, run_snakemake
-from histodistill.bench.probe import linear_config
+from histodistill.bench.probe import abmil_config, linear_config
 from histodistill.config import load_schema, validate_config
 from tests.conftest import REPO
 
 H0MINI = yaml.safe_load(CONFIG.read_text())
 MODELS = H0MINI["benchmarks"]["models"]  # every scored model, the distilled student among them
-# Datasets each scored model embeds: the EVA probe stores, the PLISM tiles and the HEST tasks.
-DATASETS_PER_MODEL = len(H0MINI["embeddings"]["cohorts"]) + 1 + len(H0MINI["benchmarks"]["hest"]["tasks"])
+# Datasets each scored model embeds: the EVA probe stores, the PLISM tiles, the HEST tasks and the EVA
+# slide tasks' cohorts.
+SLIDE_DATASETS = {t["dataset"] for t in H0MINI["benchmarks"]["slide"]["tasks"].values()}
+DATASETS_PER_MODEL = (
+    len(H0MINI["embeddings"]["cohorts"])
+    + 1
+    + len(H0MINI["benchmarks"]["hest"]["tasks"])
+    + len(SLIDE_DATASETS)
+)
 
 
 def expected_jobs(n_slides: int) -> dict[str, int]:
@@ -40,6 +47,7 @@ def expected_jobs(n_slides: int) -> dict[str, int]:
         "score_plism": n_models,
         "score_hest": n_models,
         "score_probe": n_models,
+        "score_slide": n_models,
         "report": 1,
         "all_benchmarks": 1,
     }
@@ -71,6 +79,16 @@ def test_h0mini_config_is_valid_and_is_the_papers_recipe():
     }
     assert patience == {"bach": 1250, "crc": 7, "mhist": 278, "pcam": 3}
     assert linear_config(probe["linear"]) == linear_config(None)  # the global section is EVA's CRC default
+    # both EVA slide tasks take EVA's ABMIL settings (pinned in tests/unit/test_bench_slide.py)
+    slide = config["benchmarks"]["slide"]["tasks"]
+    assert {name: task.get("eva") for name, task in slide.items()} == {
+        "camelyon16_small": "camelyon16_small",
+        "panda_small": "panda_small",
+    }
+    assert {n: abmil_config(None, t["eva"]).max_tiles for n, t in slide.items()} == {
+        "camelyon16_small": 1000,
+        "panda_small": 200,
+    }
 
 
 @pytest.fixture(scope="module")

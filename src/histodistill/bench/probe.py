@@ -45,10 +45,15 @@ Protocols and the sources they were checked against:
   multiclass: one-vs-rest, macro over the classes present in the evaluated split). Every run also records
   its balanced accuracy's chance level and null standard error (`chance_metrics`), from which the report
   flags a model whose probes are at chance (`at_chance`, `probe_flags`).
-- **ABMIL (Ilse et al. 2018, gated attention; EVA's `networks/abmil.py` and `camelyon16_small.yaml`)**:
-  Linear projection to 128 → gated attention (tanh ⊙ sigmoid, hidden 128) → attention-weighted mean →
-  MLP (128, 64) → logits; AdamW(lr 1e-3), cosine annealing over the epochs, batch 32 bags (padded and
-  masked), early stopping on validation balanced accuracy (patience 10), best state kept.
+- **ABMIL (Ilse et al. 2018, gated attention; EVA's `vision/models/networks/abmil.py` with the settings of
+  its `camelyon16_small.yaml` and `panda_small.yaml`, eva 0.4.5+1, commit 73b61a79)**: Linear projection
+  to 128 → gated attention (tanh ⊙ sigmoid, hidden 128, with biases) → attention-weighted mean → MLP
+  (128, 64; ReLU) → logits, no dropout anywhere; AdamW(lr 1e-3, torch's weight decay 0.01), lr/3 for the
+  first 5 epochs (ConstantLR: EVA's configs set no scheduler), batch 32 slides (padded and masked), at
+  most 100 epochs with one validation each, early stopping on validation balanced accuracy with patience
+  20 (best state kept), 20 runs seeded once with 42, at most 1,000 (Camelyon16-small) or 200
+  (PANDA-small) tiles per slide. `histodistill.bench.slide` scores EVA's slide tasks with it; its
+  docstring has the table of sources (file and line).
 
 Inputs stay in memory: X [N, D] floats, y [N] labels, split [N] in {train, val, test}, and for slide tasks
 the slide id of each tile. Scores come back as tidy rows: task, method, seed, metric, value. Methods
@@ -188,15 +193,79 @@ class LogRegConfig:
 
 @dataclass(frozen=True)
 class AbmilConfig:
+    """EVA's slide-level ABMIL settings (defaults: EVA's `camelyon16_small.yaml` / `panda_small.yaml`, which
+    differ only in `max_tiles`; `EVA_ABMIL` holds each task's). `patience` counts epochs (one validation
+    each) without a strict improvement of `monitor` (None: never stop); the lr is `lr · low_lr_factor` for
+    the first `low_lr_epochs` epochs (torch `ConstantLR`); `max_tiles` keeps at most that many tiles per
+    slide, a subset drawn once with `numpy.random.default_rng(tile_seed)` (None: every tile); `seeding` as
+    `LinearProbeConfig`'s (once: one stream seeded with `seed`; per_run: each run with its `seeds` entry).
+    """
+
     max_epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-3
+    weight_decay: float = 0.01
     projected_dim: int | None = 128
     hidden_attention: int = 128
     hidden_mlp: tuple[int, ...] = (128, 64)
-    patience: int | None = 10
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    threads: int | None = 1
+    patience: int | None = 20
+    monitor: str = "balanced_accuracy"
+    low_lr_factor: float = 1 / 3
+    low_lr_epochs: int = 5
+    max_tiles: int | None = None
+    tile_seed: int = 42
+    seeding: str = "once"
+    seed: int = 42
+    seeds: tuple[int, ...] = tuple(range(20))
+    threads: int | None = 1  # torch threads while training; None leaves torch's setting
+
+    def __post_init__(self):
+        if self.monitor not in MONITORS:
+            raise BenchmarkError(f"ABMIL: monitor {self.monitor!r} is not one of {MONITORS}")
+        if self.seeding not in SEEDING:
+            raise BenchmarkError(f"ABMIL: seeding {self.seeding!r} is not one of {SEEDING}")
+        if not 0 < self.low_lr_factor <= 1:
+            raise BenchmarkError(f"ABMIL: low_lr_factor {self.low_lr_factor} is not in (0, 1]")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise BenchmarkError(f"ABMIL: max_tiles {self.max_tiles} is not ≥ 1 (or None)")
+
+
+# EVA's per-task ABMIL settings (kaiko-ai/eva 0.4.5+1, commit 73b61a79):
+# configs/vision/pathology/offline/classification/{camelyon16_small,panda_small}.yaml. They differ only in
+# the tiles per slide (N_PATCHES: 1000 and 200); every other setting is AbmilConfig's default. Pinned by
+# tests/unit/test_bench_slide.py; the table is in histodistill.bench.slide's docstring.
+EVA_ABMIL: dict[str, AbmilConfig] = {
+    "camelyon16_small": AbmilConfig(max_tiles=1000),
+    "panda_small": AbmilConfig(max_tiles=200),
+}
+
+
+def abmil_config(
+    base: AbmilConfig | Mapping[str, Any] | None = None,
+    eva: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AbmilConfig:
+    """A slide task's ABMIL settings: EVA's for task `eva` (one of `EVA_ABMIL`) or else `base` (a config or
+    a mapping of `AbmilConfig` fields), then the task's `overrides`. Raises BenchmarkError for an unknown
+    EVA task or setting."""
+    if eva is not None:
+        if eva not in EVA_ABMIL:
+            raise BenchmarkError(f"ABMIL: unknown EVA task {eva!r}; expected one of {sorted(EVA_ABMIL)}")
+        cfg = EVA_ABMIL[eva]
+    elif isinstance(base, AbmilConfig):
+        cfg = base
+    else:
+        cfg = _replace_fields(AbmilConfig(), base or {}, "ABMIL")
+    return _replace_fields(cfg, overrides or {}, "ABMIL")
+
+
+def _replace_fields(cfg, values: Mapping[str, Any], what: str):
+    known = {f.name for f in fields(cfg)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BenchmarkError(f"{what}: unknown setting {unknown[0]!r} (settings: {sorted(known)})")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return replace(cfg, **values)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -749,52 +818,139 @@ def train_abmil(
     n_classes: int,
     seed: int,
     config: AbmilConfig | None = None,
+    generator: torch.Generator | None = None,
 ) -> ABMIL:
-    """Train ABMIL on integer slide codes; keep the epoch with the best validation balanced accuracy."""
+    """Train EVA's ABMIL head on integer slide codes; keep the epoch with the best monitored validation metric.
+
+    Bags are [n_i, D] arrays (tiles of one slide; lengths may differ, batches are padded and masked).
+    AdamW(lr, weight_decay), lr × low_lr_factor for the first low_lr_epochs epochs (ConstantLR stepped per
+    epoch), one validation per epoch, early stopping after `patience` epochs without a strict improvement,
+    the best state restored (EVA: Lightning EarlyStopping + ModelCheckpoint(mode max), checkpoint best).
+    Randomness (the head's init, then the batch order) comes from `generator` when given, which it advances
+    (EVA's one stream over its runs), else from a generator seeded with `seed`; the global torch RNG is left
+    as it was.
+    """
     cfg = config or AbmilConfig()
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     with torch_threads(cfg.threads):
-        return _train_abmil(bags_train, y_train, bags_val, y_val, n_classes, seed, cfg)
+        return _train_abmil(bags_train, y_train, bags_val, y_val, n_classes, seed, cfg, gen)
 
 
-def _train_abmil(bags_train, y_train, bags_val, y_val, n_classes: int, seed: int, cfg: AbmilConfig) -> ABMIL:
+def _train_abmil(bags_train, y_train, bags_val, y_val, n_classes, seed, cfg: AbmilConfig, gen) -> ABMIL:
     dim = bags_train[0].shape[1]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.set_rng_state(gen.get_state())  # the layers draw their init from the global RNG
         model = ABMIL(
             dim, 1 if n_classes == 2 else n_classes, cfg.projected_dim, cfg.hidden_attention, cfg.hidden_mlp
         )
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs, eta_min=0.0)
+        gen.set_state(torch.get_rng_state())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = None
+    if cfg.low_lr_epochs > 0:
+        sched = torch.optim.lr_scheduler.ConstantLR(
+            opt, factor=cfg.low_lr_factor, total_iters=cfg.low_lr_epochs
+        )
     loss_fn = _loss(n_classes)
     targets = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
+    # padded once (EVA pads every bag to its tile cap); each batch is cut to its longest bag
+    x_all, mask_all = _pad(bags_train)
+    lengths = mask_all.sum(1)
+    val = _pad(bags_val) if len(bags_val) else None
     best, best_state, bad = -math.inf, None, 0
     for epoch in range(cfg.max_epochs):
         model.train()
-        order = torch.randperm(len(bags_train), generator=gen).tolist()
+        order = torch.randperm(len(bags_train), generator=gen)
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s : s + cfg.batch_size]
-            x, mask = _pad([bags_train[i] for i in idx])
-            loss = loss_fn(model(x, mask), targets[idx])
+            longest = int(lengths[idx].max())
+            loss = loss_fn(model(x_all[idx, :longest], mask_all[idx, :longest]), targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-        sched.step()
-        if len(bags_val):
-            score = _balanced_accuracy(y_val, abmil_proba(model, bags_val, n_classes).argmax(1))
-            if score > best:
+        if sched is not None:
+            sched.step()  # end of the epoch (Lightning's default `interval: epoch`)
+        if val is not None:
+            model.eval()
+            with torch.no_grad():
+                pred = _logits_to_proba(model(*val), n_classes).argmax(1)
+            score = _monitored(cfg.monitor, y_val, pred)
+            if score > best:  # strictly better, as Lightning's EarlyStopping/ModelCheckpoint (mode=max)
                 best, bad = score, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad += 1
                 if cfg.patience is not None and bad >= cfg.patience:
-                    log.info(
-                        "ABMIL seed %d: early stop at epoch %d (best val bacc %.4f)", seed, epoch + 1, best
-                    )
+                    log.info("ABMIL seed %d: early stop at epoch %d (best val %.4f)", seed, epoch + 1, best)
                     break
     if best_state is not None:
         model.load_state_dict(best_state)
     return model
+
+
+def subsample_bag(bag: np.ndarray, max_tiles: int | None, seed: int = 42) -> np.ndarray:
+    """At most `max_tiles` rows of a bag [n, D]: a uniform subset drawn with `numpy.random.default_rng(seed)`,
+    in the bag's order; the bag itself when it is small enough or `max_tiles` is None.
+
+    EVA's `ForegroundGridSampler(max_samples)` (`eva/vision/data/wsi/patching/samplers/foreground_grid.py`)
+    shuffles the slide's grid with `default_rng(42)` and keeps the first `max_samples` foreground tiles, i.e.
+    a uniform subset of the foreground tiles, fixed for all runs; ours is the same in distribution, not the
+    same tiles (our tiler's grid and foreground test are not EVA's).
+    """
+    if max_tiles is None or len(bag) <= max_tiles:
+        return bag
+    keep = np.sort(np.random.default_rng(seed).permutation(len(bag))[:max_tiles])
+    return bag[keep]
+
+
+def score_bags(
+    bags: Sequence[np.ndarray],
+    y: Sequence,
+    split: Sequence[str],
+    task: str,
+    config: AbmilConfig | None = None,
+    names: Sequence | None = None,
+) -> pd.DataFrame:
+    """ABMIL runs on bags of tile embeddings: bags[i] [n_i, D] with slide label y[i] and split[i]; tidy rows
+    (task, "abmil", seed, metric, value) per run, scored on test (on val when there is no test split).
+
+    Each bag is first cut to `max_tiles` (`subsample_bag`, once, as EVA samples its tiles once). Runs
+    follow `config.seeding` (EVA: once). Raises BenchmarkError for bags of different widths, an empty bag,
+    non-finite embeddings, or the label / split problems of `validate_split` (naming the bag).
+    """
+    cfg = config or AbmilConfig()
+    where = f"task {task}"
+    names = list(names) if names is not None else [f"bag {i}" for i in range(len(bags))]
+    if not (len(bags) == len(y) == len(split) == len(names)):
+        raise BenchmarkError(f"{where}: {len(bags)} bags, {len(y)} labels, {len(split)} splits")
+    bags = [np.asarray(b, dtype=np.float32) for b in bags]
+    for name, bag in zip(names, bags, strict=True):
+        if bag.ndim != 2 or len(bag) == 0 or bag.shape[1] != bags[0].shape[1]:
+            raise BenchmarkError(
+                f"{where}: slide {name!r} has a bag of shape {bag.shape}, expected [n ≥ 1, D]"
+            )
+        if not np.isfinite(bag).all():
+            raise BenchmarkError(f"{where}: the embeddings of slide {name!r} hold NaN or inf")
+    enc = validate_split(y, split, where=where, row_names=[f"slide {n!r}" for n in names])
+    bags = [subsample_bag(b, cfg.max_tiles, cfg.tile_seed) for b in bags]
+    pick = {name: np.flatnonzero(enc.masks[name]) for name in SPLITS}
+    ev = _eval_split(enc, where)
+    chance = chance_metrics(enc.codes[pick[ev]])
+    stream = torch.Generator().manual_seed(cfg.seed) if cfg.seeding == "once" else None
+    rows: list[tuple] = []
+    for seed in cfg.seeds:
+        model = train_abmil(
+            [bags[i] for i in pick["train"]],
+            enc.codes[pick["train"]],
+            [bags[i] for i in pick["val"]],
+            enc.codes[pick["val"]],
+            enc.n_classes,
+            seed,
+            cfg,
+            generator=stream,
+        )
+        proba = abmil_proba(model, [bags[i] for i in pick[ev]], enc.n_classes, cfg.batch_size)
+        rows += _rows(task, "abmil", seed, {**classification_metrics(enc.codes[pick[ev]], proba), **chance})
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
 def _slide_groups(y: np.ndarray, split: np.ndarray, slide_ids: np.ndarray, where: str) -> dict:
@@ -824,8 +980,8 @@ def run_abmil(
     task: str,
     config: AbmilConfig | None = None,
 ) -> pd.DataFrame:
-    """Slide-level ABMIL on bags of tile embeddings (tiles grouped by slide id); tidy rows per seed."""
-    cfg = config or AbmilConfig()
+    """Slide-level ABMIL on bags of tile embeddings (tiles grouped by slide id); tidy rows per run
+    (`score_bags`). Raises BenchmarkError when a slide's tiles disagree on label or split."""
     x = np.asarray(x)
     y = np.asarray(y, dtype=object)
     split = np.asarray(split, dtype=object)
@@ -837,30 +993,14 @@ def run_abmil(
         )
     groups = _slide_groups(y, split, slide_ids, where)
     slides = list(groups)
-    enc = validate_split(
+    return score_bags(
+        [x[groups[s][0]] for s in slides],
         [groups[s][1] for s in slides],
         [groups[s][2] for s in slides],
-        where=where,
-        row_names=[f"slide {s!r}" for s in slides],
+        task,
+        config,
+        names=slides,
     )
-    bags = [x[groups[s][0]] for s in slides]
-    pick = {name: [i for i in range(len(slides)) if enc.masks[name][i]] for name in SPLITS}
-    ev = _eval_split(enc, where)
-    rows: list[tuple] = []
-    for seed in cfg.seeds:
-        model = train_abmil(
-            [bags[i] for i in pick["train"]],
-            enc.codes[pick["train"]],
-            [bags[i] for i in pick["val"]],
-            enc.codes[pick["val"]],
-            enc.n_classes,
-            seed,
-            cfg,
-        )
-        proba = abmil_proba(model, [bags[i] for i in pick[ev]], enc.n_classes, cfg.batch_size)
-        metrics = classification_metrics(enc.codes[pick[ev]], proba)
-        rows += _rows(task, "abmil", seed, {**metrics, **chance_metrics(enc.codes[pick[ev]])})
-    return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
 # ----------------------------------------------------------------------------------------- one model, all tasks
@@ -905,7 +1045,7 @@ def run(
                 raise BenchmarkError(
                     f"probe task {name}: level slide needs a slide_id column in {task['manifest']}"
                 )
-            abmil = AbmilConfig(seeds=linear_cfg.seeds)
+            abmil = replace(AbmilConfig(), seeds=linear_cfg.seeds)
             frames.append(run_abmil(x, manifest.label, manifest.split, manifest.slide_id, name, abmil))
         else:
             task_cfg = linear_config(linear_cfg, task.get("eva"), task.get("linear"))
@@ -1008,6 +1148,13 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
     return body
 
 
+def eva_scores(summary: pd.DataFrame) -> pd.DataFrame:
+    """The EVA leaderboard's numbers of this benchmark: per model and task, the linear probe's mean balanced
+    accuracy (EVA's patch tasks; `histodistill.bench.eva` keeps the tasks named as EVA's)."""
+    rows = summary[(summary["method"] == "linear") & (summary["metric"] == "balanced_accuracy")]
+    return rows[["model", "task"]].assign(value=rows["mean"].to_numpy())
+
+
 def _label(method: str) -> str:
     return f"probe bal. acc. ({method}, mean over tasks)"
 
@@ -1023,4 +1170,5 @@ BENCHMARK = Benchmark(
     section=_section,
     labels=lambda column: _label(column.removeprefix("probe_balanced_accuracy_")),
     flags=probe_flags,
+    eva_scores=eva_scores,
 )

@@ -17,7 +17,12 @@ plus its `score_<name>` rule, which writes one tidy Parquet file per model
   model colors;
 - `section(summary, models, figures)`: the HTML of its report section;
 - `flags(summary, models)`: models whose numbers say they are collapsed or uninformative, with the reason;
-  the report marks them and never shows them as best.
+  the report marks them and never shows them as best;
+- `eva_scores(summary)`: the benchmark's numbers of EVA tasks (rows model, task, value: the EVA
+  leaderboard's metric, mean over runs), which the derived `eva` benchmark averages
+  (`histodistill.bench.eva`); a task counts when it is named as EVA's;
+- `derive(summaries)`: a *derived* benchmark has no rule and no score files: its summary is computed from
+  the other benchmarks' summaries ({name: summary}), after them (e.g. the EVA average).
 
 `benchmarks()` finds the declarations by importing every module of the package, so adding a benchmark
 touches no list here or in the report.
@@ -61,11 +66,13 @@ class Benchmark:
     model_rows: Callable[[pd.DataFrame, str, Path], pd.DataFrame] | None = None  # one model's rows of a file
     flags: Callable[[pd.DataFrame, Sequence[str]], dict[str, str]] | None = None
     unranked: Callable[[str], bool] = field(default=lambda column: False)
+    eva_scores: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    derive: Callable[[Mapping[str, pd.DataFrame]], pd.DataFrame] | None = None
 
     @property
-    def rule(self) -> str:
-        """The Snakemake rule that writes `benchmarks/<name>/<model>.parquet`."""
-        return f"score_{self.name}"
+    def rule(self) -> str | None:
+        """The Snakemake rule that writes `benchmarks/<name>/<model>.parquet` (None for a derived one)."""
+        return None if self.derive is not None else f"score_{self.name}"
 
     def label(self, column: str) -> str:
         """The leaderboard title of one of this benchmark's columns."""

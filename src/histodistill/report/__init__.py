@@ -110,7 +110,7 @@ def summarize_benchmarks(
     summaries: dict[str, pd.DataFrame] = {}
     inputs: list[dict[str, Any]] = []
     for name, bench in known.items():
-        if name not in scores:
+        if name not in scores or bench.derive is not None:
             continue
         parts = []
         for model, path in scores[name].items():
@@ -145,6 +145,9 @@ def summarize_benchmarks(
             summaries[name] = frame[["model", *[c for c in frame.columns if c != "model"]]]
         else:
             summaries[name] = pd.DataFrame(columns=["model"])
+    for name, bench in known.items():  # derived benchmarks (the EVA average): from the others' summaries
+        if bench.derive is not None and len(derived := bench.derive(summaries)):
+            summaries[name] = derived
     return summaries, inputs
 
 
