@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,30 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
     return {k: int(v) for k, v in counts.items()}
 
 
+def _run_slurm_script(root: Path, timeout_s: int = 3600) -> subprocess.CompletedProcess:
+    """tests/slurm/run_slurm_test.sh ROOT, in a session of its own: past `timeout_s` its whole process group
+    (the script, Snakemake, which cancels its SLURM jobs) gets SIGTERM and the private cluster is stopped,
+    so no daemon or job outlives the test. Output also goes to ROOT/slurm_test.log."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    command = ["bash", str(SLURM_SCRIPT), str(root)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        subprocess.run(["bash", str(SLURM_SCRIPT.parent / "local_cluster.sh"), "stop", str(root / "slurm")])
+        stderr += f"\n{SLURM_SCRIPT.name} stopped after {timeout_s} s"
+    (root / "slurm_test.log").write_text(stdout + stderr)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo, run once for the whole suite: README's `snakemake --profile profiles/slurm all_benchmarks`
@@ -61,11 +86,7 @@ def demo_run(tmp_path_factory):
     run = root / "run"
     result = None
     if os.environ.get("HISTODISTILL_TEST_SLURM", "1") != "0":
-        env = {**os.environ, "PYTHON": sys.executable}
-        result = subprocess.run(
-            ["bash", str(SLURM_SCRIPT), str(root)], capture_output=True, text=True, env=env, timeout=2400
-        )
-        (root / "slurm_test.log").write_text(result.stdout + result.stderr)
+        result = _run_slurm_script(root)
     if result is None or result.returncode == 77:
         prepare(run)
         snakemake(run, "all_benchmarks")
