@@ -185,10 +185,13 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | No
         target = target * keep
         logits = logits * keep.unsqueeze(1)
     probs = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-    dims = (0, 2, 3)
-    tp = (probs * onehot).sum(dims)
-    denominator = probs.sum(dims) + onehot.sum(dims)
+    target = target.long()
+    n_classes = logits.shape[1]
+    # Σ p·t per class: each pixel's probability of its own class, summed by class (no one-hot tensor)
+    own = probs.gather(1, target.unsqueeze(1)).flatten()
+    tp = torch.zeros(n_classes, dtype=probs.dtype).index_add_(0, target.flatten(), own)
+    t_sum = torch.bincount(target.flatten(), minlength=n_classes).to(probs.dtype)
+    denominator = probs.sum((0, 2, 3)) + t_sum
     return (1 - (2 * tp + 1e-5) / (denominator + 1e-5)).mean()
 
 
@@ -208,28 +211,27 @@ def monai_dice(
     class and prediction pixels count as predicted (EVA `apply_ignore_index` masks by the prediction's
     ignore channel; pixels predicted as the ignored class are dropped from the target too).
     """
-    pred = torch.as_tensor(np.asarray(pred)).long()
-    target = torch.as_tensor(np.asarray(target)).long()
+    pred, target = np.asarray(pred).astype(np.int64), np.asarray(target).astype(np.int64)
     if pred.shape != target.shape or pred.ndim != 3:
-        raise BenchmarkError(
-            f"Dice: predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ"
-        )
+        raise BenchmarkError(f"Dice: predictions {pred.shape} and targets {target.shape} differ")
     for what, labels in (("predictions", pred), ("targets", target)):
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             raise BenchmarkError(f"Dice: {what} hold labels outside 0–{num_classes - 1}")
-    p1 = F.one_hot(pred, num_classes).movedim(-1, 1).bool()
-    t1 = F.one_hot(target, num_classes).movedim(-1, 1).bool()
-    keep = list(range(num_classes))
+    n, k = len(pred), num_classes
+    # per image the confusion counts [N, predicted, target], one bincount for all images
+    codes = (np.arange(n)[:, None] * k + pred.reshape(n, -1)) * k + target.reshape(n, -1)
+    confusion = np.bincount(codes.ravel(), minlength=n * k * k).reshape(n, k, k).astype(np.float64)
+    keep = list(range(k))
     if ignore_index is not None:
-        t1 = t1 & ~p1[:, ignore_index : ignore_index + 1]
+        confusion[:, ignore_index, :] = 0  # pixels predicted as the ignored class leave the target
         keep.remove(ignore_index)
     if not (include_background or ignore_index == 0):
         keep = [c for c in keep if c != 0]
-    p1, t1 = p1[:, keep], t1[:, keep]
-    inter = (p1 & t1).sum((2, 3)).double()
-    t_sum, p_sum = t1.sum((2, 3)).double(), p1.sum((2, 3)).double()
-    dice = 2 * inter / (t_sum + p_sum).clamp_min(1)
-    return torch.where(t_sum > 0, dice, torch.nan).numpy()
+    inter = np.diagonal(confusion, axis1=1, axis2=2)[:, keep]
+    t_sum = confusion.sum(1)[:, keep]  # the ignored class's target pixels are in no kept column
+    p_sum = confusion.sum(2)[:, keep]  # rows of kept classes: every pixel predicted as one, ignored or not
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(t_sum > 0, 2 * inter / (t_sum + p_sum), np.nan)
 
 
 def mean_dice(per_image: np.ndarray) -> float:
@@ -602,6 +604,22 @@ def monusac_items(root: str | Path, tile_px: int = 224):
     return len(images), items()
 
 
+def pack_eva_task(task: Mapping, out_store: str | Path, out_manifest: str | Path, tile_px: int = 224) -> int:
+    """An EVA dataset ({"eva": consep | monusac, "root": its folder}) → a segmentation store and its row
+    manifest, with EVA's patches, splits and classes. Raises BenchmarkError for another `eva` or no root."""
+    eva, root = task.get("eva"), task.get("root")
+    if eva not in SEGMENTATION_TASKS or not root:
+        raise BenchmarkError(
+            f"segmentation task {dict(task)}: needs eva ({' | '.join(SEGMENTATION_TASKS)}) and root (its folder)"
+        )
+    n, items = consep_items(root, tile_px) if eva == "consep" else monusac_items(root, tile_px)
+    spec = SEGMENTATION_TASKS[eva]
+    settings = {"eva": eva, "root": str(root), "reference": EVA_REFERENCE}
+    return write_segmentation_store(
+        out_store, out_manifest, items, n, spec.classes, spec.ignore_index, tile_px, None, settings
+    )
+
+
 def make_demo_segmentation(
     tile_store: str | Path,
     masks_dir: str | Path,
@@ -679,12 +697,14 @@ def run(
     *,
     model: str,
     settings: Mapping | None = None,
+    patience: int | None = None,
 ) -> pd.DataFrame:
     """Score one model on every segmentation task and write the tidy rows to Parquet `out`, with provenance.
 
     `tasks` {name: {"eva": consep|monusac|None, …}} in the order of `stores`, `manifests` and
     `embedding_stores` (the model's `patch_tokens` embeddings of each store). `settings` are
-    `SegmentationConfig` fields; a task's `eva` takes EVA's patience for it unless `settings` sets one.
+    `SegmentationConfig` fields but `patience`; `patience` (None: each task's own, EVA's for an `eva` task)
+    applies to every task.
     Raises BenchmarkError when the lists differ in length or a store's embeddings are not patch tokens.
     """
     from histodistill.bench import write_scores
@@ -695,6 +715,7 @@ def run(
     if not len(names) == len(stores) == len(manifests) == len(embedding_stores):
         raise BenchmarkError("segmentation: tasks, stores, manifests and embeddings differ in number")
     settings = dict(settings or {})
+    patience = settings.pop("patience", patience)
     frames, sources = [], {}
     for name, store, manifest, emb_path in zip(names, stores, manifests, embedding_stores, strict=True):
         masks, splits, attrs = read_segmentation_store(store, manifest)
@@ -706,13 +727,13 @@ def run(
                 "(embed with pooling patch_tokens)"
             )
         spec = tasks[name] or {}
-        task = task_of(name, attrs, spec.get("eva"), settings.get("patience"))
+        task = task_of(name, attrs, spec.get("eva"), patience)
         cfg = SegmentationConfig(**{**settings, "patience": task.patience})
         frames.append(score_task(name, task, tokens, masks, splits, cfg))
         sources[name] = emb.attrs["provenance"]["config_hash"]
     rows = pd.concat(frames, ignore_index=True)
     meta = provenance(
-        {"tasks": dict(tasks), **settings, "eva": EVA_REFERENCE},
+        {"tasks": dict(tasks), **settings, "patience": patience, "eva": EVA_REFERENCE},
         benchmark="segmentation",
         model=model,
         embeddings_config_hash=sources,
