@@ -42,15 +42,16 @@ def demo_tiles(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     spec = DemoSlideConfig(width_px=side * per_row + 512, height_px=side * rows + 512, mpp=0.5)
     rgb = np.concatenate(list(iter_rgb_bands(spec, seed)))[256:-256, 256:-256]
     labels = np.concatenate(list(iter_label_bands(spec, seed)))[256:-256, 256:-256]
-    cut = (
-        lambda a: np.stack(  # noqa: E731
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return np.stack(
             [
                 a[r * side : (r + 1) * side, c * side : (c + 1) * side]
                 for r in range(rows)
                 for c in range(per_row)
             ]
         )[:n]
-    )
+
     return cut(rgb), cut(labels)
 
 

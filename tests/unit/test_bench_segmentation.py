@@ -227,3 +227,65 @@ def test_demo_task_from_mask_slides_then_run(tmp_path):
             tmp_path / "x.parquet",
             model="m",
         )
+
+
+def test_consep_layout_packed_as_eva(tmp_path):
+    """CoNSeP's published layout → EVA's 250 px grid patches at 224 px, Train/Test splits, merged classes."""
+    from PIL import Image
+    from scipy.io import savemat
+
+    from histodistill.bench.segmentation import pack_eva_task, read_segmentation_store
+
+    rng = np.random.default_rng(0)
+    for folder, stem in (("Train", "train_1"), ("Test", "test_1")):
+        (tmp_path / folder / "Images").mkdir(parents=True)
+        (tmp_path / folder / "Labels").mkdir()
+        Image.fromarray(rng.integers(0, 255, (500, 520, 3), dtype=np.uint8)).save(
+            tmp_path / folder / "Images" / f"{stem}.png"
+        )
+        type_map = np.zeros((500, 520), np.int32)
+        type_map[:250, :250] = 4  # dysplastic epithelial → epithelial (3)
+        type_map[:250, 250:500] = 7  # endothelial → spindle-shaped (4)
+        type_map[250:, :250] = 2  # inflammatory
+        savemat(tmp_path / folder / "Labels" / f"{stem}.mat", {"type_map": type_map, "inst_map": type_map})
+    n = pack_eva_task({"eva": "consep", "root": str(tmp_path)}, tmp_path / "c.zarr", tmp_path / "c.csv")
+    masks, splits, attrs = read_segmentation_store(tmp_path / "c.zarr", tmp_path / "c.csv")
+    assert (
+        n == 8 and list(splits) == ["train"] * 4 + ["val"] * 4
+    )  # 2 × 2 patches of 250 px (520 px: 2 columns)
+    assert (
+        masks.shape == (8, 224, 224) and attrs["classes"][3] == "epithelial" and attrs["ignore_index"] is None
+    )
+    assert [np.unique(m).tolist() for m in masks[:4]] == [[3], [4], [2], [0]]  # grid order: row by row
+    with pytest.raises(BenchmarkError, match="needs eva"):
+        pack_eva_task({"eva": "bcss", "root": str(tmp_path)}, tmp_path / "x.zarr", tmp_path / "x.csv")
+
+
+def test_monusac_layout_packed_as_eva(tmp_path):
+    """MoNuSAC's published layout → whole images (shorter side 224, centre crop), region names → classes."""
+    import tifffile
+
+    from histodistill.bench.segmentation import pack_eva_task, read_segmentation_store
+
+    def annotation(name, box):
+        x0, y0, x1, y1 = box
+        vertices = "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1)))
+        return (
+            f'<Annotation><Attributes><Attribute Name="{name}" Id="1"/></Attributes><Regions>'
+            f"<Region><Attributes/><Vertices>{vertices}</Vertices></Region></Regions></Annotation>"
+        )
+
+    for folder in ("MoNuSAC_images_and_annotations/P1", "MoNuSAC Testing Data and Annotations/P2"):
+        (tmp_path / folder).mkdir(parents=True)
+        tifffile.imwrite(
+            tmp_path / folder / "img.tif", np.full((224, 448, 3), 200, np.uint8), photometric="rgb"
+        )
+        xml = annotation("Epithelial", (112, 0, 224, 112)) + annotation("Unknown kind", (224, 112, 336, 224))
+        (tmp_path / folder / "img.xml").write_text(f"<Annotations>{xml}</Annotations>")
+    n = pack_eva_task({"eva": "monusac", "root": str(tmp_path)}, tmp_path / "m.zarr", tmp_path / "m.csv")
+    masks, splits, attrs = read_segmentation_store(tmp_path / "m.zarr", tmp_path / "m.csv")
+    assert n == 2 and list(splits) == ["train", "test"] and attrs["ignore_index"] == 5
+    # 448 × 224 → centre crop of columns 112–335: Epithelial fills the top-left quarter, the unknown region
+    # (→ Ambiguous, 5) the bottom-right one
+    assert (masks[0, :100, :100] == 1).all() and (masks[0, 125:, 125:] == 5).all()
+    assert (masks[0, 125:, :100] == 0).all() and (masks[0, :100, 125:] == 0).all()

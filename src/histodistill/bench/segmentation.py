@@ -50,9 +50,9 @@ model, and what EVA's HuggingFace-backed encoders give); EVA's timm-backed encod
 `forward_intermediates` output of the last block *before* the final norm. (2) The input normalisation is the
 model's own transform (`histodistill.models`), not EVA's ImageNet mean/std default (which its leaderboard
 overrides per model with NORMALIZE_MEAN/STD). (3) Randomness: one torch generator seeded with `seed` (42)
-drives the decoder's init and the batch order of all runs, EVA's structure but not its bit stream. (4)
-MoNuSAC's polygons are filled with PIL (`ImageDraw.polygon`) rather than scikit-image's `draw.polygon`,
-which can differ by a pixel on a polygon's edge. (5) EVA's MoNuSAC config sets no `lr_multiplier_encoder`
+drives the decoder's init and the batch order of all runs, EVA's structure but not its bit stream. (4) The
+patches are packed once at 224 px (uint8, as every tile store) and the model's transform normalises them;
+EVA resizes and normalises on the fly, in float. (5) EVA's MoNuSAC config sets no `lr_multiplier_encoder`
 and CoNSeP's sets 0.0: both mean a frozen encoder here.
 """
 
@@ -565,12 +565,19 @@ def monusac_items(root: str | Path, tile_px: int = 224):
     BenchmarkError when a split folder is absent or an image has no annotation file."""
     from xml.etree import ElementTree
 
-    from PIL import Image, ImageDraw
+    from skimage import draw
 
     from histodistill.images import read_image_rgb
 
-    classes = SEGMENTATION_TASKS["monusac"].classes
-    index = {name: i for i, name in enumerate(classes)}
+    # EVA's MoNuSAC.classes, capitalised as the XML's region names
+    index = {
+        "Background": 0,
+        "Epithelial": 1,
+        "Lymphocyte": 2,
+        "Neutrophil": 3,
+        "Macrophage": 4,
+        "Ambiguous": 5,
+    }
     root = Path(root)
     images = []
     for split, folder in (
@@ -588,17 +595,17 @@ def monusac_items(root: str | Path, tile_px: int = 224):
     def items():
         for split, path in images:
             rgb = read_image_rgb(path)
-            canvas = Image.new("L", (rgb.shape[1], rgb.shape[0]), 0)
-            draw = ImageDraw.Draw(canvas)
+            height, width = rgb.shape[:2]
+            labels = np.zeros((height, width), np.uint8)
             tree = ElementTree.parse(path.with_suffix(".xml")).getroot()  # noqa: S314 (a local dataset file)
-            for annotation in tree:
-                name = [a.attrib["Name"] for a in annotation[0]][0]
-                label = index.get(name, index["Ambiguous"] if "Ambiguous" in index else len(classes) - 1)
-                for region in (r for child in annotation for r in child if r.tag == "Region"):
-                    xy = [(float(v.attrib["X"]), float(v.attrib["Y"])) for v in region[1]]
-                    if len(xy) >= 2:
-                        draw.polygon(xy, fill=label)
-            tile, mask = _resize_pair(rgb, np.asarray(canvas), tile_px)
+            for annotation in tree:  # as EVA's MoNuSAC._get_semantic_mask
+                name = [item.attrib["Name"] for item in annotation[0]][0]
+                label = index.get(name, index["Ambiguous"])
+                for region in (item for child in annotation for item in child if item.tag == "Region"):
+                    vertices = np.array([(v.attrib["X"], v.attrib["Y"]) for v in region[1]], dtype=float)
+                    rows, cols = draw.polygon(vertices[:, 0], vertices[:, 1], (width, height))
+                    labels[cols, rows] = label
+            tile, mask = _resize_pair(rgb, labels, tile_px)
             yield tile, mask, split, path.name
 
     return len(images), items()
@@ -747,7 +754,7 @@ def run(
 
 
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """One model's rows → per task the mean and sample std (ddof 1, EVA's `statistics.stdev`; 0 for one
+    """One model's rows → per task the mean and sample std (ddof 1, EVA's `statistics.stdev`; NaN for one
     run) over runs of the Dice, and the number of runs."""
     dice = rows[rows["metric"] == "dice"]
     if dice.empty:
@@ -756,7 +763,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(
         {
             "dice_mean": grouped.mean(),
-            "dice_std": grouped.std(ddof=1).fillna(0.0),
+            "dice_std": grouped.std(ddof=1),
             "n_runs": grouped.size().astype(int),
         }
     ).reset_index()
