@@ -137,15 +137,17 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "train_teacher_heads": 1,  # learned on the teacher cache, which follows the tiles
         "distill": 1,
         # 4 models on the cohort, the student on the PLISM tiles and the mitosis patches, the 3 scored
-        # models on the HEST task
-        "embed": 9,
+        # models on the HEST task and the segmentation task
+        "embed": 12,
         "export_embeddings": 10,
         "hest_demo": 1,  # the demo HEST task and probe labels are made from the cohort's tiles
         "hest_store": 1,
         "probe_demo": 1,
+        "segmentation_demo": 1,  # the demo tiles with their masks (the mask slides do not change)
         "score_plism": 1,  # only the student's PLISM embeddings change
         "score_hest": 3,
         "score_probe": 3,
+        "score_segmentation": 3,
         "score_mitosis": 1,  # the student's
         "report": 1,
         "all": 1,
@@ -164,11 +166,12 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "cache_teacher": 1,
         "train_teacher_heads": 1,  # learned on the teacher cache
         "distill": 1,
-        "embed": 4,  # the student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
+        "embed": 5,  # the student on the cohort, the PLISM tiles, the HEST, segmentation and mitosis tasks
         "export_embeddings": 4,
         "score_plism": 1,
         "score_hest": 1,
         "score_probe": 1,
+        "score_segmentation": 1,
         "score_mitosis": 1,
         "report": 1,
         "all": 1,
@@ -185,7 +188,14 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
         write_demo_config(demo_run)
     # the teacher's cache, the student distilled from it, both models' embeddings and scores; not the
     # random-init baseline (h0_mini_tiny), the tiles or the benchmark data
-    scores = {"score_plism": 2, "score_hest": 2, "score_probe": 2, "score_mitosis": 2, "report": 1}
+    scores = {
+        "score_plism": 2,
+        "score_hest": 2,
+        "score_probe": 2,
+        "score_segmentation": 2,
+        "score_mitosis": 2,
+        "report": 1,
+    }
     assert (
         jobs
         == {
@@ -194,7 +204,7 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
             "cache_teacher": 1,
             "train_teacher_heads": 1,
             "distill": 1,
-            "embed": 8,  # teacher and student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
+            "embed": 10,  # teacher and student on the cohort, the PLISM tiles, the HEST, segmentation, mitosis tasks
             **scores,
             "all_benchmarks": 1,
         }
@@ -209,8 +219,15 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
         jobs = planned_jobs(snakemake(demo_run, "-n", "all"))
     finally:
         write_demo_config(demo_run)
-    scores = {"score_plism": 1, "score_hest": 1, "score_probe": 1, "score_mitosis": 1, "report": 1}
-    assert jobs == {"distill": 1, "embed": 4, "export_embeddings": 4, **scores, "all": 1}
+    scores = {
+        "score_plism": 1,
+        "score_hest": 1,
+        "score_probe": 1,
+        "score_segmentation": 1,
+        "score_mitosis": 1,
+        "report": 1,
+    }
+    assert jobs == {"distill": 1, "embed": 5, "export_embeddings": 4, **scores, "all": 1}
 
 
 def test_demo_makes_plism_matched_tiles_and_embeds_them(demo_run):
@@ -251,7 +268,13 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
     results = demo_run / "results"
     leaderboard = pd.read_parquet(results / "report" / "leaderboard.parquet")
     assert leaderboard["model"].tolist() == ["h_optimus_0_tiny", "student-demo", "h0_mini_tiny"]
-    for column in ("plism_leaderboard", "hest_pearson_mean", "probe_balanced_accuracy_linear", "gflops"):
+    for column in (
+        "plism_leaderboard",
+        "hest_pearson_mean",
+        "probe_balanced_accuracy_linear",
+        "segmentation_dice_mean",
+        "gflops",
+    ):
         assert leaderboard[column].notna().all(), column
     assert leaderboard["tiles_per_s"].gt(0).all()
     # the random-init student architecture is not the teacher: their scores differ
@@ -323,8 +346,9 @@ def test_the_demo_teacher_is_trained_before_every_rule_that_loads_it(tmp_path):
     (teacher,) = [k for k, v in labels.items() if v == "demo_teacher"]
     children = sorted(labels[b] for a, b in edges if a == teacher)
     # the teacher cache shards, the distillation (online mode loads the teacher), the teacher's embeddings of
-    # the cohort, the PLISM tiles, the HEST task and the mitosis patches, and its mitosis scoring (LoRA)
-    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 4 + ["score_mitosis"]
+    # the cohort, the PLISM tiles, the HEST and segmentation tasks and the mitosis patches, and its mitosis
+    # scoring (LoRA)
+    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 5 + ["score_mitosis"]
 
 
 def test_a_demo_teacher_needs_its_weights_path(tmp_path):
