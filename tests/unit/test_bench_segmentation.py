@@ -289,3 +289,20 @@ def test_monusac_layout_packed_as_eva(tmp_path):
     # (→ Ambiguous, 5) the bottom-right one
     assert (masks[0, :100, :100] == 1).all() and (masks[0, 125:, 125:] == 5).all()
     assert (masks[0, 125:, :100] == 0).all() and (masks[0, :100, 125:] == 0).all()
+
+
+def test_demo_task_refuses_a_mask_of_another_slide_size(tmp_path):
+    from histodistill.bench.segmentation import make_demo_segmentation
+    from histodistill.demo.masks import make_demo_mask_slide
+    from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
+    from histodistill.masks import mask_path
+    from tests.helpers import make_tile_store
+
+    slides = {
+        f"d{i}": make_demo_slide(tmp_path / f"d{i}.tiff", i, DemoSlideConfig(512, 384)) for i in range(2)
+    }
+    for i in range(2):
+        make_demo_mask_slide(mask_path(tmp_path / "masks", "demo", f"d{i}"), i, DemoSlideConfig(640, 384))
+    store = make_tile_store(tmp_path / "tiles", slides)
+    with pytest.raises(BenchmarkError, match="remake the mask"):
+        make_demo_segmentation(store, tmp_path / "masks", tmp_path / "s.zarr", tmp_path / "s.csv")

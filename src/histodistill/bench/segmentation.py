@@ -2,8 +2,8 @@
 
 Reference: kaiko-ai/eva 0.4.5 (commit 73b61a797bfda8daf232f6abea2bc87ac614589c, "bump version to 0.4.5", of
 2026-04-29; the same configs as tag 0.4.5), `configs/vision/pathology/offline/segmentation/{consep,monusac}.yaml`
-and the code they name; MONAI (Project-MONAI/MONAI, `monai/losses/dice.py`, `monai/metrics/meandice.py`,
-`monai/metrics/utils.py`), which EVA wraps. Re-implemented to the same numbers:
+and the code they name; MONAI 1.5.0 (Project-MONAI/MONAI, commit d388d1c6; EVA requires monai ≥ 1.3.2),
+`monai/losses/dice.py`, `monai/metrics/meandice.py`, `monai/metrics/utils.py`, which EVA wraps. Re-implemented to the same numbers:
 
 - **Features.** The encoder's last-layer patch tokens with the CLS and register tokens removed, laid out as
   the square patch grid [B, D, h, w] (EVA `ExtractPatchFeatures`: `tokens[:, 1 + registers:]`, permuted and
@@ -641,6 +641,7 @@ def make_demo_segmentation(
     BenchmarkError with fewer than 2 slides."""
     from histodistill.demo.masks import DEMO_MASK_CLASSES
     from histodistill.masks import MaskSlide, mask_path
+    from histodistill.slides import open_slide
     from histodistill.tilestore import TileStore
 
     store = TileStore(tile_store)
@@ -657,6 +658,12 @@ def make_demo_segmentation(
         for i, (slide, part) in enumerate(zip(slides, rows, strict=True)):
             split = "val" if i == len(slides) - 1 else "train"
             with MaskSlide(mask_path(masks_dir, cohort, slide["slide_id"])) as mask:
+                with open_slide(slide["path"]) as rgb:
+                    if mask.level_dimensions[: rgb.level_count] != tuple(rgb.level_dimensions):
+                        raise BenchmarkError(
+                            f"mask slide {mask.path} has levels {mask.level_dimensions}, slide {slide['path']} "
+                            f"{tuple(rgb.level_dimensions)}: remake the mask from the same demo settings"
+                        )
                 for row_number, row in part.iterrows():
                     ds = mask.level_downsamples[int(row["level"])]
                     read_px = round(tile_px * mpp / (slide["slide_mpp"] * ds))
