@@ -1,7 +1,7 @@
-# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, EVA's
-# slide-level tasks (ABMIL), mitosis,
-# then the report. Each scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task},
-# probe-{task}, mitosis, cohorts); mitosis' LoRA also reads the slides.
+# Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, EVA
+# segmentation and slide-level tasks (ABMIL), mitosis, then the report. Each scorer reads embeddings made by
+# the `embed` rule (datasets: plism, hest-{task}, probe-{task}, segmentation-{task}, mitosis, cohorts);
+# mitosis' LoRA also reads the slides.
 if BENCH["plism"]["enabled"] and config["plism"]["enabled"]:
     ENABLED_BENCHMARKS.append("plism")
 
@@ -196,6 +196,96 @@ rule score_slide:
         "../envs/bench.yaml"
     script:
         "../workflow_scripts/score_slide.py"
+if SEGMENTATION_TASKS:
+    ENABLED_BENCHMARKS.append("segmentation")
+
+if config["demo"]["enabled"] and SEGMENTATION["demo"]:
+
+    rule demo_mask:
+        output:
+            f"{RESULTS}/masks/{SEGMENTATION['demo']}/{{slide}}.tiff",
+        params:
+            seed=config["seed"],
+            width_px=config["demo"]["width_px"],
+            height_px=config["demo"]["height_px"],
+            mpp=config["demo"]["mpp"],
+        log:
+            "logs/demo_mask/{slide}.log",
+        threads: threads_for("demo_mask")
+        resources:
+            **resources_for("demo_mask"),
+        conda:
+            "../envs/wsi.yaml"
+        script:
+            "../workflow_scripts/demo_mask.py"
+
+    rule segmentation_demo:
+        input:
+            store=f"{RESULTS}/tilestore/{SEGMENTATION['demo']}.zarr",
+            masks=[
+                f"{RESULTS}/masks/{SEGMENTATION['demo']}/{s}.tiff"
+                for s in SAMPLES.loc[SAMPLES["cohort"] == SEGMENTATION["demo"], "slide_id"]
+            ],
+        output:
+            store=directory(f"{RESULTS}/segmentation/demo.zarr"),
+            manifest=f"{RESULTS}/segmentation/demo.csv",
+        params:
+            masks_dir=lambda w, input: input.masks[0].rsplit("/", 2)[0],  # masks/{cohort}/{slide}.tiff → masks
+            cohort=SEGMENTATION["demo"],
+            tiles_per_slide=SEGMENTATION["demo_tiles_per_slide"],
+        log:
+            "logs/segmentation_demo.log",
+        threads: threads_for("segmentation_demo")
+        resources:
+            **resources_for("segmentation_demo"),
+        conda:
+            "../envs/bench.yaml"
+        script:
+            "../workflow_scripts/segmentation_demo.py"
+
+
+if SEGMENTATION["tasks"]:
+
+    rule segmentation_store:
+        output:
+            store=directory(f"{RESULTS}/segmentation/{{task}}.zarr"),
+            manifest=f"{RESULTS}/segmentation/{{task}}.csv",
+        wildcard_constraints:
+            task="|".join(SEGMENTATION["tasks"]),
+        params:
+            task=lambda w: SEGMENTATION["tasks"][w.task],
+            tile_px=config["tiling"]["tile_px"],
+        log:
+            "logs/segmentation_store/{task}.log",
+        threads: threads_for("segmentation_store")
+        resources:
+            **resources_for("segmentation_store"),
+        conda:
+            "../envs/bench.yaml"
+        script:
+            "../workflow_scripts/segmentation_store.py"
+
+
+rule score_segmentation:
+    input:
+        stores=[f"{RESULTS}/segmentation/{t}.zarr" for t in SEGMENTATION_TASKS],
+        manifests=[f"{RESULTS}/segmentation/{t}.csv" for t in SEGMENTATION_TASKS],
+        # patch tokens, cached once per model and task (rule embed, pooling patch_tokens)
+        embeddings=lambda w: [embedding(w.model, f"segmentation-{t}") for t in SEGMENTATION_TASKS],
+    output:
+        f"{RESULTS}/benchmarks/segmentation/{{model}}.parquet",
+    params:
+        tasks=SEGMENTATION_TASKS,
+        settings=SEGMENTATION_SETTINGS,
+    log:
+        "logs/score_segmentation/{model}.log",
+    threads: threads_for("score_segmentation")
+    resources:
+        **resources_for("score_segmentation"),
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../workflow_scripts/score_segmentation.py"
 
 
 if MITOSIS["enabled"]:

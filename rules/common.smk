@@ -208,8 +208,9 @@ for _run in config["distill"]["runs"]:
 def embed_cohorts():
     """Datasets every model embeds: the configured cohorts (or all) and the PLISM matched tiles.
 
-    (HEST tasks, datasets `hest-{task}`, probe tasks, `probe-{task}`, and the mitosis patches, `mitosis`, are
-    embedded on demand by the models that are scored.)
+    (HEST tasks, datasets `hest-{task}`, probe tasks, `probe-{task}`, segmentation tasks,
+    `segmentation-{task}`, and the mitosis patches, `mitosis`, are embedded on demand by the models that are
+    scored.)
     """
     return list(config["embeddings"]["cohorts"] or COHORTS) + (["plism"] if config["plism"]["enabled"] else [])
 
@@ -225,7 +226,14 @@ def dataset_store(dataset):
         return f"{RESULTS}/hest/{dataset.removeprefix('hest-')}.zarr"
     if dataset.startswith("probe-"):
         return f"{RESULTS}/probe/{dataset.removeprefix('probe-')}.zarr"
+    if dataset.startswith("segmentation-"):
+        return f"{RESULTS}/segmentation/{dataset.removeprefix('segmentation-')}.zarr"
     return f"{RESULTS}/tilestore/{dataset}.zarr"
+
+
+def embed_pooling(dataset):
+    """A dataset's pooling: segmentation stores are embedded as patch tokens (EVA's cached decoder inputs)."""
+    return "patch_tokens" if dataset.startswith("segmentation-") else config["embeddings"]["pooling"]
 
 
 def embedding(model, dataset):
@@ -238,6 +246,15 @@ BENCH = config["benchmarks"]
 HEST = BENCH["hest"]
 PROBE = BENCH["probe"]
 MITOSIS = BENCH["mitosis"]
+SEGMENTATION = BENCH["segmentation"]
+# name → {eva, root}; the demo's task (`demo`, from the demo cohort's tiles and masks) has no entry of its own
+SEGMENTATION_TASKS = {
+    **({"demo": {}} if config["demo"]["enabled"] and SEGMENTATION["demo"] else {}),
+    **SEGMENTATION["tasks"],
+}
+SEGMENTATION_SETTINGS = {
+    k: v for k, v in SEGMENTATION.items() if k not in ("tasks", "demo", "demo_tiles_per_slide")
+}
 MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
 
 

@@ -9,7 +9,7 @@ rule embed:
     output:
         embeddings=directory(f"{RESULTS}/embeddings/{{model}}/{{dataset}}.zarr"),
     params:
-        pooling=config["embeddings"]["pooling"],
+        pooling=lambda w: embed_pooling(w.dataset),
         batch_size=config["embeddings"]["batch_size"],
         num_workers=config["embeddings"]["num_workers"],
         precision=config["embeddings"]["precision"],

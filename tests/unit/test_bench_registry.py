@@ -49,10 +49,17 @@ BENCHMARK = Benchmark(
 
 def test_the_declared_benchmarks_in_report_order():
     found = benchmarks()
-    assert list(found) == ["plism", "hest", "probe", "slide", "eva", "mitosis"]
+    assert list(found) == ["plism", "hest", "probe", "segmentation", "slide", "eva", "mitosis"]
     assert all(isinstance(b, Benchmark) for b in found.values())
     rules = {b.rule for b in found.values() if b.derive is None}
-    assert rules == {"score_plism", "score_hest", "score_probe", "score_slide", "score_mitosis"}
+    assert rules == {
+        "score_plism",
+        "score_hest",
+        "score_probe",
+        "score_segmentation",
+        "score_slide",
+        "score_mitosis",
+    }
     assert found["eva"].rule is None  # derived from the others' summaries: no rule, no score files
 
 

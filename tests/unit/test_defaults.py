@@ -21,6 +21,8 @@ from histodistill.bench.hest import score_task
 from histodistill.bench.mitosis import LoraFinetuneConfig, MitosisConfig, SamplerConfig
 from histodistill.bench.plism import score_plism, summarize_scores
 from histodistill.bench.probe import AbmilConfig, KnnConfig, LinearProbeConfig, LogRegConfig, run_probe
+from histodistill.bench.segmentation import SegmentationConfig, make_demo_segmentation
+from histodistill.bench.segmentation import run as segmentation_run
 from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
@@ -120,6 +122,22 @@ SOURCES: dict[str, tuple] = {
         for f in ("top_k", "dtype", "tiles_subset", "block_size", "compat", "robustness_k")
     },
     "benchmarks.plism.n_boot": (summarize_scores, "n_boot"),
+    **{
+        f"benchmarks.segmentation.{f}": (SegmentationConfig, f)
+        for f in (
+            "max_steps",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "low_lr_factor",
+            "low_lr_epochs",
+            "n_runs",
+            "seed",
+            "threads",
+        )
+    },
+    "benchmarks.segmentation.demo_tiles_per_slide": (make_demo_segmentation, "tiles_per_slide"),
+    "benchmarks.segmentation.patience": (segmentation_run, "patience"),
     "benchmarks.hest.latent_dim": (score_task, "latent_dim"),
     "benchmarks.hest.seed": (score_task, "seed"),
     "benchmarks.probe.methods": (run_probe, "methods"),
@@ -218,6 +236,7 @@ PIPELINE_ONLY = {
     "benchmarks.slide.demo": "demo switch (a cohort name)",
     "benchmarks.mitosis.enabled": "switch",
     "benchmarks.mitosis.demo": "switch",
+    "benchmarks.segmentation.demo": "demo switch (a cohort name)",
     "benchmarks.mitosis.samples": "path",
     "benchmarks.mitosis.annotations": "path",
 }
@@ -229,6 +248,9 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
     RegistrationConfig: {"seed": "elastix's sampling seed: a registration does not depend on the run's seed"},
     AugmentConfig: "DINOv2's augmentation recipe, recorded in the teacher cache; not tunable per run",
     LinearProbeConfig: {"threads": "a process setting, not part of the protocol"},
+    SegmentationConfig: {
+        "patience": "per task (SEGMENTATION_TASKS); benchmarks.segmentation.patience overrides all"
+    },
     KnnConfig: {
         "temperature": "DINO's protocol (0.07)",
         "block_size": "memory bound only; results do not depend on it",

@@ -173,17 +173,19 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "distill_resume": 1,  # a new, empty resume directory: the old checkpoint is gone
         "distill": 1,
         # 4 models on the cohort, the student on the PLISM tiles and the mitosis patches, the 3 scored
-        # models on the HEST task
-        "embed": 9,
+        # models on the HEST task and the segmentation task
+        "embed": 12,
         "export_embeddings": 10,
         "hest_demo": 1,  # the demo HEST task and probe labels are made from the cohort's tiles
         "hest_store": 1,
         "probe_demo": 1,
         "slide_demo": 1,  # its bags are drawn from the probe's tile labels
+        "segmentation_demo": 1,  # the demo tiles with their masks (the mask slides do not change)
         "score_plism": 1,  # only the student's PLISM embeddings change
         "score_hest": 3,
         "score_probe": 3,
         "score_slide": 3,
+        "score_segmentation": 3,
         "score_mitosis": 1,  # the student's
         "report": 1,
         "all": 1,
@@ -203,12 +205,13 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "train_teacher_heads": 1,  # learned on the teacher cache
         "distill_resume": 1,
         "distill": 1,
-        "embed": 4,  # the student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
+        "embed": 5,  # the student on the cohort, the PLISM tiles, the HEST, segmentation and mitosis tasks
         "export_embeddings": 4,
         "score_plism": 1,
         "score_hest": 1,
         "score_probe": 1,
         "score_slide": 1,
+        "score_segmentation": 1,
         "score_mitosis": 1,
         "report": 1,
         "all": 1,
@@ -230,6 +233,7 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
         "score_hest": 2,
         "score_probe": 2,
         "score_slide": 2,
+        "score_segmentation": 2,
         "score_mitosis": 2,
         "report": 1,
     }
@@ -242,7 +246,7 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
             "train_teacher_heads": 1,
             "distill_resume": 1,
             "distill": 1,
-            "embed": 8,  # teacher and student on the cohort, the PLISM tiles, the HEST task and the mitosis patches
+            "embed": 10,  # teacher and student on the cohort, the PLISM tiles, the HEST, segmentation, mitosis tasks
             **scores,
             "all_benchmarks": 1,
         }
@@ -262,10 +266,11 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
         "score_hest": 1,
         "score_probe": 1,
         "score_slide": 1,
+        "score_segmentation": 1,
         "score_mitosis": 1,
         "report": 1,
     }
-    assert jobs == {"distill_resume": 1, "distill": 1, "embed": 4, "export_embeddings": 4, **scores, "all": 1}
+    assert jobs == {"distill_resume": 1, "distill": 1, "embed": 5, "export_embeddings": 4, **scores, "all": 1}
 
 
 def test_demo_makes_plism_matched_tiles_and_embeds_them(demo_run):
@@ -311,6 +316,7 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
         "hest_pearson_mean",
         "probe_balanced_accuracy_linear",
         "slide_balanced_accuracy",
+        "segmentation_dice_mean",
     )
     for column in (*columns, "gflops"):
         assert leaderboard[column].notna().all(), column
@@ -398,8 +404,9 @@ def test_the_demo_teacher_is_trained_before_every_rule_that_loads_it(tmp_path):
     (teacher,) = [k for k, v in labels.items() if v == "demo_teacher"]
     children = sorted(labels[b] for a, b in edges if a == teacher)
     # the teacher cache shards, the distillation (online mode loads the teacher), the teacher's embeddings of
-    # the cohort, the PLISM tiles, the HEST task and the mitosis patches, and its mitosis scoring (LoRA)
-    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 4 + ["score_mitosis"]
+    # the cohort, the PLISM tiles, the HEST and segmentation tasks and the mitosis patches, and its mitosis
+    # scoring (LoRA)
+    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 5 + ["score_mitosis"]
 
 
 def test_a_demo_teacher_needs_its_weights_path(tmp_path):

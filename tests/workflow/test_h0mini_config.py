@@ -21,13 +21,15 @@ from tests.conftest import REPO
 H0MINI = yaml.safe_load(CONFIG.read_text())
 MODELS = H0MINI["benchmarks"]["models"]  # every scored model, the distilled student among them
 # Datasets each scored model embeds: the EVA probe stores, the PLISM tiles, the HEST tasks and the EVA
-# slide tasks' cohorts.
+# slide tasks' cohorts, and the EVA segmentation tasks (as patch tokens).
 SLIDE_DATASETS = {t["dataset"] for t in H0MINI["benchmarks"]["slide"]["tasks"].values()}
+SEGMENTATION_TASKS = H0MINI["benchmarks"]["segmentation"]["tasks"]
 DATASETS_PER_MODEL = (
     len(H0MINI["embeddings"]["cohorts"])
     + 1
     + len(H0MINI["benchmarks"]["hest"]["tasks"])
     + len(SLIDE_DATASETS)
+    + len(SEGMENTATION_TASKS)
 )
 
 
@@ -48,6 +50,8 @@ def expected_jobs(n_slides: int) -> dict[str, int]:
         "score_hest": n_models,
         "score_probe": n_models,
         "score_slide": n_models,
+        "segmentation_store": len(SEGMENTATION_TASKS),  # CoNSeP, MoNuSAC from their published layouts
+        "score_segmentation": n_models,
         "report": 1,
         "all_benchmarks": 1,
     }
@@ -65,6 +69,10 @@ def test_h0mini_config_is_valid_and_is_the_papers_recipe():
     assert len(config["benchmarks"]["hest"]["tasks"]) == 9
     manifest = (REPO / config["plism"]["manifest"]).read_text().splitlines()
     assert len(manifest) == 1 + 91 and manifest[0].split("\t") == ["slide_id", "path", "scanner", "staining"]
+    assert {name: task["eva"] for name, task in config["benchmarks"]["segmentation"]["tasks"].items()} == {
+        "consep": "consep",
+        "monusac": "monusac",
+    }
     # every EVA patch task takes EVA's own linear-probe settings (pinned in tests/unit/test_bench_probe.py)
     probe = config["benchmarks"]["probe"]
     assert {name: task.get("eva") for name, task in probe["tasks"].items()} == {

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -389,10 +389,22 @@ def pyramid_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]
     return shapes
 
 
-def _tiles(bands: Iterable[np.ndarray], width: int, tile: int) -> Iterator[np.ndarray]:
-    """Row-major `tile` × `tile` tiles of an image given as row bands; edge tiles zero-padded (as tifffile
-    pads an array). Holds one row of tiles."""
-    row = np.zeros((tile, -(-width // tile) * tile, 3), np.uint8)
+def _channel_axes(channels: int) -> tuple[int, ...]:
+    """The trailing axes of a band: (3,) for RGB, () for one channel."""
+    if channels not in (1, 3):
+        raise ValueError(f"a pyramid has 1 (labels, grey) or 3 (RGB) channels, not {channels}")
+    return () if channels == 1 else (channels,)
+
+
+def _box_reduce2(band: np.ndarray) -> np.ndarray:
+    """2× box downsampling (PIL `reduce(2)`, rounding the size up): the RGB levels."""
+    return np.asarray(Image.fromarray(band).reduce(2))
+
+
+def _tiles(bands: Iterable[np.ndarray], width: int, tile: int, channels: int = 3) -> Iterator[np.ndarray]:
+    """Row-major `tile` × `tile` tiles of an image given as row bands ([rows, W, 3], or [rows, W] when
+    `channels` is 1); edge tiles zero-padded (as tifffile pads an array). Holds one row of tiles."""
+    row = np.zeros((tile, -(-width // tile) * tile, *_channel_axes(channels)), np.uint8)
     filled = 0
     for band in bands:
         start = 0
@@ -415,17 +427,25 @@ def write_pyramid_bands(
     mpp: float | None,
     levels: int = 4,
     tile: int = 256,
+    *,
+    channels: int = 3,
+    reduce: Callable[[np.ndarray], np.ndarray] = _box_reduce2,
 ) -> None:
     """Write a tiled pyramidal TIFF (one IFD per level, 2× steps) that OpenSlide reads as generic-tiff, from
     level-0 RGB row bands (uint8 [rows, W, 3], top to bottom, even `rows` except the last band).
 
-    Streams: level 0 is compressed tile row by tile row as the bands arrive; each band is box-reduced
-    (PIL `reduce(2)`, as a whole level would be) into the next levels, which wait uncompressed in temporary
+    `channels` 1 writes one-channel bands (uint8 [rows, W], photometric minisblack; the demo's mask slides,
+    `histodistill.demo.masks`); `reduce` makes the next level of a band ([rows, W(, 3)] → [⌈rows/2⌉,
+    ⌈W/2⌉(, 3)]; default a 2× box average, which labels must never get: they pass a mode/nearest reducer).
+
+    Streams: level 0 is compressed tile row by tile row as the bands arrive; each band is reduced by
+    `reduce` (PIL `reduce(2)` by default, as a whole level would be) into the next levels, which wait uncompressed in temporary
     files beside `path` (a third of level 0's size on disk, none in memory) and are written after it. Memory
     holds a band, its reductions and one row of tiles per level, whatever the slide's size.
     Levels: `pyramid_shapes`. Raises ValueError when the bands do not cover `shape`.
     """
     height, width = shape
+    trailing = _channel_axes(channels)
     shapes = pyramid_shapes(height, width, levels)
     path = Path(path)
     with (
@@ -440,12 +460,14 @@ def write_pyramid_bands(
                 nonlocal rows_seen
                 for band in bands:
                     band = np.asarray(band, np.uint8)
-                    if band.shape[1:] != (width, 3):
-                        raise ValueError(f"band of shape {band.shape}; expected [rows, {width}, 3]")
+                    if band.shape[1:] != (width, *trailing):
+                        raise ValueError(
+                            f"band of shape {band.shape}; expected {[None, width, *trailing]} (rows first)"
+                        )
                     rows_seen += len(band)
                     reduced = band  # reduced before the band is handed on: tifffile stops at the last tile
                     for spill in spills:
-                        reduced = np.asarray(Image.fromarray(reduced).reduce(2))
+                        reduced = np.ascontiguousarray(reduce(reduced), np.uint8)
                         spill.write(reduced.tobytes())
                     yield band
 
@@ -455,20 +477,20 @@ def write_pyramid_bands(
                 spill.seek(0)
                 for y in range(0, h, tile):
                     rows = min(tile, h - y)
-                    yield np.frombuffer(spill.read(rows * w * 3), np.uint8).reshape(rows, w, 3)
+                    yield np.frombuffer(spill.read(rows * w * channels), np.uint8).reshape(rows, w, *trailing)
 
-            with tifffile.TiffWriter(tmp, bigtiff=height * width * 3 > 2**31) as tif:
+            with tifffile.TiffWriter(tmp, bigtiff=height * width * channels > 2**31) as tif:
                 for i, (h, w) in enumerate(shapes):
                     extra = {"resolution": (1, 1), "resolutionunit": "NONE"}
                     if mpp is not None:
                         res = 1e4 / (mpp * 2**i)  # pixels per centimetre
                         extra = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
                     tif.write(
-                        _tiles(level0() if i == 0 else spilled(i), w, tile),
-                        shape=(h, w, 3),
+                        _tiles(level0() if i == 0 else spilled(i), w, tile, channels),
+                        shape=(h, w, *trailing),
                         dtype=np.uint8,
                         tile=(tile, tile),
-                        photometric="rgb",
+                        photometric="rgb" if channels == 3 else "minisblack",
                         compression="zlib",
                         compressionargs={"level": 6},
                         subfiletype=1 if i else 0,
