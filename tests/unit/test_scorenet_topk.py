@@ -89,6 +89,15 @@ def test_straight_through_forward_is_hard_and_gradient_is_perturbed():
     assert scores.grad is not None and scores.grad.abs().sum() > 0
 
 
+def test_gradient_is_zero_where_no_draw_changes_the_selection():
+    """The control variate: σ far below the score gaps → every draw is the hard top-K → gradient exactly 0
+    (the uncentred estimator would return Y·mean(Z)/σ, noise of size 1/(σ√S))."""
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.7]], requires_grad=True)
+    y = perturbed_sorted_topk(scores, 2, num_samples=100, sigma=1e-4, generator=_gen(7))
+    (y * torch.randn(1, 2, 4, generator=_gen(8))).sum().backward()
+    assert torch.equal(scores.grad, torch.zeros_like(scores))
+
+
 @pytest.mark.parametrize("k", [0, 5])
 def test_bad_k_is_an_error(k):
     with pytest.raises(ValueError, match="1 <= k <= N"):

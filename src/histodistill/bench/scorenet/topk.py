@@ -16,8 +16,11 @@ is differentiable with Jacobian  ∂Y_σ/∂x = E_Z[Y(x + σZ) Zᵀ] / σ  (Bert
 expectations are estimated with the same `num_samples` Monte-Carlo draws, as in the reference code.
 Y_σ(x) is a convex combination of vertices of C, so it satisfies C's row and column constraints exactly.
 
-Deliberate deviation: none in the estimator. The reference module also decays σ during training
-(`sigma_decay`); here σ is a plain argument and the caller owns its schedule.
+Deliberate deviations from the reference code: the backward pass uses E[(Y − Y(x)) Zᵀ]/σ, the same
+expectation (E[Z] = 0 and Y(x) is fixed) with the hard selection as a control variate: where no draw
+changes the selection (σ small against the score gaps) the estimate is exactly 0 instead of Y·mean(Z)/σ,
+pure noise of size 1/(σ√S). The reference module also decays σ during training (`sigma_decay`); here σ is
+a plain argument and the caller owns its schedule.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class PerturbedSortedTopK(torch.autograd.Function):
     """autograd function: (scores [B, N], k, num_samples, sigma) → Y_σ [B, K, N] (see the module docstring).
 
     Forward: the mean over `num_samples` Gaussian perturbations of the hard sorted top-K indicator.
-    Backward: grad_x[b, n] = Σ_{k,m} grad_Y[b, k, m] · mean_s(Y_s[b, k, m] Z_s[b, n]) / σ.
+    Backward: grad_x[b, n] = Σ_{k,m} grad_Y[b, k, m] · mean_s((Y_s − Y(x))[b, k, m] Z_s[b, n]) / σ.
     """
 
     @staticmethod
@@ -53,14 +56,15 @@ class PerturbedSortedTopK(torch.autograd.Function):
             (b, num_samples, n), device=scores.device, dtype=scores.dtype, generator=generator
         )
         perturbed = hard_sorted_topk(scores.detach()[:, None, :] + sigma * noise, k)  # [B, S, K, N]
-        ctx.save_for_backward(perturbed, noise)
+        hard = hard_sorted_topk(scores.detach(), k)
+        ctx.save_for_backward(perturbed - hard[:, None], noise)  # the control variate (module docstring)
         ctx.sigma = sigma
         return perturbed.mean(dim=1)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        perturbed, noise = ctx.saved_tensors
-        # E[Y Zᵀ]/σ contracted with the incoming gradient, without forming the [B, K, N, N] Jacobian
+        perturbed, noise = ctx.saved_tensors  # perturbed: Y_s − Y(x)
+        # E[(Y − Y(x)) Zᵀ]/σ contracted with the incoming gradient, without forming the [B, K, N, N] Jacobian
         weights = torch.einsum("bkm,bskm->bs", grad_output, perturbed)  # ⟨grad, Y_s⟩ per sample
         grad = torch.einsum("bs,bsn->bn", weights, noise) / (noise.shape[1] * ctx.sigma)
         return grad, None, None, None, None
