@@ -239,6 +239,8 @@ HEST = BENCH["hest"]
 PROBE = BENCH["probe"]
 MITOSIS = BENCH["mitosis"]
 MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
+SCORENET = BENCH["scorenet"]
+SCORENET_DEMO_DIR = f"{RESULTS}/demo/scorenet"
 
 
 def bench_models():
