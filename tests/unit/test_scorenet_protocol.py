@@ -116,3 +116,30 @@ def test_manifest_errors_name_the_problem(tmp_path):
         read_manifest(tmp_path / "m.csv")
     with pytest.raises(BenchmarkError, match="unknown setting"):
         ScoreNetConfig.from_config({"epoch": 3})
+
+
+def test_report_summary_headline_and_cost_ratio():
+    from histodistill.bench.scorenet.report import BENCHMARK, cost_table
+
+    rows = pd.DataFrame(
+        [
+            ("m", "scorenet", 0, -1, "weighted_f1", 0.6),
+            ("m", "scorenet", 1, -1, "weighted_f1", 0.8),
+            ("m", "scorer_only", 0, -1, "weighted_f1", 0.5),
+            ("m", "scorer_only", 1, -1, "weighted_f1", 0.5),
+            ("m", "cost", -1, 1536, "gflops_scorenet", 2.0),
+            ("m", "cost", -1, 1536, "gflops_all_regions", 10.0),
+            ("m", "cost", -1, 4096, "gflops_scorenet", 4.0),
+            ("m", "cost", -1, 4096, "gflops_all_regions", 80.0),
+        ],
+        columns=["model", "variant", "seed", "roi_px", "metric", "value"],
+    )
+    summary = BENCHMARK.summarize(rows).assign(model="m")
+    f1 = summary[(summary["variant"] == "scorenet") & (summary["metric"] == "weighted_f1")].iloc[0]
+    assert (f1["mean"], f1["n"]) == (pytest.approx(0.7), 2) and f1["std"] == pytest.approx(math.sqrt(0.02))
+    assert list(cost_table(summary)["ratio"]) == [5.0, 20.0]
+    head = BENCHMARK.headline(summary, ["m", "other"])
+    assert head.loc["m", "scorenet_weighted_f1"] == pytest.approx(0.7)
+    assert head.loc["m", "scorenet_flops_ratio"] == 20.0  # at the largest ROI side
+    assert math.isnan(head.loc["other", "scorenet_weighted_f1"])
+    assert BENCHMARK.unranked("scorenet_flops_ratio") and not BENCHMARK.unranked("scorenet_weighted_f1")
