@@ -97,3 +97,16 @@ def test_roi_smaller_than_a_region_is_an_error():
     model = ScoreNet(SMALL, PaperLocalViT(SMALL), 2)
     with pytest.raises(BenchmarkError, match="smaller than one 32 px region"):
         model(torch.rand(1, 3, 16, 64))
+
+
+def test_lora_local_encoder_trains_only_adapters():
+    loaded = load_model("h0_mini_tiny", random_init=True)
+    local = LocalEncoder(loaded, finetune="lora", lora_rank=4)
+    trainable = {n for n, p in local.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any(p.requires_grad for p in loaded.model.parameters())  # the loaded model is untouched
+    assert not any("lora_" in n for n, _ in loaded.model.named_parameters())
+    out = local(torch.rand(2, 3, 32, 32))  # resized to the model's 224 px input
+    assert out.shape == (2, loaded.spec.pooled_dim(local.pooling))
+    with pytest.raises(BenchmarkError, match="'frozen' or 'lora'"):
+        LocalEncoder(loaded, finetune="full")
