@@ -61,12 +61,12 @@ def test_categorical_sampling_prefers_low_relevance_targets():
     relevance[0, 0, 0] = 0.0
     hits = 0
     rng = np.random.default_rng(3)
-    for _ in range(200):
+    for _ in range(50):
         mixed = scoremix(
             images, torch.tensor([0, 1]), relevance, 2, rng, P, lam=1 / 24, permutation=torch.tensor([1, 0])
         )
         hits += bool((mixed.images[0, :, :P, :P] == 1.0).all())
-    assert hits == 200  # every other position has weight max − S = 0
+    assert hits == 50  # every other position has weight max − S = 0
 
 
 def test_cutmix_label_weight_is_the_pasted_fraction():
