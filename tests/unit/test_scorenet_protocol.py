@@ -88,7 +88,21 @@ def test_run_writes_every_variant_and_metric(tmp_path):
     rows = run("h0_mini_tiny", manifest, tmp_path / "out.parquet", config)
     frame, meta = read_parquet(tmp_path / "out.parquet", "scorenet scores", BenchmarkError)
     assert len(frame) == len(rows) and meta["benchmark"] == "scorenet" and meta["classes"] == ["a", "b"]
-    assert set(rows["variant"]) == {"scorenet", "scorer_only", "scorenet_cutmix", "cost"}
+    assert set(rows["variant"]) == {"scorenet", "scorer_only", "scorenet_cutmix", "cost", "selection"}
+    # the selection of the two test ROIs (manifest rows 6, 7): K = 2 of 6 regions, the decisive one is region 0
+    selection = rows[rows["variant"] == "selection"]
+    assert sorted(selection["roi"].unique()) == [6, 7]
+    for _, part in selection.groupby("roi"):
+        values = dict(zip(part["metric"], part["value"], strict=True))
+        assert values["grid_h"] * values["grid_w"] == 6
+        assert sum(values[f"selected:{r}"] for r in range(6)) == 2
+        assert [values[f"decisive:{r}"] for r in range(6)] == [1, 0, 0, 0, 0, 0]
+        assert sum(values[f"relevance:{r}"] for r in range(6)) < 1
+    from histodistill.bench.scorenet.report import BENCHMARK
+
+    summary = BENCHMARK.summarize(rows).assign(model="h0_mini_tiny")
+    (figure,) = BENCHMARK.figures(summary, tmp_path, {"h0_mini_tiny": "#1f77b4"})
+    assert figure.png.startswith(b"\x89PNG") and figure.name == "scorenet_selection.png"
     scorenet = rows[rows["variant"] == "scorenet"].set_index("metric")["value"]
     assert set(scorenet.index) == {
         "weighted_f1",

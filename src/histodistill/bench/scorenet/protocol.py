@@ -21,7 +21,10 @@ regions include one that overlaps the box) and `topk_hit_chance` (its expectatio
 K of the N regions). Cost rows (variant `cost`, seed −1, one per `cost_sides` ROI side in `roi_px`):
 `gflops_scorenet` (scorer on the thumbnail + local encoder on K regions + mixer) and `gflops_all_regions`
 (the local encoder on all N regions), counted by `torch.utils.flop_counter` (multiply–adds × 2), and
-`n_regions`, `k`.
+`n_regions`, `k`. Selection rows (variant `selection`, the first seed's ScoreNet, the first N_SHOWN test
+ROIs, `roi` = the ROI's manifest row): `relevance:<r>` (the scorer's score of region r), `selected:<r>` (1
+for the K selected), `decisive:<r>` (1 for the regions overlapping the decisive box), `grid_h`, `grid_w`.
+`roi` is −1 in every other row.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from histodistill.bench.scorenet.scoremix import MIXES, cutmix, no_mix, scoremix
 
 log = logging.getLogger(__name__)
 
-ROW_COLUMNS = ("model", "variant", "seed", "roi_px", "metric", "value")
+ROW_COLUMNS = ("model", "variant", "seed", "roi_px", "roi", "metric", "value")
+N_SHOWN = 4  # test ROIs whose relevance and selection are recorded for the report's figure
 DATA_KEYS = ("enabled", "demo", "manifest")  # config keys that name data, not settings
 PAPER_ENCODER = "paper_vit"  # `local_encoder` value: the paper's own ViT instead of the benchmarked model
 
@@ -292,6 +296,36 @@ def topk_hits(
     return (float(np.mean(hits)), float(np.mean(chance))) if hits else (math.nan, math.nan)
 
 
+@torch.no_grad()
+def selection_rows(
+    net: ScoreNet, rois: Rois, indices: np.ndarray, device: torch.device, model: str, seed: int
+) -> list:
+    """The selection rows (module docstring) of the ROIs `indices`."""
+    net.eval()
+    rows = []
+    p = net.config.region_px
+    for i in indices:
+        out = net(_stack(rois, np.array([i]), device))
+        n_h, n_w = out.grid
+        chosen = set(out.indices[0].tolist())
+        box = rois.boxes[i]
+        values = {"grid_h": n_h, "grid_w": n_w}
+        for r, score in enumerate(out.scores[0].tolist()):
+            values[f"relevance:{r}"] = score
+            values[f"selected:{r}"] = float(r in chosen)
+            if box is not None:
+                row, col = divmod(r, n_w)
+                overlaps = (
+                    row * p < box[2]
+                    and (row + 1) * p > box[0]
+                    and col * p < box[3]
+                    and (col + 1) * p > box[1]
+                )
+                values[f"decisive:{r}"] = float(overlaps)
+        rows += [(model, "selection", seed, -1, int(i), k, float(v)) for k, v in values.items()]
+    return rows
+
+
 def count_gflops(model: ScoreNet, side: int, device: torch.device) -> dict[str, float]:
     """FLOPs (G) of ScoreNet on a side × side ROI vs the local encoder on all its regions (module docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -371,11 +405,13 @@ def run(
                     )
                     preds, _, _ = predict(net, rois, test, device, config.mask_fraction, run_seed)
                     metrics["masked_accuracy"] = float((preds == rois.labels[test]).mean())
-                rows += [(model, variant, run_seed, -1, k, v) for k, v in metrics.items()]
+                rows += [(model, variant, run_seed, -1, -1, k, v) for k, v in metrics.items()]
+                if variant == "scorenet" and run_seed == config.seeds[0] + seed:
+                    rows += selection_rows(net, rois, test[:N_SHOWN], device, model, run_seed)
                 log.info("%s %s seed %d: %s", model, variant, run_seed, metrics)
         net = build_model(loaded, config, len(rois.classes)).to(device).eval()
         for side in config.cost_sides:
-            rows += [(model, "cost", -1, side, k, v) for k, v in count_gflops(net, side, device).items()]
+            rows += [(model, "cost", -1, side, -1, k, v) for k, v in count_gflops(net, side, device).items()]
     frame = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
     params = {**settings_params(config), "manifest": str(manifest), "local_encoder": local_encoder}
     write_parquet(
