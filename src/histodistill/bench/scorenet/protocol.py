@@ -189,6 +189,7 @@ def train(
     n_classes = len(rois.classes)
     for epoch in range(config.epochs):
         model.train()
+        losses = []
         for batch in _batches(rois, train_idx, config.batch_size, rng):
             images, labels = _stack(rois, batch, device), torch.as_tensor(rois.labels[batch])
             mixed = _mix(
@@ -206,11 +207,13 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            losses.append(loss.item())
+        log.info("epoch %d (%s): mean training loss %.4f", epoch, mix, float(np.mean(losses)))
         if len(val_idx):
             f1 = evaluate(model, rois, val_idx, device)["weighted_f1"]
             if f1 > best_f1:
                 best, best_f1 = copy.deepcopy(model.state_dict()), f1
-            log.info("epoch %d: loss %.4f, val weighted F1 %.3f", epoch, loss.item(), f1)
+            log.info("epoch %d: val weighted F1 %.3f", epoch, f1)
     if best is not None:
         model.load_state_dict(best)
     return model.eval()

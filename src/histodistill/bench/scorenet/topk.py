@@ -79,8 +79,8 @@ def perturbed_sorted_topk(
 ) -> torch.Tensor:
     """Y_σ(scores): [B, N] → [B, K, N], differentiable in `scores` (module docstring; Cordonnier et al. 2021).
 
-    `num_samples` Gaussian draws (the reference code's default is 1000; ScoreNet's config passes 500 here,
-    see `ScoreNetConfig`), noise scale `sigma` (in units of the scores). `generator` makes the draws
+    `num_samples` Gaussian draws (the reference module's default, and `ScoreNetModelConfig`'s, is 1000),
+    noise scale `sigma` (in units of the scores). `generator` makes the draws
     reproducible. Raises ValueError for k outside [1, N], num_samples < 1 or sigma <= 0 (use
     `hard_sorted_topk` for σ = 0).
     """
