@@ -1,7 +1,7 @@
 # Benchmark scoring: PLISM robustness, HEST gene-expression regression, patch-classification probes, EVA
-# segmentation and slide-level tasks (ABMIL), mitosis, then the report. Each scorer reads embeddings made by
-# the `embed` rule (datasets: plism, hest-{task}, probe-{task}, segmentation-{task}, mitosis, cohorts);
-# mitosis' LoRA also reads the slides.
+# segmentation and slide-level tasks (ABMIL), mitosis, ScoreNet ROI classification, then the report. Each
+# scorer reads embeddings made by the `embed` rule (datasets: plism, hest-{task}, probe-{task},
+# segmentation-{task}, mitosis, cohorts); mitosis' LoRA and ScoreNet also read pixels.
 if BENCH["plism"]["enabled"] and config["plism"]["enabled"]:
     ENABLED_BENCHMARKS.append("plism")
 
@@ -358,6 +358,51 @@ rule score_mitosis:
         "../envs/bench.yaml"
     script:
         "../workflow_scripts/score_mitosis.py"
+
+
+if SCORENET["enabled"]:
+    ENABLED_BENCHMARKS.append("scorenet")
+
+if SCORENET["enabled"] and SCORENET["demo"]:
+
+    rule scorenet_demo:
+        output:
+            directory(SCORENET_DEMO_DIR),
+        params:
+            seed=config["seed"],
+        log:
+            "logs/scorenet_demo.log",
+        conda:
+            "../envs/bench.yaml"
+        threads: threads_for("scorenet_demo")
+        resources:
+            **resources_for("scorenet_demo"),
+        script:
+            "../workflow_scripts/scorenet_demo.py"
+
+
+rule score_scorenet:
+    # ScoreNet ROI classification with {model} as the local encoder (histodistill.bench.scorenet)
+    input:
+        data=[SCORENET_DEMO_DIR] if SCORENET["demo"] else [SCORENET["manifest"]] if SCORENET["manifest"] else [],
+        student=lambda w: student_checkpoint(w.model),
+        weights=lambda w: model_weights(w.model) or [],
+    output:
+        f"{RESULTS}/benchmarks/scorenet/{{model}}.parquet",
+    params:
+        settings={k: v for k, v in SCORENET.items() if k not in ("enabled", "demo", "manifest")},
+        manifest=f"{SCORENET_DEMO_DIR}/manifest.csv" if SCORENET["demo"] else SCORENET["manifest"],
+        weights=lambda w: model_weights(w.model),
+        seed=config["seed"],
+    log:
+        "logs/score_scorenet/{model}.log",
+    threads: threads_for("score_scorenet")
+    resources:
+        **resources_for("score_scorenet"),
+    conda:
+        "../envs/bench.yaml"
+    script:
+        "../workflow_scripts/score_scorenet.py"
 
 
 rule report:

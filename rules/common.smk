@@ -256,6 +256,8 @@ SEGMENTATION_SETTINGS = {
     k: v for k, v in SEGMENTATION.items() if k not in ("tasks", "demo", "demo_tiles_per_slide")
 }
 MITOSIS_DEMO_DIR = f"{RESULTS}/demo/mitosis"
+SCORENET = BENCH["scorenet"]
+SCORENET_DEMO_DIR = f"{RESULTS}/demo/scorenet"
 
 
 def bench_models():

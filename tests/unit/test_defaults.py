@@ -23,6 +23,7 @@ from histodistill.bench.plism import score_plism, summarize_scores
 from histodistill.bench.probe import AbmilConfig, KnnConfig, LinearProbeConfig, LogRegConfig, run_probe
 from histodistill.bench.segmentation import SegmentationConfig, make_demo_segmentation
 from histodistill.bench.segmentation import run as segmentation_run
+from histodistill.bench.scorenet import ScoreNetConfig, ScoreNetDemoConfig, ScoreNetModelConfig
 from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
@@ -180,6 +181,16 @@ SOURCES: dict[str, tuple] = {
             "cross_domain_runs",
         )
     },
+    # ScoreNetConfig (bench.scorenet.protocol): the section's keys are its fields; `model` is ScoreNetModelConfig.
+    **{
+        f"benchmarks.scorenet.{f.name}": (ScoreNetConfig, f.name)
+        for f in dataclasses.fields(ScoreNetConfig)
+        if f.name != "model"
+    },
+    **{
+        f"benchmarks.scorenet.model.{f.name}": (ScoreNetModelConfig, f.name)
+        for f in dataclasses.fields(ScoreNetModelConfig)
+    },
     "distill.collapse_floor": (DistillConfig, "collapse_floor"),
     "distill.collapse_patience": (DistillConfig, "collapse_patience"),
     **{
@@ -238,6 +249,9 @@ PIPELINE_ONLY = {
     "benchmarks.mitosis.demo": "switch",
     "benchmarks.segmentation.demo": "demo switch (a cohort name)",
     "benchmarks.mitosis.samples": "path",
+    "benchmarks.scorenet.enabled": "switch",
+    "benchmarks.scorenet.demo": "switch",
+    "benchmarks.scorenet.manifest": "path",
     "benchmarks.mitosis.annotations": "path",
 }
 
@@ -311,6 +325,9 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
         "contrast_temp": "the method (docs: the demo teacher)",
         "dense_weight": "the method (docs: the demo teacher)",
     },
+    ScoreNetConfig: {"model": "the section benchmarks.scorenet.model (ScoreNetModelConfig's fields)"},
+    ScoreNetModelConfig: {},
+    ScoreNetDemoConfig: "the ScoreNet demo set is fixed (benchmarks.scorenet.demo only switches it on)",
     MitosisDemoConfig: "the mitosis demo set is fixed (benchmarks.mitosis.demo only switches it on)",
     # DistillConfig: each field is a key of distill.runs.<run> *without* a schema default (see below).
     DistillConfig: {

@@ -1,0 +1,120 @@
+"""ScoreNet's cost claim: time (and GPU peak memory) of ScoreNet vs its local encoder over every region.
+
+baseline  = what a competent user runs without ScoreNet: the same local encoder over all N full-resolution
+            regions of the ROI (region_px each), batched (`--batch-size`), inference mode, same precision;
+scorenet  = ScoreNet's test-time forward (`ScoreNet.eval()`): the scorer on the ROI downscaled by
+            s = region_px / 16 (the paper's scorer: 96 wide, 8 deep), hard top-K, the local encoder on the
+            K selected regions, the mixer.
+
+K is the paper code's ⌈0.1·N⌉ (`--k-fraction`) or a fixed count (`--top-k`, the reference's `--k 20`): with K
+a fixed share of N, the saving is at most 1 / k_fraction (≈ 10×) whatever the ROI size; a fixed K makes it
+grow with the ROI. Both are printed when `--top-k` is given. Per ROI side: min and median over `--repeats`
+timed runs after one warm-up, the ratio baseline / ScoreNet of the medians, and the growth exponent of
+ScoreNet's time in ROI area between the smallest and the largest side (1 = linear, 2 = quadratic).
+
+Model: `--model` with random weights (timing only): h0_mini_tiny on CPU by default; the student's real
+architecture is h0_mini (ViT-B/14): on a GPU, python benchmarks/scorenet.py --model h0_mini --sides 1024 2048 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from histodistill.bench.scorenet.model import LocalEncoder, ScoreNet, ScoreNetModelConfig
+from histodistill.devices import autocast_dtype, pick_device
+from histodistill.models import load_model
+
+
+def _timed(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """(min s, median s, peak GPU MiB) of `fn` over `repeats` runs after one warm-up."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else math.nan
+    return min(times), statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="registry model (default: h0_mini on GPU, h0_mini_tiny on CPU)"
+    )
+    parser.add_argument("--sides", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--region-px", type=int, default=224)
+    parser.add_argument("--k-fraction", type=float, default=0.1)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    name = args.model or ("h0_mini" if device.type == "cuda" else "h0_mini_tiny")
+    loaded = load_model(name, random_init=True)
+    amp = autocast_dtype(device, args.precision, loaded.spec.precision)
+    local = LocalEncoder(loaded).to(device)
+    policies = [("10%" if args.k_fraction == 0.1 else f"{args.k_fraction:.0%}", None)]
+    if args.top_k:
+        policies.append((f"K={args.top_k}", args.top_k))
+    nets = {}
+    for label, k in policies:
+        config = ScoreNetModelConfig(region_px=args.region_px, k_fraction=args.k_fraction, top_k=k)
+        torch.manual_seed(0)
+        nets[label] = ScoreNet(config, local, n_classes=7).to(device).eval()
+    print(
+        f"model {name} (random weights) on {device} ({amp or 'fp32'}), regions {args.region_px} px, "
+        f"repeats {args.repeats} after 1 warm-up; times in s (min / median)"
+    )
+    print(
+        f"{'side':>6} {'N':>5} {'K':>9} {'baseline':>17} {'scorenet':>17} {'ratio':>7} {'peak MiB base/sn':>18}"
+    )
+    medians: dict[str, list[tuple[int, float]]] = {label: [] for label, _ in policies}
+    for side in args.sides:
+        roi = torch.rand(1, 3, side, side, device=device)
+        n_side = side // args.region_px
+        any_net = next(iter(nets.values()))
+        regions = any_net.regions(roi, (n_side, n_side))[0]
+
+        def baseline(regions=regions):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                for i in range(0, len(regions), args.batch_size):
+                    local(regions[i : i + args.batch_size])
+
+        b_min, b_med, b_peak = _timed(baseline, device, args.repeats)
+        for label, net in nets.items():
+
+            def scorenet(net=net, roi=roi):
+                with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    net(roi)
+
+            s_min, s_med, s_peak = _timed(scorenet, device, args.repeats)
+            medians[label].append((side, s_med))
+            k = net.config.k_for(n_side * n_side)
+            print(
+                f"{side:>6} {n_side * n_side:>5} {f'{k} ({label})':>9} {b_min:>8.4f}/{b_med:<8.4f} "
+                f"{s_min:>8.4f}/{s_med:<8.4f} {b_med / s_med:>6.1f}× {b_peak:>8.0f}/{s_peak:<8.0f}"
+            )
+    for label, points in medians.items():
+        if len(points) > 1:
+            (s0, t0), (s1, t1) = points[0], points[-1]
+            exponent = math.log(t1 / t0) / math.log((s1 / s0) ** 2)
+            print(f"ScoreNet ({label}) time grows as area^{exponent:.2f} from {s0} to {s1} px")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The ScoreNet benchmark on the demo's synthetic ROIs, with config.yaml's settings (slow: minutes of CPU).
+
+The demo workflow keeps `benchmarks.scorenet` off (over its CPU budget); this test runs what `score_scorenet`
+would run there, with the tiny random-init twin of the student's architecture as local encoder.
+Last run 2026-11-30 on the branch `scorenet` (2 shared CPUs under heavy load): passed in 354 s.
+"""
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from histodistill.bench.scorenet import ScoreNetConfig, make_demo_rois, run
+from histodistill.bench.scorenet.report import BENCHMARK, cost_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_demo_rois_and_benchmark(tmp_path):
+    manifest = make_demo_rois(tmp_path / "rois", seed=0)
+    assert set(manifest["label"]) == {"lookalike", "mitotic"}
+    assert (manifest["region_y1"] - manifest["region_y0"] == 224).all()
+    section = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["scorenet"]
+    config = ScoreNetConfig.from_config(section)
+    rows = run("h0_mini_tiny", tmp_path / "rois" / "manifest.csv", tmp_path / "out.parquet", config)
+    scorenet = rows[rows["variant"] == "scorenet"].set_index("metric")["value"]
+    # K = 2 of N ∈ {9, 12} regions, one decisive region: chance 2/N averaged over the test ROIs
+    assert 2 / 12 <= scorenet["topk_hit_chance"] <= 2 / 9
+    assert all(0 <= v <= 1 for v in scorenet)
+    summary = BENCHMARK.summarize(rows).assign(model="h0_mini_tiny")
+    costs = cost_table(summary)
+    assert list(costs["roi_px"]) == [672, 1344]
+    assert (costs["ratio"] > 1).all()  # K = 2 regions of 9 and 36 cost less than all of them
+    assert costs["ratio"].iloc[1] > costs["ratio"].iloc[0]  # fixed K: the saving grows with the ROI
+    headline = BENCHMARK.headline(summary, ["h0_mini_tiny"])
+    assert not math.isnan(headline.loc["h0_mini_tiny", "scorenet_weighted_f1"])
+    assert isinstance(BENCHMARK.section(summary, ["h0_mini_tiny"], []), str)
+    assert isinstance(pd.read_parquet(tmp_path / "out.parquet"), pd.DataFrame)
