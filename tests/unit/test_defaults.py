@@ -21,9 +21,9 @@ from histodistill.bench.hest import score_task
 from histodistill.bench.mitosis import LoraFinetuneConfig, MitosisConfig, SamplerConfig
 from histodistill.bench.plism import score_plism, summarize_scores
 from histodistill.bench.probe import AbmilConfig, KnnConfig, LinearProbeConfig, LogRegConfig, run_probe
+from histodistill.bench.scorenet import ScoreNetConfig, ScoreNetDemoConfig, ScoreNetModelConfig
 from histodistill.bench.segmentation import SegmentationConfig, make_demo_segmentation
 from histodistill.bench.segmentation import run as segmentation_run
-from histodistill.bench.scorenet import ScoreNetConfig, ScoreNetDemoConfig, ScoreNetModelConfig
 from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
