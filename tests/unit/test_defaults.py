@@ -26,6 +26,7 @@ from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
 from histodistill.demo.slides import DemoSlideConfig
 from histodistill.demo.teacher import DemoTeacherConfig
+from histodistill.distill.pairs import PAIR_SOURCES, PairingConfig
 from histodistill.distill.teacher_heads import HeadsConfig
 from histodistill.distill.trainer import DistillConfig
 from histodistill.embed import extract_embeddings
@@ -291,6 +292,8 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
         "collapse_floor": "distill.collapse_floor, one floor for every run and the heads stage",
         "collapse_patience": "distill.collapse_patience, as collapse_floor",
     },
+    # PairingConfig: each field is a key of distill.runs.<run>.pairing without a schema default (see below).
+    PairingConfig: {},
     HeadsConfig: {
         "collapse_floor": "distill.collapse_floor (shared with the runs)",
         "collapse_patience": "distill.collapse_patience (shared with the runs)",
@@ -378,7 +381,7 @@ def test_every_settings_field_is_a_config_key_or_says_why_not(cls):
         assert not any(owner is cls for owner, _ in SOURCES.values())
         return
     assert set(excused) <= fields, "NOT_CONFIG names a field that does not exist"
-    if cls is DistillConfig:
+    if cls in (DistillConfig, PairingConfig):
         return  # checked by test_distill_run_keys_have_no_schema_default
     if cls is MaskConfig:  # a view of TilingConfig: same names, same defaults
         for name in fields:
@@ -397,6 +400,10 @@ def test_distill_run_keys_have_no_schema_default():
     assert [k for k, sub in run.items() if "default" in sub] == []
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     assert set(run) - {"cohort"} == fields - set(NOT_CONFIG[DistillConfig])
+    pairing = run["pairing"]["properties"]
+    assert [k for k, sub in pairing.items() if "default" in sub] == []
+    assert set(pairing) == {f.name for f in dataclasses.fields(PairingConfig)}
+    assert pairing["source"]["enum"] == list(PAIR_SOURCES)
 
 
 def test_cli_defaults_are_the_librarys():

@@ -105,6 +105,8 @@ class DistillConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     ibot_chunk: int = 4096
+    # paired views: the keys of distill.pairs.PairingConfig (empty: unpaired)
+    pairing: dict[str, Any] = field(default_factory=dict)
     # stop when an effective prototype count (exp H(mean target)) stays below the floor this many iterations
     collapse_floor: float = 4.0
     collapse_patience: int = 200
