@@ -1,7 +1,10 @@
 """Paired views (distill/pairs.py): the student side is rendered from the paired image with the teacher
 side's cached view parameters, so corresponding pixels of the two views show the same tissue."""
 
+from dataclasses import replace
+
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
@@ -17,7 +20,9 @@ from histodistill.distill.pairs import (
     mask_image,
     read_mask_tile,
 )
+from histodistill.distill.trainer import DistillConfig, Trainer
 from histodistill.errors import HistodistillError
+from histodistill.models import load_model
 from histodistill.provenance import provenance
 from histodistill.teacher_cache import TeacherCache
 from histodistill.tilestore import TileStore, create_tiles_array, write_index
@@ -155,3 +160,60 @@ def test_pairing_errors_name_the_setting(matched, demo_store):
 
     with pytest.raises(HistodistillError, match="needs a matched-tile store"):
         PairSource(PairingConfig(source="registered"), TileStore(demo_store), 0)
+
+
+PAIRED = DistillConfig(
+    iterations=4,
+    batch_size=2,
+    num_workers=0,
+    checkpoint_every=100,
+    warmup_epochs=1,
+    holdout_fraction=0.25,
+    lr=2e-3,
+    objective="feature",  # the fixture's cache holds CLS tokens only
+    pairing={"source": "registered"},
+)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # the seed's co-trained setting: VICReg, separate weights, registered pairs
+        replace(
+            PAIRED,
+            objective="vicreg",
+            objective_params={"expander_dim": 16},
+            teacher_mode="cotrained_separate",
+        ),
+        # asymmetric distillation from the frozen cached teacher on context pairs
+        pytest.param(
+            replace(PAIRED, pairing={"source": "context", "crop_fraction": 0.5}), marks=pytest.mark.slow
+        ),
+    ],
+    ids=["vicreg-cotrained-registered", "feature-cached-context"],
+)
+def test_paired_run_killed_and_resumed_is_exact(tmp_path, matched, cfg):
+    store, cache, _ = matched
+    Trainer(cfg, store, cache, tmp_path / "full").fit()
+    assert Trainer(cfg, store, cache, tmp_path / "resumed").fit(stop_after=2) == {"stopped_at": 2}
+    if cfg.teacher_mode == "cotrained_separate":  # the teacher branch's own encoder is checkpointed
+        assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["partner"]
+    Trainer(cfg, store, cache, tmp_path / "resumed").fit()
+    a = pd.read_parquet(tmp_path / "full" / "train_log.parquet")
+    b = pd.read_parquet(tmp_path / "resumed" / "train_log.parquet")
+    cols = [c for c in a.columns if c.startswith("loss_")] + ["grad_norm"]
+    assert len(a) == len(b) == 4 and np.isfinite(a[cols].to_numpy()).all()
+    np.testing.assert_allclose(b[cols].to_numpy(), a[cols].to_numpy(), rtol=1e-6, atol=1e-7)
+    sa = load_model("student:x", weights=tmp_path / "full" / "student.safetensors").model.state_dict()
+    sb = load_model("student:x", weights=tmp_path / "resumed" / "student.safetensors").model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_registered_run_trains_on_reference_rows_and_symmetric_needs_a_live_teacher(tmp_path, matched):
+    store, cache, _ = matched
+    trainer = Trainer(PAIRED, store, cache, tmp_path / "run")
+    rows = np.concatenate([trainer.train_rows, trainer.holdout_rows])
+    assert sorted(rows.tolist()) == list(range(N)) and len(trainer.holdout_rows) == 1
+    symmetric = replace(PAIRED, pairing={"source": "registered", "symmetric": True})
+    with pytest.raises(HistodistillError, match="symmetric.*teacher_mode online or cotrained"):
+        Trainer(symmetric, store, cache, tmp_path / "sym")
