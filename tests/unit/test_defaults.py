@@ -30,6 +30,7 @@ from histodistill.distill.pairs import PAIR_SOURCES, PairingConfig
 from histodistill.distill.teacher_heads import HeadsConfig
 from histodistill.distill.trainer import DistillConfig
 from histodistill.embed import extract_embeddings
+from histodistill.holdout import TissueHoldoutConfig
 from histodistill.matched_tiles import cut_matched_tiles
 from histodistill.registration import RegistrationConfig, register_to_grid
 from histodistill.teacher_cache import cache_teacher
@@ -65,6 +66,10 @@ SOURCES: dict[str, tuple] = {
     "plism.tile_px": (TilingConfig, "tile_px"),
     "plism.min_tissue": (TilingConfig, "min_tissue"),
     "plism.chunk_tiles": (cut_matched_tiles, "chunk_tiles"),
+    **{
+        f"plism.tissue_holdout.{f}": (TissueHoldoutConfig, f)
+        for f in ("method", "held_out", "blocks", "table")
+    },
     "plism.on_failure": (register_to_grid, "on_failure"),
     **{
         f"plism.registration.{f}": (RegistrationConfig, f)
@@ -221,6 +226,7 @@ PIPELINE_ONLY = {
 NOT_CONFIG: dict[type, dict[str, str] | str] = {
     TilingConfig: {},
     MaskConfig: {},  # every field is TilingConfig's (tiling.*), checked below
+    TissueHoldoutConfig: {},
     RegistrationConfig: {"seed": "elastix's sampling seed: a registration does not depend on the run's seed"},
     AugmentConfig: "DINOv2's augmentation recipe, recorded in the teacher cache; not tunable per run",
     LinearProbeConfig: {"threads": "a process setting, not part of the protocol"},

@@ -8,7 +8,8 @@ tile row of the tile store, from one of these sources (`PairingConfig.source`, t
   H, W, 3], `histodistill.matched_tiles`: PLISM's scanners × stainings, or any registered pair such as an
   H&E section and its IHC/IF restain). The teacher side is the reference slide's row (`reference`, default
   the store's PLISM reference, else its first slide), the student side the same tile of another slide
-  (`slides`, default all others), drawn per (seed, row, epoch). Only the reference slide's rows train.
+  (`slides`, default all others), drawn per (seed, row, epoch). Only the reference slide's rows train,
+  minus `exclude_tiles` (the held-out tissues of plism.tissue_holdout: `histodistill.holdout`).
 - `context`: the student sees the centre crop of `crop_fraction` of the tile's side, zero padded back to
   the tile's size (so its pixels stay where they were); the teacher the full tile (the seed's "wider
   context" pair).
@@ -60,6 +61,8 @@ class PairingConfig:
     reference: `registered`: slide id of the teacher side (None: the store's PLISM reference, else slide 0).
     slides: `registered`: slide ids of the student side (empty: every slide but the reference).
     mask_dir: `mask`: the mask store (see `read_mask_tile`).
+    exclude_tiles: `registered`: tile positions (per slide, store order) that never train, the held-out
+        tissues' (`histodistill.holdout.held_out_positions`, from plism.tissue_holdout).
     """
 
     source: str = "none"
@@ -69,6 +72,7 @@ class PairingConfig:
     reference: str | None = None
     slides: tuple[str, ...] = ()
     mask_dir: str | None = None
+    exclude_tiles: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, params: dict[str, Any] | None) -> PairingConfig:
@@ -79,8 +83,9 @@ class PairingConfig:
         unknown = sorted(set(params) - known)
         if unknown:
             raise HistodistillError(f"pairing has no key(s) {unknown} (it takes: {sorted(known)})")
-        if "slides" in params:
-            params["slides"] = tuple(params["slides"])
+        for key in ("slides", "exclude_tiles"):
+            if key in params:
+                params[key] = tuple(params[key])
         cfg = cls(**params)
         if cfg.source not in PAIR_SOURCES:
             raise HistodistillError(f"pairing.source must be one of {PAIR_SOURCES}, not {cfg.source!r}")
@@ -90,6 +95,10 @@ class PairingConfig:
             raise HistodistillError(f"pairing.downsample_px must be ≥ 1, not {cfg.downsample_px}")
         if cfg.source == "mask" and not cfg.mask_dir:
             raise HistodistillError("pairing.source mask needs pairing.mask_dir (the mask store)")
+        if cfg.exclude_tiles and cfg.source != "registered":
+            raise HistodistillError(
+                "pairing.exclude_tiles (held-out tissues) applies to source registered only"
+            )
         return cfg
 
 
@@ -223,8 +232,8 @@ class PairSource:
     def rows(self) -> np.ndarray:
         """Rows whose tile may be a teacher-side sample (sorted int64)."""
         if self.cfg.source == "registered":
-            start = self.reference * self.per_slide
-            return np.arange(start, start + self.per_slide, dtype=np.int64)
+            keep = np.setdiff1d(np.arange(self.per_slide), np.asarray(self.cfg.exclude_tiles, dtype=np.int64))
+            return (self.reference * self.per_slide + keep).astype(np.int64)
         return np.arange(self.n_rows, dtype=np.int64)
 
     def student_slide(self, row: int, epoch: int) -> int:
