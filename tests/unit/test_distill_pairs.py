@@ -214,6 +214,17 @@ def test_registered_run_trains_on_reference_rows_and_symmetric_needs_a_live_teac
     trainer = Trainer(PAIRED, store, cache, tmp_path / "run")
     rows = np.concatenate([trainer.train_rows, trainer.holdout_rows])
     assert sorted(rows.tolist()) == list(range(N)) and len(trainer.holdout_rows) == 1
+    # honest splits: the held-out tissue (block r0c1: tiles 2, 3 of x0 = 0, 64, 128, 192) never trains
+    holdout = {"method": "blocks", "blocks": [1, 2], "held_out": ["r0c1"]}
+    split = Trainer(
+        replace(PAIRED, pairing={"source": "registered", "tissue_holdout": holdout}),
+        store,
+        cache,
+        tmp_path / "h",
+    )
+    assert sorted(np.concatenate([split.train_rows, split.holdout_rows]).tolist()) == [0, 1]
+    with pytest.raises(HistodistillError, match="applies to source registered only"):
+        PairingConfig.parse({"source": "context", "tissue_holdout": holdout})
     symmetric = replace(PAIRED, pairing={"source": "registered", "symmetric": True})
     with pytest.raises(HistodistillError, match="symmetric.*teacher_mode online or cotrained"):
         Trainer(symmetric, store, cache, tmp_path / "sym")

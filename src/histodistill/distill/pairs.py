@@ -9,7 +9,7 @@ tile row of the tile store, from one of these sources (`PairingConfig.source`, t
   H&E section and its IHC/IF restain). The teacher side is the reference slide's row (`reference`, default
   the store's PLISM reference, else its first slide), the student side the same tile of another slide
   (`slides`, default all others), drawn per (seed, row, epoch). Only the reference slide's rows train,
-  minus `exclude_tiles` (the held-out tissues of plism.tissue_holdout: `histodistill.holdout`).
+  minus the held-out tissues' (`tissue_holdout`: plism.tissue_holdout, `histodistill.holdout`).
 - `context`: the student sees the centre crop of `crop_fraction` of the tile's side, zero padded back to
   the tile's size (so its pixels stay where they were); the teacher the full tile (the seed's "wider
   context" pair).
@@ -37,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from histodistill.augment import VIEW_FIELDS
 from histodistill.errors import HistodistillError
+from histodistill.holdout import TissueHoldoutConfig, held_out_positions
 
 PAIR_SOURCES = ("none", "registered", "context", "downsample", "mask")
 MASK_GREY = np.array([0, 128, 255], np.uint8)  # label 0 background, 1 tissue, 2 nucleus
@@ -61,8 +63,9 @@ class PairingConfig:
     reference: `registered`: slide id of the teacher side (None: the store's PLISM reference, else slide 0).
     slides: `registered`: slide ids of the student side (empty: every slide but the reference).
     mask_dir: `mask`: the mask store (see `read_mask_tile`).
-    exclude_tiles: `registered`: tile positions (per slide, store order) that never train, the held-out
-        tissues' (`histodistill.holdout.held_out_positions`, from plism.tissue_holdout).
+    tissue_holdout: `registered`: the plism.tissue_holdout mapping (`histodistill.holdout`); the held-out
+        tissues' tiles never train (the positions come from the store's own index, with the same function
+        that restricts `score_plism` to them).
     """
 
     source: str = "none"
@@ -72,7 +75,7 @@ class PairingConfig:
     reference: str | None = None
     slides: tuple[str, ...] = ()
     mask_dir: str | None = None
-    exclude_tiles: tuple[int, ...] = ()
+    tissue_holdout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, params: dict[str, Any] | None) -> PairingConfig:
@@ -83,9 +86,8 @@ class PairingConfig:
         unknown = sorted(set(params) - known)
         if unknown:
             raise HistodistillError(f"pairing has no key(s) {unknown} (it takes: {sorted(known)})")
-        for key in ("slides", "exclude_tiles"):
-            if key in params:
-                params[key] = tuple(params[key])
+        if "slides" in params:
+            params["slides"] = tuple(params["slides"])
         cfg = cls(**params)
         if cfg.source not in PAIR_SOURCES:
             raise HistodistillError(f"pairing.source must be one of {PAIR_SOURCES}, not {cfg.source!r}")
@@ -95,9 +97,9 @@ class PairingConfig:
             raise HistodistillError(f"pairing.downsample_px must be ≥ 1, not {cfg.downsample_px}")
         if cfg.source == "mask" and not cfg.mask_dir:
             raise HistodistillError("pairing.source mask needs pairing.mask_dir (the mask store)")
-        if cfg.exclude_tiles and cfg.source != "registered":
+        if cfg.tissue_holdout.get("method", "none") != "none" and cfg.source != "registered":
             raise HistodistillError(
-                "pairing.exclude_tiles (held-out tissues) applies to source registered only"
+                "pairing.tissue_holdout (held-out tissues) applies to source registered only"
             )
         return cfg
 
@@ -221,6 +223,11 @@ class PairSource:
             self.per_slide = store.per_slide
             self.reference = slides.index(ref)
             self.students = np.array([slides.index(s) for s in others])
+            self.excluded = np.zeros(0, np.int64)
+            holdout = TissueHoldoutConfig.parse(cfg.tissue_holdout)
+            if holdout.method != "none":  # the held-out tissues' tiles, on the store's reference grid
+                index = pd.DataFrame({k: store.root[k][: self.per_slide] for k in ("tile_id", "x0", "y0")})
+                self.excluded = held_out_positions(index.assign(slide_id=slides[0]), holdout)[0]
         if cfg.source == "mask":
             self.slide_ids = slides
             self.tile_px = int(store.attrs["tile_px"])
@@ -232,7 +239,7 @@ class PairSource:
     def rows(self) -> np.ndarray:
         """Rows whose tile may be a teacher-side sample (sorted int64)."""
         if self.cfg.source == "registered":
-            keep = np.setdiff1d(np.arange(self.per_slide), np.asarray(self.cfg.exclude_tiles, dtype=np.int64))
+            keep = np.setdiff1d(np.arange(self.per_slide), self.excluded)
             return (self.reference * self.per_slide + keep).astype(np.int64)
         return np.arange(self.n_rows, dtype=np.int64)
 
