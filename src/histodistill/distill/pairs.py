@@ -8,7 +8,8 @@ tile row of the tile store, from one of these sources (`PairingConfig.source`, t
   H, W, 3], `histodistill.matched_tiles`: PLISM's scanners × stainings, or any registered pair such as an
   H&E section and its IHC/IF restain). The teacher side is the reference slide's row (`reference`, default
   the store's PLISM reference, else its first slide), the student side the same tile of another slide
-  (`slides`, default all others), drawn per (seed, row, epoch). Only the reference slide's rows train,
+  (`slides`, default all others), drawn per (seed, row, epoch); `slides: [<reference>]` is the unpaired
+  control on the same rows (the student sees the reference tile). Only the reference slide's rows train,
   minus the held-out tissues' (`tissue_holdout`: plism.tissue_holdout, `histodistill.holdout`).
 - `context`: the student sees the centre crop of `crop_fraction` of the tile's side, zero padded back to
   the tile's size (so its pixels stay where they were); the teacher the full tile (the seed's "wider
@@ -218,8 +219,6 @@ class PairSource:
                 raise HistodistillError(
                     f"pairing: slide(s) {missing} are not in {store.path} (it has {slides})"
                 )
-            if ref in others:
-                raise HistodistillError(f"pairing.slides must not include the reference slide {ref!r}")
             self.per_slide = store.per_slide
             self.reference = slides.index(ref)
             self.students = np.array([slides.index(s) for s in others])
