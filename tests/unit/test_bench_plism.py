@@ -13,6 +13,7 @@ import zarr
 from histodistill.bench import BenchmarkError
 from histodistill.bench.plism import (
     ALL,
+    BENCHMARK,
     INTER_BOTH,
     INTER_SCANNER,
     INTER_STAINING,
@@ -442,6 +443,13 @@ def test_run_scores_only_the_held_out_tissues_and_records_them(tmp_path):
     pd.testing.assert_frame_equal(got, score_pairs(feats, slides, tiles_subset=np.arange(20, 25)))
     meta = read_scores(tmp_path / "a.parquet")[1]
     assert meta["params"]["held_out_tissues"] == ["r0c4"] and meta["params"]["n_tiles"] == 5
+    # the report names the held-out tissues the model was scored on
+    rows = BENCHMARK.model_rows(got, "m", tmp_path / "a.parquet")
+    summary = BENCHMARK.summarize(rows, n_boot=0).assign(model="m")
+    assert set(summary["held_out"]) == {"r0c4"}
+    assert "Scored on held-out tissues only" in BENCHMARK.section(
+        summary, ["m"], []
+    ) and "m: r0c4" in BENCHMARK.section(summary, ["m"], [])
     with pytest.raises(BenchmarkError, match="set one of them"):
         run(
             store,
