@@ -179,11 +179,14 @@ PAIRED = DistillConfig(
     "cfg",
     [
         # the seed's co-trained setting: VICReg, separate weights, registered pairs
-        replace(
-            PAIRED,
-            objective="vicreg",
-            objective_params={"expander_dim": 16},
-            teacher_mode="cotrained_separate",
+        pytest.param(
+            replace(
+                PAIRED,
+                objective="vicreg",
+                objective_params={"expander_dim": 16},
+                teacher_mode="cotrained_separate",
+            ),
+            marks=pytest.mark.slow,
         ),
         # asymmetric distillation from the frozen cached teacher on context pairs
         pytest.param(
@@ -193,6 +196,8 @@ PAIRED = DistillConfig(
     ids=["vicreg-cotrained-registered", "feature-cached-context"],
 )
 def test_paired_run_killed_and_resumed_is_exact(tmp_path, matched, cfg):
+    """Slow (3 runs of 224 px views): the vicreg case passed on 2026-11-30 in 138 s and 313 s on a loaded
+    2-core machine (`pytest -m slow tests/unit/test_distill_pairs.py`)."""
     store, cache, _ = matched
     Trainer(cfg, store, cache, tmp_path / "full").fit()
     assert Trainer(cfg, store, cache, tmp_path / "resumed").fit(stop_after=2) == {"stopped_at": 2}
