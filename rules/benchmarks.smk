@@ -21,6 +21,7 @@ rule score_plism:
         compat=BENCH["plism"]["compat"],
         robustness_tiles=BENCH["plism"]["robustness_tiles"],
         robustness_k=BENCH["plism"]["robustness_k"],
+        tissue_holdout=PLISM["tissue_holdout"],  # score only the held-out tissues (histodistill.holdout)
     log:
         "logs/score_plism/{model}.log",
     threads: threads_for("score_plism")

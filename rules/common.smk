@@ -171,8 +171,9 @@ def teacher_heads_file(run):
 
 
 def run_settings(run):
-    """The run's DistillConfig keyword arguments: its keys, the teacher, the shared collapse floor, and
-    `teacher_heads: trained` replaced by the heads file."""
+    """The run's DistillConfig keyword arguments: its keys, the teacher, the shared collapse floor,
+    `teacher_heads: trained` replaced by the heads file, and for a registered-pair run on the PLISM matched
+    tiles (cohort `plism`) `pairing.tissue_holdout` = plism.tissue_holdout unless the run sets its own."""
     settings = {
         **{k: v for k, v in distill_run(run).items() if k != "cohort"},
         "teacher": config["teacher"]["model"],
@@ -183,6 +184,10 @@ def run_settings(run):
     }
     if teacher_heads_file(run):
         settings["teacher_heads"] = teacher_heads_file(run)[0]
+    pairing = settings.get("pairing") or {}
+    if pairing.get("source") == "registered" and distill_run(run)["cohort"] == "plism":
+        # honest splits: the held-out tissues that score_plism scores never train (histodistill.holdout)
+        settings["pairing"] = {"tissue_holdout": config["plism"]["tissue_holdout"], **pairing}
     return settings
 
 

@@ -51,7 +51,7 @@ rule distill_resume:
 
 rule distill:
     input:
-        tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
+        tiles=lambda w: dataset_store(distill_run(w.run)["cohort"]),  # cohort plism: the matched tiles
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
         heads=lambda w: teacher_heads_file(w.run),
         teacher_weights=model_weights(config["teacher"]["model"]) or [],  # loaded by teacher_mode: online

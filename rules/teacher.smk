@@ -3,7 +3,7 @@
 
 rule cache_teacher_shard:
     input:
-        store=f"{RESULTS}/tilestore/{{cohort}}.zarr",
+        store=lambda w: dataset_store(w.cohort),  # a cohort's tile store, or (plism) the matched tiles
         weights=lambda w: model_weights(w.teacher) or [],  # a local weights file (e.g. the demo teacher's)
     output:
         shard=directory(f"{RESULTS}/teacher/{{teacher}}/{{cohort}}/shard-{{shard}}-of-{NUM_SHARDS}.zarr"),

@@ -18,5 +18,6 @@ plism.run(
     compat=p.compat,
     robustness_tiles=p.robustness_tiles,
     robustness_k=p.robustness_k,
+    tissue_holdout=p.tissue_holdout,
     workers=snakemake.threads,
 )

@@ -13,6 +13,7 @@ import zarr
 from histodistill.bench import BenchmarkError
 from histodistill.bench.plism import (
     ALL,
+    BENCHMARK,
     INTER_BOTH,
     INTER_SCANNER,
     INTER_STAINING,
@@ -424,6 +425,40 @@ def test_run_reads_the_slide_order_from_the_matched_tiles_table(tmp_path):
         run(store, tmp_path / "reversed.parquet", tmp_path / "b.parquet", model="m")
     with pytest.raises(BenchmarkError, match="does not exist"):
         run(store, tmp_path / "nope.parquet", tmp_path / "c.parquet", model="m")
+
+
+def test_run_scores_only_the_held_out_tissues_and_records_them(tmp_path):
+    rng = np.random.default_rng(12)
+    feats = noisy_slides(rng, n_slides=3, n=25, dim=8)
+    slides = slide_table(1, 3)
+    store = tmp_path / "emb.zarr"
+    _embedding_store(store, feats, slides["slide_id"].tolist(), rng)
+    emb = zarr.open_group(store, mode="r")
+    tiles = slides.loc[np.repeat(np.arange(3), 25)].reset_index(drop=True)
+    tiles = tiles.assign(tile_id=emb["tile_id"][:], x0=emb["x0"][:], y0=emb["y0"][:])  # the store's order
+    tiles.to_parquet(tmp_path / "tiles.parquet")
+    # 5 columns of tiles (x0 = 0 … 4·224): one block per column; column 4 is (x, y)-order tiles 20 … 24
+    holdout = {"method": "blocks", "blocks": [1, 5], "held_out": ["r0c4"]}
+    got = run(store, tmp_path / "tiles.parquet", tmp_path / "a.parquet", model="m", tissue_holdout=holdout)
+    pd.testing.assert_frame_equal(got, score_pairs(feats, slides, tiles_subset=np.arange(20, 25)))
+    meta = read_scores(tmp_path / "a.parquet")[1]
+    assert meta["params"]["held_out_tissues"] == ["r0c4"] and meta["params"]["n_tiles"] == 5
+    # the report names the held-out tissues the model was scored on
+    rows = BENCHMARK.model_rows(got, "m", tmp_path / "a.parquet")
+    summary = BENCHMARK.summarize(rows, n_boot=0).assign(model="m")
+    assert set(summary["held_out"]) == {"r0c4"}
+    assert "Scored on held-out tissues only" in BENCHMARK.section(
+        summary, ["m"], []
+    ) and "m: r0c4" in BENCHMARK.section(summary, ["m"], [])
+    with pytest.raises(BenchmarkError, match="set one of them"):
+        run(
+            store,
+            tmp_path / "tiles.parquet",
+            tmp_path / "b.parquet",
+            model="m",
+            tiles_subset=[1],
+            tissue_holdout=holdout,
+        )
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -29,9 +29,11 @@ from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
 from histodistill.demo.slides import DemoSlideConfig
 from histodistill.demo.teacher import DemoTeacherConfig
+from histodistill.distill.pairs import PAIR_SOURCES, PairingConfig
 from histodistill.distill.teacher_heads import HeadsConfig
 from histodistill.distill.trainer import DistillConfig
 from histodistill.embed import extract_embeddings
+from histodistill.holdout import TissueHoldoutConfig
 from histodistill.matched_tiles import cut_matched_tiles
 from histodistill.registration import RegistrationConfig, register_to_grid
 from histodistill.teacher_cache import cache_teacher
@@ -67,6 +69,10 @@ SOURCES: dict[str, tuple] = {
     "plism.tile_px": (TilingConfig, "tile_px"),
     "plism.min_tissue": (TilingConfig, "min_tissue"),
     "plism.chunk_tiles": (cut_matched_tiles, "chunk_tiles"),
+    **{
+        f"plism.tissue_holdout.{f}": (TissueHoldoutConfig, f)
+        for f in ("method", "held_out", "blocks", "table")
+    },
     "plism.on_failure": (register_to_grid, "on_failure"),
     **{
         f"plism.registration.{f}": (RegistrationConfig, f)
@@ -259,6 +265,7 @@ PIPELINE_ONLY = {
 NOT_CONFIG: dict[type, dict[str, str] | str] = {
     TilingConfig: {},
     MaskConfig: {},  # every field is TilingConfig's (tiling.*), checked below
+    TissueHoldoutConfig: {},
     RegistrationConfig: {"seed": "elastix's sampling seed: a registration does not depend on the run's seed"},
     AugmentConfig: "DINOv2's augmentation recipe, recorded in the teacher cache; not tunable per run",
     LinearProbeConfig: {"threads": "a process setting, not part of the protocol"},
@@ -336,6 +343,8 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
         "collapse_floor": "distill.collapse_floor, one floor for every run and the heads stage",
         "collapse_patience": "distill.collapse_patience, as collapse_floor",
     },
+    # PairingConfig: each field is a key of distill.runs.<run>.pairing without a schema default (see below).
+    PairingConfig: {},
     HeadsConfig: {
         "collapse_floor": "distill.collapse_floor (shared with the runs)",
         "collapse_patience": "distill.collapse_patience (shared with the runs)",
@@ -423,7 +432,7 @@ def test_every_settings_field_is_a_config_key_or_says_why_not(cls):
         assert not any(owner is cls for owner, _ in SOURCES.values())
         return
     assert set(excused) <= fields, "NOT_CONFIG names a field that does not exist"
-    if cls is DistillConfig:
+    if cls in (DistillConfig, PairingConfig):
         return  # checked by test_distill_run_keys_have_no_schema_default
     if cls is MaskConfig:  # a view of TilingConfig: same names, same defaults
         for name in fields:
@@ -442,6 +451,10 @@ def test_distill_run_keys_have_no_schema_default():
     assert [k for k, sub in run.items() if "default" in sub] == []
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     assert set(run) - {"cohort"} == fields - set(NOT_CONFIG[DistillConfig])
+    pairing = run["pairing"]["properties"]
+    assert [k for k, sub in pairing.items() if "default" in sub] == []
+    assert set(pairing) == {f.name for f in dataclasses.fields(PairingConfig)}
+    assert pairing["source"]["enum"] == list(PAIR_SOURCES)
 
 
 def test_cli_defaults_are_the_librarys():

@@ -210,10 +210,10 @@ def test_feature_objective_is_cosine_plus_smooth_l1_through_the_adapter():
 
 def test_registry_matches_the_schema_and_rejects_unknown_names_and_options():
     run = load_schema()["properties"]["distill"]["properties"]["runs"]["additionalProperties"]["properties"]
-    assert set(run["objective"]["enum"]) == set(OBJECTIVES) == {"dino_ibot", "feature"}
+    assert set(run["objective"]["enum"]) == set(OBJECTIVES) == {"dino_ibot", "feature", "vicreg", "simclr"}
     assert isinstance(build_objective(replace(CFG, objective="feature"), D, DT, True), Feature)
-    with pytest.raises(HistodistillError, match="unknown objective 'vicreg'"):
-        build_objective(replace(CFG, objective="vicreg"), D, DT, True)
+    with pytest.raises(HistodistillError, match="unknown objective 'barlow'"):
+        build_objective(replace(CFG, objective="barlow"), D, DT, True)
     with pytest.raises(HistodistillError, match=r"no option\(s\) \['temperature'\]"):
         build_objective(replace(CFG, objective_params={"temperature": 0.5}), D, DT, True)
 

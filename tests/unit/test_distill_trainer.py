@@ -68,8 +68,13 @@ def test_dist_env_prefers_torchrun_over_slurm(monkeypatch):
 
 
 def _batch(store, cache, rows):
+    """A batch with the cached targets and the online teacher's views (unpaired: the student's own)."""
     ds = DistillDataset(store, cache, n_local=2, seed=0, cached=True)
-    return default_collate([ds[(r, 0)] for r in rows])
+    online = DistillDataset(store, cache, n_local=0, seed=0, cached=False)
+    batch = default_collate([ds[(r, 0)] for r in rows])
+    batch["teacher_globals"] = default_collate([online[(r, 0)]["teacher_globals"] for r in rows])
+    assert torch.equal(batch["teacher_globals"], batch["globals"])
+    return batch
 
 
 def test_cached_and_online_teacher_give_the_same_loss(tmp_path, data):

@@ -90,6 +90,7 @@ from histodistill.bench.stats import (
     slide_resamples,
     summarize,
 )
+from histodistill.holdout import TissueHoldoutConfig, held_out_positions
 from histodistill.provenance import provenance, read_parquet, write_parquet
 
 N_BOOT = 1000  # cluster-bootstrap replicates (slides) of the CIs: config key benchmarks.plism.n_boot
@@ -793,6 +794,7 @@ def score_plism(
     compat: str = "exact",
     robustness_tiles: int = 0,
     robustness_k: Sequence[int] = DEFAULT_RI_K,
+    held_out_tissues: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Score all pairs (see `score_pairs`; `robustness_tiles` adds the pooled robustness index; `unmatched` adds the unmatched cosine and the separation; `compat`
     exact or plismbench's arithmetic) and write the tidy frame to Parquet `out` atomically.
@@ -800,6 +802,8 @@ def score_plism(
     `features`: an array-like, or a path to an embedding store, a [S, n, D] Zarr array or a .npy file.
     `tiles_subset`: int array or .npy path (e.g. the 8,139-tile leaderboard subset). Provenance (settings,
     subset digest, features' config hash) goes to the schema metadata under b"histodistill".
+    `held_out_tissues`: the tissue ids whose tiles `tiles_subset` is (`histodistill.holdout`), recorded in
+    the provenance so the report can say which tissues were scored.
     """
     feats, store_ids, source = _resolve_features(features)
     slides = _check_slides(_read_slide_table(slides))
@@ -836,6 +840,7 @@ def score_plism(
         "robustness_k": [int(k) for k in robustness_k],
         "dtype": np.dtype(_dtype(dtype) if compat == "exact" else np.float16).name,
         "tiles_subset_digest": _digest(subset),
+        "held_out_tissues": None if held_out_tissues is None else [str(t) for t in held_out_tissues],
         "n_tiles": int(len(subset) if subset is not None else n),
         "slides": slides["slide_id"].astype(str).tolist(),
         "embeddings_config_hash": source.get("embeddings_config_hash"),
@@ -880,13 +885,28 @@ def run(
     compat: str = "exact",
     robustness_tiles: int = 0,
     robustness_k: Sequence[int] = DEFAULT_RI_K,
+    tissue_holdout: dict | None = None,
 ) -> pd.DataFrame:
     """Score one model's embeddings of the PLISM matched tiles and write them to Parquet `out` (`score_plism`).
 
     `embeddings`: the model's embedding store of the matched-tile store; `tiles_table`: that store's tile
     table (Parquet with slide_id, scanner, staining per tile), which gives the slides in store order.
-    Returns the tidy pair scores; raises BenchmarkError as `score_plism` does.
+    `tissue_holdout` (plism.tissue_holdout, `histodistill.holdout`): when its method is not none, only the
+    held-out tissues' tiles are scored (the tissues paired distillation never trains on). Returns the tidy
+    pair scores; raises BenchmarkError as `score_plism` does, and for a tissue holdout with a
+    `tiles_subset` (one subset at a time); ConfigError for a tissue holdout that names no tissue here.
     """
+    held_out_tissues = None
+    holdout = TissueHoldoutConfig.parse(tissue_holdout)
+    if holdout.method != "none":
+        if tiles_subset is not None:
+            raise BenchmarkError(
+                "benchmarks.plism.tiles_subset and plism.tissue_holdout both restrict the scored tiles: "
+                "set one of them"
+            )
+        table = pd.read_parquet(tiles_table, columns=["slide_id", "tile_id", "x0", "y0"])
+        tiles_subset = held_out_positions(table, holdout)[1]
+        held_out_tissues = list(holdout.held_out)
     return score_plism(
         embeddings,
         slides_of_matched_tiles(tiles_table),
@@ -901,6 +921,7 @@ def run(
         compat=compat,
         robustness_tiles=robustness_tiles,
         robustness_k=robustness_k,
+        held_out_tissues=held_out_tissues,
     )
 
 
@@ -1139,9 +1160,12 @@ LEADERBOARD_TOP10_GROUPS = (INTER_SCANNER, INTER_STAINING, INTER_BOTH)
 
 
 def _model_rows(frame: pd.DataFrame, model: str, path: Path) -> pd.DataFrame:
-    """One model's score rows, tagged with the `compat` its file was scored with (its provenance)."""
+    """One model's score rows, tagged with the `compat` its file was scored with and the held-out tissues
+    it was restricted to ("" for all tiles; its provenance)."""
     _, meta = read_scores(path)
-    return frame.assign(compat=((meta or {}).get("params") or {}).get("compat", "exact"))
+    params = (meta or {}).get("params") or {}
+    held = params.get("held_out_tissues")
+    return frame.assign(compat=params.get("compat", "exact"), held_out=", ".join(held) if held else "")
 
 
 def _compat_of(frame: pd.DataFrame) -> str:
@@ -1150,7 +1174,8 @@ def _compat_of(frame: pd.DataFrame) -> str:
 
 def _summarize_for_report(frame: pd.DataFrame, n_boot: int = N_BOOT, boot_seed: int = 0) -> pd.DataFrame:
     summary = summarize_scores(frame, n_boot=n_boot, seed=boot_seed)
-    return summary.assign(compat=_compat_of(frame))
+    held = str(frame["held_out"].iloc[0]) if "held_out" in frame.columns and len(frame) else ""
+    return summary.assign(compat=_compat_of(frame), held_out=held)
 
 
 def _median(summary: pd.DataFrame, group: str, metric: str) -> float:
@@ -1291,6 +1316,13 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
     if "compat" in summary.columns:
         firsts = summary.groupby("model", sort=False)["compat"].first()
         compat = {m: c for m, c in firsts.items() if c != "exact"}
+    if "held_out" in summary.columns:
+        held = {m: h for m, h in summary.groupby("model", sort=False)["held_out"].first().items() if h}
+        if held:
+            body += page.note(
+                "Scored on held-out tissues only (plism.tissue_holdout: tissues no paired student trained "
+                "on): " + "; ".join(f"{m}: {h}" for m, h in held.items())
+            )
     if compat:
         body += page.note(
             "Scored with the public plismbench's float16 arithmetic and tie order, leaderboard from medians "

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from histodistill.augment import LOCAL, AugmentConfig, draw_views, render
+from histodistill.distill.pairs import PairingConfig, PairSource
 from histodistill.teacher_cache import TeacherCache
 from histodistill.tilestore import ProcessLocal, TileStore
 
@@ -55,7 +56,13 @@ class EpochSampler(Sampler):
 
 
 class DistillDataset:
-    """(row, epoch) → uint8 global views [2, 3, S, S], local views [L, 3, s, s] and (cached mode) targets."""
+    """(row, epoch) → the student's uint8 global views `globals` [2, 3, S, S] and local views `locals`
+    [L, 3, s, s]; cached: the teacher's targets `teacher_cls` [2, Dt] (and `teacher_patch` [2, P, Dt]);
+    otherwise the teacher side's views `teacher_globals` [2, 3, S, S] for a teacher run on the fly.
+
+    With a `pairing` (distill.pairs), the student's views (and local crops) are rendered from the row's
+    paired image with the cached views' parameters; the teacher side stays the tile itself (the student
+    side under `symmetric`)."""
 
     def __init__(
         self,
@@ -65,12 +72,18 @@ class DistillDataset:
         seed: int,
         cached: bool,
         augment: AugmentConfig = AugmentConfig(),
+        pairing: PairingConfig | None = None,
     ):
         self.tiles_path, self.cache_path = Path(tiles), Path(cache)
         self.n_local, self.seed, self.cached, self.augment = n_local, seed, cached, augment
         store = TileStore(self.tiles_path)
         self.slide_ids = [s["slide_id"] for s in store.attrs["slides"]]
         self.slide_index, self.tile_id = store.root["slide_index"][:], store.root["tile_id"][:]
+        self.pairing = pairing = pairing or PairingConfig()
+        self.pairs = PairSource(pairing, store, seed)
+        self.index = {"slide_index": self.slide_index}
+        if pairing.source == "mask":
+            self.index |= {"x0": store.root["x0"][:], "y0": store.root["y0"][:]}
         self.n_views = int(TeacherCache(self.cache_path).attrs["views"])
         self.fields = ("params", "cls", "patch") if cached else ("params",)
         self._handles = ProcessLocal(partial(_open_pair, self.tiles_path, self.cache_path))
@@ -81,11 +94,21 @@ class DistillDataset:
         tile = store[row]
         entry = cache.get(row, self.fields)  # online mode reads the view parameters only
         pair = 2 * (epoch % max(self.n_views // 2, 1))  # cycle through the cached view pairs
-        globals_ = torch.stack([render(tile, entry["params"][pair + j], self.augment) for j in range(2)])
+        params = entry["params"][pair : pair + 2]
+        if self.pairing.source == "none":
+            image, teacher_views = tile, None
+            globals_ = torch.stack([render(tile, params[j], self.augment) for j in range(2)])
+        else:  # the student side: the paired image under the cached views' own parameters
+            image = self.pairs.student_image(store, self.index, row, tile, epoch)
+            student_params = self.pairs.render_params(params)
+            globals_ = torch.stack([render(image, student_params[j], self.augment) for j in range(2)])
+            teacher_views = (
+                None if self.cached else torch.stack([render(tile, p, self.augment) for p in params])
+            )
         slide = self.slide_ids[int(self.slide_index[row])]
         if self.n_local:  # view numbers after the cached ones, new every epoch
             first = self.n_views + epoch * self.n_local
-            params = draw_views(
+            local_params = draw_views(
                 self.seed,
                 slide,
                 int(self.tile_id[row]),
@@ -94,10 +117,16 @@ class DistillDataset:
                 self.augment,
                 first,
             )
-            locals_ = torch.stack([render(tile, p, self.augment) for p in params])
+            locals_ = torch.stack(
+                [render(image, p, self.augment) for p in self.pairs.render_params(local_params)]
+            )
         else:
             locals_ = torch.zeros(0, 3, self.augment.local_px, self.augment.local_px, dtype=torch.uint8)
         out = {"globals": globals_, "locals": locals_, "row": row}
+        if not self.cached:  # a teacher run on the fly sees the teacher side (the student side if symmetric)
+            out["teacher_globals"] = (
+                globals_ if teacher_views is None or self.pairing.symmetric else teacher_views
+            )
         if self.cached:
             out["teacher_cls"] = torch.from_numpy(entry["cls"][pair : pair + 2].astype(np.float32))
             if "patch" in entry:

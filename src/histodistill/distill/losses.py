@@ -7,9 +7,15 @@ H(t, s) = −Σ_k t_k log softmax(s / τ_s)_k, with t the teacher's target distr
 - iBOT: mean over all patch tokens of both global crops of H(t_jp, s_jp) (no masking), computed in chunks
   by a custom autograd function so no dense [N, K] probability tensor is ever kept for backward.
 - feature: cosine + smooth-L1 between teacher tokens and the student's tokens through a linear adapter.
+- VICReg (Bardes et al. 2022; facebookresearch/vicreg, main_vicreg.py `VICReg.forward`): invariance (MSE),
+  variance (hinge on the per-dimension std) and covariance (squared off-diagonal covariances / D) terms.
+- NT-Xent (SimCLR, Chen et al. 2020, Eq. 1): cross-entropy of each embedding's positive against the 2N − 2
+  other embeddings of the batch, cosine similarities over a temperature.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -141,3 +147,93 @@ def feature_loss(
     s, t = student_tokens.float(), teacher_tokens.float().detach()
     cosine = 1 - nn.functional.cosine_similarity(s, t, dim=-1).mean()
     return cosine + nn.functional.smooth_l1_loss(s, t, beta=beta)
+
+
+class VicregTerms(NamedTuple):
+    """The three unweighted VICReg terms (scalars)."""
+
+    invariance: torch.Tensor
+    variance: torch.Tensor
+    covariance: torch.Tensor
+
+
+VICREG_EPS = 1e-4  # inside the square root of the variance term (facebookresearch/vicreg)
+
+
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def vicreg_terms(x: torch.Tensor, y: torch.Tensor, eps: float = VICREG_EPS) -> VicregTerms:
+    """VICReg's terms for two batches of expander outputs x, y [N, D] (row i of x and y: one pair).
+
+    invariance = mean((x − y)²) over all N·D entries; variance = ½ Σ_{z∈{x,y}} mean_d relu(1 − sqrt(var_d(z) +
+    eps)) with the unbiased variance over the batch; covariance = Σ_{z∈{x,y}} Σ_{i≠j} C(z)_ij² / D with
+    C(z) = z̃ᵀz̃ / (N − 1), z̃ centred. As facebookresearch/vicreg main_vicreg.py (`VICReg.forward`), whose
+    loss is 25·invariance + 25·variance + 1·covariance; computed in float32. HistodistillError for N < 2
+    (no batch variance) or shapes that differ.
+    """
+    if x.shape != y.shape or x.ndim != 2:
+        raise HistodistillError(
+            f"VICReg needs two [N, D] batches of one shape, not {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    n, d = x.shape
+    if n < 2:
+        raise HistodistillError(f"VICReg needs a batch of at least 2 pairs (batch variance), not {n}")
+    x, y = x.float(), y.float()
+    invariance = nn.functional.mse_loss(x, y)
+    x, y = x - x.mean(0), y - y.mean(0)
+    std_x, std_y = torch.sqrt(x.var(0) + eps), torch.sqrt(y.var(0) + eps)
+    variance = torch.relu(1 - std_x).mean() / 2 + torch.relu(1 - std_y).mean() / 2
+    cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)
+    covariance = _off_diagonal(cov_x).pow(2).sum() / d + _off_diagonal(cov_y).pow(2).sum() / d
+    return VicregTerms(invariance, variance, covariance)
+
+
+def nt_xent(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR's NT-Xent for N positive pairs (x_i, y_i), x, y [N, D]: the mean over the 2N anchors of
+    −log(exp(sim(a, p)/τ) / Σ_{k≠a} exp(sim(a, k)/τ)), sim the cosine, k over all 2N − 1 other embeddings.
+
+    This is Eq. 1 and the loss L = 1/(2N) Σ ℓ of Chen et al. 2020 (the reference TF code,
+    google-research/simclr `add_contrastive_loss`, returns loss_a + loss_b, twice this mean). Computed in
+    float32. HistodistillError for N < 2 (no negatives) or shapes that differ.
+    """
+    if x.shape != y.shape or x.ndim != 2:
+        raise HistodistillError(
+            f"NT-Xent needs two [N, D] batches of one shape, not {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    n = x.shape[0]
+    if n < 2:
+        raise HistodistillError(f"NT-Xent needs a batch of at least 2 pairs (negatives), not {n}")
+    z = nn.functional.normalize(torch.cat([x, y]).float(), dim=1)
+    logits = z @ z.T / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return nn.functional.cross_entropy(logits, positives)
+
+
+class Expander(nn.Module):
+    """The seed's expander: `n_layers` dense layers, ReLU between them (and BatchNorm before each ReLU with
+    `batch_norm`, as VICReg's `Projector`), the last without bias: in_dim → width → … → width.
+
+    VICReg's (facebookresearch/vicreg main_vicreg.py `Projector`, `--mlp 8192-8192-8192`) and the seed
+    paper's (Farndale et al., 3 layers, 8192 wide). Input [N, in_dim] → [N, width].
+    """
+
+    def __init__(self, in_dim: int, width: int = 8192, n_layers: int = 3, batch_norm: bool = True):
+        super().__init__()
+        if n_layers < 1:
+            raise HistodistillError(f"the expander needs at least one layer, not {n_layers}")
+        dims = [in_dim] + [width] * n_layers
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-2], dims[1:-1], strict=True):
+            layers.append(nn.Linear(a, b))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.float())

@@ -20,7 +20,9 @@ the class's `Options` dataclass). docs/architecture.md lists the steps.
 Sources: DINO/iBOT heads, centering and loss terms follow DINOv2's `SSLMetaArch`
 (facebookresearch/dinov2, dinov2/train/ssl_meta_arch.py: `get_teacher_output`, `forward_backward`) and
 dinov3's `SSLMetaArch` without masking; the `feature` objective is plain token regression through a
-linear adapter (cosine + smooth-L1, as in `losses.feature_loss`).
+linear adapter (cosine + smooth-L1, as in `losses.feature_loss`); `vicreg` and `simclr` are the seed paper's
+joint-embedding losses with its expander (Farndale et al., "More From Less"; `losses.vicreg_terms`,
+`losses.nt_xent`), against a frozen teacher or a co-trained teacher branch (`JointEmbedding`).
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ from torch import nn
 from histodistill.distill.centering import SoftmaxCenter, sinkhorn_center, sinkhorn_knopp
 from histodistill.distill.heads import ProjectionHead
 from histodistill.distill.losses import (
+    Expander,
     FeatureAdapter,
+    VicregTerms,
     dino_loss,
     dino_pair_weight,
     feature_loss,
     ibot_loss,
+    nt_xent,
+    vicreg_terms,
 )
 from histodistill.distill.monitors import TargetStats
 from histodistill.errors import HistodistillError
@@ -104,6 +110,9 @@ class Objective(nn.Module):
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    # the `teacher_mode`s it runs under: a frozen teacher (cached, online) unless it co-trains the teacher
+    # branch (distill.trainer builds that branch's encoder, shared or separate; its tokens carry gradient)
+    teacher_modes: ClassVar[tuple[str, ...]] = ("cached", "online")
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,7 +133,8 @@ class Objective(nn.Module):
         return cls.Options(**params)
 
     def teacher_targets(self, teacher: TeacherTokens, step: StepState) -> Any:
-        """The targets of this step from the teacher's tokens, computed without gradient (detached)."""
+        """The targets of this step from the teacher's tokens: without gradient (detached) for a frozen
+        teacher; a co-trained teacher branch (`teacher_modes` with `cotrained_*`) keeps its gradient."""
         raise NotImplementedError
 
     def losses(self, student: StudentTokens, targets: Any, step: StepState) -> dict[str, torch.Tensor]:
@@ -388,7 +398,115 @@ class Feature(Objective):
         return {"feature_cos": float(cos.mean())}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (DinoIbot, Feature)}
+@dataclass(frozen=True)
+class ExpanderOptions:
+    """The expander of the joint-embedding objectives (losses.Expander): `expander_layers` dense layers of
+    width `expander_dim` (the seed paper and VICReg: 3 × 8192), BatchNorm before each ReLU (VICReg's
+    `Projector`) unless `expander_bn` is false."""
+
+    expander_dim: int = 8192
+    expander_layers: int = 3
+    expander_bn: bool = True
+
+
+@dataclass(frozen=True)
+class VicregOptions(ExpanderOptions):
+    """VICReg's coefficients: λ (invariance) = μ (variance) = 25, ν (covariance) = 1 (Bardes et al. 2022;
+    the seed paper's values)."""
+
+    sim_coeff: float = 25.0
+    std_coeff: float = 25.0
+    cov_coeff: float = 1.0
+
+
+@dataclass(frozen=True)
+class SimclrOptions(ExpanderOptions):
+    """SimCLR's NT-Xent temperature (the seed paper's 0.5)."""
+
+    temperature: float = 0.5
+
+
+COTRAINED_MODES = ("cotrained_shared", "cotrained_separate")
+
+
+class JointEmbedding(Objective):
+    """Base of the seed's joint-embedding objectives (VICReg, SimCLR) between a teacher branch and the
+    student branch (Farndale et al., "More From Less").
+
+    The teacher branch is the frozen teacher (`teacher_mode` cached | online: asymmetric distillation, its
+    tokens carry no gradient, only its expander learns) or a second encoder trained with the student from
+    scratch (`cotrained_shared`: the student's own weights; `cotrained_separate`: an encoder of the same
+    architecture with its own weights; the trainer builds it). Each branch's CLS token goes through an
+    expander (losses.Expander): one expander shared by both branches under `cotrained_shared`, one per
+    branch otherwise (student head `expander`, `teacher_expander`). Pairs are cross-view, as DINO's: the
+    teacher branch's view 0 with the student's view 1 and view 1 with view 0 (with a paired dataset, the
+    student's views are the paired image: see distill.pairs); the loss is the mean over the two pairs.
+    No teacher heads, no state.
+    """
+
+    teacher_modes = ("cached", "online", *COTRAINED_MODES)
+    Options: ClassVar[type] = ExpanderOptions
+
+    def __init__(self, cfg: DistillConfig, student_dim: int, teacher_dim: int, teacher_patches: bool):
+        super().__init__()
+        self.opts = self.options(cfg.objective_params)
+        o = self.opts
+        self.student_heads["expander"] = Expander(
+            student_dim, o.expander_dim, o.expander_layers, o.expander_bn
+        )
+        if cfg.teacher_mode != "cotrained_shared":
+            self.student_heads["teacher_expander"] = Expander(
+                teacher_dim, o.expander_dim, o.expander_layers, o.expander_bn
+            )
+
+    def teacher_targets(self, teacher: TeacherTokens, step: StepState) -> torch.Tensor:
+        """The teacher branch's CLS tokens [2B, Dt], view-major; with their gradient when co-trained (a
+        frozen teacher's tokens have none)."""
+        return teacher.cls.flatten(0, 1)
+
+    def branch_pairs(
+        self, student: StudentTokens, targets: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(teacher branch view 0, student view 1), (teacher view 1, student view 0)], expanded [B, E]."""
+        t_exp = self.student_heads["teacher_expander"] if "teacher_expander" in self.student_heads else None
+        za = (t_exp or self.student_heads["expander"])(targets)
+        zb = self.student_heads["expander"](student.cls)
+        b = za.shape[0] // 2
+        return [(za[:b], zb[b:]), (za[b:], zb[:b])]
+
+
+class Vicreg(JointEmbedding):
+    """VICReg between the teacher branch and the student branch: λ·invariance + μ·variance + ν·covariance
+    (losses.vicreg_terms; coefficients in `objective_params`, default 25, 25, 1), each term the mean over the
+    two cross-view pairs (logged `loss_invariance`, `loss_variance`, `loss_covariance`)."""
+
+    name = "vicreg"
+    Options = VicregOptions
+
+    def losses(self, student: StudentTokens, targets: torch.Tensor, step: StepState) -> dict:
+        terms = [vicreg_terms(a, b) for a, b in self.branch_pairs(student, targets)]
+        out = {k: torch.stack([getattr(t, k) for t in terms]).mean() for k in VicregTerms._fields}
+        o = self.opts
+        out["total"] = (
+            o.sim_coeff * out["invariance"] + o.std_coeff * out["variance"] + o.cov_coeff * out["covariance"]
+        )
+        return out
+
+
+class Simclr(JointEmbedding):
+    """SimCLR between the teacher branch and the student branch: NT-Xent (losses.nt_xent, temperature 0.5 by
+    default) over the batch, the mean over the two cross-view pairs (logged `loss_nt_xent`)."""
+
+    name = "simclr"
+    Options = SimclrOptions
+
+    def losses(self, student: StudentTokens, targets: torch.Tensor, step: StepState) -> dict:
+        pairs = self.branch_pairs(student, targets)
+        loss = torch.stack([nt_xent(a, b, self.opts.temperature) for a, b in pairs]).mean()
+        return {"nt_xent": loss, "total": loss}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (DinoIbot, Feature, Vicreg, Simclr)}
 
 
 def build_objective(
@@ -397,8 +515,15 @@ def build_objective(
     """The objective named by `cfg.objective`, for a student of width D and a teacher of width Dt.
 
     `teacher_patches`: whether the teacher's outputs include patch tokens. HistodistillError for an
-    unknown name or unknown `objective_params`.
+    unknown name, unknown `objective_params`, or a `teacher_mode` the objective does not take
+    (`Objective.teacher_modes`: DINO + iBOT and `feature` need a frozen teacher).
     """
     if cfg.objective not in OBJECTIVES:
         raise HistodistillError(f"unknown objective {cfg.objective!r} (known: {sorted(OBJECTIVES)})")
-    return OBJECTIVES[cfg.objective](cfg, student_dim, teacher_dim, teacher_patches)
+    cls = OBJECTIVES[cfg.objective]
+    if cfg.teacher_mode not in cls.teacher_modes:
+        raise HistodistillError(
+            f"objective {cfg.objective!r} cannot run with teacher_mode {cfg.teacher_mode!r} (it takes "
+            f"{list(cls.teacher_modes)}): its targets come from a frozen teacher; co-train with vicreg or simclr"
+        )
+    return cls(cfg, student_dim, teacher_dim, teacher_patches)

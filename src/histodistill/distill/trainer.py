@@ -46,13 +46,21 @@ from histodistill.devices import autocast_dtype
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
 from histodistill.distill.launch import REQUEUE_EXIT_CODE
 from histodistill.distill.monitors import CollapseError, CollapseGuard, plot_train_log
-from histodistill.distill.objectives import StepState, StudentTokens, TeacherTokens, build_objective
+from histodistill.distill.objectives import (
+    COTRAINED_MODES,
+    StepState,
+    StudentTokens,
+    TeacherTokens,
+    build_objective,
+)
+from histodistill.distill.pairs import PairingConfig, PairSource
 from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
 from histodistill.models import get_spec, load_model, save_student
 from histodistill.models.registry import build_model, file_digest
 from histodistill.provenance import config_hash, provenance
 from histodistill.teacher_cache import TeacherCache, pool_patches
+from histodistill.tilestore import TileStore
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = REQUEUE_EXIT_CODE  # checkpointed on a signal, run me again (see distill/launch.py)
@@ -69,7 +77,9 @@ class DistillConfig:
     teacher_weights: str | None = None
     objective: str = "dino_ibot"  # a name in distill.objectives.OBJECTIVES: dino_ibot | feature
     objective_params: dict[str, Any] = field(default_factory=dict)  # options of objectives that take any
-    teacher_mode: str = "cached"  # or "online"
+    # cached | online (a frozen teacher) | cotrained_shared | cotrained_separate (a teacher branch of the
+    # student's architecture trained with it: the student's weights or its own; vicreg and simclr only)
+    teacher_mode: str = "cached"
     # a heads file from `histodistill train-heads` (the workflow turns `trained` into the
     # train_teacher_heads output) or `frozen` (seeded random heads: tests only)
     teacher_heads: str = "frozen"
@@ -105,6 +115,8 @@ class DistillConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     ibot_chunk: int = 4096
+    # paired views: the keys of distill.pairs.PairingConfig (empty: unpaired)
+    pairing: dict[str, Any] = field(default_factory=dict)
     # stop when an effective prototype count (exp H(mean target)) stays below the floor this many iterations
     collapse_floor: float = 4.0
     collapse_patience: int = 200
@@ -166,16 +178,20 @@ def dist_env() -> tuple[int, int, int]:
 
 class StudentWithHeads(nn.Module):
     """The module wrapped in DDP: the student backbone + the objective's student heads (the same
-    ModuleDict the objective holds), so DDP all-reduces the heads' gradients too. `forward` runs only the
-    backbone (images [N, 3, S, S] → tokens [N, T, D]); the objective applies its heads itself."""
+    ModuleDict the objective holds), so DDP all-reduces the heads' gradients too, + under
+    `cotrained_separate` the teacher branch's own encoder (`partner`). `forward` runs only an encoder
+    (images [N, 3, S, S] → tokens [N, T, D]): the student's, or the partner with `teacher_branch=True`
+    (the student's own under `cotrained_shared`); the objective applies its heads itself."""
 
-    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict):
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict, partner: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
+        self.partner = partner
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(images)
+    def forward(self, images: torch.Tensor, teacher_branch: bool = False) -> torch.Tensor:
+        encoder = self.partner if teacher_branch and self.partner is not None else self.backbone
+        return encoder.forward_features(images)
 
 
 def param_groups(modules: list[nn.Module]) -> list[dict]:
@@ -229,8 +245,17 @@ class Trainer:
         self.teacher_spec = get_spec(cache.attrs["teacher"]) if cfg.teacher_mode == "online" else None
         self.teacher_dim = int(cache.attrs["embed_dim"])
         self.cache_patch = cache.attrs["patch_tokens"]
-        n_tiles = len(cache)
-        self.train_rows, self.holdout_rows = split_rows(n_tiles, cfg.holdout_fraction, cfg.seed)
+        self.cotrained = cfg.teacher_mode in COTRAINED_MODES
+        self.pairing = PairingConfig.parse(cfg.pairing)
+        if self.pairing.symmetric and cfg.teacher_mode == "cached":
+            raise HistodistillError(
+                "pairing.symmetric gives the teacher branch the student-side image, which the teacher cache "
+                "does not hold: use teacher_mode online or cotrained_shared|cotrained_separate"
+            )
+        # the rows that may train (a registered pairing: the reference slide's), split into train/held out
+        eligible = PairSource(self.pairing, TileStore(self.tiles), cfg.seed).rows()
+        train, holdout = split_rows(len(eligible), cfg.holdout_fraction, cfg.seed)
+        self.train_rows, self.holdout_rows = eligible[train], eligible[holdout]
         if cfg.batch_size % self.world:
             raise HistodistillError(f"batch_size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
@@ -256,10 +281,15 @@ class Trainer:
         # the two the same patch embedding (agreement before training would then be trivially perfect).
         torch.manual_seed(cfg.seed + 1)
         backbone = build_model(self.student_spec)
-        teacher_patches = self.cache_patch != "none" or cfg.teacher_mode == "online"
-        self.objective = build_objective(cfg, backbone.embed_dim, self.teacher_dim, teacher_patches)
+        teacher_patches = self.cache_patch != "none" or cfg.teacher_mode != "cached"
+        branch_dim = backbone.embed_dim if self.cotrained else self.teacher_dim  # the teacher branch's width
+        self.objective = build_objective(cfg, backbone.embed_dim, branch_dim, teacher_patches)
         self.objective.to(self.device)
-        self.model = StudentWithHeads(backbone, self.objective.student_heads).to(self.device)
+        partner = None
+        if cfg.teacher_mode == "cotrained_separate":  # the teacher branch's own weights, from scratch
+            torch.manual_seed(cfg.seed + 2)
+            partner = build_model(self.student_spec)
+        self.model = StudentWithHeads(backbone, self.objective.student_heads, partner).to(self.device)
         self.ema = copy.deepcopy(self.model.backbone).requires_grad_(False)
         self.teacher = None
         if cfg.teacher_mode == "online":
@@ -299,6 +329,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "iteration": self.iteration,
             "backbone": self.model.backbone.state_dict(),
+            "partner": None if self.model.partner is None else self.model.partner.state_dict(),
             "objective": self.objective.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -353,6 +384,8 @@ class Trainer:
             )
             return False
         self.model.backbone.load_state_dict(state["backbone"])
+        if self.model.partner is not None:
+            self.model.partner.load_state_dict(state["partner"])
         self.objective.load_state_dict(state["objective"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -370,19 +403,32 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------
     def get_teacher_output(self, batch: dict) -> TeacherTokens:
-        """Teacher CLS [2, B, Dt] and patch tokens [2, B, P, Dt] (None without patches)."""
-        if self.teacher is None:
+        """Teacher CLS [2, B, Dt] and patch tokens [2, B, P, Dt] (None without patches): from the cache, the
+        frozen teacher run on the teacher side's views (online), or the co-trained teacher branch (with
+        gradient; Dt = the student's width)."""
+        if self.cfg.teacher_mode == "cached":
             cls = batch["teacher_cls"].to(self.device).transpose(0, 1)
             patch = batch.get("teacher_patch")
             return TeacherTokens(cls, None if patch is None else patch.to(self.device).transpose(0, 1))
+        b = batch["teacher_globals"].shape[0]
+        if self.cotrained:
+            spec = self.student_spec
+            views = normalize(
+                batch["teacher_globals"].transpose(0, 1).flatten(0, 1),
+                spec.transform.mean,
+                spec.transform.std,
+            )
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                tokens = self.ddp(views.to(self.device), teacher_branch=True).float()
+            patch = tokens[:, spec.num_prefix_tokens :]
+            return TeacherTokens(tokens[:, 0].reshape(2, b, -1), patch.reshape(2, b, patch.shape[1], -1))
         spec = self.teacher_spec
         views = normalize(
-            batch["globals"].transpose(0, 1).flatten(0, 1), spec.transform.mean, spec.transform.std
+            batch["teacher_globals"].transpose(0, 1).flatten(0, 1), spec.transform.mean, spec.transform.std
         )
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             tokens = self.teacher.forward_features(views.to(self.device)).float()
         tokens = tokens.half().float()  # the cache's fp16 precision, so both modes see the same targets
-        b = batch["globals"].shape[0]
         cls = tokens[:, 0].reshape(2, b, -1)
         patch = tokens[:, spec.num_prefix_tokens :]
         if self.cache_patch == "pool2":
@@ -465,7 +511,10 @@ class Trainer:
         """
         if not len(self.holdout_rows) or self.cache_patch == "none":
             return {"cka": float("nan")}
-        views = DistillDataset(self.tiles, self.cache_path, 0, self.cfg.seed, cached=True)
+        # the student on its own (paired) input against the teacher's cached tokens of the teacher side
+        views = DistillDataset(
+            self.tiles, self.cache_path, 0, self.cfg.seed, cached=True, pairing=self.pairing
+        )
         mean, std = self.student_spec.transform.mean, self.student_spec.transform.std
         prefix = self.student_spec.num_prefix_tokens
         feats_s, feats_t = [], []
@@ -518,7 +567,12 @@ class Trainer:
         if not self.maybe_resume():
             self.agreement_before = self.agreement(self.model.backbone)
         dataset = DistillDataset(
-            self.tiles, self.cache_path, cfg.n_local, cfg.seed, cached=self.teacher is None
+            self.tiles,
+            self.cache_path,
+            cfg.n_local,
+            cfg.seed,
+            cached=cfg.teacher_mode == "cached",
+            pairing=self.pairing,
         )
         sampler = EpochSampler(
             self.train_rows, cfg.seed, self.rank, self.world, start=self.iteration * self.local_batch
