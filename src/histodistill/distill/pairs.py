@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -144,12 +145,10 @@ def geometric_params(params: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _mask_level0(path: str):
-    import tifffile
-    import zarr
+def _mask_slide(path: str):
+    from histodistill.masks import MaskSlide
 
-    series = tifffile.TiffFile(path).series[0]
-    return zarr.open_array(series.aszarr(level=0), mode="r")
+    return MaskSlide(path)
 
 
 def mask_path(mask_dir: str | Path, slide_id: str) -> Path:
@@ -160,32 +159,23 @@ def mask_path(mask_dir: str | Path, slide_id: str) -> Path:
 def read_mask_tile(path: str | Path, x0: int, y0: int, size0: int, tile_px: int) -> np.ndarray:
     """The labels of one tile from a mask file: uint8 [tile_px, tile_px].
 
-    Mask store layout: one single-channel uint8 label TIFF per slide, `{mask_dir}/{slide_id}.tiff`, on the
-    slide's level-0 pixel grid (same width and height; a pyramid is allowed, level 0 is read), labels
-    0 background, 1 tissue, 2 nucleus. The tile is the level-0 square of side `size0` px at (x0, y0) (the
-    tile store's index and footprint), resized to `tile_px` by nearest neighbour (labels are not blended);
-    pixels beyond the mask's edge are background. Read lazily through tifffile's Zarr store (the tiles it
-    touches only). HistodistillError for a missing file or a mask that is not 2-D.
+    Mask store layout (`histodistill.masks`, which reads it; the demo writes it with rule `demo_mask`): one
+    single-channel uint8 label TIFF per slide, `{mask_dir}/{slide_id}.tiff` (`mask_dir` = the store's
+    `masks/{cohort}`), on the slide's level-0 pixel grid, labels 0 background, 1 tissue, 2 nucleus. The
+    tile is the level-0 square of side `size0` px at (x0, y0) (the tile store's index and footprint),
+    resized to `tile_px` by nearest neighbour (labels are not blended); pixels beyond the mask's edge are
+    background. HistodistillError for a missing file; SlideError (from `MaskSlide`) for a mask that is not
+    one channel of uint8.
     """
     path = Path(path)
     if not path.is_file():
         raise HistodistillError(
             f"mask file not found: {path} (the mask store holds one <slide_id>.tiff per slide)"
         )
-    level0 = _mask_level0(str(path))
-    if level0.ndim != 2:
-        raise HistodistillError(
-            f"mask {path} has shape {level0.shape}: a mask is one channel of uint8 labels"
-        )
-    h, w = level0.shape
-    region = np.zeros((size0, size0), np.uint8)
-    ys, xs = slice(max(y0, 0), min(y0 + size0, h)), slice(max(x0, 0), min(x0 + size0, w))
-    if ys.start < ys.stop and xs.start < xs.stop:
-        region[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = level0[ys, xs]
+    labels = _mask_slide(str(path)).read(x0, y0, size0, 0)
     if size0 == tile_px:
-        return region
-    idx = (np.arange(tile_px) * size0 / tile_px + size0 / tile_px / 2).astype(int).clip(0, size0 - 1)
-    return region[np.ix_(idx, idx)]
+        return labels
+    return np.asarray(Image.fromarray(labels).resize((tile_px, tile_px), Image.Resampling.NEAREST))
 
 
 class PairSource:
