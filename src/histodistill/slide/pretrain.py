@@ -330,3 +330,40 @@ def _prototype_terms(loss, teacher, proto_center, s_logits, targets: _Targets, i
     if updates and sum(len(u) for u in updates):
         proto_center.update(torch.cat(updates).detach())
     return loss, parts
+
+
+VARIANT_WEIGHTS = {"dino": (0.0, 0.0), "dino_intra": (1.0, 0.0), "dino_inter": (0.0, 1.0), "slpd": (1.0, 1.0)}
+
+
+def pretrain_variants(
+    region_store: str | Path,
+    outputs: dict[str, str | Path],
+    work_dir: str | Path,
+    settings: dict | None = None,
+    threads: int | None = None,
+) -> dict[str, dict]:
+    """Pretrain one region encoder per ablation variant (`outputs[variant]`: where its `region_encoder.pt`
+    goes; variants dino, dino_intra, dino_inter, slpd keep L_intra / L_inter with weight 0 or 1 × the
+    configured α1, α2) on a region store. `work_dir/<variant>` holds each run's checkpoint (resumed by a
+    rerun). `settings`: RegionTrainConfig fields (lists become tuples). Returns each variant's log.
+    Raises HistodistillError for an unknown variant."""
+    import shutil
+
+    from histodistill.slide.regions import RegionStore
+
+    if unknown := set(outputs) - set(VARIANT_WEIGHTS):
+        raise HistodistillError(f"unknown SLPD variant(s) {sorted(unknown)}; known: {list(VARIANT_WEIGHTS)}")
+    store = RegionStore(region_store)
+    data = store.load()
+    base = RegionTrainConfig(**{**(settings or {}), "threads": threads})
+    digest = str(store.attrs["provenance"]["config_hash"])
+    logs = {}
+    for variant, target in outputs.items():
+        a, b = VARIANT_WEIGHTS[variant]
+        cfg = RegionTrainConfig(**{**asdict(base), "intra_weight": a * base.intra_weight,
+                                   "inter_weight": b * base.inter_weight})  # fmt: skip
+        work = Path(work_dir) / variant
+        logs[variant] = pretrain_regions(data["tokens"], data["mask"], data["slide_index"], work, cfg, digest)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(work / "region_encoder.pt", tmp)
+    return logs
