@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from histodistill.atomic import atomic_path
-from histodistill.devices import torch_threads
+from histodistill.devices import pick_device, torch_threads
 from histodistill.distill.centering import SoftmaxCenter
 from histodistill.distill.heads import ProjectionHead
 from histodistill.distill.losses import dino_loss
@@ -116,12 +116,13 @@ def embed_regions(
     """CLS embeddings [R, E] of regions tokens [R, G, G, D] / mask [R, G, G] (the whole grid, or its centre
     `crop`²), in eval mode, float32."""
     backbone.eval()
+    dev = next(backbone.parameters()).device
     out = []
     for s in range(0, len(tokens), batch_size):
         t, m = torch.as_tensor(tokens[s : s + batch_size]), torch.as_tensor(mask[s : s + batch_size])
         if crop:
             t, m = _center_crop(t, m, crop)
-        out.append(backbone(t.float(), m.bool()).float().numpy())
+        out.append(backbone(t.float().to(dev), m.bool().to(dev)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, backbone.embed_dim), np.float32)
 
 
@@ -133,6 +134,7 @@ def pretrain_regions(
     config: RegionTrainConfig | None = None,
     inputs: str = "",
     stop_after: int | None = None,
+    device: str = "auto",
 ) -> dict:
     """Train the region encoder on regions tokens [R, G, G, D] float32, mask [R, G, G] bool, slide_index [R].
 
@@ -140,14 +142,20 @@ def pretrain_regions(
     `inputs`, a digest of the training data) and, at the end, `region_encoder.pt` (the EMA teacher's backbone
     state, the one SLPD evaluates) and `log.json` (per-epoch losses). Returns the log. Raises
     HistodistillError for mismatched inputs or fewer regions than one batch. `stop_after` ends the run after
-    that many epochs of this call (tests: an interrupted run), without the final files.
+    that many epochs of this call (tests: an interrupted run), without the final files. `device`: "auto" (CUDA
+    when available), "cpu" or "cuda".
     """
     cfg = config or RegionTrainConfig()
     with torch_threads(cfg.threads):
-        return _pretrain(tokens, mask, np.asarray(slide_index, np.int64), Path(out), cfg, inputs, stop_after)
+        dev = pick_device(device)
+        return _pretrain(
+            tokens, mask, np.asarray(slide_index, np.int64), Path(out), cfg, inputs, stop_after, dev
+        )
 
 
-def _pretrain(tokens, mask, slide_index, out: Path, cfg: RegionTrainConfig, inputs: str, stop_after) -> dict:
+def _pretrain(
+    tokens, mask, slide_index, out: Path, cfg: RegionTrainConfig, inputs: str, stop_after, dev
+) -> dict:
     n, g = tokens.shape[0], tokens.shape[1]
     if mask.shape != tokens.shape[:3] or len(slide_index) != n:
         raise HistodistillError(f"tokens {tokens.shape}, mask {mask.shape}, slide_index {slide_index.shape}")
@@ -162,10 +170,14 @@ def _pretrain(tokens, mask, slide_index, out: Path, cfg: RegionTrainConfig, inpu
         build_encoder(cfg, tokens.shape[-1], g),
         ProjectionHead(cfg.embed_dim, cfg.head_prototypes, cfg.head_hidden, cfg.head_bottleneck),
     )
+    student = student.to(dev)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad = False
-    center, proto_center = SoftmaxCenter(cfg.head_prototypes), SoftmaxCenter(cfg.head_prototypes)
+    center, proto_center = (
+        SoftmaxCenter(cfg.head_prototypes).to(dev),
+        SoftmaxCenter(cfg.head_prototypes).to(dev),
+    )
     groups = param_groups([student])
     opt = torch.optim.AdamW(groups)
     sched = Schedules.build(
@@ -217,6 +229,7 @@ def _pretrain(tokens, mask, slide_index, out: Path, cfg: RegionTrainConfig, inpu
             crops = multi_crop(
                 tok_t[idx], mask_t[idx], cfg.global_crop, cfg.local_crop, cfg.n_local_crops, gen
             )
+            crops = [(t.to(dev, non_blocking=True), m.to(dev, non_blocking=True)) for t, m in crops]
             temp = float(sched.teacher_temp[it])
             with torch.no_grad():
                 t_logits = [teacher.head(teacher.backbone(t, m)) for t, m in crops[:2]]
@@ -256,11 +269,15 @@ def _pretrain(tokens, mask, slide_index, out: Path, cfg: RegionTrainConfig, inpu
         with atomic_path(ckpt) as tmp:
             torch.save(state, tmp)
     with atomic_path(out / "region_encoder.pt") as tmp:
-        torch.save({"backbone": teacher.backbone.state_dict(), "settings": settings, "in_dim": tokens.shape[-1],
+        torch.save({"backbone": teacher.backbone.cpu().state_dict(), "settings": settings, "in_dim": tokens.shape[-1],
                     "grid": g}, tmp)  # fmt: skip
     with atomic_path(out / "log.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=1))
     return {"epochs": rows}
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def load_region_encoder(path: str | Path) -> RegionViT:
@@ -285,7 +302,7 @@ def _epoch_targets(
     teacher, tokens, mask, slide_index, n_slides, cfg: RegionTrainConfig, epoch: int
 ) -> _Targets:
     feats = embed_regions(teacher.backbone, tokens, mask, crop=cfg.global_crop)
-    codes = teacher.head.bottleneck(torch.as_tensor(feats)).numpy()
+    codes = teacher.head.bottleneck(torch.as_tensor(feats).to(_device(teacher))).cpu().numpy()
     protos = slide_prototypes(
         codes, slide_index, n_slides, cfg.n_prototypes, cfg.seed + epoch, cfg.kmeans_n_init,
         cfg.kmeans_max_iter, cfg.min_regions,
@@ -313,16 +330,16 @@ def _epoch_targets(
 def _prototype_terms(loss, teacher, proto_center, s_logits, targets: _Targets, idx, temp, cfg):
     keep = targets.keep[idx]
     parts = {}
-    kept_logits = [s[keep] for s in s_logits]
+    kept_logits = [s[keep.to(s.device)] for s in s_logits]
     updates = []
     if cfg.intra_weight > 0:
-        u = teacher.head.logits(targets.codes_intra[idx][keep])[:, None]  # [B', 1, P]
+        u = teacher.head.logits(targets.codes_intra[idx][keep].to(_device(teacher)))[:, None]  # [B', 1, P]
         l_intra = prototype_loss(kept_logits, u, proto_center, temp, cfg.student_temp)
         loss = loss + cfg.intra_weight * l_intra
         parts["intra"] = float(l_intra.detach())
         updates.append(u.reshape(-1, u.shape[-1]))
     if cfg.inter_weight > 0 and targets.inter_ok:
-        u = teacher.head.logits(targets.codes_inter[idx][keep])  # [B', K, P]
+        u = teacher.head.logits(targets.codes_inter[idx][keep].to(_device(teacher)))  # [B', K, P]
         l_inter = prototype_loss(kept_logits, u, proto_center, temp, cfg.student_temp)
         loss = loss + cfg.inter_weight * l_inter
         parts["inter"] = float(l_inter.detach())
