@@ -12,7 +12,8 @@ What one SLPD epoch adds to DINO (histodistill.slide.prototypes), on synthetic d
 - training step: one pretraining step of the default region encoder (HIPT vit4k_xs, 2 global 14² + 8 local 6²
   crops, 65,536-prototype head) at `--batch` regions, timed here (CPU unless CUDA is available); an epoch is
   N · regions / batch steps.
-Each measurement: one warm-up, then `--repeats` runs; min and median printed. Peak memory of the matching is
+Threads: `--threads` (default 1) for torch and the BLAS / OpenMP pools (threadpoolctl), so that timings
+on a shared machine are not dominated by oversubscription. Each measurement: one warm-up, then `--repeats` runs; min and median printed. Peak memory of the matching is
 Python's tracemalloc peak (numpy buffers included). Times grow linearly (clustering, approximate matching)
 or quadratically (exact matching, the reference's dense tensor) in N.
 
@@ -31,6 +32,7 @@ import tracemalloc
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from histodistill.slide.prototypes import Prototypes, slide_prototypes, top_k_slides
 
@@ -148,8 +150,16 @@ def main() -> None:
     ap.add_argument("--max-dense-gib", type=float, default=2.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS/OpenMP threads (1: stable on a shared machine)"
+    )
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(args.threads):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
 
     step_min, step_med, dev = train_step_seconds(args.batch, args.repeats)
     print(f"training step ({dev}, batch {args.batch}, 10 crops, head 65,536): min {step_min:.3f} s, "

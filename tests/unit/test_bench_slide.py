@@ -61,3 +61,33 @@ def test_demo_slides_differ_by_arrangement_only():
         else:
             assert per_region.tolist() == [0.5] * 4  # intermixed
     assert pd.Series(arrays["slide_index"]).value_counts().eq(4).all()
+
+
+def test_run_scores_every_variant_and_the_patch_baseline(tmp_path):
+    import zarr
+
+    from histodistill.bench.slide import run
+    from histodistill.provenance import provenance
+    from histodistill.slide.pretrain import pretrain_variants
+
+    rng = np.random.default_rng(0)
+    tiles = np.concatenate([rng.normal(size=(10, 6)) + 3, rng.normal(size=(10, 6)) - 3])
+    arrays, frame = synthesize_slides(tiles, n_slides=8, regions_per_slide=2, grid=3, missing=0.2, seed=0)
+    root = zarr.open_group(tmp_path / "regions.zarr", mode="w", zarr_format=3)
+    for name, values in arrays.items():
+        root.create_array(name, data=values)
+    root.attrs.update({"slides": frame["slide_id"].tolist(), "n_regions": len(arrays["tokens"]),
+                       "provenance": provenance({}), "complete": True})  # fmt: skip
+    frame.to_csv(tmp_path / "labels.csv", index=False)
+    settings = dict(embed_dim=8, depth=1, num_heads=2, global_crop=2, local_crop=1, n_local_crops=1,
+                    head_prototypes=16, head_hidden=16, head_bottleneck=4, epochs=2, warm_epochs=1,
+                    batch_size=8, n_prototypes=2, min_regions=2, kmeans_n_init=1)  # fmt: skip
+    encoders = {v: tmp_path / f"{v}.pt" for v in ("dino", "slpd")}
+    logs = pretrain_variants(tmp_path / "regions.zarr", encoders, tmp_path / "work", settings, threads=1)
+    assert "intra" not in logs["dino"]["epochs"][-1] and "inter" in logs["slpd"]["epochs"][-1]
+    cfg = {"folds": 2, "methods": ["knn"], "patch_methods": ["knn"], "knn_k": 1}
+    rows = run(tmp_path / "regions.zarr", encoders, tmp_path / "labels.csv", tmp_path / "s.parquet",
+               model="m", task="demo", config=cfg)  # fmt: skip
+    assert set(rows["variant"]) == {"patch", "dino", "slpd"}
+    assert len(rows) == 3 * 2 * 2  # variants × folds × (accuracy, auc)
+    assert pd.read_parquet(tmp_path / "s.parquet").equals(rows)
