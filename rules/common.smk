@@ -304,7 +304,7 @@ def slpd_models():
 
 def benchmark_models(name):
     """The models benchmark `name` scores (the report's inputs): slide → slpd_models(), others bench_models()."""
-    return slpd_models() if name == "slide" else bench_models()
+    return slpd_models() if name == "slpd" else bench_models()
 
 
 def slpd_cohort():

@@ -1,7 +1,7 @@
 # Slide-level pretraining (SLPD) after distillation: regions of tile embeddings, one region encoder per
-# ablation variant, and the slide-level benchmark `slide` (scored for slpd.models only).
+# ablation variant, and the slide-level benchmark `slpd` (scored for slpd.models only).
 if SLPD["enabled"]:
-    ENABLED_BENCHMARKS.append("slide")
+    ENABLED_BENCHMARKS.append("slpd")
 
 if SLPD["enabled"] and SLPD["demo"]["enabled"]:
 
@@ -64,23 +64,23 @@ rule pretrain_regions:
         "../workflow_scripts/pretrain_regions.py"
 
 
-rule score_slide:
+rule score_slpd:
     input:
         regions=slpd_regions("{model}"),
         encoders=[f"{RESULTS}/slide/{{model}}/encoders/{v}.pt" for v in SLPD["variants"]],
         labels=lambda w: slpd_labels(w.model),
     output:
-        f"{RESULTS}/benchmarks/slide/{{model}}.parquet",
+        f"{RESULTS}/benchmarks/slpd/{{model}}.parquet",
     params:
         variants=SLPD["variants"],
         settings=SLPD["eval"],
         task=lambda w: "demo-arrangement" if SLPD["demo"]["enabled"] else slpd_cohort(),
     log:
-        "logs/score_slide/{model}.log",
-    threads: threads_for("score_slide")
+        "logs/score_slpd/{model}.log",
+    threads: threads_for("score_slpd")
     resources:
-        **resources_for("score_slide"),
+        **resources_for("score_slpd"),
     conda:
         "../envs/bench.yaml"
     script:
-        "../workflow_scripts/score_slide.py"
+        "../workflow_scripts/score_slpd.py"

@@ -49,14 +49,14 @@ BENCHMARK = Benchmark(
 
 def test_the_declared_benchmarks_in_report_order():
     found = benchmarks()
-    assert list(found) == ["plism", "hest", "probe", "mitosis", "slide"]
+    assert list(found) == ["plism", "hest", "probe", "mitosis", "slpd"]
     assert all(isinstance(b, Benchmark) for b in found.values())
     assert {b.rule for b in found.values()} == {
         "score_plism",
         "score_hest",
         "score_probe",
         "score_mitosis",
-        "score_slide",
+        "score_slpd",
     }
 
 

@@ -21,7 +21,7 @@ from histodistill.bench.hest import score_task
 from histodistill.bench.mitosis import LoraFinetuneConfig, MitosisConfig, SamplerConfig
 from histodistill.bench.plism import score_plism, summarize_scores
 from histodistill.bench.probe import AbmilConfig, KnnConfig, LinearProbeConfig, LogRegConfig, run_probe
-from histodistill.bench.slide import SlideEvalConfig
+from histodistill.bench.slpd import SlideEvalConfig
 from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig

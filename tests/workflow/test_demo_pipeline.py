@@ -149,7 +149,7 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "score_mitosis": 1,  # the student's
         "slpd_demo": 1,  # the SLPD demo slides are composed from the student's cohort embeddings
         "pretrain_regions": 1,
-        "score_slide": 1,
+        "score_slpd": 1,
         "report": 1,
         "all": 1,
     }
@@ -175,7 +175,7 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "score_mitosis": 1,
         "slpd_demo": 1,  # the SLPD demo slides are composed from the student's cohort embeddings
         "pretrain_regions": 1,
-        "score_slide": 1,
+        "score_slpd": 1,
         "report": 1,
         "all": 1,
     }
@@ -192,7 +192,7 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
     # the teacher's cache, the student distilled from it, both models' embeddings and scores; not the
     # random-init baseline (h0_mini_tiny), the tiles or the benchmark data
     scores = {"score_plism": 2, "score_hest": 2, "score_probe": 2, "score_mitosis": 2, "report": 1}
-    scores |= {"slpd_demo": 1, "pretrain_regions": 1, "score_slide": 1}  # SLPD on the student's embeddings
+    scores |= {"slpd_demo": 1, "pretrain_regions": 1, "score_slpd": 1}  # SLPD on the student's embeddings
     assert (
         jobs
         == {
@@ -217,7 +217,7 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
     finally:
         write_demo_config(demo_run)
     scores = {"score_plism": 1, "score_hest": 1, "score_probe": 1, "score_mitosis": 1, "report": 1}
-    scores |= {"slpd_demo": 1, "pretrain_regions": 1, "score_slide": 1}  # SLPD on the student's embeddings
+    scores |= {"slpd_demo": 1, "pretrain_regions": 1, "score_slpd": 1}  # SLPD on the student's embeddings
     assert jobs == {"distill": 1, "embed": 4, "export_embeddings": 4, **scores, "all": 1}
 
 
@@ -272,11 +272,11 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
     )
     assert "mitosis_lora_scaling_auroc" in leaderboard.columns
     slide = pd.read_parquet(
-        results / "benchmarks" / "slide" / "student-demo.parquet"
+        results / "benchmarks" / "slpd" / "student-demo.parquet"
     )  # SLPD: slpd.models only
     assert set(slide["variant"]) == {"patch", "dino", "dino_intra", "dino_inter", "slpd"}
     assert slide["value"].between(0, 1).all() and "Slide-level pretraining" in html
-    assert leaderboard["slide_slpd_knn_accuracy"].notna().tolist() == [False, True, False]
+    assert leaderboard["slpd_slpd_knn_accuracy"].notna().tolist() == [False, True, False]
     plism = pd.read_parquet(results / "benchmarks" / "plism" / "student-demo.parquet")
     assert len(plism[plism["metric"] == "cosine"]) == 6  # 4 slides → 6 pairs
 

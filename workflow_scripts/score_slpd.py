@@ -1,4 +1,4 @@
-"""Snakemake adapter: the slide-level SLPD ablation of one model (rule score_slide)."""
+"""Snakemake adapter: the slide-level SLPD ablation of one model (rule score_slpd)."""
 
 from histodistill.bench import slide
 from histodistill.logs import log_to

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.slide import SlideEvalConfig, TransformerMIL, evaluate_bags, summarize
+from histodistill.bench.slpd import SlideEvalConfig, TransformerMIL, evaluate_bags, summarize
 from histodistill.slide.demo import LABELS, synthesize_slides
 
 
@@ -66,7 +66,7 @@ def test_demo_slides_differ_by_arrangement_only():
 def test_run_scores_every_variant_and_the_patch_baseline(tmp_path):
     import zarr
 
-    from histodistill.bench.slide import run
+    from histodistill.bench.slpd import run
     from histodistill.provenance import provenance
     from histodistill.slide.pretrain import pretrain_variants
 

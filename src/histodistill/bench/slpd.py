@@ -1,4 +1,4 @@
-"""Slide-level benchmark of SLPD region pretraining (`score_slide`): k-fold CV of slide classifiers on region
+"""Slide-level benchmark of SLPD region pretraining (`score_slpd`): k-fold CV of slide classifiers on region
 embeddings, one ablation row per pretraining variant, and the patch-level baseline.
 
 Protocol (SLPD, Yu, Lin & Xu 2023, Sec. 3: weakly supervised slide classification with 10-fold CV, and k-NN on
@@ -52,7 +52,7 @@ VARIANT_LABELS = {
 
 @dataclass(frozen=True)
 class SlideEvalConfig:
-    """Settings of `score_slide` (config section `slpd.eval`)."""
+    """Settings of `score_slpd` (config section `slpd.eval`)."""
 
     folds: int = 10
     methods: tuple[str, ...] = ("knn", "abmil", "transformer")
@@ -275,7 +275,7 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
         pick = summary[
             (summary["variant"] == variant) & (summary["method"] == "knn") & (summary["metric"] == "accuracy")
         ]
-        cols[f"slide_{variant}_knn_accuracy"] = {r["model"]: r["mean"] for r in pick.to_dict("records")}
+        cols[f"slpd_{variant}_knn_accuracy"] = {r["model"]: r["mean"] for r in pick.to_dict("records")}
     return by_model(cols, models)
 
 
@@ -301,7 +301,7 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs) -> str:
 
 
 BENCHMARK = Benchmark(
-    name="slide",
+    name="slpd",
     title="Slide-level pretraining (SLPD ablation)",
     order=50,
     columns=frozenset(ROW_COLUMNS),
@@ -309,7 +309,7 @@ BENCHMARK = Benchmark(
     headline=_headline,
     section=_section,
     labels={
-        "slide_slpd_knn_accuracy": "slide k-NN accuracy, full SLPD",
-        "slide_dino_knn_accuracy": "slide k-NN accuracy, DINO only",
+        "slpd_slpd_knn_accuracy": "slide k-NN accuracy, full SLPD",
+        "slpd_dino_knn_accuracy": "slide k-NN accuracy, DINO only",
     },
 )
