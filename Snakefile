@@ -20,6 +20,7 @@ include: "rules/teacher.smk"
 include: "rules/distill.smk"
 include: "rules/embed.smk"
 include: "rules/benchmarks.smk"
+include: "rules/slide.smk"
 
 
 rule all:

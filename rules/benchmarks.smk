@@ -408,7 +408,7 @@ rule score_scorenet:
 
 rule report:
     input:
-        scores=lambda w: [f"{RESULTS}/benchmarks/{b}/{m}.parquet" for b in ENABLED_BENCHMARKS for m in bench_models()],
+        scores=lambda w: [f"{RESULTS}/benchmarks/{b}/{m}.parquet" for b in ENABLED_BENCHMARKS for m in benchmark_models(b)],
         # throughput is measured by the embedding runs on the first embedded dataset (not all of a big cohort)
         embeddings=[embedding(m, (config["embeddings"]["cohorts"] or COHORTS)[0]) for m in bench_models()],
     output:

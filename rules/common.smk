@@ -326,3 +326,41 @@ def mitosis_inputs():
 # The benchmarks this run scores: each benchmark's block in rules/benchmarks.smk adds its name when its
 # config enables it; the report reads the list when the DAG is built (after every rule file is read).
 ENABLED_BENCHMARKS = []
+
+
+# ------------------------------------------------------------------------------------------------ slide level (SLPD)
+
+SLPD = config["slpd"]
+if SLPD["enabled"] and not set(SLPD["models"]) <= set(bench_models()):
+    raise ValueError(
+        f"slpd.models {sorted(set(SLPD['models']) - set(bench_models()))} are not benchmarks.models: the report "
+        "shows the benchmarked models only; add them there or remove them from slpd.models"
+    )
+
+
+def slpd_models():
+    """The patch encoders the slide-level stage pretrains on and scores: slpd.models or benchmarks.models."""
+    return SLPD["models"] or bench_models()
+
+
+def benchmark_models(name):
+    """The models benchmark `name` scores (the report's inputs): slide → slpd_models(), others bench_models()."""
+    return slpd_models() if name == "slpd" else bench_models()
+
+
+def slpd_cohort():
+    """The cohort whose tile embeddings make the regions (slpd.cohort, else the first cohort)."""
+    return SLPD["cohort"] or COHORTS[0]
+
+
+def slpd_regions(model):
+    return f"{RESULTS}/slide/{model}/regions.zarr"
+
+
+def slpd_labels(model):
+    """The slide labels: the demo's (written with its synthetic slides) or slpd.labels."""
+    if SLPD["demo"]["enabled"]:
+        return f"{RESULTS}/slide/{model}/labels.csv"
+    if not SLPD["labels"]:
+        raise ValueError("slpd.enabled needs slpd.labels (a CSV: slide_id, label) or slpd.demo.enabled")
+    return SLPD["labels"]

@@ -49,7 +49,17 @@ BENCHMARK = Benchmark(
 
 def test_the_declared_benchmarks_in_report_order():
     found = benchmarks()
-    assert list(found) == ["plism", "hest", "probe", "slide", "segmentation", "eva", "mitosis", "scorenet"]
+    assert list(found) == [
+        "plism",
+        "hest",
+        "probe",
+        "slide",
+        "segmentation",
+        "eva",
+        "mitosis",
+        "slpd",
+        "scorenet",
+    ]
     assert all(isinstance(b, Benchmark) for b in found.values())
     rules = {b.rule for b in found.values() if b.derive is None}
     assert rules == {
@@ -59,6 +69,7 @@ def test_the_declared_benchmarks_in_report_order():
         "score_segmentation",
         "score_slide",
         "score_mitosis",
+        "score_slpd",
         "score_scorenet",
     }
     assert found["eva"].rule is None  # derived from the others' summaries: no rule, no score files

@@ -24,6 +24,7 @@ from histodistill.bench.probe import AbmilConfig, KnnConfig, LinearProbeConfig, 
 from histodistill.bench.scorenet import ScoreNetConfig, ScoreNetDemoConfig, ScoreNetModelConfig
 from histodistill.bench.segmentation import SegmentationConfig, make_demo_segmentation
 from histodistill.bench.segmentation import run as segmentation_run
+from histodistill.bench.slpd import SlideEvalConfig
 from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
@@ -36,6 +37,9 @@ from histodistill.embed import extract_embeddings
 from histodistill.holdout import TissueHoldoutConfig
 from histodistill.matched_tiles import cut_matched_tiles
 from histodistill.registration import RegistrationConfig, register_to_grid
+from histodistill.slide.demo import write_demo
+from histodistill.slide.pretrain import RegionTrainConfig
+from histodistill.slide.regions import build_region_store
 from histodistill.teacher_cache import cache_teacher
 from histodistill.tilestore import pack_tiles
 from histodistill.tiling import TilingConfig, tile_slide
@@ -217,6 +221,19 @@ SOURCES: dict[str, tuple] = {
             "val_samples",
         )
     },
+    "slpd.regions.grid": (build_region_store, "grid"),
+    "slpd.regions.min_tissue": (build_region_store, "min_tissue"),
+    **{f"slpd.demo.{f}": (write_demo, f) for f in ("n_slides", "regions_per_slide", "grid", "missing")},
+    **{
+        f"slpd.train.{f.name}": (RegionTrainConfig, f.name)
+        for f in dataclasses.fields(RegionTrainConfig)
+        if f.name != "threads"
+    },
+    **{
+        f"slpd.eval.{f.name}": (SlideEvalConfig, f.name)
+        for f in dataclasses.fields(SlideEvalConfig)
+        if f.name != "threads"
+    },
 }
 
 # Schema defaults with no library counterpart: switches, paths and selections of the pipeline itself.
@@ -259,6 +276,12 @@ PIPELINE_ONLY = {
     "benchmarks.scorenet.demo": "switch",
     "benchmarks.scorenet.manifest": "path",
     "benchmarks.mitosis.annotations": "path",
+    "slpd.enabled": "switch",
+    "slpd.models": "selection (empty: benchmarks.models)",
+    "slpd.cohort": "selection (a cohort name)",
+    "slpd.labels": "path",
+    "slpd.variants": "selection of ablation rows (each sets the loss weights it keeps)",
+    "slpd.demo.enabled": "switch",
 }
 
 # Fields of settings classes that are deliberately not config keys, and why.
@@ -335,6 +358,8 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
     ScoreNetConfig: {"model": "the section benchmarks.scorenet.model (ScoreNetModelConfig's fields)"},
     ScoreNetModelConfig: {},
     ScoreNetDemoConfig: "the ScoreNet demo set is fixed (benchmarks.scorenet.demo only switches it on)",
+    RegionTrainConfig: {"threads": "a process setting (the rule's threads)"},
+    SlideEvalConfig: {"threads": "a process setting (the rule's threads)"},
     MitosisDemoConfig: "the mitosis demo set is fixed (benchmarks.mitosis.demo only switches it on)",
     # DistillConfig: each field is a key of distill.runs.<run> *without* a schema default (see below).
     DistillConfig: {

@@ -187,6 +187,9 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "score_slide": 3,
         "score_segmentation": 3,
         "score_mitosis": 1,  # the student's
+        "slpd_demo": 1,  # the SLPD demo slides are composed from the student's cohort embeddings
+        "pretrain_regions": 1,
+        "score_slpd": 1,
         "report": 1,
         "all": 1,
     }
@@ -213,6 +216,9 @@ def test_changing_a_teacher_setting_reruns_the_teacher_cache_only(demo_run):
         "score_slide": 1,
         "score_segmentation": 1,
         "score_mitosis": 1,
+        "slpd_demo": 1,  # the SLPD demo slides are composed from the student's cohort embeddings
+        "pretrain_regions": 1,
+        "score_slpd": 1,
         "report": 1,
         "all": 1,
     }
@@ -237,6 +243,7 @@ def test_a_new_demo_teacher_reruns_everything_that_uses_the_teacher(demo_run):
         "score_mitosis": 2,
         "report": 1,
     }
+    scores |= {"slpd_demo": 1, "pretrain_regions": 1, "score_slpd": 1}  # SLPD on the student's embeddings
     assert (
         jobs
         == {
@@ -270,6 +277,7 @@ def test_changing_a_distillation_setting_reruns_that_student_only(demo_run):
         "score_mitosis": 1,
         "report": 1,
     }
+    scores |= {"slpd_demo": 1, "pretrain_regions": 1, "score_slpd": 1}  # SLPD on the student's embeddings
     assert jobs == {"distill_resume": 1, "distill": 1, "embed": 5, "export_embeddings": 4, **scores, "all": 1}
 
 
@@ -330,6 +338,12 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
         mitosis["protocol"]
     )
     assert "mitosis_lora_scaling_auroc" in leaderboard.columns
+    slide = pd.read_parquet(
+        results / "benchmarks" / "slpd" / "student-demo.parquet"
+    )  # SLPD: slpd.models only
+    assert set(slide["variant"]) == {"patch", "dino", "dino_intra", "dino_inter", "slpd"}
+    assert slide["value"].between(0, 1).all() and "Slide-level pretraining" in html
+    assert leaderboard["slpd_slpd_knn_accuracy"].notna().tolist() == [False, True, False]
     plism = pd.read_parquet(results / "benchmarks" / "plism" / "student-demo.parquet")
     assert len(plism[plism["metric"] == "cosine"]) == 6  # 4 slides → 6 pairs
 
