@@ -181,6 +181,7 @@ def run_settings(run):
         "seed": distill_run(run).get("seed", config["seed"]),
         "collapse_floor": config["distill"]["collapse_floor"],
         "collapse_patience": config["distill"]["collapse_patience"],
+        "collapse_entropy_ceiling": config["distill"]["collapse_entropy_ceiling"],
     }
     if teacher_heads_file(run):
         settings["teacher_heads"] = teacher_heads_file(run)[0]

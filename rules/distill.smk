@@ -13,6 +13,7 @@ rule train_teacher_heads:
             **config["distill"]["teacher_heads"],
             "collapse_floor": config["distill"]["collapse_floor"],
             "collapse_patience": config["distill"]["collapse_patience"],
+            "collapse_entropy_ceiling": config["distill"]["collapse_entropy_ceiling"],
             "seed": config["seed"],
         },
     log:

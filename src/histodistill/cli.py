@@ -262,6 +262,7 @@ _HEADS_OPTIONS: dict[str, type] = {
     "eval_batches": int,
     "collapse_floor": float,
     "collapse_patience": int,
+    "collapse_entropy_ceiling": float,
     "seed": int,
     "num_workers": int,
 }

@@ -115,6 +115,7 @@ def test_distill_run_keys_are_exactly_the_trainer_settings():
         "teacher_weights",
         "collapse_floor",  # distill.collapse_floor / collapse_patience: one setting for every run
         "collapse_patience",
+        "collapse_entropy_ceiling",
     }
     with pytest.raises(ConfigError, match=r"unknown config key 'distill\.runs\.r1\.learning_rate'"):
         validate_config({"samples": "s", "distill": {"runs": {"r1": {"cohort": "c", "learning_rate": 1}}}})

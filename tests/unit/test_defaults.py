@@ -203,10 +203,11 @@ SOURCES: dict[str, tuple] = {
     },
     "distill.collapse_floor": (DistillConfig, "collapse_floor"),
     "distill.collapse_patience": (DistillConfig, "collapse_patience"),
+    "distill.collapse_entropy_ceiling": (DistillConfig, "collapse_entropy_ceiling"),
     **{
         f"distill.teacher_heads.{f.name}": (HeadsConfig, f.name)
         for f in dataclasses.fields(HeadsConfig)
-        if f.name not in ("collapse_floor", "collapse_patience", "seed")
+        if f.name not in ("collapse_floor", "collapse_patience", "collapse_entropy_ceiling", "seed")
     },
     **{
         f"benchmarks.mitosis.lora.{f}": (LoraFinetuneConfig, f)
@@ -367,12 +368,14 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
         "teacher_weights": "the teacher's weights are models.<teacher>.weights",
         "collapse_floor": "distill.collapse_floor, one floor for every run and the heads stage",
         "collapse_patience": "distill.collapse_patience, as collapse_floor",
+        "collapse_entropy_ceiling": "distill.collapse_entropy_ceiling, as collapse_floor",
     },
     # PairingConfig: each field is a key of distill.runs.<run>.pairing without a schema default (see below).
     PairingConfig: {},
     HeadsConfig: {
         "collapse_floor": "distill.collapse_floor (shared with the runs)",
         "collapse_patience": "distill.collapse_patience (shared with the runs)",
+        "collapse_entropy_ceiling": "distill.collapse_entropy_ceiling (shared with the runs)",
         "seed": "the run's seed (top-level `seed`)",
     },
 }

@@ -192,6 +192,23 @@ def test_collapse_guard_counts_consecutive_iterations_and_names_the_run():
         resumed.update(4, {"dino_eff_prototypes": 1.2})
 
 
+def test_collapse_guard_stops_flat_targets_above_the_entropy_ceiling():
+    """Flat collapse: mean target entropy above ceiling × log K (K = 256: 0.95 × 5.545 = 5.268 nats)."""
+    guard = CollapseGuard("teacher heads", floor=4.0, patience=2, n_prototypes=256, ceiling=0.95)
+    guard.update(0, {"dino_entropy": 5.30, "dino_eff_prototypes": 250.0, "loss_dino_entropy": 9.0})
+    guard.update(1, {"dino_entropy": 5.20, "dino_eff_prototypes": 250.0})  # below the limit: starts again
+    guard.update(2, {"dino_entropy": 5.50, "ibot_entropy": 1.0})
+    with pytest.raises(
+        CollapseError,
+        match=r"teacher heads collapsed to flat targets: dino_entropy = 5\.540 nats stayed above "
+        r"0\.95 × log K = 5\.268 \(K = 256.*for 2 iterations \(2–3\)",
+    ):
+        guard.update(3, {"dino_entropy": 5.54, "ibot_entropy": 1.0})
+    # without K (an objective with no prototypes) or with a ceiling ≥ 1, entropy never stops a run
+    for quiet in (CollapseGuard("r", 4.0, 1), CollapseGuard("r", 4.0, 1, n_prototypes=256, ceiling=1.0)):
+        quiet.update(0, {"dino_entropy": math.log(256)})
+
+
 def test_entropy_and_effective_prototypes_by_hand():
     p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     assert torch.allclose(entropy(p), torch.tensor([math.log(2), 0.0]))

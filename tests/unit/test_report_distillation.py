@@ -10,7 +10,7 @@ import zarr
 
 from histodistill.provenance import read_parquet
 from histodistill.report import run as run_report
-from histodistill.report.distillation import recovery
+from histodistill.report.distillation import busy, recovery
 from tests.unit.test_report import find_table, hest_rows, probe_rows, write_tidy
 
 TEACHER, BASELINE = "h_optimus_0_tiny", "h0_mini_tiny"
@@ -38,7 +38,9 @@ def test_recovery_by_hand():
     assert math.isnan(recovery(float("nan"), 0.5, 0.9))
 
 
-def _stores(tmp_path, digests):
+def _stores(tmp_path, digests, loads=None):
+    """One embedding store per model; `loads[model]`: the 1-minute load its throughput was measured under
+    (on 2 CPUs; quiet when not given)."""
     stores = []
     for model, digest in digests.items():
         store = tmp_path / "emb" / model / "cohort.zarr"
@@ -49,6 +51,7 @@ def _stores(tmp_path, digests):
                 "tiles_per_s": rate,
                 "throughput_device": "cpu",
                 "provenance": {"weights_digest": digest},
+                "throughput_conditions": {"load_1min": (loads or {}).get(model, 0.5), "cpus": 2},
             }
         )
         stores.append(store)
@@ -65,13 +68,13 @@ def _files(tmp_path, models):
     return files
 
 
-def _report(tmp_path, digests, students):
+def _report(tmp_path, digests, students, loads=None):
     """The workflow's report of HEST and probe scores for the models of `digests` (weights digest each)."""
     models = list(digests)
     out = tmp_path / "report"
     run_report(
         _files(tmp_path, models),
-        _stores(tmp_path, digests),
+        _stores(tmp_path, digests, loads),
         out,
         benchmarks=["hest", "probe"],
         models=models,
@@ -102,6 +105,21 @@ def test_report_gives_each_students_recovery_and_cost(tmp_path):
     cost = find_table(html, "× faster").set_index("student")
     assert cost.loc["student-dino", "× faster"] == "4.00"  # 400 / 100 tiles/s
     assert cost.loc["student-dino", "× smaller"] != "–"
+
+
+@pytest.mark.parametrize("busy_model", ["student-dino", TEACHER])
+def test_a_speedup_timed_on_a_busy_machine_is_not_shown(tmp_path, busy_model):
+    digests = {TEACHER: "abc123", "student-dino": "d1", BASELINE: "random-init:0"}
+    out = _report(tmp_path, digests, students={"dino": BASELINE}, loads={busy_model: 3.3})  # 3.3 > 2 CPUs
+    cost = find_table((out / "index.html").read_text(), "× faster").set_index("student")
+    assert cost.loc["student-dino", "× faster"] == "BUSY"
+    assert cost.loc["student-dino", "tiles/s"] == "400.0"  # the measurements stay, the ratio goes
+    assert cost.loc["student-dino", "× smaller"] != "–"
+
+
+def test_busy_flag():
+    assert busy({"load_1min": 2.1, "cpus": 2}) and not busy({"load_1min": 2.0, "cpus": 2})
+    assert not busy(None) and not busy({"cpus": 2}) and not busy({"load_1min": 5.0})
 
 
 def test_no_recovery_without_a_random_init_baseline(tmp_path):

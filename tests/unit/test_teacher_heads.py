@@ -133,6 +133,28 @@ def test_sharpening_without_centering_collapses_and_stops(tmp_path, cache):
     assert healthy.fit()["iterations"] == 60
 
 
+def test_flat_targets_trip_the_entropy_ceiling_not_the_floor(tmp_path, cache):
+    """The "flat" (uniform) collapse: a teacher temperature far above the student's (2.0 against 0.1) makes
+    every target nearly uniform; the batch-mean target is then uniform too, so the effective-prototype
+    floor (4) never sees it, but the mean target entropy stays above 0.95 log K and the guard stops the
+    run, naming the figure."""
+    cfg = replace(
+        SMALL,
+        iterations=60,
+        teacher_temp=2.0,
+        warmup_teacher_temp=2.0,
+        collapse_patience=10,
+        collapse_entropy_ceiling=0.95,
+    )
+    trainer = HeadsTrainer(cfg, cache, name="teacher heads (flat)")
+    with pytest.raises(CollapseError, match=r"teacher heads \(flat\) collapsed to flat targets: \w+_entropy"):
+        trainer.fit(tmp_path / "log")
+    log = pd.read_parquet(tmp_path / "log" / "train_log.parquet")
+    assert len(log) == 10  # stopped at the patience, with the evidence written
+    assert (log["dino_eff_prototypes"] > K * 0.9).all()  # far above the floor: only the ceiling catches it
+    assert (log[["dino_entropy", "ibot_entropy"]].max(axis=1) > 0.95 * math.log(K)).all()
+
+
 def test_cli_options_are_the_heads_config_fields():
     fields = {f.name: type(f.default) for f in dataclasses.fields(HeadsConfig)}
     assert fields == _HEADS_OPTIONS

@@ -3,12 +3,18 @@
 - Patch classification (`make_demo_probe`): the demo cohort's tiles labelled by nuclear-density tercile, split
   by slide, as the manifest `bench.probe.load_manifest` reads.
 - HEST-like expression (`make_demo_hest`): a task in HEST-Benchmark's layout whose counts depend on tile content.
+- Latent tasks (`latent_crops`, `latent_class`): crops of fresh generator slides, each rendered under its own
+  random staining and scanner, labelled from the generator's latent maps (nuclear area fraction, fat, …), so
+  colour statistics do not give the label away: what a network must read is the tissue, not the stain. The
+  cohort-derived tasks above are readable by a random network (nuclear density is a dark-pixel count), so a
+  trained teacher barely beats a random init on them and a recovery measured on them is noise.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -57,6 +63,58 @@ def make_demo_probe(store_path: str | Path, out_csv: str | Path, chunk: int = 25
     return frame
 
 
+@dataclass(frozen=True)
+class LatentCrops:
+    """Crops with the generator's ground truth: `tiles` uint8 [N, S, S, 3] (each under its own staining and
+    scanner), `latents` float32 [N, 5] (`demo.teacher.GLOBAL_TARGETS`: tissue, fat and nuclear area
+    fractions, mean haematoxylin and eosin concentration, all stain-independent), `slide` int [N]."""
+
+    tiles: np.ndarray
+    latents: np.ndarray
+    slide: np.ndarray
+
+
+def latent_crops(
+    n_slides: int = 8,
+    per_slide: int = 75,
+    seed: int = 0,
+    width_px: int = 2048,
+    height_px: int = 1536,
+    name: str = "demo-task",
+) -> LatentCrops:
+    """`per_slide` tissue crops from each of `n_slides` fresh demo slides, each under a random staining and
+    scanner, with their latent targets.
+
+    Slides are `render_slides` of names `{name}:{i}` (seeds `seed_for(name:i, seed)`: never a demo-cohort,
+    demo-teacher or PLISM slide), at `width_px` × `height_px` and the demo's 0.25 µm/px; crops are the demo
+    teacher's (`CropPairs`: 224 px at 0.5 µm/px ± 10 % scale, a quarter turn and flip), the first rendering
+    of each, always re-stained and scanned (`reference_p` 0) with the ranges of `DemoTeacherConfig`, which
+    cover the PLISM and mitosis demo domains. Deterministic in (seed, settings). Raises HistodistillError
+    (from `render_slides`) when a slide holds no tissue crop.
+    """
+    from histodistill.demo.teacher import CropPairs, DemoTeacherConfig, render_slides
+
+    cfg = DemoTeacherConfig(width_px=width_px, height_px=height_px, reference_p=0.0)
+    slides = render_slides(cfg, [f"{name}:{i}" for i in range(n_slides)], seed)
+    tiles, latents, slide = [], [], []
+    for i, rendered in enumerate(slides):
+        crops = CropPairs([rendered], cfg, seed, stream=100 + i, grid=1)
+        for k in range(per_slide):
+            views, targets, _ = crops[k]
+            tiles.append(views[0])
+            latents.append(targets)
+            slide.append(i)
+    return LatentCrops(np.stack(tiles), np.stack(latents).astype(np.float32), np.array(slide))
+
+
+def latent_class(nuclei: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """Class index 0 / 1 / 2 (`DEMO_CLASSES`: sparse, medium, dense) of each crop's latent nuclear area
+    fraction `nuclei` [N], cut at the terciles of the crops selected by the bool mask `fit` [N] (the
+    training split only, so no test crop sets a cut)."""
+    cuts = np.quantile(np.asarray(nuclei)[np.asarray(fit, bool)], [1 / 3, 2 / 3])
+    return np.searchsorted(cuts, nuclei, side="right")
+
+
 def tile_content_features(tiles: np.ndarray, chunk: int = 64) -> np.ndarray:
     """Per tile: mean R, G, B (0..1) and the fraction of dark, nucleus-like pixels (grey < 120)."""
     out = np.empty((len(tiles), 4))
@@ -76,16 +134,18 @@ def make_demo_hest(
     n_genes: int = 50,
     extra_genes: int = 10,
     sparse: bool = True,
+    content: np.ndarray | None = None,
 ) -> Path:
     """Write a small HEST task whose counts depend on tile content, so better features score higher.
 
     Spots draw tiles from `tiles` (uint8 [N, H, W, 3]; without replacement when there are enough).
     Each of the `n_genes` benchmark genes has a Poisson rate log-linear in the tile's standardised mean
     colour and dark-pixel (nuclear) density; `extra_genes` more genes do not depend on the tile and are
-    left out of `var_50genes.json`. The AnnData rows are shuffled relative to the patch file, so readers
+    left out of `var_50genes.json`. `content` float [N, F]: per-tile features to use instead (e.g. the
+    generator's latents of `latent_crops`, so the expression follows the tissue, not its staining). The AnnData rows are shuffled relative to the patch file, so readers
     must align by barcode. Folds leave one sample out (fold i tests sample i).
     """
-    tiles = np.asarray(tiles)
+    tiles, content_given = np.asarray(tiles), content
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8 or len(tiles) == 0:
         raise BenchmarkError(f"demo tiles must be uint8 [N, H, W, 3], got {tiles.dtype} {tiles.shape}")
     if n_samples < 2:
@@ -93,7 +153,9 @@ def make_demo_hest(
     rng = np.random.default_rng(seed)
     n_spots = n_samples * spots_per_sample
     pick = rng.choice(len(tiles), n_spots, replace=len(tiles) < n_spots)
-    content = tile_content_features(tiles[pick])
+    if content is not None and len(content) != len(tiles):
+        raise BenchmarkError(f"demo HEST: {len(content)} content rows for {len(tiles)} tiles")
+    content = tile_content_features(tiles[pick]) if content is None else np.asarray(content, float)[pick]
     spread = content.std(0)
     z = (content - content.mean(0)) / np.where(spread > 0, spread, 1.0)
 
@@ -113,6 +175,8 @@ def make_demo_hest(
         "sparse": sparse,
         "n_tiles": int(len(tiles)),
     }
+    if content_given is not None:
+        params["content"] = "given"
     out_dir = Path(out_dir)
     side = int(np.ceil(np.sqrt(spots_per_sample)))
     with atomic_path(out_dir) as tmp:

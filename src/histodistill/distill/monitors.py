@@ -12,8 +12,18 @@ Three figures per head (DINO on CLS, iBOT on patch tokens), logged every iterati
   (teacher view, student view) pairs as the loss), in nats. It is computed from the loss value and the target
   entropy, so it costs no extra pass through the heads.
 
-`CollapseGuard` counts, per figure, the consecutive iterations below a floor and raises `CollapseError`
-(naming the run, the figure, its value and the iterations) after `patience` of them.
+`CollapseGuard` counts, per figure, the consecutive iterations past a limit and raises `CollapseError`
+(naming the run, the figure, its value and the iterations) after `patience` of them. Two limits, one per
+collapse mode of DINO §5.3:
+
+- "dominant" collapse (every sample goes to the same few prototypes): `<head>_eff_prototypes` below
+  `floor` (`distill.collapse_floor`);
+- "flat" (uniform) collapse (every target close to uniform, so it carries no information although the
+  batch-mean target uses every prototype and the effective count stays near K): the mean target entropy
+  `<head>_entropy` above `ceiling` × log K (`distill.collapse_entropy_ceiling`, default 0.95: a target
+  whose entropy is 0.95 log K is spread as evenly as a uniform distribution over K^0.95 of the K
+  prototypes, 194 of 256, and is only (1 − 0.95) log K = 0.28 nats (K = 256) from uniform). The
+  effective-prototype floor cannot see this mode: flat targets average to a flat mean.
 
 Sources: the two collapse modes and their entropy signatures are DINO's (Caron et al. 2021, "Emerging
 properties in self-supervised vision transformers", §5.3 and Fig. 7); exp(entropy) as an effective count is
@@ -22,6 +32,7 @@ the perplexity of the mean assignment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,32 +111,49 @@ class CollapseError(HistodistillError):
 
 @dataclass
 class CollapseGuard:
-    """Stops a run whose `*_eff_prototypes` figures stay below `floor` for `patience` consecutive iterations.
+    """Stops a run whose `*_eff_prototypes` figures stay below `floor`, or whose `*_entropy` figures (mean
+    target entropy, nats) stay above `ceiling` × log(`n_prototypes`), for `patience` consecutive iterations.
 
     `run`: the name put in the error (e.g. "distill run 'demo'"). `update(iteration, row)` reads every key of
-    `row` ending in `_eff_prototypes`; `state_dict()` / `load_state_dict()` carry the counters through a
-    checkpoint, so a resumed run stops at the same iteration as an uninterrupted one. A floor ≤ 1 never
-    trips (exp(H) ≥ 1).
+    `row` ending in `_eff_prototypes` and, when `n_prototypes` is given, in `_entropy` (not `loss_*`);
+    `state_dict()` / `load_state_dict()` carry the counters through a checkpoint, so a resumed run stops at
+    the same iteration as an uninterrupted one. A floor ≤ 1 never trips (exp(H) ≥ 1), nor does a ceiling
+    ≥ 1 (H ≤ log K).
     """
 
     run: str
     floor: float
     patience: int
     below: dict[str, int] = field(default_factory=dict)
+    n_prototypes: int | None = None
+    ceiling: float = 1.0
 
     def update(self, iteration: int, row: dict[str, float]) -> None:
-        """Count this iteration; CollapseError when a figure has been below the floor `patience` times in a row."""
+        """Count this iteration; CollapseError when a figure has been past its limit `patience` times in a row."""
+        first = iteration - self.patience + 1
         for key, value in row.items():
-            if not key.endswith("_eff_prototypes"):
+            if key.startswith("loss_"):
                 continue
-            self.below[key] = self.below.get(key, 0) + 1 if value < self.floor else 0
-            if self.below[key] >= self.patience:
-                first = iteration - self.patience + 1
-                raise CollapseError(
-                    f"{self.run} collapsed: {key} = {value:.2f} stayed below the collapse floor "
-                    f"{self.floor:g} for {self.patience} iterations ({first}–{iteration}); see "
-                    "train_log.parquet (distill.collapse_floor / collapse_patience set the floor)"
-                )
+            if key.endswith("_eff_prototypes"):
+                self.below[key] = self.below.get(key, 0) + 1 if value < self.floor else 0
+                if self.below[key] >= self.patience:
+                    raise CollapseError(
+                        f"{self.run} collapsed: {key} = {value:.2f} stayed below the collapse floor "
+                        f"{self.floor:g} for {self.patience} iterations ({first}–{iteration}); see "
+                        "train_log.parquet (distill.collapse_floor / collapse_patience set the floor)"
+                    )
+            elif key.endswith("_entropy") and self.n_prototypes:
+                limit = self.ceiling * math.log(self.n_prototypes)
+                self.below[key] = self.below.get(key, 0) + 1 if value > limit else 0
+                if self.below[key] >= self.patience:
+                    raise CollapseError(
+                        f"{self.run} collapsed to flat targets: {key} = {value:.3f} nats stayed above "
+                        f"{self.ceiling:g} × log K = {limit:.3f} (K = {self.n_prototypes}, uniform targets: "
+                        f"{math.log(self.n_prototypes):.3f}) for {self.patience} iterations "
+                        f"({first}–{iteration}); see train_log.parquet (distill.collapse_entropy_ceiling / "
+                        "collapse_patience set the limit; sharpen the targets: a lower teacher temperature, "
+                        "centering, or more head training)"
+                    )
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.below)
@@ -135,10 +163,16 @@ class CollapseGuard:
 
 
 def plot_train_log(
-    frame: pd.DataFrame, out: Path, title: str, floor: float | None = None, n_prototypes: int | None = None
+    frame: pd.DataFrame,
+    out: Path,
+    title: str,
+    floor: float | None = None,
+    n_prototypes: int | None = None,
+    ceiling: float | None = None,
 ) -> None:
-    """loss.png of a training loop: losses, schedules, and the collapse monitors (target entropy with log K,
-    effective prototypes with the floor, KL(teacher ‖ student)), one labelled panel each; atomic."""
+    """loss.png of a training loop: losses, schedules, and the collapse monitors (target entropy with log K
+    and the flat-collapse limit `ceiling` × log K, effective prototypes with the floor, KL(teacher ‖
+    student)), one labelled panel each; atomic."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,6 +222,9 @@ def plot_train_log(
             ax.plot(it, frame[c], label=c.removesuffix(suffix))
         if suffix == "_entropy" and n_prototypes:
             ax.axhline(np.log(n_prototypes), color="grey", ls="--", label="log K (uniform)")
+            if ceiling is not None and ceiling < 1:
+                limit = ceiling * np.log(n_prototypes)
+                ax.axhline(limit, color="tab:red", ls="--", label=f"flat-collapse limit {ceiling:g} log K")
         if suffix == "_eff_prototypes":
             if floor is not None:
                 ax.axhline(floor, color="tab:red", ls="--", label=f"collapse floor {floor:g}")

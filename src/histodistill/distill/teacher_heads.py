@@ -85,6 +85,7 @@ class HeadsConfig:
     eval_batches: int = 8  # batches after training on which the final heads' usage is measured
     collapse_floor: float = 4.0
     collapse_patience: int = 200
+    collapse_entropy_ceiling: float = 0.95
     seed: int = 0
     num_workers: int = 2
 
@@ -104,6 +105,7 @@ class HeadsConfig:
             "seed",
             "collapse_floor",
             "collapse_patience",
+            "collapse_entropy_ceiling",
         )
         return replace(
             DistillConfig(), objective="dino_ibot", n_local=0, **{k: getattr(self, k) for k in shared}
@@ -184,7 +186,13 @@ class HeadsTrainer:
             cfg.warmup_teacher_temp_iters,
             cfg.ema_momentum,
         )
-        self.guard = CollapseGuard(name, cfg.collapse_floor, cfg.collapse_patience)
+        self.guard = CollapseGuard(
+            name,
+            cfg.collapse_floor,
+            cfg.collapse_patience,
+            n_prototypes=cfg.n_prototypes,
+            ceiling=cfg.collapse_entropy_ceiling,
+        )
         self.batches = HeadBatches(cache, cfg.batch_size, cfg.ibot_patches, cfg.read_windows, cfg.seed)
         self.iteration, self.log_rows = 0, []
 
@@ -305,7 +313,14 @@ class HeadsTrainer:
         frame = pd.DataFrame(self.log_rows)
         with atomic_path(log_dir / "train_log.parquet") as tmp:
             frame.to_parquet(tmp, index=False)
-        plot_train_log(frame, log_dir / "loss.png", self.name, self.cfg.collapse_floor, self.cfg.n_prototypes)
+        plot_train_log(
+            frame,
+            log_dir / "loss.png",
+            self.name,
+            self.cfg.collapse_floor,
+            self.cfg.n_prototypes,
+            self.cfg.collapse_entropy_ceiling,
+        )
 
 
 def save_heads(heads: nn.ModuleDict, path: str | Path, metadata: dict) -> None:

@@ -120,6 +120,7 @@ class DistillConfig:
     # stop when an effective prototype count (exp H(mean target)) stays below the floor this many iterations
     collapse_floor: float = 4.0
     collapse_patience: int = 200
+    collapse_entropy_ceiling: float = 0.95  # flat collapse: mean target entropy > this × log K
 
 
 def _store_digest(tiles: str | Path) -> str:
@@ -310,7 +311,11 @@ class Trainer:
         # the student with its heads only: the objective's teacher-side heads are frozen
         self.optimizer = torch.optim.AdamW(param_groups([self.model]), lr=0.0, betas=(0.9, 0.999))
         self.guard = CollapseGuard(
-            f"distill run '{self.out.name}'", cfg.collapse_floor, cfg.collapse_patience
+            f"distill run '{self.out.name}'",
+            cfg.collapse_floor,
+            cfg.collapse_patience,
+            n_prototypes=getattr(self.objective, "n_prototypes", None),
+            ceiling=cfg.collapse_entropy_ceiling,
         )
         self.iteration = 0
         self.log_rows: list[dict] = []
@@ -650,6 +655,7 @@ class Trainer:
             f"distill {self.out.name}",
             floor=self.cfg.collapse_floor,
             n_prototypes=getattr(self.objective, "n_prototypes", None),
+            ceiling=self.cfg.collapse_entropy_ceiling,
         )
 
     def export(self) -> dict:

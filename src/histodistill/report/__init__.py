@@ -248,7 +248,8 @@ def throughput_conditions(conditions: Mapping[str, Any] | None) -> str | None:
     load, cpus = conditions.get("load_1min"), conditions.get("cpus")
     if load is not None and cpus:
         parts.append(
-            f"load {float(load):.1f} on {int(cpus)} CPUs" + (" (BUSY)" if float(load) > cpus else "")
+            f"load {float(load):.1f} on {int(cpus)} CPUs"
+            + (" (BUSY)" if distillation.busy(conditions) else "")
         )
     for key, label in (
         ("torch_threads", "torch threads"),
@@ -427,7 +428,9 @@ def build_report(
         recoveries = distillation.recovery_table(board, ranked, roles)
         write_parquet(recoveries, out_dir / "distillation.parquet", meta | {"artifact": "distillation"})
         if roles.enabled:
-            body = distillation.section(recoveries, distillation.cost_table(board, roles), roles, labels)
+            conditions = {m: (v or {}).get("throughput_conditions") for m, v in (models or {}).items()}
+            costs = distillation.cost_table(board, roles, conditions)
+            body = distillation.section(recoveries, costs, roles, labels)
             sections.append(("distillation", "Distillation: recovery of the teacher", body))
     sections.append(("size", "Model size", _size_section(board, models)))
     document = page.page(title, sections)

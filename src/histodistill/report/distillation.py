@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -102,10 +103,28 @@ def recovery_table(board: pd.DataFrame, score_columns: Sequence[str], who: Disti
     return pd.DataFrame(rows, columns=[*COLUMNS, "recovery"])
 
 
-def cost_table(board: pd.DataFrame, who: DistillationRoles) -> pd.DataFrame:
+def busy(conditions: Mapping[str, Any] | None) -> bool:
+    """Whether a throughput was measured on a BUSY machine: its 1-minute load average (`load_1min` of
+    `histodistill.embed`'s `throughput_conditions`) above the CPUs the run could use (`cpus`). False when
+    the conditions were not recorded."""
+    load, cpus = (conditions or {}).get("load_1min"), (conditions or {}).get("cpus")
+    return load is not None and bool(cpus) and float(load) > float(cpus)
+
+
+def cost_table(
+    board: pd.DataFrame,
+    who: DistillationRoles,
+    conditions: Mapping[str, Mapping[str, Any] | None] | None = None,
+) -> pd.DataFrame:
     """Per student: params (M), GFLOPs and tiles/s beside the teacher's, and the ratios (teacher / student
-    for size and FLOPs: how many times smaller; student / teacher for throughput: how many times faster)."""
+    for size and FLOPs: how many times smaller; student / teacher for throughput: how many times faster).
+
+    `conditions[model]`: the load each model's throughput was measured under (`throughput_conditions`).
+    When the student's or the teacher's was measured on a BUSY machine (`busy`), `busy` is True and the
+    speedup is NaN: a ratio of two timings taken under other work measures the load, not the models (the
+    demo once showed 3.31× between identical architectures)."""
     values = board.set_index("model")
+    conditions = conditions or {}
     rows = []
     for student in who.students:
         row = {"student": student, "teacher": who.teacher}
@@ -115,7 +134,10 @@ def cost_table(board: pd.DataFrame, who: DistillationRoles) -> pd.DataFrame:
             row[f"student_{col}"], row[f"teacher_{col}"] = s, t
         row["params_ratio"] = _ratio(row["teacher_params_m"], row["student_params_m"])
         row["flops_ratio"] = _ratio(row["teacher_gflops"], row["student_gflops"])
-        row["speedup"] = _ratio(row["student_tiles_per_s"], row["teacher_tiles_per_s"])
+        row["busy"] = busy(conditions.get(student)) or busy(conditions.get(str(who.teacher)))
+        row["speedup"] = (
+            np.nan if row["busy"] else _ratio(row["student_tiles_per_s"], row["teacher_tiles_per_s"])
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -178,7 +200,7 @@ def section(
             page.fmt(r.flops_ratio, 1),
             page.fmt(r.student_tiles_per_s, 1),
             page.fmt(r.teacher_tiles_per_s, 1),
-            page.fmt(r.speedup, 2),
+            "BUSY" if r.busy else page.fmt(r.speedup, 2),
         ]
         for r in costs.itertuples(index=False)
     ]
@@ -199,6 +221,8 @@ def section(
     )
     body += page.note(
         "Parameters and FLOPs of one 224 × 224 forward pass as in the model-size section; tiles/s as measured "
-        "by the pipeline's embedding runs (same device and batch size for both)."
+        "by the pipeline's embedding runs (same device and batch size for both). × faster: BUSY (no "
+        "ratio) when either run was timed on a BUSY machine (1-minute load above its CPUs; see the model-size "
+        "section), since the ratio would then measure the other work, not the models."
     )
     return body
