@@ -57,8 +57,8 @@ def test_the_declared_benchmarks_in_report_order():
         "segmentation",
         "eva",
         "mitosis",
-        "slpd",
         "scorenet",
+        "slpd",
     ]
     assert all(isinstance(b, Benchmark) for b in found.values())
     rules = {b.rule for b in found.values() if b.derive is None}
