@@ -417,10 +417,11 @@ def test_the_demo_teacher_is_trained_before_every_rule_that_loads_it(tmp_path):
     edges = re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)
     (teacher,) = [k for k, v in labels.items() if v == "demo_teacher"]
     children = sorted(labels[b] for a, b in edges if a == teacher)
-    # the teacher cache shards, the distillation (online mode loads the teacher), the teacher's embeddings of
-    # the cohort, the PLISM tiles, the HEST and segmentation tasks and the mitosis patches, and its mitosis
-    # scoring (LoRA)
-    assert children == ["cache_teacher_shard"] * 2 + ["distill"] + ["embed"] * 5 + ["score_mitosis"]
+    # the teacher cache shards, the distillation (online mode loads the teacher) and its resume directory
+    # (bound to the same inputs), the teacher's embeddings of the cohort, the PLISM tiles, the HEST and
+    # segmentation tasks and the mitosis patches, and its mitosis scoring (LoRA)
+    expected = ["cache_teacher_shard"] * 2 + ["distill", "distill_resume"] + ["embed"] * 5 + ["score_mitosis"]
+    assert children == expected
 
 
 def test_a_demo_teacher_needs_its_weights_path(tmp_path):
