@@ -42,6 +42,7 @@ def expected_jobs(n_slides: int) -> dict[str, int]:
         "cache_teacher_shard": H0MINI["teacher"]["num_shards"],
         "cache_teacher": 1,
         "train_teacher_heads": 1,  # H-Optimus-0's DINO/iBOT heads, learned on the cached tokens
+        "distill_resume": 1,  # the run's resume directory (its checkpoint), an output of its own
         "distill": 1,
         "plism_tiles": 1,  # from the 91 pre-registered h5 files: no registration jobs
         "hest_store": len(H0MINI["benchmarks"]["hest"]["tasks"]),
@@ -143,7 +144,7 @@ def done_tree(tmp_path_factory) -> Path:
     assert len(outputs) > 2 * N_SMALL
     for out in sorted(outputs):
         path = workdir / out
-        if out.endswith(".zarr"):
+        if out.endswith((".zarr", "/resume")):  # directory outputs (stores, a run's resume directory)
             path.mkdir(parents=True, exist_ok=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,11 +170,14 @@ def test_editing_the_distillation_lr_reruns_that_student_and_its_dependants_only
 
     # the student, its embeddings of every dataset, its three scores and the report: nothing upstream
     assert planned_after(done_tree, edit) == {
+        "distill_resume": 1,  # a new resume directory: no checkpoint of the old settings
         "distill": 1,
         "embed": DATASETS_PER_MODEL,
         "score_plism": 1,
         "score_hest": 1,
         "score_probe": 1,
+        "score_slide": 1,
+        "score_segmentation": 1,
         "report": 1,
         "all_benchmarks": 1,
     }
