@@ -44,7 +44,7 @@ from sklearn.preprocessing import StandardScaler
 
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
-from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
+from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean, with_mean_over_tasks
 from histodistill.images import as_rgb8
 
 log = logging.getLogger(__name__)
@@ -558,11 +558,8 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
         "cells: mean ± std (ddof 0, as HEST) over folds. The last row is the mean over tasks, given only "
         "for a model that has every task."
     )
-    means = complete_mean(summary, "pearson_mean", models)
-    mean_rows = pd.DataFrame({"model": models, "task": MEAN + " over tasks", "pearson_mean": means.values()})
-    frame = pd.concat([summary.sort_values("task", kind="stable"), mean_rows], ignore_index=True)
     body += page.wide_table(
-        frame.dropna(subset=["pearson_mean"]),
+        with_mean_over_tasks(summary, "pearson_mean", models),
         ["task"],
         models,
         lambda r: page.fmt_pm(r["pearson_mean"], r.get("pearson_std")),

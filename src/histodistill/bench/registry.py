@@ -109,6 +109,16 @@ def complete_mean(frame: pd.DataFrame, value: str, models: Sequence[str]) -> dic
     return out
 
 
+def with_mean_over_tasks(frame: pd.DataFrame, value: str, models: Sequence[str]) -> pd.DataFrame:
+    """`frame` (rows: model, task, `value`, …) sorted by task, plus a row "mean over tasks" per model
+    (`complete_mean`: only for a model that has every task); rows without `value` dropped. For a report
+    section's per-task table."""
+    means = complete_mean(frame, value, models)
+    mean_rows = pd.DataFrame({"model": list(models), "task": "mean over tasks", value: list(means.values())})
+    frame = pd.concat([frame.sort_values("task", kind="stable"), mean_rows], ignore_index=True)
+    return frame.dropna(subset=[value])
+
+
 def by_model(columns: Mapping[str, Mapping[str, float]], models: Sequence[str]) -> pd.DataFrame:
     """Leaderboard columns {column: {model: value}} → a frame with one row per model (NaN where absent)."""
     return pd.DataFrame(

@@ -71,13 +71,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
+from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean, with_mean_over_tasks
 from histodistill.devices import torch_threads
 
 log = logging.getLogger(__name__)
 
 EVA_REFERENCE = "kaiko-ai/eva 0.4.5, commit 73b61a797bfda8daf232f6abea2bc87ac614589c"
-MEAN = "mean"
 ROW_COLUMNS = ("task", "run", "metric", "value")
 
 
@@ -795,11 +794,8 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
         "checkpoint (MONAI's Dice per image over the classes present, background excluded, averaged over "
         "images). The last row is the mean over tasks, given only for a model that has every task."
     )
-    means = complete_mean(summary, "dice_mean", models)
-    mean_rows = pd.DataFrame({"model": models, "task": MEAN + " over tasks", "dice_mean": means.values()})
-    frame = pd.concat([summary.sort_values("task", kind="stable"), mean_rows], ignore_index=True)
     body += page.wide_table(
-        frame.dropna(subset=["dice_mean"]),
+        with_mean_over_tasks(summary, "dice_mean", models),
         ["task"],
         models,
         lambda r: page.fmt_pm(r["dice_mean"], r.get("dice_std")),
