@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from histodistill.distill.heads import dino_init
+
 
 class MaskedAttention(nn.Module):
     """Multi-head self-attention where keys with `valid` False get no weight. x [B, N, C], valid [B, N]."""
@@ -79,17 +81,7 @@ class RegionViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(dino_init)  # fresh LayerNorms are already ones and zeros
 
     def _pos(self, h: int, w: int) -> torch.Tensor:
         cls_pos, grid_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]

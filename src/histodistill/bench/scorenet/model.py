@@ -55,6 +55,7 @@ from torch.nn import functional as F
 
 from histodistill.bench import BenchmarkError
 from histodistill.bench.scorenet.topk import straight_through_topk
+from histodistill.distill.heads import dino_init
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class ScorerViT(nn.Module):
         self.blocks = _blocks(dim, depth, heads, mlp_ratio, qkv_bias=True)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head_weights = nn.Parameter(torch.zeros(heads))  # the heads' mix of relevance (softmax)
-        self.apply(_init_weights)
+        self.apply(dino_init)  # the reference's (DINO's) init
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2] // self.patch_px, images.shape[-1] // self.patch_px
@@ -193,7 +194,7 @@ class Mixer(nn.Module):
         super().__init__()
         self.blocks = _blocks(dim, depth, heads, mlp_ratio, qkv_bias=False)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.apply(_init_weights)
+        self.apply(dino_init)  # the reference's (DINO's) init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
@@ -201,17 +202,6 @@ class Mixer(nn.Module):
                 x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
             x = block(x)
         return self.norm(x)[:, 0]
-
-
-def _init_weights(m: nn.Module) -> None:
-    """The reference's init (DINO's): trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 class PaperLocalViT(nn.Module):
