@@ -15,7 +15,8 @@
 (d) heads        — one step of the teacher-heads stage (distill/teacher_heads.py) on cached tokens only:
                    student DINO/iBOT heads forward/backward + EMA teacher heads forward, no backbone; its
                    batches are read before timing (the stage's I/O is not in the step)
-Every distillation step includes its data loading (`next(loader)`, one worker per mode, prefetching).
+Every distillation step includes its data loading (`next(loader)`, `--workers` per mode, prefetching); the
+time a step waits for its batch is printed beside it (a step that waits is limited by the loader, not the model).
 
 Shapes and chunking are the paper's (configs/h0mini.yaml) scaled by width only: 224 px views of 14 px patches,
 2 cached views, `pool2` patch tokens (8×8 per view), cache shard files of 1,024 tiles (teacher.batch_size 256
@@ -92,8 +93,8 @@ def _open_drawn(tiles: Path, seed: int, views: int):
 class Mode:
     """One distillation mode: its trainer and its prefetching loader."""
 
-    def __init__(self, mode: str, trainer: Trainer, cache_seed: int):
-        self.mode, self.trainer, self.times = mode, trainer, []
+    def __init__(self, mode: str, trainer: Trainer, cache_seed: int, workers: int = 1):
+        self.mode, self.trainer, self.times, self.waits = mode, trainer, [], []
         dataset = DistillDataset(
             trainer.tiles,
             trainer.cache_path,
@@ -116,7 +117,7 @@ class Mode:
             dataset,
             batch_size=trainer.local_batch,
             sampler=EpochSampler(trainer.train_rows, 0),
-            num_workers=1,
+            num_workers=workers,
             persistent_workers=True,
         )
         self.batches = iter(loader)
@@ -124,11 +125,14 @@ class Mode:
     def run(self, steps: int, timed: bool = True) -> None:
         for _ in range(steps):
             start = time.perf_counter()
-            self.trainer.step(next(self.batches))
+            batch = next(self.batches)
+            waited = time.perf_counter() - start
+            self.trainer.step(batch)
             if self.trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             if timed:
                 self.times.append(time.perf_counter() - start)
+                self.waits.append(waited)
             self.trainer.iteration += 1
 
 
@@ -212,6 +216,9 @@ def main() -> None:
         help="distillation modes to time",
     )
     parser.add_argument("--pairing", default="registered", choices=["registered", "context", "downsample"])
+    parser.add_argument(
+        "--workers", type=int, default=1, help="DataLoader workers per mode (a GPU needs several to be fed)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seed = 0
@@ -273,6 +280,7 @@ def main() -> None:
                     tmp / m,
                 ),
                 seed,
+                args.workers,
             )
             for m in args.modes
         ]
@@ -281,19 +289,21 @@ def main() -> None:
         for _ in range(args.repeats):
             for m in modes:
                 m.run(args.steps)
-        device = modes[0].trainer.device
+        device, amp = modes[0].trainer.device, modes[0].trainer.amp
     ratio = gflops(args.teacher) / gflops(args.student)
     print(
         f"teacher {args.teacher} : student {args.student} = {ratio:.1f}x FLOPs per image; batch {args.batch_size} "
-        f"(2 global views each), {args.prototypes} prototypes, pool2 cache of {n_tiles} tiles, device {device}, "
-        f"torch threads {torch.get_num_threads()}; {args.repeats} interleaved rounds × {args.steps} steps per mode"
+        f"(2 global views each), {args.prototypes} prototypes, pool2 cache of {n_tiles} tiles, device {device} "
+        f"({amp or 'fp32'}), torch threads {torch.get_num_threads()}, {args.workers} loader worker(s) per mode; "
+        f"{args.repeats} interleaved rounds × {args.steps} steps per mode"
     )
     med = {m.mode: statistics.median(m.times) for m in modes}
     low = {m.mode: min(m.times) for m in modes}
     for m in modes:
         print(
             f"({LETTER[m.mode]}) {m.mode:>12}: min {low[m.mode]:7.3f}  median {med[m.mode]:7.3f} s/step  "
-            f"{args.batch_size / med[m.mode]:7.2f} tiles/s  ({len(m.times)} steps)"
+            f"{args.batch_size / med[m.mode]:7.2f} tiles/s  ({len(m.times)} steps; waiting for the loader: "
+            f"median {statistics.median(m.waits):.3f} s)"
         )
     heads_med = statistics.median(heads_times)
     print(
