@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import multiprocessing
+import os
 import pstats
 import statistics
 import sys
@@ -37,7 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import zarr
 
@@ -110,23 +110,57 @@ def build(tmp: Path, tiles: np.ndarray, n: int) -> tuple[Path, Path]:
     return store_path, cache_path
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its live descendants (Linux /proc: the loader's workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:  # exited meanwhile
+            pass
+    return out
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (pages shared with the loader's forked workers counted once in the
+    sum over processes; RSS where the kernel has no smaps_rollup)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except OSError:
+        return 0.0
+
+
 class PeakRSS:
-    """Samples the RSS of this process and its children every 20 ms; `peak` is the largest sum seen."""
+    """Samples the PSS of this process and its children every 20 ms; `peak` is the largest sum seen."""
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        me = psutil.Process()
         while not self._stop.is_set():
-            total = me.memory_info().rss
-            for child in me.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, sum(_pss(p) for p in _tree(os.getpid())))
             time.sleep(0.02)
 
     def __enter__(self):
@@ -140,25 +174,19 @@ class PeakRSS:
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its live children (the loader's workers)."""
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return sum(_cpu(p) for p in _tree(os.getpid()))
 
 
-def run_loader(store, cache, workers, batch, batches, repeats, n_local, profile):
-    """In a fresh process: [samples/s per repeat], [samples per CPU second per repeat], peak RSS bytes,
-    and (profile) the stage breakdown."""
+def run_loader(store, cache, workers, batch, batches, repeats, n_local, in_loader, profile):
+    """In a fresh process: [samples/s per repeat], [samples per CPU second per repeat], peak PSS bytes,
+    and (profile) the stage breakdown. `in_loader`: the photometric part runs in the loader (as before
+    the trainer moved it to its device)."""
     from torch.utils.data import DataLoader
 
     from histodistill.distill.data import DistillDataset, EpochSampler
 
     torch.set_num_threads(1)
-    dataset = DistillDataset(store, cache, n_local, 0, cached=True)
+    dataset = DistillDataset(store, cache, n_local, 0, cached=True, photometric=in_loader)
     rows = np.arange(len(TileStore(store)))
     rates, per_cpu = [], []
     with PeakRSS() as rss:
@@ -192,14 +220,40 @@ def run_loader(store, cache, workers, batch, batches, repeats, n_local, profile)
     return rates, per_cpu, rss.peak, stages
 
 
-def _in_child(queue, *args):
-    queue.put(run_loader(*args))
+def run_photometric(store, cache, batch, repeats, device):
+    """In a fresh process: the trainer's step-side finishing of one collated batch (`finish_views`: the
+    batched photometric part, uint8 views and their parameters moved to `device`), 3 warm-ups then
+    `repeats` timed calls: [samples/s], [samples per CPU-second of this process]."""
+    from torch.utils.data import default_collate
+
+    from histodistill.distill.data import DistillDataset, finish_views
+
+    torch.set_num_threads(1)
+    dataset = DistillDataset(store, cache, 0, 0, cached=True, photometric=False)
+    samples = default_collate([dataset[(row, 0)] for row in range(batch)])
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rates, per_cpu = [], []
+    for i in range(3 + repeats):
+        sync()
+        start, cpu = time.perf_counter(), time.process_time()
+        finish_views(samples, "globals", dev)
+        sync()
+        if i >= 3:
+            rates.append(batch / (time.perf_counter() - start))
+            per_cpu.append(batch / (time.process_time() - cpu))
+    return rates, per_cpu
+
+
+def _in_child(queue, fn, *args):
+    queue.put(fn(*args))
 
 
 STAGES = (  # label, (file suffix, function name) whose cumulative time is the stage's
     ("tile decode (TileStore.__getitem__)", ("tilestore.py", "__getitem__")),
     ("cache read (TeacherCache.get)", ("teacher_cache.py", "get")),
-    ("augmentation (render)", ("augment.py", "render")),
+    ("crop, flip, resize (geometric)", ("augment.py", "geometric")),
+    ("photometric in the loader (render)", ("augment.py", "photometric")),
     ("local view params (draw_views)", ("augment.py", "draw_views")),
     ("fp16 → fp32 tokens (astype)", ("~", "<method 'astype' of 'numpy.ndarray' objects>")),
     ("collate (default_collate)", ("collate.py", "default_collate")),
@@ -225,6 +279,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--n-local", type=int, default=0, help="local crops per sample (h0mini: 0)")
+    parser.add_argument(
+        "--photometric",
+        choices=("device", "loader"),
+        default="device",
+        help="device (the trainer's way): the loader crops, flips, resizes; color jitter, grayscale, blur "
+        "and solarize run batched on --device in the step. loader: all of it in the loader (before)",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the batched step"
+    )
     parser.add_argument("--dir", help="where to write the stores (default: a temporary directory)")
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
@@ -236,8 +300,10 @@ def main() -> None:
         print(
             f"{len(tiles)} distinct demo tiles cycled; batch {args.batch}, {args.n_local} local crops, "
             f"cache pool2 2×[1+{PATCH}]×{D} fp16; {args.repeats} repeats × {args.batches} batches after "
-            f"3 warm-up batches; torch threads 1; {psutil.cpu_count()} CPUs here, load average "
-            f"{psutil.getloadavg()[0]:.1f} at start (a shared machine: per CPU-second = samples / CPU time "
+            f"3 warm-up batches; torch threads 1; photometric part in the {args.photometric}"
+            f"{f' ({args.device})' if args.photometric == 'device' else ''}; "
+            f"{os.cpu_count()} CPUs here, load average "
+            f"{os.getloadavg()[0]:.1f} at start (a shared machine: per CPU-second = samples / CPU time "
             "of the loader process and its workers, the figure a dedicated core approaches)"
         )
         profile = None
@@ -248,12 +314,14 @@ def main() -> None:
                     target=_in_child,
                     args=(
                         queue,
+                        run_loader,
                         *paths[n],
                         workers,
                         args.batch,
                         args.batches,
                         args.repeats,
                         args.n_local,
+                        args.photometric == "loader",
                         workers == 0 and n == sizes[0],
                     ),
                 )
@@ -266,8 +334,23 @@ def main() -> None:
                     f"cache {n:6d} tiles, num_workers {workers}: wall min {min(rates):7.1f} median "
                     f"{statistics.median(rates):7.1f} samples/s ({statistics.median(rates) / cores:6.1f} per "
                     f"core); per CPU-second min {min(per_cpu):6.1f} median {statistics.median(per_cpu):6.1f} "
-                    f"(target ≥ 200); peak RSS {peak / 2**20:5.0f} MiB (process + workers)"
+                    f"(target ≥ 200); peak PSS {peak / 2**20:5.0f} MiB (process + workers)"
                 )
+        if args.photometric == "device":
+            queue = ctx.Queue()
+            child = ctx.Process(
+                target=_in_child,
+                args=(queue, run_photometric, *paths[sizes[0]], args.batch, args.repeats, args.device),
+            )
+            child.start()
+            rates, per_cpu = queue.get()
+            child.join()
+            print(
+                f"step side, photometric part on {args.device} (finish_views, batch {args.batch}, 2 views "
+                f"each, torch threads 1): min {min(rates):8.1f} median {statistics.median(rates):8.1f} "
+                f"samples/s; per CPU-second of the training process min {min(per_cpu):8.1f} median "
+                f"{statistics.median(per_cpu):8.1f}"
+            )
         print("profile (num_workers 0, cumulative share of loader time):")
         for label, share in profile:
             print(f"  {label:>38}: {share:6.1%}")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2.functional import _color
 
 VIEW_FIELDS = (
     "kind",
@@ -139,41 +140,138 @@ def global_kinds(n_views: int) -> list[int]:
     return [GLOBAL_1 if v % 2 == 0 else GLOBAL_2 for v in range(n_views)]
 
 
+def geometric(
+    tile: np.ndarray | torch.Tensor, params: np.ndarray, cfg: AugmentConfig = AugmentConfig()
+) -> torch.Tensor:
+    """The geometric part of a view: uint8 [H, W, 3] tile → uint8 [3, out_px, out_px].
+
+    torchvision's `resized_crop` (bicubic, antialiased) of the stored box, then the stored horizontal
+    flip: the cheap part, run in the data loader. `photometric` finishes the view.
+    """
+    x = torch.as_tensor(np.asarray(tile)).permute(2, 0, 1).contiguous()
+    top, left, height, width, out = (int(params[_F[k]]) for k in ("top", "left", "height", "width", "out_px"))
+    x = F.resized_crop(
+        x, top, left, height, width, [out, out], interpolation=InterpolationMode.BICUBIC, antialias=True
+    )
+    return F.horizontal_flip(x) if params[_F["flip"]] else x
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision's uint8 `_blend` with one ratio per image (float64 [n]). On the CPU the
+    `add_(other, alpha=1 - ratio)` runs per image, so its fused multiply-add rounds exactly as
+    torchvision's; elsewhere one batched `addcmul_` (a GPU must not be driven image by image)."""
+    out = x.mul(ratio.float().view(-1, 1, 1, 1))
+    if x.device.type == "cpu":
+        for i, r in enumerate(ratio.tolist()):
+            out[i].add_(other[i], alpha=1.0 - r)
+    else:
+        out.addcmul_(other, (1.0 - ratio).float().view(-1, 1, 1, 1))
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """torchvision's uint8 `gaussian_blur` (square `kernel`, reflect padding, float32, rounded) with one
+    sigma per image (float64 [n]): per image on the CPU (bit for bit torchvision's), one grouped
+    convolution of per-image kernels (torchvision's `_get_gaussian_kernel2d` formula) elsewhere."""
+    if x.device.type == "cpu":
+        return torch.stack(
+            [F.gaussian_blur(v, [kernel, kernel], [s, s]) for v, s in zip(x, sigma.tolist(), strict=True)]
+        )
+    n, c, h, w = x.shape
+    lim = (kernel - 1) / (2.0 * math.sqrt(2.0))
+    t = torch.linspace(-lim, lim, steps=kernel, dtype=torch.float32, device=x.device)
+    k1 = torch.softmax(t.div(sigma.float().view(-1, 1)).pow(2).neg(), dim=1)  # [n, k]
+    weight = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, 0)[:, None]  # [n·c, 1, k, k]
+    padded = torch.nn.functional.pad(x.float().reshape(1, n * c, h, w), [kernel // 2] * 4, mode="reflect")
+    out = torch.nn.functional.conv2d(padded, weight, groups=n * c)
+    return out.reshape(n, c, h, w).round_().to(torch.uint8)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """float32 [n, 1, H, W] luma of uint8 RGB, floored (torchvision's contrast and saturation reference)."""
+    return _color._rgb_to_grayscale_image(x, num_output_channels=1, preserve_dtype=False).floor_()
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return x.mul(f.float().view(-1, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x), f)
+
+
+def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    hsv = _color._rgb_to_hsv(F.to_dtype(x, torch.float32, scale=True))
+    h, s, v = hsv.unbind(dim=-3)
+    h = h.add(f.float().view(-1, 1, 1)).remainder_(1.0)
+    return F.to_dtype(_color._hsv_to_rgb(torch.stack((h, s, v), dim=-3)), torch.uint8, scale=True)
+
+
+_JITTER = (  # in `_ORDERS`' numbering: brightness, contrast, saturation, hue
+    ("brightness", _brightness),
+    ("contrast", _contrast),
+    ("saturation", _saturation),
+    ("hue", _hue),
+)
+
+
+def photometric(
+    views: torch.Tensor, params: np.ndarray | torch.Tensor, cfg: AugmentConfig = AugmentConfig()
+) -> torch.Tensor:
+    """The photometric part of views, batched on their device: uint8 [N, 3, S, S] views (`geometric`'s
+    output) and their stored parameters [N, len(VIEW_FIELDS)] → uint8 [N, 3, S, S] (a new tensor).
+
+    DINOv2's color jitter (brightness, contrast, saturation, hue in the stored order), grayscale, Gaussian
+    blur (`cfg.blur_kernel`, the stored sigma) and solarize (`cfg.solarize_threshold`), each applied to
+    the images whose parameters ask for it. Every step is torchvision's uint8 kernel (torchvision
+    `transforms.v2.functional`, whose HSV helpers are used directly) with a tensor of per-image factors
+    in place of a scalar. On the CPU the fused add of a blend and the blur run per image, so the result
+    equals torchvision's one image at a time, bit for bit (tests/unit/test_augment.py); on a GPU they are
+    batched too (launches, not arithmetic, would set its speed), and CUDA kernels round differently: a
+    view finished there differs from the CPU's by a few uint8 levels at a few pixels (the bound is tested
+    where a GPU is present). ValueError for a shape mismatch.
+    """
+    if views.ndim != 4 or views.shape[1] != 3 or views.dtype != torch.uint8 or len(params) != len(views):
+        raise ValueError(
+            f"photometric needs uint8 views [N, 3, S, S] and params [N, {len(VIEW_FIELDS)}], got "
+            f"{views.dtype} {tuple(views.shape)} and {tuple(np.shape(params))}"
+        )
+    p = torch.as_tensor(np.asarray(params, dtype=np.float64) if not torch.is_tensor(params) else params)
+    p = p.to(torch.float64).cpu()  # the decisions are made here; only the pixels stay on the device
+    x = views.clone()
+    jitter = p[:, _F["jitter"]] > 0
+    order = torch.tensor(_ORDERS)[p[:, _F["order"]].long()]  # [N, 4]: the op at each position
+    for position in range(4):
+        for op, (name, fn) in enumerate(_JITTER):
+            idx = torch.nonzero(jitter & (order[:, position] == op)).flatten()
+            if len(idx):
+                on = idx.to(x.device)
+                x[on] = fn(x[on], p[idx, _F[name]].to(x.device))
+    idx = torch.nonzero(p[:, _F["grayscale"]] > 0).flatten()
+    if len(idx):
+        on = idx.to(x.device)
+        x[on] = F.rgb_to_grayscale(x[on], num_output_channels=3)
+    idx = torch.nonzero(p[:, _F["blur_sigma"]] > 0).flatten()
+    if len(idx):
+        on = idx.to(x.device)
+        x[on] = _blur(x[on], p[idx, _F["blur_sigma"]].to(x.device), cfg.blur_kernel)
+    idx = torch.nonzero(p[:, _F["solarize"]] > 0).flatten()
+    if len(idx):
+        on = idx.to(x.device)
+        x[on] = F.solarize(x[on], cfg.solarize_threshold)
+    return x
+
+
 def render(
     tile: np.ndarray | torch.Tensor, params: np.ndarray, cfg: AugmentConfig = AugmentConfig()
 ) -> torch.Tensor:
-    """Apply stored view parameters to a uint8 [H, W, 3] tile → uint8 [3, out_px, out_px] (deterministic)."""
-    x = torch.as_tensor(np.asarray(tile)).permute(2, 0, 1).contiguous()
-    p = {name: float(params[i]) for i, name in enumerate(VIEW_FIELDS)}
-    out = int(p["out_px"])
-    x = F.resized_crop(
-        x,
-        int(p["top"]),
-        int(p["left"]),
-        int(p["height"]),
-        int(p["width"]),
-        [out, out],
-        interpolation=InterpolationMode.BICUBIC,
-        antialias=True,
-    )
-    if p["flip"]:
-        x = F.horizontal_flip(x)
-    if p["jitter"]:
-        ops = (
-            lambda t: F.adjust_brightness(t, p["brightness"]),
-            lambda t: F.adjust_contrast(t, p["contrast"]),
-            lambda t: F.adjust_saturation(t, p["saturation"]),
-            lambda t: F.adjust_hue(t, p["hue"]),
-        )
-        for i in _ORDERS[int(p["order"])]:
-            x = ops[i](x)
-    if p["grayscale"]:
-        x = F.rgb_to_grayscale(x, num_output_channels=3)
-    if p["blur_sigma"] > 0:
-        x = F.gaussian_blur(x, [cfg.blur_kernel, cfg.blur_kernel], [p["blur_sigma"], p["blur_sigma"]])
-    if p["solarize"]:
-        x = F.solarize(x, cfg.solarize_threshold)
-    return x
+    """Apply stored view parameters to a uint8 [H, W, 3] tile → uint8 [3, out_px, out_px] (deterministic):
+    `geometric`, then `photometric` on the CPU."""
+    return photometric(geometric(tile, params, cfg)[None], np.asarray(params)[None], cfg)[0]
 
 
 def view_digest(view: torch.Tensor) -> int:
@@ -185,7 +283,7 @@ def view_digest(view: torch.Tensor) -> int:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [..., 3, H, W] → float, normalised with a model's mean/std."""
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    """uint8 [..., 3, H, W] → float, normalised with a model's mean/std (on x's device)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x.float() / 255.0 - m) / s

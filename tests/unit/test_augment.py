@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from histodistill.augment import (
@@ -8,7 +9,9 @@ from histodistill.augment import (
     VIEW_FIELDS,
     AugmentConfig,
     draw_views,
+    geometric,
     global_kinds,
+    photometric,
     render,
 )
 
@@ -77,3 +80,85 @@ def test_render_shapes_and_ops():
     q[F["flip"]], q[F["grayscale"]] = 0, 1
     gray = render(tile, q)
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def _torchvision_render(tile: np.ndarray, p: np.ndarray, cfg: AugmentConfig = AugmentConfig()):
+    """The reference: torchvision's public ops one image at a time (how `render` was first written)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from histodistill.augment import _ORDERS
+
+    x = torch.from_numpy(tile).permute(2, 0, 1).contiguous()
+    top, left, h, w, out = (int(p[F[k]]) for k in ("top", "left", "height", "width", "out_px"))
+    x = TF.resized_crop(x, top, left, h, w, [out, out], InterpolationMode.BICUBIC, antialias=True)
+    if p[F["flip"]]:
+        x = TF.horizontal_flip(x)
+    if p[F["jitter"]]:
+        ops = (
+            lambda t: TF.adjust_brightness(t, p[F["brightness"]]),
+            lambda t: TF.adjust_contrast(t, p[F["contrast"]]),
+            lambda t: TF.adjust_saturation(t, p[F["saturation"]]),
+            lambda t: TF.adjust_hue(t, p[F["hue"]]),
+        )
+        for i in _ORDERS[int(p[F["order"]])]:
+            x = ops[i](x)
+    if p[F["grayscale"]]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p[F["blur_sigma"]] > 0:
+        s = float(p[F["blur_sigma"]])
+        x = TF.gaussian_blur(x, [cfg.blur_kernel] * 2, [s, s])
+    if p[F["solarize"]]:
+        x = TF.solarize(x, cfg.solarize_threshold)
+    return x
+
+
+def _he_tiles(n: int) -> np.ndarray:
+    """Smooth H&E-like tiles (pink/purple fields, upsampled noise) so every op changes pixels."""
+    rng = np.random.default_rng(7)
+    coarse = rng.normal([200, 120, 180], 30, (n, 28, 28, 3)).clip(0, 255).astype(np.float32)
+    return np.kron(coarse, np.ones((1, 8, 8, 1), np.float32)).astype(np.uint8)
+
+
+def test_batched_photometric_equals_torchvision_one_image_at_a_time():
+    """`photometric` on a batch of geometric views = torchvision's ops per image, bit for bit (CPU), for
+    every op and its order; `render` is geometric + photometric. 48 views cover every branch."""
+    tiles = _he_tiles(24)
+    drawn = np.concatenate([draw_views(3, "s", t, global_kinds(2), (224, 224)) for t in range(100)])
+    pick = [*range(36), *np.flatnonzero(drawn[:, F["solarize"]] > 0)[:6]]
+    pick += list(np.flatnonzero(drawn[:, F["grayscale"]] > 0)[:6])
+    params, tile_of = drawn[pick], np.array(pick) % 24
+    for field in ("jitter", "grayscale", "solarize", "flip"):  # each branch is taken and skipped
+        assert 0 < (params[:, F[field]] > 0).sum() < len(params), field
+    assert 0 < (params[:, F["blur_sigma"]] == 0).sum()
+    reference = torch.stack([_torchvision_render(tiles[t], p) for t, p in zip(tile_of, params, strict=True)])
+    views = torch.stack([geometric(tiles[t], p) for t, p in zip(tile_of, params, strict=True)])
+    out = photometric(views, params)
+    assert out.dtype == torch.uint8 and out.shape == (48, 3, 224, 224)
+    assert torch.equal(out, reference)
+    assert torch.equal(photometric(views[5:9], torch.from_numpy(params[5:9])), reference[5:9])  # any batch
+    assert torch.equal(render(tiles[tile_of[7]], params[7]), reference[7])
+    asks = (params[:, [F["jitter"], F["grayscale"], F["blur_sigma"], F["solarize"]]] > 0).any(1)
+    changed = (out != views).flatten(1).any(1).numpy()
+    assert asks.sum() > 40 and changed[asks].all() and not changed[~asks].any()
+    local = draw_views(0, "s", 1, [LOCAL] * 3, (224, 224))  # 98 px crops
+    assert torch.equal(
+        photometric(torch.stack([geometric(tiles[1], p) for p in local]), local),
+        torch.stack([_torchvision_render(tiles[1], p) for p in local]),
+    )
+    with pytest.raises(ValueError, match="uint8 views"):
+        photometric(views.float(), params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_photometric_on_the_gpu_agrees_with_the_cpu():
+    """The student's views finished on a GPU vs the teacher cache's (rendered on the CPU): CUDA kernels
+    round differently, so a few pixels differ by a few uint8 levels. Tolerance: max |Δ| ≤ 3 levels,
+    ≤ 0.5% of values differing at all, mean |Δ| ≤ 0.01 level."""
+    tiles = _he_tiles(32)
+    params = np.concatenate([draw_views(1, "s", t, global_kinds(2), (224, 224)) for t in range(32)])
+    views = torch.stack([geometric(tiles[i // 2], p) for i, p in enumerate(params)])
+    cpu = photometric(views, params).int()
+    gpu = photometric(views.cuda(), params).cpu().int()
+    diff = (gpu - cpu).abs()
+    assert diff.max() <= 3 and (diff > 0).float().mean() <= 0.005 and diff.float().mean() <= 0.01

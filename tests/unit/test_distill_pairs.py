@@ -9,9 +9,10 @@ import pytest
 import tifffile
 import torch
 import zarr
+from torch.utils.data import default_collate
 
 from histodistill.augment import VIEW_FIELDS, render
-from histodistill.distill.data import DistillDataset
+from histodistill.distill.data import DistillDataset, finish_views
 from histodistill.distill.pairs import (
     PairingConfig,
     context_image,
@@ -233,3 +234,27 @@ def test_registered_run_trains_on_reference_rows_and_symmetric_needs_a_live_teac
     symmetric = replace(PAIRED, pairing={"source": "registered", "symmetric": True})
     with pytest.raises(HistodistillError, match="symmetric.*teacher_mode online or cotrained"):
         Trainer(symmetric, store, cache, tmp_path / "sym")
+
+
+def test_deferred_photometric_finished_on_the_step_side_equals_the_loaders_views(matched):
+    """The trainer's loader leaves the photometric part to `finish_views` on the training device: on the
+    CPU the finished views equal the dataset's own (`render`) bit for bit, for the student's global views,
+    its local crops and the teacher side; the teacher's cached tokens stay fp16 in the batch."""
+    store, cache, _ = matched
+    pairing = PairingConfig.parse(dict(source="registered", slides=["inv"]))
+    rows, cpu = [(0, 0), (2, 1), (3, 0)], torch.device("cpu")
+    for cached in (False, True):
+        full = DistillDataset(store, cache, 2, seed=0, cached=cached, pairing=pairing)
+        deferred = DistillDataset(store, cache, 2, seed=0, cached=cached, pairing=pairing, photometric=False)
+        ref = default_collate([full[r] for r in rows])
+        got = default_collate([deferred[r] for r in rows])
+        assert got["globals_params"].shape == (3, 2, len(VIEW_FIELDS)) and "globals_params" not in ref
+        keys = ("globals", "locals") if cached else ("globals", "locals", "teacher_globals")
+        for key in keys:
+            assert not torch.equal(got[key], ref[key])  # the loader's views are not finished
+            assert torch.equal(finish_views(got, key, cpu), ref[key])
+            assert torch.equal(finish_views(ref, key, cpu), ref[key])  # already finished: as is
+        if cached:
+            assert got["teacher_cls"].dtype == torch.float16 and torch.equal(
+                got["teacher_cls"], ref["teacher_cls"]
+            )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from histodistill.augment import LOCAL, AugmentConfig, draw_views, render
+from histodistill.augment import LOCAL, AugmentConfig, draw_views, geometric, photometric, render
 from histodistill.distill.pairs import PairingConfig, PairSource
 from histodistill.teacher_cache import TeacherCache
 from histodistill.tilestore import ProcessLocal, TileStore
@@ -62,7 +62,14 @@ class DistillDataset:
 
     With a `pairing` (distill.pairs), the student's views (and local crops) are rendered from the row's
     paired image with the cached views' parameters; the teacher side stays the tile itself (the student
-    side under `symmetric`)."""
+    side under `symmetric`).
+
+    `photometric=False` (the trainer's loader): the views are only cropped, flipped and resized here
+    (`augment.geometric`, uint8) and each view set comes with the parameters it is to be finished with
+    (`globals_params` [2, F], `locals_params` [L, F], `teacher_globals_params` [2, F] float64);
+    `finish_views` applies the photometric part batched on the training device, equal to `render` on
+    the CPU bit for bit (on a GPU, within a few uint8 levels: augment.photometric). The teacher's tokens
+    stay fp16 (`teacher_cls` [2, Dt], `teacher_patch` [2, P, Dt]): converted where they are used."""
 
     def __init__(
         self,
@@ -73,7 +80,9 @@ class DistillDataset:
         cached: bool,
         augment: AugmentConfig = AugmentConfig(),
         pairing: PairingConfig | None = None,
+        photometric: bool = True,
     ):
+        self.photometric = photometric
         self.tiles_path, self.cache_path = Path(tiles), Path(cache)
         self.n_local, self.seed, self.cached, self.augment = n_local, seed, cached, augment
         store = TileStore(self.tiles_path)
@@ -96,15 +105,12 @@ class DistillDataset:
         pair = 2 * (epoch % max(self.n_views // 2, 1))  # cycle through the cached view pairs
         params = entry["params"][pair : pair + 2]
         if self.pairing.source == "none":
-            image, teacher_views = tile, None
-            globals_ = torch.stack([render(tile, params[j], self.augment) for j in range(2)])
+            image, teacher_views, student_params = tile, None, params
         else:  # the student side: the paired image under the cached views' own parameters
             image = self.pairs.student_image(store, self.index, row, tile, epoch)
             student_params = self.pairs.render_params(params)
-            globals_ = torch.stack([render(image, student_params[j], self.augment) for j in range(2)])
-            teacher_views = (
-                None if self.cached else torch.stack([render(tile, p, self.augment) for p in params])
-            )
+            teacher_views = None if self.cached else self._render(tile, params)
+        globals_ = self._render(image, student_params)
         slide = self.slide_ids[int(self.slide_index[row])]
         if self.n_local:  # view numbers after the cached ones, new every epoch
             first = self.n_views + epoch * self.n_local
@@ -117,21 +123,44 @@ class DistillDataset:
                 self.augment,
                 first,
             )
-            locals_ = torch.stack(
-                [render(image, p, self.augment) for p in self.pairs.render_params(local_params)]
-            )
+            local_params = self.pairs.render_params(local_params)
+            locals_ = self._render(image, local_params)
         else:
+            local_params = np.zeros((0, len(params[0])))
             locals_ = torch.zeros(0, 3, self.augment.local_px, self.augment.local_px, dtype=torch.uint8)
         out = {"globals": globals_, "locals": locals_, "row": row}
+        if not self.photometric:
+            out |= {"globals_params": student_params, "locals_params": local_params}
         if not self.cached:  # a teacher run on the fly sees the teacher side (the student side if symmetric)
-            out["teacher_globals"] = (
-                globals_ if teacher_views is None or self.pairing.symmetric else teacher_views
-            )
-        if self.cached:
-            out["teacher_cls"] = torch.from_numpy(entry["cls"][pair : pair + 2].astype(np.float32))
+            teacher_side = teacher_views is None or self.pairing.symmetric
+            out["teacher_globals"] = globals_ if teacher_side else teacher_views
+            if not self.photometric:
+                out["teacher_globals_params"] = student_params if teacher_side else params
+        if self.cached:  # fp16 as stored: converting is the consumer's (on its device)
+            out["teacher_cls"] = torch.from_numpy(np.ascontiguousarray(entry["cls"][pair : pair + 2]))
             if "patch" in entry:
-                out["teacher_patch"] = torch.from_numpy(entry["patch"][pair : pair + 2].astype(np.float32))
+                out["teacher_patch"] = torch.from_numpy(np.ascontiguousarray(entry["patch"][pair : pair + 2]))
         return out
+
+    def _render(self, image: np.ndarray, params: np.ndarray) -> torch.Tensor:
+        """uint8 [V, 3, S, S]: the finished views, or (photometric=False) their geometric part."""
+        if self.photometric:
+            return torch.stack([render(image, p, self.augment) for p in params])
+        return torch.stack([geometric(image, p, self.augment) for p in params])
+
+
+def finish_views(
+    batch: dict, key: str, device: torch.device, augment: AugmentConfig = AugmentConfig()
+) -> torch.Tensor:
+    """A collated batch's view set `key` ("globals", "locals", "teacher_globals": uint8 [B, V, 3, S, S])
+    on `device`, finished: the photometric part (augment.photometric, batched) applied there when the
+    loader left it out (`{key}_params` [B, V, F] in the batch), as is otherwise. uint8 [B, V, 3, S, S]."""
+    views = batch[key].to(device, non_blocking=True)
+    params = batch.get(f"{key}_params")
+    if params is None or not views.shape[1]:
+        return views
+    b, v = views.shape[:2]
+    return photometric(views.flatten(0, 1), params.flatten(0, 1), augment).unflatten(0, (b, v))
 
 
 def _open_pair(tiles: Path, cache: Path) -> tuple[TileStore, TeacherCache]:

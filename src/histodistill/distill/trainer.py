@@ -43,7 +43,7 @@ from histodistill.atomic import atomic_path
 from histodistill.augment import normalize
 from histodistill.config import DISTILL_HEAD_DEFAULTS
 from histodistill.devices import autocast_dtype
-from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.data import DistillDataset, EpochSampler, finish_views, split_rows
 from histodistill.distill.launch import REQUEUE_EXIT_CODE
 from histodistill.distill.monitors import CollapseError, CollapseGuard, plot_train_log
 from histodistill.distill.objectives import (
@@ -412,27 +412,24 @@ class Trainer:
         frozen teacher run on the teacher side's views (online), or the co-trained teacher branch (with
         gradient; Dt = the student's width)."""
         if self.cfg.teacher_mode == "cached":
-            cls = batch["teacher_cls"].to(self.device).transpose(0, 1)
+            cls = batch["teacher_cls"].to(self.device).float().transpose(0, 1)  # fp16 in the batch
             patch = batch.get("teacher_patch")
-            return TeacherTokens(cls, None if patch is None else patch.to(self.device).transpose(0, 1))
+            return TeacherTokens(
+                cls, None if patch is None else patch.to(self.device).float().transpose(0, 1)
+            )
         b = batch["teacher_globals"].shape[0]
+        teacher_globals = finish_views(batch, "teacher_globals", self.device).transpose(0, 1).flatten(0, 1)
         if self.cotrained:
             spec = self.student_spec
-            views = normalize(
-                batch["teacher_globals"].transpose(0, 1).flatten(0, 1),
-                spec.transform.mean,
-                spec.transform.std,
-            )
+            views = normalize(teacher_globals, spec.transform.mean, spec.transform.std)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                tokens = self.ddp(views.to(self.device), teacher_branch=True).float()
+                tokens = self.ddp(views, teacher_branch=True).float()
             patch = tokens[:, spec.num_prefix_tokens :]
             return TeacherTokens(tokens[:, 0].reshape(2, b, -1), patch.reshape(2, b, patch.shape[1], -1))
         spec = self.teacher_spec
-        views = normalize(
-            batch["teacher_globals"].transpose(0, 1).flatten(0, 1), spec.transform.mean, spec.transform.std
-        )
+        views = normalize(teacher_globals, spec.transform.mean, spec.transform.std)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            tokens = self.teacher.forward_features(views.to(self.device)).float()
+            tokens = self.teacher.forward_features(views).float()
         tokens = tokens.half().float()  # the cache's fp16 precision, so both modes see the same targets
         cls = tokens[:, 0].reshape(2, b, -1)
         patch = tokens[:, spec.num_prefix_tokens :]
@@ -443,13 +440,15 @@ class Trainer:
     def get_student_output(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Student tokens of the 2 global views [2B, T, D] and CLS of the local views [L·B, D]."""
         mean, std = self.student_spec.transform.mean, self.student_spec.transform.std
-        globals_ = normalize(batch["globals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
+        globals_ = finish_views(batch, "globals", self.device).transpose(0, 1).flatten(0, 1)
+        globals_ = normalize(globals_, mean, std)
+        locals_ = None
+        if batch["locals"].shape[1]:
+            locals_ = finish_views(batch, "locals", self.device).transpose(0, 1).flatten(0, 1)
+            locals_ = normalize(locals_, mean, std)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             tokens = self.ddp(globals_)
-            local_cls = None
-            if batch["locals"].shape[1]:
-                locals_ = normalize(batch["locals"].transpose(0, 1).flatten(0, 1), mean, std).to(self.device)
-                local_cls = self.ddp(locals_)[:, 0]
+            local_cls = None if locals_ is None else self.ddp(locals_)[:, 0]
         return tokens, local_cls
 
     def compute_losses(
@@ -533,7 +532,7 @@ class Trainer:
             if teacher_patch.shape[0] != patches.shape[1]:
                 patches = pool_patches(patches)
             feats_s.append(torch.cat([tokens[:, :1], patches], 1)[0].cpu().numpy())
-            feats_t.append(torch.cat([item["teacher_cls"][:1], teacher_patch], 0).numpy())
+            feats_t.append(torch.cat([item["teacher_cls"][:1], teacher_patch], 0).float().numpy())
         student, teacher = np.concatenate(feats_s), np.concatenate(feats_t)
         out = {"cka": linear_cka(student, teacher)}
         return out | self.objective.holdout_metrics(
@@ -578,6 +577,7 @@ class Trainer:
             cfg.seed,
             cached=cfg.teacher_mode == "cached",
             pairing=self.pairing,
+            photometric=False,  # finished batched on self.device (get_student_output, get_teacher_output)
         )
         sampler = EpochSampler(
             self.train_rows, cfg.seed, self.rank, self.world, start=self.iteration * self.local_batch
