@@ -102,6 +102,7 @@ class Mode:
             trainer.cfg.seed,
             cached=mode in ("cached", "paired"),
             pairing=trainer.pairing,
+            photometric=False,  # as the trainer's loader: the photometric part runs batched on its device
         )
         if mode == "student_only":
             dataset._handles = ProcessLocal(partial(_open_drawn, trainer.tiles, cache_seed, dataset.n_views))

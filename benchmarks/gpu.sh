@@ -47,5 +47,5 @@ run() {  # run NAME SECONDS CMD...: one benchmark, its log, its exit status
 run distill_step 300 python benchmarks/distill_step.py --teacher "$teacher" --student "$student" \
     --teacher-weights "$weights" --batch-size "$batch" --prototypes "$protos" --heads-batch-size "$heads_batch" \
     --steps "$steps" --repeats "$repeats" --workers "$workers" --modes student_only cached online
-run scorenet 90 python benchmarks/scorenet.py "${scorenet_args[@]}"
-run distill_input 150 python benchmarks/distill_input.py "${input_args[@]}"
+run scorenet 75 python benchmarks/scorenet.py "${scorenet_args[@]}"
+run distill_input 120 python benchmarks/distill_input.py "${input_args[@]}"
