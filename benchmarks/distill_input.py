@@ -245,6 +245,12 @@ def run_photometric(store, cache, batch, repeats, device):
     return rates, per_cpu
 
 
+def window(batches: int, workers: int) -> int:
+    """Batches per timed repeat: at least 8× the loader's prefetch depth (2 batches per worker), so a
+    repeat measures the workers' steady rate, not batches they prefetched before it started."""
+    return max(batches, 16 * workers)
+
+
 def _in_child(queue, fn, *args):
     queue.put(fn(*args))
 
@@ -318,7 +324,7 @@ def main() -> None:
                         *paths[n],
                         workers,
                         args.batch,
-                        args.batches,
+                        window(args.batches, workers),
                         args.repeats,
                         args.n_local,
                         args.photometric == "loader",
@@ -331,7 +337,8 @@ def main() -> None:
                 profile = stages or profile
                 cores = max(workers, 1)
                 print(
-                    f"cache {n:6d} tiles, num_workers {workers}: wall min {min(rates):7.1f} median "
+                    f"cache {n:6d} tiles, num_workers {workers} ({window(args.batches, workers)} batches "
+                    f"per repeat): wall min {min(rates):7.1f} median "
                     f"{statistics.median(rates):7.1f} samples/s ({statistics.median(rates) / cores:6.1f} per "
                     f"core); per CPU-second min {min(per_cpu):6.1f} median {statistics.median(per_cpu):6.1f} "
                     f"(target ≥ 200); peak PSS {peak / 2**20:5.0f} MiB (process + workers)"
