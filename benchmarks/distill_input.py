@@ -358,9 +358,10 @@ def main() -> None:
                 f"samples/s; per CPU-second of the training process min {min(per_cpu):8.1f} median "
                 f"{statistics.median(per_cpu):8.1f}"
             )
-        print("profile (num_workers 0, cumulative share of loader time):")
-        for label, share in profile:
-            print(f"  {label:>38}: {share:6.1%}")
+        if profile:  # measured with num_workers 0 only
+            print("profile (num_workers 0, cumulative share of loader time):")
+            for label, share in profile:
+                print(f"  {label:>38}: {share:6.1%}")
     sys.stdout.flush()
 
 
