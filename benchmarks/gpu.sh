@@ -16,7 +16,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     input_args=(--workers 0 2 --tiles 256 --batches 1 --repeats 1 --batch 16) scorenet_args=(--sides 448 896)
 else
     teacher=h_optimus_0 student=h0_mini batch=64 protos=131072 heads_batch=1024 workers=12 steps=4 repeats=3
-    input_args=(--workers 4 12 --tiles 1024 --repeats 2 --batches 3) scorenet_args=(--model h0_mini --sides 1024 2048 4096 --top-k 20)
+    input_args=(--workers 4 12 --tiles 1024 --repeats 2 --batches 4) scorenet_args=(--model h0_mini --sides 1024 2048 4096 --top-k 20)
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.log"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.log"
