@@ -2,9 +2,12 @@
 
 What a cached distillation step consumes per sample, at the paper's shapes (configs/h0mini.yaml): a 224 px
 tile read from the tile store (zstd, one tile per inner chunk), its cache row (view parameters + the
-teacher's CLS [2, 1536] and `pool2` patch tokens [2, 64, 1536], fp16 → float32), the 2 global views
-rendered from the stored parameters (`augment.render`: resized crop, flip, color jitter, grayscale, blur,
-solarize), `--n-local` local crops (h0mini: 0), collated into batches of `--batch` (h0mini: 64 per GPU).
+teacher's CLS [2, 1536] and `pool2` patch tokens [2, 64, 1536], fp16, converted on the training device),
+the 2 global views rebuilt from the stored parameters, `--n-local` local crops (h0mini: 0), collated into
+batches of `--batch` (h0mini: 64 per GPU). As the trainer runs it (`--photometric device`), the loader only
+crops, flips and resizes (`augment.geometric`); the photometric part (`augment.photometric`: color jitter,
+grayscale, blur, solarize) runs batched in the step on `--device` (`finish_views`), timed here on one
+collated batch. `--photometric loader` renders everything in the loader (`augment.render`), as before.
 
 Data: real H&E-like pixels (tiles of the demo slide, cycled to `--tiles` rows of a tile store written
 with the production `create_tiles_array`), and a cache written with the production layout
@@ -12,15 +15,17 @@ with the production `create_tiles_array`), and a cache written with the producti
 `cache_teacher` stores them (the token values are random: the pipeline never looks at them).
 
 Per configuration a fresh process runs the loader (torch threads 1; warm-up batches, then `--repeats`
-timed runs of `--batches` batches each; min and median printed) while a thread samples the RSS of it and
-its workers (peak of the sum). Per core: samples per CPU-second of the loader process and its workers
-(the wall-clock rate is printed too; `num_workers 0` is one core; on a shared machine wall time counts
-other users' load, CPU time does not, though cache contention still slows it).
-Memory is measured at two cache sizes (`--tiles` and 4×) to show it is flat in cache size. A cProfile of
-the single-core run attributes the time to tile decode, cache read, augmentation, collation.
-Target: ≥ 200 samples/s per core (8 GPUs training a ViT-B/14 need that from 64 cores).
+timed runs of `--batches` batches each; min and median printed) while a thread samples the PSS of it and
+its workers (Linux /proc; peak of the sum, pages the forked workers share counted once). Per core: samples
+per CPU-second of the loader process and its workers (the wall-clock rate is printed too; `num_workers 0`
+is one core; on a shared machine wall time counts other users' load, CPU time does not, though cache
+contention still slows it). Memory is measured at two cache sizes (`--tiles` and 4×) to show it is flat
+in cache size. A cProfile of the single-core run attributes the time to tile decode, cache read, crop and
+resize, photometric (loader mode), collation. Target: ≥ 200 samples/s per core (8 GPUs training a
+ViT-B/14 need that from 64 cores).
 
-    python benchmarks/distill_input.py                       # 1,024 and 4,096 tiles
+    python benchmarks/distill_input.py                       # 1,024 and 4,096 tiles, workers 0 and 2
+    python benchmarks/distill_input.py --workers 0 4 12 --tiles 1024     # a 16-core GPU machine (cuda)
 """
 
 from __future__ import annotations
