@@ -40,7 +40,7 @@ def _store(path, rng, n_slides=6, per_slide=6, g=4, d=6):
 TINY = RegionTrainConfig(
     embed_dim=16, depth=1, num_heads=2, drop_path=0.0, global_crop=3, local_crop=2, n_local_crops=2,
     head_prototypes=32, head_hidden=32, head_bottleneck=8, batch_size=12, epochs=3, warmup_epochs=1,
-    warm_epochs=1, n_prototypes=2, neighbors=1, min_regions=4, kmeans_n_init=1, threads=1,
+    warm_epochs=1, n_prototypes=2, neighbors=1, min_regions=4, kmeans_n_init=1, threads=1, preload_mib=0,
 )  # fmt: skip
 
 
@@ -93,6 +93,11 @@ def test_pretraining_runs_all_terms_and_resumes_to_the_same_weights(tmp_path):
     ckpt_a, ckpt_b = _weights(tmp_path / "a" / "checkpoint.pt"), _weights(tmp_path / "b" / "checkpoint.pt")
     for part in ("student", "teacher", "center", "proto_center"):
         assert all(torch.equal(ckpt_a[part][k], ckpt_b[part][k]) for k in ckpt_a[part])
+    # a store read into memory first (preload_mib, the demo's case) trains the same weights
+    assert RegionStore(tmp_path / "r.zarr").preload(1) and not RegionStore(tmp_path / "r.zarr").preload(0)
+    pretrain_regions(tmp_path / "r.zarr", tmp_path / "c", replace(TINY, preload_mib=1))
+    c = _weights(tmp_path / "c" / "region_encoder.pt")
+    assert all(torch.equal(a["backbone"][k], c["backbone"][k]) for k in a["backbone"])
     model = load_region_encoder(tmp_path / "b" / "region_encoder.pt")
     assert embed_regions(model, *RegionStore(tmp_path / "r.zarr").read(np.arange(4))).shape == (4, 16)
     # other settings: the checkpoint is not resumed (a fresh run of 1 epoch ends at epoch 1, not 4)

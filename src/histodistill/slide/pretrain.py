@@ -23,10 +23,12 @@ temperature, EMA momentum; `Schedules.apply`), `ema_update`, `dino_loss` (losses
 settings' hash); multi-process runs start through `distill.launch.torchrun_command`. Only the loop is this
 module's (the distillation `Trainer` is bound to the teacher cache and tile store).
 
-Streaming: the region store is never loaded whole. A step reads its batch's regions (one Zarr chunk per
-region; the next batch is read in a background thread while this one trains); the per-epoch clustering
-reads one slide's regions at a time (`epoch_prototypes`). Memory: a batch, one slide's regions and codes,
-the prototypes [S, M, D], and per-region indices ([R] slide and assignment, 16 bytes a region).
+Streaming: a region store larger than `preload_mib` is never loaded whole. A step reads its batch's regions
+(one Zarr chunk per region; the next batch is read in a background thread while this one trains); the
+per-epoch clustering reads one slide's regions at a time (`epoch_prototypes`). Memory: a batch, one slide's
+regions and codes, the prototypes [S, M, D], and per-region indices ([R] slide and assignment, 16 bytes a
+region); benchmarks/slpd_memory.py measures it flat in the store size. A store of at most `preload_mib`
+(the demo's) is read into memory once instead: the same numbers, without a Zarr read per step.
 
 DDP: `batch_size` is the global batch, split evenly over the processes; every rank draws the epoch's order
 and the whole batch's crops from the same seeded generator and keeps its share, so a region's crops do not
@@ -127,6 +129,7 @@ class RegionTrainConfig:
     warm_epochs: int = 20
     kmeans_n_init: int = 3
     kmeans_max_iter: int = 100
+    preload_mib: int = 256  # a store this small is read into memory once, a larger one streamed
     seed: int = 0
     threads: int | None = None
 
@@ -163,7 +166,7 @@ def embed_regions(
     backbone.eval()
     dev = next(backbone.parameters()).device
     out = []
-    for s in range(0, len(tokens), batch_size):
+    for s in range(0, tokens.shape[0], batch_size):  # a Zarr array has a shape, not a len
         t, m = torch.as_tensor(tokens[s : s + batch_size]), torch.as_tensor(mask[s : s + batch_size])
         if crop:
             t, m = _center_crop(t, m, crop)
@@ -220,6 +223,9 @@ class _Prefetch:
 
 def _pretrain(store: RegionStore, out: Path, cfg: RegionTrainConfig, inputs: str, stop_after, device) -> dict:
     rank, _, world, dev = init_process(device)
+    if store.preload(cfg.preload_mib):
+        log.info("%s: %.1f MiB of tokens ≤ preload_mib %d: read into memory", store.path, store.nbytes / 2**20,
+                 cfg.preload_mib)  # fmt: skip
     slide_index = store.slide_index
     n, g, dim = len(slide_index), store.grid, store.dim
     batch = min(cfg.batch_size, n)
@@ -395,6 +401,24 @@ def _device_for_collectives(dev: torch.device) -> torch.device:
     return dev if dev.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors, gloo CPU ones
 
 
+EMBED_BATCH = 256  # regions per teacher pass of the per-epoch clustering (and per read: slides are grouped)
+
+
+def _slide_groups(slides: list[int], slide_rows: list[np.ndarray], regions: int) -> list[list[int]]:
+    """Consecutive runs of `slides` holding up to `regions` regions together (a larger slide alone): what
+    one read and one teacher pass of the clustering take."""
+    groups: list[list[int]] = []
+    count = 0
+    for s in slides:
+        if groups and count + len(slide_rows[s]) <= regions:
+            groups[-1].append(s)
+            count += len(slide_rows[s])
+        else:
+            groups.append([s])
+            count = len(slide_rows[s])
+    return groups
+
+
 @torch.no_grad()
 def epoch_prototypes(
     teacher: _Net,
@@ -407,8 +431,9 @@ def epoch_prototypes(
     device: torch.device | None = None,
 ) -> Prototypes:
     """The per-slide k-means prototypes of one epoch, from the teacher's L2-normalised bottleneck codes of
-    each region's centre `global_crop`² crop, reading one slide's regions at a time (memory: one slide's
-    regions and codes, plus the [S, M, D] prototypes and the [R] assignment).
+    each region's centre `global_crop`² crop, reading the regions of one slide (or of a few consecutive
+    small slides, `EMBED_BATCH` regions together) at a time: memory holds max(one slide, 256) regions and
+    their codes, plus the [S, M, D] prototypes and the [R] assignment.
 
     With `world` > 1 the slides are dealt to the ranks (slide s on rank s mod world), so each slide is
     clustered once, by one rank, and the results are merged by an all-reduce of sums with zeros elsewhere
@@ -420,18 +445,21 @@ def epoch_prototypes(
     centroids = np.zeros((len(slide_rows), m, d), np.float32)
     labels = np.zeros(len(store), np.int64)  # assignment + 1 (0: not clustered), summed over ranks
     valid = np.zeros(len(slide_rows), np.int64)
-    for s in range(rank, len(slide_rows), world):
-        rows = slide_rows[s]
-        if len(rows) < min_regions:
-            continue
+    mine = [s for s in range(rank, len(slide_rows), world) if len(slide_rows[s]) >= min_regions]
+    for group in _slide_groups(mine, slide_rows, EMBED_BATCH):
+        rows = np.concatenate([slide_rows[s] for s in group])
         tokens, mask = store.read(rows)
-        feats = embed_regions(teacher.backbone, tokens, mask, crop=cfg.global_crop)
+        feats = embed_regions(teacher.backbone, tokens, mask, EMBED_BATCH, crop=cfg.global_crop)
         codes = teacher.head.bottleneck(torch.as_tensor(feats).to(dev)).float().cpu().numpy()
-        centroids[s], assigned = cluster_slide(
-            codes, m, cfg.seed + epoch, cfg.kmeans_n_init, cfg.kmeans_max_iter
-        )
-        labels[rows] = assigned + 1
-        valid[s] = 1
+        start = 0
+        for s in group:
+            rows = slide_rows[s]
+            centroids[s], assigned = cluster_slide(
+                codes[start : start + len(rows)], m, cfg.seed + epoch, cfg.kmeans_n_init, cfg.kmeans_max_iter
+            )
+            labels[rows] = assigned + 1
+            valid[s] = 1
+            start += len(rows)
     if world > 1:
         where = _device_for_collectives(dev)
         merged = []

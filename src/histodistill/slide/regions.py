@@ -198,6 +198,7 @@ class RegionStore:
             raise HistodistillError(f"{self.path} is incomplete; rerun rule region_tokens")
         self.attrs = dict(self.root.attrs)
         self._slide_index: np.ndarray | None = None
+        self._memory: tuple[np.ndarray, np.ndarray] | None = None  # tokens, mask once `preload`ed
 
     def __len__(self) -> int:
         return int(self.attrs["n_regions"])
@@ -221,6 +222,21 @@ class RegionStore:
             self._slide_index = np.asarray(self.root["slide_index"][:], np.int64)
         return self._slide_index
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tokens array, uncompressed (R · G² · D · 4)."""
+        return int(np.prod(self.root["tokens"].shape)) * 4
+
+    def preload(self, max_mib: float) -> bool:
+        """Read tokens and mask into memory when the tokens take at most `max_mib` MiB (then `read` indexes
+        memory); True when they are in memory. A larger store stays on disk and is streamed."""
+        if self._memory is None and self.nbytes <= max_mib * 2**20:
+            self._memory = (
+                np.asarray(self.root["tokens"][:], np.float32),
+                np.asarray(self.root["mask"][:], bool),
+            )
+        return self._memory is not None
+
     def slide_rows(self) -> list[np.ndarray]:
         """The region rows [r_s] int64 of each slide, in store order (contiguous in stores written here)."""
         si = self.slide_index
@@ -238,6 +254,8 @@ class RegionStore:
             return np.zeros((0, g, g, d), np.float32), np.zeros((0, g, g), bool)
         if rows.min() < 0 or rows.max() >= len(self):
             raise IndexError(f"{self.path}: region rows outside [0, {len(self)})")
+        if self._memory is not None:
+            return self._memory[0][rows], self._memory[1][rows]
         uniq, inverse = np.unique(rows, return_inverse=True)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if hi - lo == len(uniq):
