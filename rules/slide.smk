@@ -53,6 +53,7 @@ rule pretrain_regions:
         variants=SLPD["variants"],
         settings=SLPD["train"],
         work_dir=lambda w: f"{RESULTS}/slide/{w.model}/work",
+        nproc_per_node=SLPD["nproc_per_node"],
     log:
         "logs/pretrain_regions/{model}.log",
     threads: threads_for("pretrain_regions")

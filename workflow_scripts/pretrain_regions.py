@@ -10,4 +10,6 @@ pretrain_variants(
     snakemake.params.work_dir,
     snakemake.params.settings,
     threads=snakemake.threads,
+    nproc_per_node=snakemake.params.nproc_per_node,
+    log_path=snakemake.log[0],
 )

@@ -64,20 +64,14 @@ def test_demo_slides_differ_by_arrangement_only():
 
 
 def test_run_scores_every_variant_and_the_patch_baseline(tmp_path):
-    import zarr
-
     from histodistill.bench.slpd import run
-    from histodistill.provenance import provenance
     from histodistill.slide.pretrain import pretrain_variants
+    from histodistill.slide.regions import write_region_arrays
 
     rng = np.random.default_rng(0)
     tiles = np.concatenate([rng.normal(size=(10, 6)) + 3, rng.normal(size=(10, 6)) - 3])
     arrays, frame = synthesize_slides(tiles, n_slides=8, regions_per_slide=2, grid=3, missing=0.2, seed=0)
-    root = zarr.open_group(tmp_path / "regions.zarr", mode="w", zarr_format=3)
-    for name, values in arrays.items():
-        root.create_array(name, data=values)
-    root.attrs.update({"slides": frame["slide_id"].tolist(), "n_regions": len(arrays["tokens"]),
-                       "provenance": provenance({}), "complete": True})  # fmt: skip
+    write_region_arrays(tmp_path / "regions.zarr", arrays, frame["slide_id"].tolist(), {})
     frame.to_csv(tmp_path / "labels.csv", index=False)
     settings = dict(embed_dim=8, depth=1, num_heads=2, global_crop=2, local_crop=1, n_local_crops=1,
                     head_prototypes=16, head_hidden=16, head_bottleneck=4, epochs=2, warm_epochs=1,

@@ -281,6 +281,7 @@ PIPELINE_ONLY = {
     "slpd.models": "selection (empty: benchmarks.models)",
     "slpd.cohort": "selection (a cohort name)",
     "slpd.labels": "path",
+    "slpd.nproc_per_node": "launcher (torchrun) setting of the pretrain_regions rule",
     "slpd.variants": "selection of ablation rows (each sets the loss weights it keeps)",
     "slpd.demo.enabled": "switch",
 }

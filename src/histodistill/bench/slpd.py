@@ -221,27 +221,28 @@ def run(
 ) -> pd.DataFrame:
     """Score one model: every variant's region encoder (`encoders[variant]`: a `region_encoder.pt`) and the
     patch-level baseline, on the slides of `labels` (CSV: slide_id, label) in `region_store`; tidy rows to
-    Parquet `out` with provenance. Raises BenchmarkError for a labelled slide without regions."""
+    Parquet `out` with provenance. Raises BenchmarkError for a labelled slide without regions. The store is
+    streamed (regions embedded 256 at a time); memory holds the region embeddings and the patch baseline's
+    bags (every labelled slide's present tile embeddings: that baseline's own input)."""
     from histodistill.bench import write_scores
     from histodistill.provenance import provenance
     from histodistill.slide.pretrain import embed_regions, load_region_encoder
     from histodistill.slide.regions import RegionStore
 
     cfg = config if isinstance(config, SlideEvalConfig) else SlideEvalConfig(**_tuples(dict(config or {})))
-    store = RegionStore(region_store)
-    data = store.load()
+    store = RegionStore(region_store)  # streamed: regions are read per slide or per batch of 256
     table = pd.read_csv(labels, dtype={"slide_id": str})
     slide_pos = {s: i for i, s in enumerate(store.slides)}
-    region_rows = {i: np.flatnonzero(data["slide_index"] == i) for i in range(len(store.slides))}
+    region_rows = dict(enumerate(store.slide_rows()))
     missing = [s for s in table["slide_id"] if s not in slide_pos or not len(region_rows[slide_pos[s]])]
     if missing:
         raise BenchmarkError(f"{labels}: slide(s) without regions in {region_store}: {missing[:5]}")
     picks = [region_rows[slide_pos[s]] for s in table["slide_id"]]
     frames = []
-    tiles = [data["tokens"][r][data["mask"][r]] for r in picks]  # present tiles of each slide's regions
+    tiles = [t[m] for t, m in map(store.read, picks)]  # present tiles of each slide's regions (the bags)
     frames.append(evaluate_bags(tiles, table["label"], task, "patch", cfg, cfg.patch_methods))
     for variant, path in encoders.items():
-        emb = embed_regions(load_region_encoder(path), data["tokens"], data["mask"])
+        emb = embed_regions(load_region_encoder(path), store.root["tokens"], store.root["mask"])
         frames.append(evaluate_bags([emb[r] for r in picks], table["label"], task, variant, cfg))
         log.info("%s %s: %s", model, variant, _brief(frames[-1]))
     rows = pd.concat(frames, ignore_index=True)

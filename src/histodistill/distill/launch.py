@@ -31,19 +31,17 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the job aga
 RDZV_PORT = 29500  # the c10d rendezvous port of a multi-node run, on the first node
 
 
-def launch_command(
-    config_path: str | Path,
-    tiles: str | Path,
-    cache: str | Path,
-    out_dir: str | Path,
+def torchrun_command(
+    module: str,
+    args: list[str],
     *,
     nproc_per_node: int,
     nodes: int = 1,
     host: str | None = None,
     job_id: str | None = None,
-    checkpoint_dir: str | Path | None = None,
 ) -> list[str]:
-    """The torchrun (single node) or srun + torchrun (several nodes) command line of one run.
+    """The torchrun (single node) or srun + torchrun (several nodes) command line that runs
+    `python -m <module> <args>` in every process (the distillation trainer, SLPD region pretraining).
 
     `host` is the rendezvous host (default: this host's name), `job_id` the rendezvous id (default:
     `$SLURM_JOB_ID`, else "histodistill"). Raises ValueError when `nproc_per_node` or `nodes` is below 1.
@@ -73,16 +71,32 @@ def launch_command(
             f"--rdzv_endpoint={host or socket.gethostname()}:{RDZV_PORT}",
             f"--rdzv_id={job_id or os.environ.get('SLURM_JOB_ID', 'histodistill')}",
         ]
-    return [
-        *launcher,
-        "-m",
+    return [*launcher, "-m", module, *map(str, args)]
+
+
+def launch_command(
+    config_path: str | Path,
+    tiles: str | Path,
+    cache: str | Path,
+    out_dir: str | Path,
+    *,
+    nproc_per_node: int,
+    nodes: int = 1,
+    host: str | None = None,
+    job_id: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> list[str]:
+    """The `torchrun_command` of one distillation run (`histodistill.distill.trainer`'s entry point).
+    Raises ValueError when `nproc_per_node` or `nodes` is below 1."""
+    args = [config_path, tiles, cache, out_dir, *([checkpoint_dir] if checkpoint_dir is not None else [])]
+    return torchrun_command(
         "histodistill.distill.trainer",
-        str(config_path),
-        str(tiles),
-        str(cache),
-        str(out_dir),
-        *([str(checkpoint_dir)] if checkpoint_dir is not None else []),
-    ]
+        args,
+        nproc_per_node=nproc_per_node,
+        nodes=nodes,
+        host=host,
+        job_id=job_id,
+    )
 
 
 def launch(

@@ -76,3 +76,10 @@ class Schedules:
             ),
             ema_momentum=cosine_schedule(ema_momentum, ema_momentum_end, total_iters),
         )
+
+    def apply(self, optimizer: torch.optim.Optimizer, it: int) -> None:
+        """Set iteration `it`'s learning rate on every group of `optimizer` and its weight decay on the
+        groups flagged `apply_wd` (engine.param_groups; 0 on the others)."""
+        for group in optimizer.param_groups:
+            group["lr"] = float(self.lr[it])
+            group["weight_decay"] = float(self.weight_decay[it]) if group.get("apply_wd") else 0.0

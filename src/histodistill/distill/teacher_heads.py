@@ -41,10 +41,11 @@ from torch.utils.data import DataLoader
 
 from histodistill.atomic import atomic_path
 from histodistill.devices import pick_device
+from histodistill.distill.engine import param_groups
 from histodistill.distill.monitors import CollapseError, CollapseGuard, TargetStats, plot_train_log
 from histodistill.distill.objectives import DinoIbot, StepState, StudentTokens, TeacherTokens
 from histodistill.distill.schedules import Schedules, ema_update
-from histodistill.distill.trainer import DistillConfig, param_groups
+from histodistill.distill.trainer import DistillConfig
 from histodistill.errors import HistodistillError
 from histodistill.provenance import provenance
 from histodistill.teacher_cache import TeacherCache
@@ -204,9 +205,7 @@ class HeadsTrainer:
     def step(self, batch: dict) -> dict[str, float]:
         """One iteration: EMA-teacher targets (no grad) → student-head losses → AdamW → EMA → centres."""
         it = min(self.iteration, self.cfg.iterations - 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(self.schedules.lr[it])
-            group["weight_decay"] = float(self.schedules.weight_decay[it]) if group["apply_wd"] else 0.0
+        self.schedules.apply(self.optimizer, it)
         state = StepState(iteration=it, teacher_temp=float(self.schedules.teacher_temp[it]))
         teacher, student = self._tokens(batch)
         targets = self.objective.teacher_targets(teacher, state)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -44,6 +43,15 @@ from histodistill.augment import normalize
 from histodistill.config import DISTILL_HEAD_DEFAULTS
 from histodistill.devices import autocast_dtype
 from histodistill.distill.data import DistillDataset, EpochSampler, finish_views, split_rows
+from histodistill.distill.engine import (  # noqa: F401  (dist_env, param_groups: re-exported)
+    dist_env,
+    init_process,
+    param_groups,
+    read_checkpoint,
+    save_checkpoint,
+    stale_inputs,
+    wrap_ddp,
+)
 from histodistill.distill.launch import REQUEUE_EXIT_CODE
 from histodistill.distill.monitors import CollapseError, CollapseGuard, plot_train_log
 from histodistill.distill.objectives import (
@@ -164,19 +172,6 @@ def input_digests(cfg: DistillConfig, tiles: str | Path, cache: TeacherCache) ->
     }
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size): torchrun's variables first, then SLURM's, else a single process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return (
-            int(os.environ["SLURM_PROCID"]),
-            int(os.environ.get("SLURM_LOCALID", 0)),
-            int(os.environ["SLURM_NTASKS"]),
-        )
-    return 0, 0, 1
-
-
 class StudentWithHeads(nn.Module):
     """The module wrapped in DDP: the student backbone + the objective's student heads (the same
     ModuleDict the objective holds), so DDP all-reduces the heads' gradients too, + under
@@ -193,20 +188,6 @@ class StudentWithHeads(nn.Module):
     def forward(self, images: torch.Tensor, teacher_branch: bool = False) -> torch.Tensor:
         encoder = self.partner if teacher_branch and self.partner is not None else self.backbone
         return encoder.forward_features(images)
-
-
-def param_groups(modules: list[nn.Module]) -> list[dict]:
-    """AdamW groups of the trainable parameters of `modules`: with weight decay (matrices) and without
-    (biases, norms, cls/register tokens, position embeddings), flagged by `apply_wd`."""
-    decay, no_decay = [], []
-    for module in modules:
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            (
-                no_decay if p.ndim <= 1 or name.endswith(("cls_token", "reg_token", "pos_embed")) else decay
-            ).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -230,15 +211,7 @@ class Trainer:
         `out_dir`) holds `checkpoint.pt`."""
         self.cfg, self.tiles, self.cache_path, self.out = cfg, Path(tiles), Path(cache), Path(out_dir)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out
-        self.rank, self.local_rank, self.world = dist_env()
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        if device == "auto":
-            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.rank, self.local_rank, self.world, self.device = init_process(device)
         self.amp = autocast_dtype(self.device, cfg.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
 
@@ -298,13 +271,7 @@ class Trainer:
                 self.device
             )
             self.teacher.requires_grad_(False)
-        self.ddp = (
-            nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-            if self.world > 1
-            else self.model
-        )
+        self.ddp = wrap_ddp(self.model, self.device, self.world)
         if cfg.teacher_heads not in ("frozen",):
             _check_heads_teacher(cfg.teacher_heads, cache.attrs["teacher"])
         self.inputs = input_digests(cfg, self.tiles, cache)  # what a checkpoint is bound to
@@ -348,18 +315,14 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.rank == 0:
-            with atomic_path(self.checkpoint_path) as tmp:
-                torch.save(self.state_dict(), tmp)
-            log.info("checkpoint at iteration %d → %s", self.iteration, self.checkpoint_path)
-        if self.world > 1:
-            dist.barrier()
+        save_checkpoint(
+            self.checkpoint_path, self.state_dict() if self.rank == 0 else {}, self.rank, self.world
+        )
 
     def stale_inputs(self, state: dict) -> list[str]:
         """The inputs (keys of `self.inputs`) a checkpoint's state was not trained on; all of them for a
         checkpoint that records none (written before checkpoints were bound to their inputs)."""
-        recorded = state.get("inputs") or {}
-        return [key for key, digest in self.inputs.items() if recorded.get(key) != digest]
+        return stale_inputs(state.get("inputs"), self.inputs)
 
     def maybe_resume(self) -> bool:
         """Load `checkpoint.pt` if there is one bound to the same inputs (True), else start over (False,
@@ -367,26 +330,10 @@ class Trainer:
 
         HistodistillError for a checkpoint of another format (e.g. one written before objectives were
         plug-ins): it cannot be resumed exactly, so it is never loaded in part."""
-        if not self.checkpoint_path.is_file():
-            return False
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise HistodistillError(
-                f"{self.checkpoint_path} is a checkpoint of format {state.get('format', 1)}, this version "
-                f"reads format {CHECKPOINT_FORMAT} (objective state under its own key): it cannot be "
-                "resumed; delete it to start over"
-            )
-        stale = self.stale_inputs(state)
-        if state["config"] != json.dumps(asdict(self.cfg), sort_keys=True) and "settings" not in stale:
-            stale.append("settings")
-        if stale:
-            log.warning(
-                "checkpoint %s (iteration %s) was trained on other inputs (%s changed): starting over at "
-                "iteration 0",
-                self.checkpoint_path,
-                state.get("iteration"),
-                ", ".join(stale),
-            )
+        state = read_checkpoint(
+            self.checkpoint_path, CHECKPOINT_FORMAT, self.inputs, "objective state under its own key"
+        )
+        if state is None:
             return False
         self.model.backbone.load_state_dict(state["backbone"])
         if self.model.partner is not None:
@@ -473,9 +420,7 @@ class Trainer:
 
     def step(self, batch: dict) -> dict[str, float]:
         it = self.iteration
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(self.schedules.lr[it])
-            group["weight_decay"] = float(self.schedules.weight_decay[it]) if group["apply_wd"] else 0.0
+        self.schedules.apply(self.optimizer, it)
         state = StepState(iteration=it, teacher_temp=float(self.schedules.teacher_temp[it]))
         losses, targets = self.compute_losses(
             self.get_teacher_output(batch), self.get_student_output(batch), state

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
 from sklearn.cluster import KMeans
 
 from histodistill.atomic import atomic_path
-from histodistill.provenance import provenance
+from histodistill.slide.regions import write_region_arrays
 
 LABELS = ("segregated", "intermixed")
 
@@ -96,22 +95,10 @@ def write_demo(
     arrays, frame = synthesize_slides(tiles, n_slides, regions_per_slide, grid, missing, seed)
     params = {"n_slides": n_slides, "regions_per_slide": regions_per_slide, "grid": grid, "missing": missing,
               "seed": seed}  # fmt: skip
-    with atomic_path(out_store) as tmp:
-        root = zarr.open_group(tmp, mode="w", zarr_format=3)
-        for name, values in arrays.items():
-            root.create_array(name, data=values)
-        root.attrs.update(
-            {
-                "slides": frame["slide_id"].tolist(),
-                "grid": grid,
-                "dim": int(arrays["tokens"].shape[-1]),
-                "min_tissue": 0.0,
-                "n_regions": int(len(arrays["tokens"])),
-                "synthetic": True,
-                "provenance": provenance(params, embeddings=str(embeddings)),
-                "complete": True,
-            }
-        )
+    n = write_region_arrays(
+        out_store, arrays, frame["slide_id"].tolist(), params, {"embeddings": str(embeddings)}, min_tissue=0.0,
+        synthetic=True,
+    )  # fmt: skip
     with atomic_path(out_labels) as tmp:
         frame.to_csv(tmp, index=False)
-    return int(len(arrays["tokens"]))
+    return n

@@ -109,19 +109,27 @@ def multi_crop(
     n_local: int,
     generator: torch.Generator,
     n_global: int = 2,
+    draw: tuple[int, int] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Region-level multi-crop (HIPT / SLPD `DataAugmentationDINO4K`): `n_global` random `global_crop`² and
     `n_local` random `local_crop`² crops of the token grid, each flipped horizontally with probability 1/2,
     drawn independently per region. tokens [B, G, G, D], mask [B, G, G] → a list of (tokens [B, c, c, D],
-    mask [B, c, c]), the globals first."""
+    mask [B, c, c]), the globals first.
+
+    `draw` = (N, offset): the crops are drawn for N regions and these B are regions offset … offset + B − 1
+    of them (DDP: every rank draws the global batch's crops from the same generator and keeps its share, so
+    a region's crops do not depend on the number of processes)."""
     b, g = tokens.shape[:2]
+    n, offset = draw or (b, 0)
+    if offset < 0 or offset + b > n:
+        raise ValueError(f"draw {draw} does not hold {b} regions")
     rows_b = torch.arange(b)[:, None, None]
     crops = []
     for size in [global_crop] * n_global + [local_crop] * n_local:
         size = min(size, g)
-        r0 = torch.randint(0, g - size + 1, (b,), generator=generator)
-        c0 = torch.randint(0, g - size + 1, (b,), generator=generator)
-        flip = torch.rand(b, generator=generator) < 0.5
+        r0 = torch.randint(0, g - size + 1, (n,), generator=generator)[offset : offset + b]
+        c0 = torch.randint(0, g - size + 1, (n,), generator=generator)[offset : offset + b]
+        flip = (torch.rand(n, generator=generator) < 0.5)[offset : offset + b]
         steps = torch.arange(size)
         cols = torch.where(flip[:, None], size - 1 - steps, steps) + c0[:, None]  # [B, c]
         rows = r0[:, None] + steps  # [B, c]

@@ -68,7 +68,7 @@ def slide_prototypes(
     the inputs and the seed. `min_regions` (default M) is the fewest regions a slide needs to be clustered.
     Raises HistodistillError for mismatched lengths, a slide index out of range or M < 1.
     """
-    features = _normalize(features)
+    features = np.asarray(features, dtype=np.float32)  # L2-normalised per slide by cluster_slide
     slide_index = np.asarray(slide_index, dtype=np.int64)
     if features.ndim != 2 or len(features) != len(slide_index):
         raise HistodistillError(f"features {features.shape} and slide_index {slide_index.shape} do not match")
@@ -86,11 +86,21 @@ def slide_prototypes(
         rows = order[bounds[s] : bounds[s + 1]]
         if len(rows) < min_regions:
             continue
-        km = KMeans(n_clusters=n_prototypes, random_state=seed, n_init=n_init, max_iter=max_iter)
-        assignment[rows] = km.fit_predict(features[rows])
-        centroids[s] = _normalize(km.cluster_centers_)
+        centroids[s], assignment[rows] = cluster_slide(features[rows], n_prototypes, seed, n_init, max_iter)
         valid[s] = True
     return Prototypes(centroids, assignment, valid)
+
+
+def cluster_slide(
+    features: np.ndarray, n_prototypes: int, seed: int = 0, n_init: int = 3, max_iter: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-means of one slide's region codes [r, D] (L2-normalised here) into M = `n_prototypes`:
+    (prototypes [M, D] float32, L2-normalised; assignment [r] int64). `slide_prototypes` runs it per slide;
+    streaming callers (slide.pretrain) run it on one slide's codes at a time. Deterministic given `seed`.
+    Raises ValueError (scikit-learn) for r < M."""
+    km = KMeans(n_clusters=n_prototypes, random_state=seed, n_init=n_init, max_iter=max_iter)
+    labels = km.fit_predict(_normalize(features))
+    return _normalize(km.cluster_centers_), labels.astype(np.int64)
 
 
 def matched_similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:

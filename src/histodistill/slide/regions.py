@@ -147,9 +147,47 @@ def build_region_store(
     return total
 
 
+COLUMNS = ("slide_index", "row0", "col0", "x0", "y0", "tissue_frac")
+
+
+def write_region_arrays(
+    out: str | Path,
+    arrays: dict[str, np.ndarray],
+    slides: Sequence[str],
+    params: dict,
+    sources: dict | None = None,
+    **attrs,
+) -> int:
+    """Write whole region arrays (tokens [R, G, G, D], mask [R, G, G] and the `COLUMNS`, see the module
+    docstring) as a region store at `out`, atomically, chunked like `build_region_store`'s (one region per
+    tokens chunk), so it streams the same way. `params` and `sources` (e.g. the embedding store) go into the provenance; `attrs` (e.g. `min_tissue`,
+    `synthetic`) into the attrs. Returns the number of regions. Raises HistodistillError for arrays whose
+    lengths or grid disagree."""
+    tokens, mask = np.asarray(arrays["tokens"], np.float32), np.asarray(arrays["mask"], bool)
+    n = len(tokens)
+    if tokens.ndim != 4 or mask.shape != tokens.shape[:3] or any(len(arrays[c]) != n for c in COLUMNS):
+        raise HistodistillError(
+            f"{out}: region arrays disagree: tokens {tokens.shape}, mask {mask.shape}, "
+            + ", ".join(f"{c} {len(arrays[c])}" for c in COLUMNS)
+        )
+    grid, dim = int(tokens.shape[1]), int(tokens.shape[3])
+    with atomic_path(out) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        root.create_array("tokens", data=tokens, chunks=(1, grid, grid, dim))
+        root.create_array("mask", data=mask, chunks=(256, grid, grid))
+        for name in COLUMNS:
+            root.create_array(name, data=np.asarray(arrays[name]))
+        root.attrs.update(
+            {"slides": list(slides), "grid": grid, "dim": dim, "n_regions": n, **attrs,
+             "provenance": provenance(params, **(sources or {})), "complete": True}
+        )  # fmt: skip
+    return n
+
+
 class RegionStore:
     """Read access to a region store (see the module docstring): `tokens` [R, G, G, D], `mask` [R, G, G]
-    and the per-region columns, read whole (`load`)."""
+    and the per-region columns. `read` and `slide_rows` stream (memory: the regions asked for); `load` reads
+    everything (small stores and tests only: at TCGA scale the tokens are tens of GB)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -159,6 +197,8 @@ class RegionStore:
         if not self.root.attrs.get("complete"):
             raise HistodistillError(f"{self.path} is incomplete; rerun rule region_tokens")
         self.attrs = dict(self.root.attrs)
+        self._slide_index: np.ndarray | None = None
+        self._memory: tuple[np.ndarray, np.ndarray] | None = None  # tokens, mask once `preload`ed
 
     def __len__(self) -> int:
         return int(self.attrs["n_regions"])
@@ -167,7 +207,66 @@ class RegionStore:
     def slides(self) -> list[str]:
         return list(self.attrs["slides"])
 
+    @property
+    def grid(self) -> int:
+        return int(self.attrs["grid"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def slide_index(self) -> np.ndarray:
+        """[R] int64: each region's slide (its position in `slides`); read once, then kept (8 bytes a region)."""
+        if self._slide_index is None:
+            self._slide_index = np.asarray(self.root["slide_index"][:], np.int64)
+        return self._slide_index
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tokens array, uncompressed (R · G² · D · 4)."""
+        return int(np.prod(self.root["tokens"].shape)) * 4
+
+    def preload(self, max_mib: float) -> bool:
+        """Read tokens and mask into memory when the tokens take at most `max_mib` MiB (then `read` indexes
+        memory); True when they are in memory. A larger store stays on disk and is streamed."""
+        if self._memory is None and self.nbytes <= max_mib * 2**20:
+            self._memory = (
+                np.asarray(self.root["tokens"][:], np.float32),
+                np.asarray(self.root["mask"][:], bool),
+            )
+        return self._memory is not None
+
+    def slide_rows(self) -> list[np.ndarray]:
+        """The region rows [r_s] int64 of each slide, in store order (contiguous in stores written here)."""
+        si = self.slide_index
+        order = np.argsort(si, kind="stable")
+        bounds = np.searchsorted(si[order], np.arange(len(self.slides) + 1))
+        return [order[bounds[s] : bounds[s + 1]] for s in range(len(self.slides))]
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [B, G, G, D] float32 and mask [B, G, G] bool of the regions `rows` [B] (any order, repeats
+        allowed), in that order. Reads only their chunks: one slice when the rows are a contiguous run, else
+        an orthogonal selection. Raises IndexError for a row outside [0, R)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            g, d = self.grid, self.dim
+            return np.zeros((0, g, g, d), np.float32), np.zeros((0, g, g), bool)
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"{self.path}: region rows outside [0, {len(self)})")
+        if self._memory is not None:
+            return self._memory[0][rows], self._memory[1][rows]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+        if hi - lo == len(uniq):
+            tokens, mask = self.root["tokens"][lo:hi], self.root["mask"][lo:hi]
+        else:
+            tokens, mask = self.root["tokens"].oindex[uniq], self.root["mask"].oindex[uniq]
+        if not (len(uniq) == len(rows) and (inverse == np.arange(len(rows))).all()):
+            tokens, mask = tokens[inverse], mask[inverse]
+        return np.asarray(tokens, np.float32), np.asarray(mask, bool)
+
     def load(self) -> dict[str, np.ndarray]:
         """Every array of the store in memory (tokens, mask, slide_index, row0, col0, x0, y0, tissue_frac)."""
-        names = ("tokens", "mask", "slide_index", "row0", "col0", "x0", "y0", "tissue_frac")
+        names = ("tokens", "mask", *COLUMNS)
         return {name: self.root[name][:] for name in names}
