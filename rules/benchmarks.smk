@@ -422,6 +422,8 @@ rule report:
         teacher=config["teacher"]["model"],  # with students and their random-init twin: recovery
         n_boot=BENCH["plism"]["n_boot"],
         skipped_slides=SKIPPED_SLIDES,
+        paired_runs=paired_report_runs(),  # the seed-style tables of the paired runs (report.paired)
+        plism_reference=PLISM["reference"],
         config=report_config(),
     log:
         "logs/report.log",

@@ -192,6 +192,17 @@ def run_settings(run):
     return settings
 
 
+def paired_report_runs():
+    """{student-<run>: its pairing, teacher_mode, objective, seed} of the benchmarked runs that set a
+    `pairing`: the report's seed-style tables (histodistill.report.paired)."""
+    keys = ("pairing", "teacher_mode", "objective")
+    return {
+        f"student-{name}": {**{k: run[k] for k in keys if k in run}, "seed": run.get("seed", config["seed"])}
+        for name, run in config["distill"]["runs"].items()
+        if run.get("pairing") and f"student-{name}" in bench_models()
+    }
+
+
 # Runs with `teacher_heads: trained` load heads of distill.teacher_heads' dimensions: refuse a mismatch now,
 # not after the heads are trained (unset run keys are DistillConfig's defaults).
 for _run in config["distill"]["runs"]:

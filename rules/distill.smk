@@ -33,7 +33,7 @@ rule train_teacher_heads:
 # The trainer also binds each checkpoint to the digests of its inputs and never resumes one trained on others.
 rule distill_resume:
     input:
-        tiles=lambda w: f"{RESULTS}/tilestore/{distill_run(w.run)['cohort']}.zarr",
+        tiles=lambda w: dataset_store(distill_run(w.run)["cohort"]),  # as distill's: plism, the matched tiles
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
         heads=lambda w: teacher_heads_file(w.run),
         teacher_weights=model_weights(config["teacher"]["model"]) or [],

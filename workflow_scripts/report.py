@@ -18,4 +18,6 @@ report.run(
     config=p.config,
     n_boot=p.n_boot,
     skipped_slides=p.skipped_slides,
+    paired_runs=p.paired_runs,
+    plism_reference=p.plism_reference,
 )

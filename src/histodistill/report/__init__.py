@@ -31,7 +31,7 @@ from histodistill.bench.plism import N_BOOT
 from histodistill.bench.registry import Benchmark, Figure, benchmarks
 from histodistill.config import REPORT_CONFIG_KEYS
 from histodistill.provenance import config_hash, library_versions, provenance, read_parquet, write_parquet
-from histodistill.report import distillation, figures
+from histodistill.report import distillation, figures, paired
 from histodistill.report import html as page
 from histodistill.report.model_card import FLOP_CONVENTION, count_flops, model_profile
 
@@ -351,6 +351,8 @@ def build_report(
     n_boot: int = N_BOOT,
     skipped_slides: Sequence[Mapping[str, str]] = (),
     roles: distillation.DistillationRoles | None = None,
+    paired_runs: Mapping[str, Mapping[str, Any]] | None = None,
+    plism_reference: str | None = None,
 ) -> pd.DataFrame:
     """Write `out_dir/leaderboard.parquet`, `out_dir/figures/*.png` and `out_dir/index.html`; return the board.
 
@@ -358,6 +360,10 @@ def build_report(
     `out_dir/distillation.parquet` (one row per student and score column: the three values and the
     recovery, `distillation.recovery_table`; no rows without a reported teacher and student) and, when
     both are reported, adds the distillation section.
+
+    `paired_runs` {student model: its run's `pairing`, `teacher_mode`, `objective`, `seed`} adds the paired-view
+    section (`report.paired`: the seed paper's Tables 1–2, linear probe and held-out PLISM top-1) when a run
+    is paired; `plism_reference` (plism.reference) tells the unpaired control (student side = reference).
 
     `skipped_slides` (`slide_id`, `path`): sample-sheet slides left out because their file was missing
     (`on_missing_slide: skip`); the page lists them first, so no result hides a missing slide.
@@ -432,6 +438,10 @@ def build_report(
             costs = distillation.cost_table(board, roles, conditions)
             body = distillation.section(recoveries, costs, roles, labels)
             sections.append(("distillation", "Distillation: recovery of the teacher", body))
+    runs = paired.paired_runs(paired_runs or {}, plism_reference)
+    if len(runs):
+        body = paired.section(runs, board, summaries.get("plism"), roles.teacher if roles else None)
+        sections.append(("paired", "Paired-view distillation (seed-style tables)", body))
     sections.append(("size", "Model size", _size_section(board, models)))
     document = page.page(title, sections)
     with atomic_path(out_dir / "index.html") as tmp:
@@ -452,6 +462,8 @@ def run(
     config: dict | None = None,
     n_boot: int = N_BOOT,
     skipped_slides: Sequence[Mapping[str, str]] = (),
+    paired_runs: Mapping[str, Mapping[str, Any]] | None = None,
+    plism_reference: str | None = None,
 ) -> pd.DataFrame:
     """The report of a workflow run: `build_report` with each model's size and measured throughput, and
     the distillation section when `teacher` and a student `student-<run>` of `students` are reported.
@@ -460,7 +472,8 @@ def run(
     model); `benchmarks`: every enabled benchmark (one with no file shows as absent); `models[i]` and
     `embedding_stores[i]`: a model and one of its embedding stores, whose attributes give `tiles_per_s`,
     `throughput_device` and `throughput_conditions` (the load it was measured under, shown beside it). A distilled student `student-<run>` is profiled as its run's architecture
-    (`students[run]`); `n_boot`: replicates of the PLISM CIs. Writes `out_dir/{leaderboard.parquet,figures/,index.html}`; returns the leaderboard.
+    (`students[run]`); `n_boot`: replicates of the PLISM CIs; `paired_runs`, `plism_reference`: the
+    paired-view section's runs (`build_report`). Writes `out_dir/{leaderboard.parquet,figures/,index.html}`; returns the leaderboard.
     Raises ReportError when a score file's directory is not one of `benchmarks` or the two model lists
     differ in length.
     """
@@ -499,4 +512,6 @@ def run(
         n_boot=n_boot,
         skipped_slides=skipped_slides,
         roles=who,
+        paired_runs=paired_runs,
+        plism_reference=plism_reference,
     )
