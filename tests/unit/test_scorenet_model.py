@@ -122,13 +122,16 @@ def test_cached_region_embeddings_give_the_same_forward_and_reach_the_scorer():
     images = torch.rand(2, 3, 96, 128)
     cached = model.embed_regions(images)
     assert cached.shape == (2, 12, local.embed_dim) and not cached.requires_grad
+    thumbnails = model.thumbnail(images)[0]
     model.eval()
-    with torch.no_grad():
-        direct, via_cache = model(images), model(images, region_embeddings=cached)
+    with torch.no_grad():  # with both cached, the full-resolution ROI is not needed at all
+        direct, via_cache = model(images), model(None, region_embeddings=cached, thumbnails=thumbnails)
     assert torch.equal(direct.indices, via_cache.indices)
     assert torch.allclose(direct.logits, via_cache.logits, atol=1e-5)
     model.train()
-    out = model(images, generator=torch.Generator().manual_seed(0), region_embeddings=cached)
+    out = model(
+        None, generator=torch.Generator().manual_seed(0), region_embeddings=cached, thumbnails=thumbnails
+    )
     assert torch.allclose(out.logits, direct.logits, atol=1e-5)  # hard selection forward, dropout-free blocks
     out.logits[:, 0].sum().backward()
     assert model.scorer.head_weights.grad.abs().sum() > 0

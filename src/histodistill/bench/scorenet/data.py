@@ -152,17 +152,43 @@ def _cluster(rng: np.random.Generator, c: ScoreNetDemoConfig, vesicular: bool, o
     return gaussian_filter(np.asarray(canvas, np.float32) / scale, 0.6 * um)
 
 
+def _absorbed(hema: np.ndarray) -> float:
+    """Light a haematoxylin OD map absorbs (Beer–Lambert as the generator's: Σ over pixels and channels of
+    1 − e^(−2.3·h·HEMATOXYLIN))."""
+    from histodistill.demo.slides import HEMATOXYLIN
+
+    return float((1 - np.exp(-2.3 * hema[..., None] * HEMATOXYLIN)).sum())
+
+
+def matched_large_od(config: ScoreNetDemoConfig, seed: int = 0, n_draws: int = 4) -> float:
+    """The vesicular nuclei's OD at which a vesicular cluster absorbs, on average over `n_draws` seeded
+    clusters, the light a hyperchromatic one does (bisection to 1e-3 on [0, small_od]). Overlaps between the
+    large nuclei and the blur make the closed form π r_s²(1 − e^(−k h_s)) = π r_l²(1 − e^(−k h_l)) absorb
+    ~57% as much at the defaults, a cue a low-resolution view could use."""
+    c = config
+    target = np.mean(
+        [_absorbed(_cluster(np.random.default_rng([seed, d]), c, False, 0.0)) for d in range(n_draws)]
+    )
+    lo, hi = 0.0, c.small_od
+    while hi - lo > 1e-3:
+        od = (lo + hi) / 2
+        got = np.mean(
+            [_absorbed(_cluster(np.random.default_rng([seed, d]), c, True, od)) for d in range(n_draws)]
+        )
+        lo, hi = (od, hi) if got < target else (lo, od)
+    return (lo + hi) / 2
+
+
 def make_demo_rois(
     out_dir: str | os.PathLike, seed: int = 0, config: ScoreNetDemoConfig | None = None
 ) -> pd.DataFrame:
     """Write the demo ROIs (module docstring) as TIFFs and `manifest.csv` (with the decisive boxes) into
     `out_dir`, atomically; return the manifest. Classes alternate, so both are equally frequent.
 
-    The two classes hold the same number of nuclei in the same kind of cluster, and a vesicular nucleus's OD
-    is set so that it absorbs the light a hyperchromatic one does, spread over its (large/small)² times larger
-    area: π r_s² (1 − e^(−k·h_s)) = π r_l² (1 − e^(−k·h_l)), k = 2.3 × the haematoxylin vector's mean (the
-    generator's Beer–Lambert). A cluster therefore darkens its region about equally in both classes (the
-    scorer can find it), while the class is in the nuclei's size and stain density (what the fine encoder sees).
+    The two classes hold the same number of nuclei in the same kind of cluster, and the vesicular nuclei's OD
+    is `matched_large_od`: a cluster absorbs the same light in both classes, so it darkens its region equally
+    (the scorer can find it, not tell which), while the class is in the nuclei's size and stain density
+    (what the fine encoder sees).
     """
     import tifffile
 
@@ -178,9 +204,7 @@ def make_demo_rois(
     c = config or ScoreNetDemoConfig()
     rng = np.random.default_rng(seed)
     maps = render_tissue_maps(DemoSlideConfig(c.field_px[0], c.field_px[1], c.mpp, levels=1), seed)
-    k = 2.3 * float(HEMATOXYLIN.mean())
-    absorbed = (1 - np.exp(-k * c.small_od)) * (c.small_um / c.large_um) ** 2
-    od_large = float(-np.log(1 - absorbed) / k)
+    od_large = matched_large_od(c, seed)
     density = maps.hema[..., None] * HEMATOXYLIN + maps.eosin[..., None] * EOSIN
     field = BACKGROUND_RGB * np.exp(-2.3 * density)  # compose_rgb without its noise, which is added last
     p = c.region_px

@@ -299,6 +299,7 @@ class ScoreNet(nn.Module):
     mode the hard top-K. `mask_fraction` (eval probe, the paper's Table 7) drops that fraction of the K
     selected regions' embeddings (a seeded random choice per ROI) before the mixer.
 
+    `thumbnails` (the output of `thumbnail`, precomputed) replaces the scorer's downscaling of `images`.
     `region_embeddings` [B, N, E] (`embed_regions`: a frozen local encoder's output on all N regions) replaces
     the local encoder: the selection matrix picks rows of it instead of pixel regions. The forward pass is
     the same (the hard selection is one-hot, so Y·f(regions) = f(Y·regions)); the backward pass differs, by
@@ -363,15 +364,20 @@ class ScoreNet(nn.Module):
         mask_fraction: float = 0.0,
         generator=None,
         region_embeddings: torch.Tensor | None = None,
+        thumbnails: torch.Tensor | None = None,
     ) -> ScoreNetOutput:
-        thumbs, grid = self.thumbnail(images)
+        if thumbnails is None:
+            thumbs, grid = self.thumbnail(images)
+        else:  # precomputed (`thumbnail`), [B, 3, n_h·P_l, n_w·P_l]; images is then only read when no embeddings
+            q = self.config.low_patch_px
+            thumbs, grid = thumbnails, (thumbnails.shape[-2] // q, thumbnails.shape[-1] // q)
         global_token, scores = self.scorer(thumbs)
         n = scores.shape[-1]
         k = self.config.k_for(n)
         indices = torch.topk(scores.detach(), k, dim=-1, sorted=False).indices.sort(dim=-1).values
         if self.config.scorer_only:
             return ScoreNetOutput(self.head(global_token), scores, indices, grid)
-        b, c = images.shape[0], self.config
+        b, c = thumbs.shape[0], self.config
         training = self.training and torch.is_grad_enabled()
         if region_embeddings is not None:  # the frozen encoder's embeddings of all N regions, [B, N, E]
             if training:

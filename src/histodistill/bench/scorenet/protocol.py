@@ -174,24 +174,47 @@ def build_model(loaded, config: ScoreNetConfig, n_classes: int, scorer_only: boo
     return ScoreNet(model_config, local, n_classes)
 
 
+@dataclass
+class RoiCache:
+    """What a frozen local encoder makes constant, computed once per run and reused by every step, seed and
+    variant: each ROI's thumbnail ([3, n_h·P_l, n_w·P_l], float) and the encoder's embeddings of all its
+    regions ([N, E]; `ScoreNet.forward(region_embeddings=…, thumbnails=…)`)."""
+
+    thumbnails: list[torch.Tensor]
+    embeddings: list[torch.Tensor]
+
+    def batch(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([self.thumbnails[i] for i in batch]), torch.stack(
+            [self.embeddings[i] for i in batch]
+        )
+
+
 def embed_all_regions(
     model: ScoreNet, rois: Rois, device: torch.device, batch_size: int = 8
-) -> list[torch.Tensor] | None:
-    """A frozen local encoder's embeddings of every region of every ROI, [N_i, E] per ROI (computed once,
-    reused by every step, seed and variant; `ScoreNet.forward(region_embeddings=…)`), or None when the
-    local encoder trains (LoRA, the paper's ViT) or there is none (scorer_only)."""
+) -> RoiCache | None:
+    """The RoiCache of every ROI, or None when the local encoder trains (LoRA, the paper's ViT) or there is
+    none (scorer_only)."""
     if model.local is None or any(p.requires_grad for p in model.local.parameters()):
         return None
     model.eval()
-    out: dict[int, torch.Tensor] = {}
+    thumbs: dict[int, torch.Tensor] = {}
+    embeddings: dict[int, torch.Tensor] = {}
     for batch in _batches(rois, np.arange(len(rois.images)), batch_size, np.random.default_rng(0)):
-        for i, e in zip(batch, model.embed_regions(_stack(rois, batch, device)), strict=True):
-            out[int(i)] = e
-    return [out[i] for i in range(len(rois.images))]
+        images = _stack(rois, batch, device)
+        with torch.no_grad():
+            small = model.thumbnail(images)[0]
+        for i, t, e in zip(batch, small, model.embed_regions(images), strict=True):
+            thumbs[int(i)], embeddings[int(i)] = t, e
+    order = range(len(rois.images))
+    return RoiCache([thumbs[i] for i in order], [embeddings[i] for i in order])
 
 
-def _embeddings(cache, batch: np.ndarray) -> torch.Tensor | None:
-    return None if cache is None else torch.stack([cache[i] for i in batch])
+def _inputs(rois: Rois, batch: np.ndarray, device: torch.device, cache: RoiCache | None) -> dict:
+    """The model's inputs for a batch: the cached thumbnails and embeddings, else the images."""
+    if cache is None:
+        return {"images": _stack(rois, batch, device)}
+    thumbnails, embeddings = cache.batch(batch)
+    return {"images": None, "thumbnails": thumbnails, "region_embeddings": embeddings}
 
 
 def train(
@@ -201,10 +224,15 @@ def train(
     mix: str,
     seed: int,
     device: torch.device,
-    cache: list[torch.Tensor] | None = None,
+    cache: RoiCache | None = None,
 ) -> ScoreNet:
     """Train `model` on the train split (module docstring); returns it in eval mode (best val epoch if any).
-    `cache`: `embed_all_regions`' output (a frozen local encoder), else the encoder runs on each batch."""
+
+    `cache` (`embed_all_regions`; a frozen local encoder): ScoreMix and no mixing move whole regions, so the
+    batch is mixed on the cached thumbnails (regions of P_l px) and the cached embeddings follow
+    `region_source` — the reference's way, which mixes the thumbnails separately; it differs from the
+    thumbnail of the mixed ROI only within the antialiasing kernel's reach (≈ 2 thumbnail px) of the pasted
+    box's border. CutMix, whose box cuts through regions, is applied to the ROI and re-embedded."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,23 +246,21 @@ def train(
         model.train()
         losses = []
         for batch in _batches(rois, train_idx, config.batch_size, rng):
-            images, labels = _stack(rois, batch, device), torch.as_tensor(rois.labels[batch])
-            mixed = _mix(
-                model,
-                images,
-                labels,
-                n_classes,
-                mix if rng.random() < config.mix_prob else "none",
-                rng,
-                config,
-            )
-            embeddings = None
-            if cache is not None:
-                if mixed.region_source is not None:  # region-aligned: the cached rows, moved as the regions
-                    embeddings = _embeddings(cache, batch).flatten(0, 1)[mixed.region_source.to(device)]
-                else:  # CutMix cuts through regions: embed the mixed ones
-                    embeddings = model.embed_regions(mixed.images)
-            logits = model(mixed.images, generator=generator, region_embeddings=embeddings).logits
+            labels = torch.as_tensor(rois.labels[batch])
+            batch_mix = mix if rng.random() < config.mix_prob else "none"
+            if cache is not None and batch_mix != "cutmix":
+                thumbnails, cached = cache.batch(batch)
+                q = config.model.low_patch_px
+                mixed = _mix(model, thumbnails, labels, n_classes, batch_mix, rng, config, region_px=q)
+                embeddings = cached.flatten(0, 1)[mixed.region_source.to(device)]
+                inputs = {"images": None, "thumbnails": mixed.images, "region_embeddings": embeddings}
+            else:
+                images = _stack(rois, batch, device)
+                mixed = _mix(model, images, labels, n_classes, batch_mix, rng, config)
+                inputs = {"images": mixed.images}
+                if cache is not None:  # CutMix: embed the mixed ROIs' regions
+                    inputs["region_embeddings"] = model.embed_regions(mixed.images)
+            logits = model(**inputs, generator=generator).logits
             loss = -(mixed.targets.to(device) * F.log_softmax(logits.float(), -1)).sum(-1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -252,16 +278,19 @@ def train(
     return model.eval()
 
 
-def _mix(model: ScoreNet, images, labels, n_classes, mix, rng, config):
+def _mix(model: ScoreNet, images, labels, n_classes, mix, rng, config, region_px: int | None = None):
+    """Mix a batch of ROIs (region_px: P_h), or of their thumbnails (region_px: P_l)."""
+    p = region_px or config.model.region_px
     if mix == "none":
-        p = config.model.region_px
         return no_mix(images, labels, n_classes, (images.shape[-2] // p) * (images.shape[-1] // p))
     if mix == "cutmix":
         return cutmix(images, labels, n_classes, rng, config.alpha)
     with torch.no_grad():
-        thumbs, grid = model.thumbnail(images)
+        thumbs, grid = model.thumbnail(images) if region_px is None else (images, None)
+        if grid is None:
+            grid = (images.shape[-2] // p, images.shape[-1] // p)
         relevance = model.scorer(thumbs)[1].reshape(-1, *grid).cpu()
-    return scoremix(images, labels, relevance, n_classes, rng, config.model.region_px, config.alpha)
+    return scoremix(images, labels, relevance, n_classes, rng, p, config.alpha)
 
 
 @torch.no_grad()
@@ -273,7 +302,7 @@ def predict(
     mask_fraction: float = 0.0,
     seed: int = 0,
     batch_size: int = 8,
-    cache: list[torch.Tensor] | None = None,
+    cache: RoiCache | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
     """Hard top-K predictions for `indices` (in that order; batched by ROI shape): (predicted class [n],
     selected region indices per ROI, grid per ROI). `cache`: as `train`'s."""
@@ -281,12 +310,7 @@ def predict(
     generator = torch.Generator().manual_seed(seed)
     preds, selected, grids = {}, {}, {}
     for batch in _batches(rois, np.asarray(indices), batch_size, np.random.default_rng(0)):
-        out = model(
-            _stack(rois, batch, device),
-            mask_fraction=mask_fraction,
-            generator=generator,
-            region_embeddings=_embeddings(cache, batch),
-        )
+        out = model(**_inputs(rois, batch, device, cache), mask_fraction=mask_fraction, generator=generator)
         for j, i in enumerate(batch):
             preds[i], selected[i], grids[i] = (
                 int(out.logits[j].argmax()),
@@ -350,7 +374,7 @@ def selection_rows(
     rows = []
     p = net.config.region_px
     for i in indices:
-        out = net(_stack(rois, np.array([i]), device), region_embeddings=_embeddings(cache, np.array([i])))
+        out = net(**_inputs(rois, np.array([i]), device, cache))
         n_h, n_w = out.grid
         chosen = set(out.indices[0].tolist())
         box = rois.boxes[i]
