@@ -2,7 +2,9 @@
 
 The demo workflow keeps `benchmarks.scorenet` off (over its CPU budget); this test runs what `score_scorenet`
 would run there, with the tiny random-init twin of the student's architecture as local encoder.
-Last run 2026-11-30 on the branch `scorenet` (2 shared CPUs under heavy load): passed in 354 s.
+Last run 2026-11-30 on the branch `scorenet` (2 shared CPUs under heavy load) with the earlier demo (mitotic
+figures): passed in 354 s. Not rerun since the demo ROIs changed (nuclear clusters at 0.5 µm/px, the
+embedding cache); its assertions were updated to the new demo's classes and grids.
 """
 
 import math
@@ -21,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_demo_rois_and_benchmark(tmp_path):
     manifest = make_demo_rois(tmp_path / "rois", seed=0)
-    assert set(manifest["label"]) == {"lookalike", "mitotic"}
+    assert set(manifest["label"]) == {"hyperchromatic", "vesicular"}
     assert (manifest["region_y1"] - manifest["region_y0"] == 224).all()
     section = yaml.safe_load((ROOT / "config.yaml").read_text())["benchmarks"]["scorenet"]
     config = ScoreNetConfig.from_config(section)
     rows = run("h0_mini_tiny", tmp_path / "rois" / "manifest.csv", tmp_path / "out.parquet", config)
     scorenet = rows[rows["variant"] == "scorenet"].set_index("metric")["value"]
-    # K = 2 of N ∈ {9, 12} regions, one decisive region: chance 2/N averaged over the test ROIs
-    assert 2 / 12 <= scorenet["topk_hit_chance"] <= 2 / 9
+    # K = 2 of N ∈ {9, 12, 16} regions, one decisive region: chance 2/N averaged over the test ROIs
+    assert 2 / 16 <= scorenet["topk_hit_chance"] <= 2 / 9
     assert all(0 <= v <= 1 for v in scorenet)
     summary = BENCHMARK.summarize(rows).assign(model="h0_mini_tiny")
     costs = cost_table(summary)

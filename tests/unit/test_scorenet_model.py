@@ -110,3 +110,28 @@ def test_lora_local_encoder_trains_only_adapters():
     assert out.shape == (2, loaded.spec.pooled_dim(local.pooling))
     with pytest.raises(BenchmarkError, match="'frozen' or 'lora'"):
         LocalEncoder(loaded, finetune="full")
+
+
+def test_cached_region_embeddings_give_the_same_forward_and_reach_the_scorer():
+    """A frozen encoder's embeddings of all regions (`embed_regions`) stand in for the encoder: the same logits
+    in eval and in training (the straight-through selection is hard in the forward pass), and the scorer still
+    gets a gradient through the perturbed top-K."""
+    torch.manual_seed(0)
+    local = LocalEncoder(load_model("h0_mini_tiny", random_init=True))
+    model = ScoreNet(SMALL, local, n_classes=2)
+    images = torch.rand(2, 3, 96, 128)
+    cached = model.embed_regions(images)
+    assert cached.shape == (2, 12, local.embed_dim) and not cached.requires_grad
+    thumbnails = model.thumbnail(images)[0]
+    model.eval()
+    with torch.no_grad():  # with both cached, the full-resolution ROI is not needed at all
+        direct, via_cache = model(images), model(None, region_embeddings=cached, thumbnails=thumbnails)
+    assert torch.equal(direct.indices, via_cache.indices)
+    assert torch.allclose(direct.logits, via_cache.logits, atol=1e-5)
+    model.train()
+    out = model(
+        None, generator=torch.Generator().manual_seed(0), region_embeddings=cached, thumbnails=thumbnails
+    )
+    assert torch.allclose(out.logits, direct.logits, atol=1e-5)  # hard selection forward, dropout-free blocks
+    out.logits[:, 0].sum().backward()
+    assert model.scorer.head_weights.grad.abs().sum() > 0

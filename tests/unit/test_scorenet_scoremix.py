@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from histodistill.bench.scorenet.scoremix import cutmix, scoremix
+from histodistill.bench.scorenet.scoremix import cutmix, no_mix, scoremix
 
 P = 4  # region px
 
@@ -77,3 +77,28 @@ def test_cutmix_label_weight_is_the_pasted_fraction():
         if j != i:
             frac = (mixed.images[i] != images[i]).any(0).float().mean()
             assert mixed.targets[i, j] == pytest.approx(float(frac))
+
+
+def test_region_source_names_where_every_mixed_region_came_from():
+    """ScoreMix moves whole regions: region n of mixed image b is input region region_source[b, n] (of the
+    batch's B·N regions, row-major per image), so a frozen encoder's cached region embeddings can be moved
+    the same way; no mixing is the identity."""
+    rng = np.random.default_rng(3)
+    images = torch.rand(3, 3, 4 * P, 6 * P, generator=torch.Generator().manual_seed(4))
+    relevance = torch.rand(3, 4, 6, generator=torch.Generator().manual_seed(5))
+
+    def regions(x):
+        return x.reshape(3, 3, 4, P, 6, P).permute(0, 2, 4, 1, 3, 5).reshape(3 * 24, 3, P, P)
+
+    for lam in (0.1, 0.4, 0.8):
+        mixed = scoremix(images, torch.tensor([0, 1, 2]), relevance, 3, rng, P, lam=lam)
+        assert mixed.region_source.shape == (3, 24)
+        assert torch.equal(regions(mixed.images), regions(images)[mixed.region_source.flatten()])
+        moved = (mixed.region_source != torch.arange(72).reshape(3, 24)).sum(1)
+        for i in range(3):  # the moved share is the label weight, unless the paste came from the image itself
+            if int(mixed.permutation[i]) != i:
+                assert moved[i] / 24 == pytest.approx(float(mixed.source_weight[i]))
+    assert torch.equal(
+        no_mix(images, torch.tensor([0, 1, 2]), 3, 24).region_source, torch.arange(72).reshape(3, 24)
+    )
+    assert cutmix(images, torch.tensor([0, 1, 2]), 3, rng, lam=0.5).region_source is None

@@ -15,11 +15,13 @@ downscaled by the model only for the scorer.
   uses its own folds): `roi_manifest` assigns a seeded split by image.
 
 **Demo** (`make_demo_rois`): ROIs of varied size (whole multiples of `region_px`) cut from one synthetic H&E
-field (`histodistill.demo.slides`), each with a small cluster of `n_figures` figures inside a single,
-randomly chosen region: mitotic figures (class `mitotic`) or their look-alikes, pyknotic nuclei and
-apoptotic bodies (class `lookalike`) — the figures of the mitosis demo (`histodistill.demo.mitosis`). At the
-scorer's resolution (s = 14: a 10 µm figure is 3 px) both clusters are dark specks; only the fine encoder
-sees which kind they are, so the class needs the scorer to point at the right region.
+field (`histodistill.demo.slides`, at 0.5 µm/px, the demo student's tile scale), each with a cluster of
+nuclei inside a single, randomly chosen region with tissue: small hyperchromatic nuclei (class
+`hyperchromatic`) or large pale vesicular ones (class `vesicular`), the same number, their stain density set
+so that both absorb the same light. The cluster darkens its region in a low-resolution view in both classes
+(the scorer can localise it); which kind it is shows in the nuclei's size and density at full resolution.
+The earlier demo's decisive pattern, mitotic figures vs look-alikes at 0.25 µm/px, was invisible to the demo
+student (a linear probe on its embedding of the decisive region: 0.44 accuracy), so no selection could help.
 """
 
 from __future__ import annotations
@@ -99,91 +101,150 @@ def roi_manifest(
 @dataclass(frozen=True)
 class ScoreNetDemoConfig:
     """The demo ROIs: `n_rois` ROIs of (rows, cols) regions drawn from `grids`, regions of `region_px` at
-    `mpp` µm/px, cut from one synthetic field of `field_px` (width, height); `n_figures` figures per ROI (uncompressed TIFFs);
-    `test_fraction` of the ROIs are test, `val_fraction` val."""
+    `mpp` µm/px, cut from one synthetic field of `field_px` (width, height); each ROI has, in one region with
+    tissue, a cluster of `n_nuclei` nuclei within `cluster_um` of its centre: small dark nuclei of semi-axis
+    `small_um` and haematoxylin OD `small_od` (class `hyperchromatic`) or large pale ones of `large_um` whose
+    OD absorbs the same light per nucleus-covered region (class `vesicular`); `test_fraction` of the ROIs are
+    test, `val_fraction` val (uncompressed TIFFs)."""
 
-    n_rois: int = 48
+    n_rois: int = 96
     region_px: int = 224
-    grids: tuple[tuple[int, int], ...] = ((3, 3), (3, 4), (4, 3))
-    mpp: float = 0.25
+    grids: tuple[tuple[int, int], ...] = ((3, 3), (3, 4), (4, 3), (4, 4))
+    mpp: float = 0.5
     field_px: tuple[int, int] = (1344, 1120)
-    n_figures: int = 3
-    test_fraction: float = 0.375
+    n_nuclei: int = 60
+    cluster_um: float = 40.0
+    small_um: float = 2.5
+    large_um: float = 5.0
+    small_od: float = 2.0
+    test_fraction: float = 0.333
     val_fraction: float = 0.0
 
 
-CLASSES = ("lookalike", "mitotic")
+CLASSES = ("hyperchromatic", "vesicular")
+_MIN_TISSUE = 0.6  # the decisive region is one with at least this tissue fraction
+
+
+def _cluster(rng: np.random.Generator, c: ScoreNetDemoConfig, vesicular: bool, od_large: float) -> np.ndarray:
+    """Haematoxylin OD [region_px, region_px] of one cluster of nuclei (rotated ellipses, blurred 0.6 µm as the
+    generator's nuclei), centred at random in the region so that the cluster stays inside it."""
+    from PIL import Image, ImageDraw
+    from scipy.ndimage import gaussian_filter
+
+    from histodistill.demo.slides import ellipse
+
+    um, p = 1.0 / c.mpp, c.region_px
+    radius, od = (c.large_um, od_large) if vesicular else (c.small_um, c.small_od)
+    scale = 255.0 / max(c.small_od, od_large)
+    reach = (c.cluster_um + 1.2 * c.large_um) * um
+    if 2 * reach > p:
+        raise BenchmarkError(f"ScoreNet demo: a {c.cluster_um} µm cluster does not fit a {p} px region")
+    centre = p / 2 + rng.uniform(-1, 1, 2) * (p / 2 - reach)
+    canvas = Image.new("L", (p, p), 0)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(c.n_nuclei):
+        r, t = c.cluster_um * um * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+        a = radius * um * rng.uniform(0.85, 1.15)
+        x, y = centre + r * np.array([np.cos(t), np.sin(t)])
+        draw.polygon(
+            ellipse(x, y, a, a * rng.uniform(0.7, 0.95), rng.uniform(0, np.pi)), fill=round(od * scale)
+        )
+    return gaussian_filter(np.asarray(canvas, np.float32) / scale, 0.6 * um)
+
+
+def _absorbed(hema: np.ndarray) -> float:
+    """Light a haematoxylin OD map absorbs (Beer–Lambert as the generator's: Σ over pixels and channels of
+    1 − e^(−2.3·h·HEMATOXYLIN))."""
+    from histodistill.demo.slides import HEMATOXYLIN
+
+    return float((1 - np.exp(-2.3 * hema[..., None] * HEMATOXYLIN)).sum())
+
+
+def matched_large_od(config: ScoreNetDemoConfig, seed: int = 0, n_draws: int = 4) -> float:
+    """The vesicular nuclei's OD at which a vesicular cluster absorbs, on average over `n_draws` seeded
+    clusters, the light a hyperchromatic one does (bisection to 1e-3 on [0, small_od]). Overlaps between the
+    large nuclei and the blur make the closed form π r_s²(1 − e^(−k h_s)) = π r_l²(1 − e^(−k h_l)) absorb
+    ~57% as much at the defaults, a cue a low-resolution view could use."""
+    c = config
+    target = np.mean(
+        [_absorbed(_cluster(np.random.default_rng([seed, d]), c, False, 0.0)) for d in range(n_draws)]
+    )
+    lo, hi = 0.0, c.small_od
+    while hi - lo > 1e-3:
+        od = (lo + hi) / 2
+        got = np.mean(
+            [_absorbed(_cluster(np.random.default_rng([seed, d]), c, True, od)) for d in range(n_draws)]
+        )
+        lo, hi = (od, hi) if got < target else (lo, od)
+    return (lo + hi) / 2
 
 
 def make_demo_rois(
     out_dir: str | os.PathLike, seed: int = 0, config: ScoreNetDemoConfig | None = None
 ) -> pd.DataFrame:
-    """Write the demo ROIs (module docstring) as PNGs and `manifest.csv` (with the decisive boxes) into
-    `out_dir`, atomically; return the manifest. Classes alternate, so both are equally frequent."""
+    """Write the demo ROIs (module docstring) as TIFFs and `manifest.csv` (with the decisive boxes) into
+    `out_dir`, atomically; return the manifest. Classes alternate, so both are equally frequent.
+
+    The two classes hold the same number of nuclei in the same kind of cluster, and the vesicular nuclei's OD
+    is `matched_large_od`: a cluster absorbs the same light in both classes, so it darkens its region equally
+    (the scorer can find it, not tell which), while the class is in the nuclei's size and stain density
+    (what the fine encoder sees).
+    """
     import tifffile
 
     from histodistill.atomic import atomic_path
-    from histodistill.demo.mitosis import _hard_negative, _mitotic_figure
     from histodistill.demo.slides import (
         BACKGROUND_RGB,
         EOSIN,
         HEMATOXYLIN,
         DemoSlideConfig,
-        compose_rgb,
         render_tissue_maps,
     )
 
     c = config or ScoreNetDemoConfig()
     rng = np.random.default_rng(seed)
-    um = 1.0 / c.mpp
-    field = compose_rgb(
-        render_tissue_maps(DemoSlideConfig(c.field_px[0], c.field_px[1], c.mpp, levels=1), seed)
-    )
-    field_od = -np.log(np.maximum(field.astype(np.float32), 1.0) / BACKGROUND_RGB)
-    size = int(24 * um) | 1
-    half = size // 2
+    maps = render_tissue_maps(DemoSlideConfig(c.field_px[0], c.field_px[1], c.mpp, levels=1), seed)
+    od_large = matched_large_od(c, seed)
+    density = maps.hema[..., None] * HEMATOXYLIN + maps.eosin[..., None] * EOSIN
+    field = BACKGROUND_RGB * np.exp(-2.3 * density)  # compose_rgb without its noise, which is added last
+    p = c.region_px
     rows = []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for i in range(c.n_rois):
             n_h, n_w = c.grids[int(rng.integers(len(c.grids)))]
-            h, w = n_h * c.region_px, n_w * c.region_px
-            if h > field_od.shape[0] or w > field_od.shape[1]:
+            h, w = n_h * p, n_w * p
+            if h > field.shape[0] or w > field.shape[1]:
                 raise BenchmarkError(f"demo ROI {h}×{w} px does not fit the {c.field_px} px field")
-            y, x = int(rng.integers(field_od.shape[0] - h + 1)), int(rng.integers(field_od.shape[1] - w + 1))
-            od = field_od[y : y + h, x : x + w].copy()
-            if rng.random() < 0.5:
-                od = od[::-1].copy()
+            for _ in range(1000):
+                y, x = int(rng.integers(field.shape[0] - h + 1)), int(rng.integers(field.shape[1] - w + 1))
+                tissue = maps.tissue[y : y + h, x : x + w].reshape(n_h, p, n_w, p).mean(axis=(1, 3)).ravel()
+                if (tissue >= _MIN_TISSUE).any():
+                    break
+            else:
+                raise BenchmarkError("ScoreNet demo: no ROI with a tissue region in the field")
             label = CLASSES[i % 2]
-            r, col = int(rng.integers(n_h)), int(rng.integers(n_w))
-            y0, x0 = r * c.region_px, col * c.region_px
-            # figure centres inside the region, at least half a figure window from its border
-            ys = rng.integers(y0 + half, y0 + c.region_px - half, c.n_figures)
-            xs = rng.integers(x0 + half, x0 + c.region_px - half, c.n_figures)
-            for cy, cx in zip(ys, xs, strict=True):
-                window = (slice(cy - half, cy - half + size), slice(cx - half, cx - half + size))
-                if label == "mitotic":
-                    hema, halo = _mitotic_figure(rng, um, size)
-                    od[window] *= 1 - 0.65 * halo[..., None]
-                    od[window] += hema[..., None] * HEMATOXYLIN
-                else:
-                    hema, eosin = _hard_negative(rng, um, size)
-                    cleared = np.clip(hema / 1.5, 0, 1)[..., None]
-                    od[window] = (
-                        od[window] * (1 - cleared) + hema[..., None] * HEMATOXYLIN + eosin[..., None] * EOSIN
-                    )
-            noise = rng.normal(0.0, 2.0, od.shape[:2] + (1,)).astype(np.float32)
-            pixels = np.clip(BACKGROUND_RGB * np.exp(-od) + noise, 0, 255).astype(np.uint8)
+            r = int(rng.choice(np.flatnonzero(tissue >= _MIN_TISSUE)))
+            row, col = divmod(r, n_w)
+            hema = _cluster(rng, c, label == "vesicular", od_large)
+            rgb = field[y : y + h, x : x + w].copy()
+            rgb[row * p : (row + 1) * p, col * p : (col + 1) * p] *= np.exp(
+                -2.3 * hema[..., None] * HEMATOXYLIN
+            )
+            rgb += maps.noise[y : y + h, x : x + w]
+            if rng.random() < 0.5:
+                rgb, row = rgb[::-1], n_h - 1 - row
+            pixels = np.clip(rgb, 0, 255).astype(np.uint8)
             name = f"roi_{i:03d}.tif"
             tifffile.imwrite(tmp / name, pixels, photometric="rgb")  # uncompressed: PNG of noise costs 0.5 s
             rows.append(
                 {
                     "path": name,
                     "label": label,
-                    "region_y0": y0,
-                    "region_x0": x0,
-                    "region_y1": y0 + c.region_px,
-                    "region_x1": x0 + c.region_px,
+                    "region_y0": row * p,
+                    "region_x0": col * p,
+                    "region_y1": (row + 1) * p,
+                    "region_x1": (col + 1) * p,
                 }
             )
         frame = pd.DataFrame(rows)

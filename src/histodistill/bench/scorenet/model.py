@@ -298,6 +298,16 @@ class ScoreNet(nn.Module):
     selection is the straight-through perturbed top-K (the gradient reaches the scorer through it); in eval
     mode the hard top-K. `mask_fraction` (eval probe, the paper's Table 7) drops that fraction of the K
     selected regions' embeddings (a seeded random choice per ROI) before the mixer.
+
+    `thumbnails` (the output of `thumbnail`, precomputed) replaces the scorer's downscaling of `images`.
+    `region_embeddings` [B, N, E] (`embed_regions`: a frozen local encoder's output on all N regions) replaces
+    the local encoder: the selection matrix picks rows of it instead of pixel regions. The forward pass is
+    the same (the hard selection is one-hot, so Y·f(regions) = f(Y·regions)); the backward pass differs, by
+    design: ∂L/∂Y_kn = ⟨∂L/∂e_k, f(region_n)⟩, the derivative of the function of Y that equals the loss at
+    every vertex of the top-K polytope, so the perturbed Jacobian smooths the true objective E[L(Y(x+σZ))];
+    the pixel-space version (the reference's einsum over patches) uses the encoder's linearisation
+    J_f(region_k)·region_n instead, equal only for a linear encoder. It also makes training cost the local
+    encoder once per region, not a forward and backward pass per step.
     """
 
     def __init__(self, config: ScoreNetModelConfig, local: nn.Module | None, n_classes: int):
@@ -340,21 +350,51 @@ class ScoreNet(nn.Module):
         x = images[..., : n_h * p, : n_w * p].reshape(b, 3, n_h, p, n_w, p)
         return x.permute(0, 2, 4, 1, 3, 5).reshape(b, n_h * n_w, 3, p, p)
 
-    def forward(self, images: torch.Tensor, mask_fraction: float = 0.0, generator=None) -> ScoreNetOutput:
-        thumbs, grid = self.thumbnail(images)
+    @torch.no_grad()
+    def embed_regions(self, images: torch.Tensor) -> torch.Tensor:
+        """The local encoder on every region of the ROIs: [B, 3, H, W] → [B, N, E] (no gradient). With a
+        frozen encoder these are constants, so training can reuse them (`forward(..., region_embeddings=…)`)."""
+        _, grid = self.thumbnail(images)
+        regions = self.regions(images, grid)
+        return self.local(regions.flatten(0, 1)).reshape(images.shape[0], grid[0] * grid[1], -1)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask_fraction: float = 0.0,
+        generator=None,
+        region_embeddings: torch.Tensor | None = None,
+        thumbnails: torch.Tensor | None = None,
+    ) -> ScoreNetOutput:
+        if thumbnails is None:
+            thumbs, grid = self.thumbnail(images)
+        else:  # precomputed (`thumbnail`), [B, 3, n_h·P_l, n_w·P_l]; images is then only read when no embeddings
+            q = self.config.low_patch_px
+            thumbs, grid = thumbnails, (thumbnails.shape[-2] // q, thumbnails.shape[-1] // q)
         global_token, scores = self.scorer(thumbs)
         n = scores.shape[-1]
         k = self.config.k_for(n)
         indices = torch.topk(scores.detach(), k, dim=-1, sorted=False).indices.sort(dim=-1).values
         if self.config.scorer_only:
             return ScoreNetOutput(self.head(global_token), scores, indices, grid)
-        b, c = images.shape[0], self.config
-        if self.training and torch.is_grad_enabled():
-            selection = straight_through_topk(scores, k, c.num_samples, c.sigma, generator)  # [B, K, N]
-            regions = torch.einsum("bkn,bnchw->bkchw", selection, self.regions(images, grid))
+        b, c = thumbs.shape[0], self.config
+        training = self.training and torch.is_grad_enabled()
+        if region_embeddings is not None:  # the frozen encoder's embeddings of all N regions, [B, N, E]
+            if training:
+                selection = straight_through_topk(scores, k, c.num_samples, c.sigma, generator)  # [B, K, N]
+                chosen = torch.einsum("bkn,bne->bke", selection, region_embeddings)
+            else:
+                chosen = region_embeddings.gather(
+                    1, indices[..., None].expand(-1, -1, region_embeddings.shape[-1])
+                )
+            embeddings = self.project(chosen)
         else:
-            regions = self._gather(images, indices, grid)
-        embeddings = self.project(self.local(regions.flatten(0, 1))).reshape(b, k, -1)
+            if training:
+                selection = straight_through_topk(scores, k, c.num_samples, c.sigma, generator)  # [B, K, N]
+                regions = torch.einsum("bkn,bnchw->bkchw", selection, self.regions(images, grid))
+            else:
+                regions = self._gather(images, indices, grid)
+            embeddings = self.project(self.local(regions.flatten(0, 1))).reshape(b, k, -1)
         if mask_fraction > 0:
             keep = max(1, round(k * (1 - mask_fraction)))
             order = torch.rand(b, k, generator=generator).argsort(dim=-1)[:, :keep].sort(dim=-1).values

@@ -174,10 +174,65 @@ def build_model(loaded, config: ScoreNetConfig, n_classes: int, scorer_only: boo
     return ScoreNet(model_config, local, n_classes)
 
 
+@dataclass
+class RoiCache:
+    """What a frozen local encoder makes constant, computed once per run and reused by every step, seed and
+    variant: each ROI's thumbnail ([3, n_h·P_l, n_w·P_l], float) and the encoder's embeddings of all its
+    regions ([N, E]; `ScoreNet.forward(region_embeddings=…, thumbnails=…)`)."""
+
+    thumbnails: list[torch.Tensor]
+    embeddings: list[torch.Tensor]
+
+    def batch(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([self.thumbnails[i] for i in batch]), torch.stack(
+            [self.embeddings[i] for i in batch]
+        )
+
+
+def embed_all_regions(
+    model: ScoreNet, rois: Rois, device: torch.device, batch_size: int = 8
+) -> RoiCache | None:
+    """The RoiCache of every ROI, or None when the local encoder trains (LoRA, the paper's ViT) or there is
+    none (scorer_only)."""
+    if model.local is None or any(p.requires_grad for p in model.local.parameters()):
+        return None
+    model.eval()
+    thumbs: dict[int, torch.Tensor] = {}
+    embeddings: dict[int, torch.Tensor] = {}
+    for batch in _batches(rois, np.arange(len(rois.images)), batch_size, np.random.default_rng(0)):
+        images = _stack(rois, batch, device)
+        with torch.no_grad():
+            small = model.thumbnail(images)[0]
+        for i, t, e in zip(batch, small, model.embed_regions(images), strict=True):
+            thumbs[int(i)], embeddings[int(i)] = t, e
+    order = range(len(rois.images))
+    return RoiCache([thumbs[i] for i in order], [embeddings[i] for i in order])
+
+
+def _inputs(rois: Rois, batch: np.ndarray, device: torch.device, cache: RoiCache | None) -> dict:
+    """The model's inputs for a batch: the cached thumbnails and embeddings, else the images."""
+    if cache is None:
+        return {"images": _stack(rois, batch, device)}
+    thumbnails, embeddings = cache.batch(batch)
+    return {"images": None, "thumbnails": thumbnails, "region_embeddings": embeddings}
+
+
 def train(
-    model: ScoreNet, rois: Rois, config: ScoreNetConfig, mix: str, seed: int, device: torch.device
+    model: ScoreNet,
+    rois: Rois,
+    config: ScoreNetConfig,
+    mix: str,
+    seed: int,
+    device: torch.device,
+    cache: RoiCache | None = None,
 ) -> ScoreNet:
-    """Train `model` on the train split (module docstring); returns it in eval mode (best val epoch if any)."""
+    """Train `model` on the train split (module docstring); returns it in eval mode (best val epoch if any).
+
+    `cache` (`embed_all_regions`; a frozen local encoder): ScoreMix and no mixing move whole regions, so the
+    batch is mixed on the cached thumbnails (regions of P_l px) and the cached embeddings follow
+    `region_source` — the reference's way, which mixes the thumbnails separately; it differs from the
+    thumbnail of the mixed ROI only within the antialiasing kernel's reach (≈ 2 thumbnail px) of the pasted
+    box's border. CutMix, whose box cuts through regions, is applied to the ROI and re-embedded."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,17 +246,21 @@ def train(
         model.train()
         losses = []
         for batch in _batches(rois, train_idx, config.batch_size, rng):
-            images, labels = _stack(rois, batch, device), torch.as_tensor(rois.labels[batch])
-            mixed = _mix(
-                model,
-                images,
-                labels,
-                n_classes,
-                mix if rng.random() < config.mix_prob else "none",
-                rng,
-                config,
-            )
-            logits = model(mixed.images, generator=generator).logits
+            labels = torch.as_tensor(rois.labels[batch])
+            batch_mix = mix if rng.random() < config.mix_prob else "none"
+            if cache is not None and batch_mix != "cutmix":
+                thumbnails, cached = cache.batch(batch)
+                q = config.model.low_patch_px
+                mixed = _mix(model, thumbnails, labels, n_classes, batch_mix, rng, config, region_px=q)
+                embeddings = cached.flatten(0, 1)[mixed.region_source.to(device)]
+                inputs = {"images": None, "thumbnails": mixed.images, "region_embeddings": embeddings}
+            else:
+                images = _stack(rois, batch, device)
+                mixed = _mix(model, images, labels, n_classes, batch_mix, rng, config)
+                inputs = {"images": mixed.images}
+                if cache is not None:  # CutMix: embed the mixed ROIs' regions
+                    inputs["region_embeddings"] = model.embed_regions(mixed.images)
+            logits = model(**inputs, generator=generator).logits
             loss = -(mixed.targets.to(device) * F.log_softmax(logits.float(), -1)).sum(-1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,7 +269,7 @@ def train(
             losses.append(loss.item())
         log.info("epoch %d (%s): mean training loss %.4f", epoch, mix, float(np.mean(losses)))
         if len(val_idx):
-            f1 = evaluate(model, rois, val_idx, device)["weighted_f1"]
+            f1 = evaluate(model, rois, val_idx, device, cache)["weighted_f1"]
             if f1 > best_f1:
                 best, best_f1 = copy.deepcopy(model.state_dict()), f1
             log.info("epoch %d: val weighted F1 %.3f", epoch, f1)
@@ -219,15 +278,19 @@ def train(
     return model.eval()
 
 
-def _mix(model: ScoreNet, images, labels, n_classes, mix, rng, config):
+def _mix(model: ScoreNet, images, labels, n_classes, mix, rng, config, region_px: int | None = None):
+    """Mix a batch of ROIs (region_px: P_h), or of their thumbnails (region_px: P_l)."""
+    p = region_px or config.model.region_px
     if mix == "none":
-        return no_mix(images, labels, n_classes)
+        return no_mix(images, labels, n_classes, (images.shape[-2] // p) * (images.shape[-1] // p))
     if mix == "cutmix":
         return cutmix(images, labels, n_classes, rng, config.alpha)
     with torch.no_grad():
-        thumbs, grid = model.thumbnail(images)
+        thumbs, grid = model.thumbnail(images) if region_px is None else (images, None)
+        if grid is None:
+            grid = (images.shape[-2] // p, images.shape[-1] // p)
         relevance = model.scorer(thumbs)[1].reshape(-1, *grid).cpu()
-    return scoremix(images, labels, relevance, n_classes, rng, config.model.region_px, config.alpha)
+    return scoremix(images, labels, relevance, n_classes, rng, p, config.alpha)
 
 
 @torch.no_grad()
@@ -239,14 +302,15 @@ def predict(
     mask_fraction: float = 0.0,
     seed: int = 0,
     batch_size: int = 8,
+    cache: RoiCache | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
     """Hard top-K predictions for `indices` (in that order; batched by ROI shape): (predicted class [n],
-    selected region indices per ROI, grid per ROI)."""
+    selected region indices per ROI, grid per ROI). `cache`: as `train`'s."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     preds, selected, grids = {}, {}, {}
     for batch in _batches(rois, np.asarray(indices), batch_size, np.random.default_rng(0)):
-        out = model(_stack(rois, batch, device), mask_fraction=mask_fraction, generator=generator)
+        out = model(**_inputs(rois, batch, device, cache), mask_fraction=mask_fraction, generator=generator)
         for j, i in enumerate(batch):
             preds[i], selected[i], grids[i] = (
                 int(out.logits[j].argmax()),
@@ -257,11 +321,13 @@ def predict(
     return np.array([preds[i] for i in order]), [selected[i] for i in order], [grids[i] for i in order]
 
 
-def evaluate(model: ScoreNet, rois: Rois, indices: np.ndarray, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: ScoreNet, rois: Rois, indices: np.ndarray, device: torch.device, cache=None
+) -> dict[str, float]:
     """weighted_f1, accuracy and f1:<class> of `model` on `indices` (sklearn's weighted F1, as the paper)."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    preds, _, _ = predict(model, rois, indices, device)
+    preds, _, _ = predict(model, rois, indices, device, cache=cache)
     truth = rois.labels[indices]
     labels = list(range(len(rois.classes)))
     per_class = f1_score(truth, preds, labels=labels, average=None, zero_division=0)
@@ -301,14 +367,14 @@ def topk_hits(
 
 @torch.no_grad()
 def selection_rows(
-    net: ScoreNet, rois: Rois, indices: np.ndarray, device: torch.device, model: str, seed: int
+    net: ScoreNet, rois: Rois, indices: np.ndarray, device: torch.device, model: str, seed: int, cache=None
 ) -> list:
     """The selection rows (module docstring) of the ROIs `indices`."""
     net.eval()
     rows = []
     p = net.config.region_px
     for i in indices:
-        out = net(_stack(rois, np.array([i]), device))
+        out = net(**_inputs(rois, np.array([i]), device, cache))
         n_h, n_w = out.grid
         chosen = set(out.indices[0].tolist())
         box = rois.boxes[i]
@@ -392,6 +458,9 @@ def run(
                 )
             loaded = load_model(ref.id if ref.is_student else model, weights, seed=seed)
         test = rois.where("test")
+        cache = None
+        if loaded is not None and config.finetune == "frozen":
+            cache = embed_all_regions(build_model(loaded, config, len(rois.classes)).to(device), rois, device)
         rows = []
         variants = [("scorenet", config.mix, False), ("scorer_only", "none", True)]
         variants += [(f"scorenet_{m}", m, False) for m in config.ablation_mixes]
@@ -399,18 +468,20 @@ def run(
             for variant, mix, scorer_only in variants:
                 torch.manual_seed(run_seed)
                 net = build_model(loaded, config, len(rois.classes), scorer_only).to(device)
-                net = train(net, rois, config, mix, run_seed, device)
-                metrics = evaluate(net, rois, test, device)
+                net = train(net, rois, config, mix, run_seed, device, cache)
+                metrics = evaluate(net, rois, test, device, cache)
                 if not scorer_only:
-                    _, selected, grids = predict(net, rois, test, device)
+                    _, selected, grids = predict(net, rois, test, device, cache=cache)
                     metrics["topk_hit_rate"], metrics["topk_hit_chance"] = topk_hits(
                         selected, grids, [rois.boxes[i] for i in test], config.model.region_px
                     )
-                    preds, _, _ = predict(net, rois, test, device, config.mask_fraction, run_seed)
+                    preds, _, _ = predict(
+                        net, rois, test, device, config.mask_fraction, run_seed, cache=cache
+                    )
                     metrics["masked_accuracy"] = float((preds == rois.labels[test]).mean())
                 rows += [(model, variant, run_seed, -1, -1, k, v) for k, v in metrics.items()]
                 if variant == "scorenet" and run_seed == config.seeds[0] + seed:
-                    rows += selection_rows(net, rois, test[:N_SHOWN], device, model, run_seed)
+                    rows += selection_rows(net, rois, test[:N_SHOWN], device, model, run_seed, cache)
                 log.info("%s %s seed %d: %s", model, variant, run_seed, metrics)
         net = build_model(loaded, config, len(rois.classes)).to(device).eval()
         for side in config.cost_sides:

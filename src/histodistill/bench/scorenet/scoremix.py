@@ -41,12 +41,15 @@ MIXES = ("scoremix", "cutmix", "none")
 class Mixed:
     """A mixed batch: images [B, 3, H, W]; targets [B, C] (soft labels, rows sum to 1); source_weight [B]
     (the pasted fraction, = the source label's weight); permutation [B] (image b got its paste from
-    permutation[b])."""
+    permutation[b]); region_source [B, N] (long; for region-aligned mixes, ScoreMix and none: region n of
+    mixed image b is region region_source[b, n] of the input batch's B·N regions, flattened row-major
+    image by image; None for CutMix, whose box cuts through regions)."""
 
     images: torch.Tensor
     targets: torch.Tensor
     source_weight: torch.Tensor
     permutation: torch.Tensor
+    region_source: torch.Tensor | None = None
 
 
 def _box_size(lam: float, n_h: int, n_w: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -100,6 +103,8 @@ def scoremix(
     s_w = sums.shape[-1]
     flat = sums.flatten(1)
     out = images.clone()
+    n = n_h * n_w
+    source = torch.arange(b * n).reshape(b, n_h, n_w)
     greedy = sampling == "greedy"
     for i in range(b):
         src = flat[int(perm[i])]
@@ -111,8 +116,11 @@ def scoremix(
         out[i, :, yt * region_px : yt * region_px + h, xt * region_px : xt * region_px + w] = images[
             int(perm[i]), :, ys * region_px : ys * region_px + h, xs * region_px : xs * region_px + w
         ]
+        source[i, yt : yt + b_h, xt : xt + b_w] = int(perm[i]) * n + (
+            torch.arange(ys, ys + b_h)[:, None] * n_w + torch.arange(xs, xs + b_w)
+        )
     weight = torch.full((b,), b_h * b_w / (n_h * n_w), dtype=torch.float32)
-    return Mixed(out, _mix_labels(labels, perm, weight, n_classes), weight, perm)
+    return Mixed(out, _mix_labels(labels, perm, weight, n_classes), weight, perm, source.reshape(b, n))
 
 
 def cutmix(
@@ -138,11 +146,13 @@ def cutmix(
     return Mixed(out, _mix_labels(labels, perm, weight, n_classes), weight, perm)
 
 
-def no_mix(images: torch.Tensor, labels: torch.Tensor, n_classes: int) -> Mixed:
-    """The no-mixing baseline: one-hot targets, nothing pasted."""
+def no_mix(images: torch.Tensor, labels: torch.Tensor, n_classes: int, n_regions: int = 1) -> Mixed:
+    """The no-mixing baseline: one-hot targets, nothing pasted (region_source the identity over
+    `n_regions` regions per image)."""
     b = images.shape[0]
     perm = torch.arange(b)
-    return Mixed(images, _mix_labels(labels, perm, torch.zeros(b), n_classes), torch.zeros(b), perm)
+    source = torch.arange(b * n_regions).reshape(b, n_regions)
+    return Mixed(images, _mix_labels(labels, perm, torch.zeros(b), n_classes), torch.zeros(b), perm, source)
 
 
 def _mix_labels(
