@@ -38,13 +38,16 @@ if HEST["tasks"]:
 
 if config["demo"]["enabled"] and HEST["demo"]:
 
+    # latent crops of fresh generator slides under random stainings (histodistill.demo.tasks), no cohort tile
     rule hest_demo:
-        input:
-            store=f"{RESULTS}/tilestore/{HEST['demo']}.zarr",
         output:
             directory(hest_task_dir("{task}")),
         params:
             seed=config["seed"],
+            n_slides=HEST["demo_slides"],
+            crops_per_slide=HEST["demo_crops_per_slide"],
+            width_px=config["demo"]["width_px"],
+            height_px=config["demo"]["height_px"],
         log:
             "logs/hest_demo/{task}.log",
         conda:
@@ -98,9 +101,11 @@ if PROBE["tasks"]:
 
 if config["demo"]["enabled"] and PROBE["demo"]:
 
+    # the latent crops of HEST demo task PROBE['demo'] (its packed store), labelled from their latents
     rule probe_demo:
         input:
-            store=f"{RESULTS}/tilestore/{PROBE['demo']}.zarr",
+            task=hest_task_dir(PROBE["demo"]),
+            store=dataset_store(f"hest-{PROBE['demo']}"),
         output:
             f"{RESULTS}/demo/probe/{PROBE['demo']}_tissue.csv",
         log:
@@ -163,7 +168,7 @@ if config["demo"]["enabled"] and SLIDE["demo"]:
 
     rule slide_demo:
         input:
-            probe=f"{RESULTS}/demo/probe/{SLIDE['demo']}_tissue.csv",  # the demo probe's tile labels
+            store=f"{RESULTS}/tilestore/{SLIDE['demo']}.zarr",  # the cohort's tiles, labelled by nuclear density
         output:
             SLIDE_DEMO_TASK,
         params:

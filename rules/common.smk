@@ -320,10 +320,10 @@ def slide_task(name):
 
 
 SLIDE_TASKS = {name: slide_task(name) for name in SLIDE["tasks"]}
-if config["demo"]["enabled"] and SLIDE["demo"] and SLIDE["demo"] != PROBE["demo"]:
+if config["demo"]["enabled"] and PROBE["demo"] and not (HEST["demo"] and PROBE["demo"] in HEST["tasks"]):
     raise ValueError(
-        f"benchmarks.slide.demo ({SLIDE['demo']}) draws its bags from the demo probe's tile labels: "
-        f"set benchmarks.probe.demo to the same cohort (now {PROBE['demo']})"
+        f"benchmarks.probe.demo ({PROBE['demo']}) labels the latent crops of that demo HEST task: set "
+        f"benchmarks.hest.demo: true and list it in benchmarks.hest.tasks (now {HEST['tasks']})"
     )
 
 

@@ -1,7 +1,7 @@
-"""Snakemake adapter: the demo patch-classification manifest (rule probe_demo)."""
+"""Snakemake adapter: the demo probe manifest, the demo HEST task's latent crops by class (rule probe_demo)."""
 
-from histodistill.demo.tasks import make_demo_probe
+from histodistill.demo.tasks import make_latent_probe
 from histodistill.logs import log_to
 
 log_to(snakemake.log[0])
-make_demo_probe(snakemake.input.store, snakemake.output[0])
+make_latent_probe(snakemake.input.task, snakemake.input.store, snakemake.output[0])

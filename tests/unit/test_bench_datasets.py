@@ -1,4 +1,4 @@
-"""Benchmark datasets as tile stores: HEST patches round-trip; demo probe labels follow tissue content."""
+"""Benchmark datasets as tile stores: HEST patches round-trip; the demo slide task's tile labels follow tissue content."""
 
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ from histodistill.bench import BenchmarkError
 from histodistill.bench.datasets import embeddings_by_sample, pack_hest_task
 from histodistill.bench.hest import load_task, read_patch_images
 from histodistill.bench.probe import load_manifest
-from histodistill.demo.slides import seed_for
-from histodistill.demo.tasks import (
-    make_demo_hest,
-    make_demo_hest_from_store,
-    make_demo_probe,
-    nuclear_density,
-)
+from histodistill.demo.slide_task import density_labels, nuclear_density
+from histodistill.demo.tasks import make_demo_hest
 from histodistill.tilestore import TileStore, pack_tiles
 from histodistill.tiling import TilingConfig, tile_slide
 
@@ -43,36 +38,21 @@ def test_hest_task_packs_into_a_tile_store_in_patch_order(tmp_path):
         )
 
 
-def test_demo_hest_from_store_uses_every_tile_and_a_per_task_seed(tmp_path):
-    tiles = _tiles(30)
-    pack_hest_task(make_demo_hest(tmp_path / "src", tiles, seed=1, spots_per_sample=15), tmp_path / "s.zarr")
-    every = TileStore(tmp_path / "s.zarr").read(0, 30)
-    out = make_demo_hest_from_store(tmp_path / "s.zarr", tmp_path / "a", task="t1", seed=7)
-    expected = make_demo_hest(tmp_path / "b", every, seed=seed_for("hest:t1", 7))
-    got, want = load_task(out), load_task(expected)
-    for sample_id, sample in want.samples.items():
-        np.testing.assert_array_equal(got.samples[sample_id].expression, sample.expression)
-        np.testing.assert_array_equal(
-            read_patch_images(got.samples[sample_id].patches_path), read_patch_images(sample.patches_path)
-        )
-    other = load_task(make_demo_hest_from_store(tmp_path / "s.zarr", tmp_path / "c", task="t2", seed=7))
-    assert not np.array_equal(other.samples["DEMO0"].expression, got.samples["DEMO0"].expression)
-
-
 def test_nuclear_density_counts_dark_bluish_pixels():
     tiles = np.full((2, 10, 10, 3), 240, np.uint8)
     tiles[1, :5] = (60, 40, 120)  # half the tile: haematoxylin-dark, blue > green
     np.testing.assert_allclose(nuclear_density(tiles), [0.0, 0.5])
 
 
-def test_demo_probe_labels_by_density_and_splits_by_slide(tmp_path, demo_slide):
+def test_density_labels_label_by_density_and_split_by_slide(tmp_path, demo_slide):
     tables = []
     for i in range(3):
         table = tmp_path / f"s{i}.parquet"
         tile_slide(demo_slide, f"s{i}", table, TilingConfig(min_tissue=0.3))
         tables.append(table)
     pack_tiles(tables, tmp_path / "store.zarr")
-    frame = make_demo_probe(tmp_path / "store.zarr", tmp_path / "probe.csv")
+    frame = density_labels(tmp_path / "store.zarr")
+    frame.to_csv(tmp_path / "probe.csv", index=False)
     store = TileStore(tmp_path / "store.zarr")
     assert len(frame) == len(store)
     split_of_slide = frame.groupby(store.index["slide_index"].to_numpy())["split"].unique()
@@ -84,13 +64,12 @@ def test_demo_probe_labels_by_density_and_splits_by_slide(tmp_path, demo_slide):
     assert len(manifest) == len(store)
 
 
-def test_demo_probe_needs_three_slides(tmp_path, demo_slide):
+def test_density_labels_need_three_slides(tmp_path, demo_slide):
     table = tmp_path / "s.parquet"
     tile_slide(demo_slide, "s", table, TilingConfig(min_tissue=0.3))
     pack_tiles([table], tmp_path / "store.zarr")
     with pytest.raises(BenchmarkError, match="fewer than 3 slides"):
-        make_demo_probe(tmp_path / "store.zarr", tmp_path / "probe.csv")
-    assert not (tmp_path / "probe.csv").exists()
+        density_labels(tmp_path / "store.zarr")
 
 
 def test_image_dataset_packs_resized_center_crops_in_manifest_order(tmp_path):

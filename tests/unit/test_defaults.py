@@ -29,6 +29,7 @@ from histodistill.config import load_schema
 from histodistill.demo.mitosis import MitosisDemoConfig
 from histodistill.demo.plism import PlismDemoConfig
 from histodistill.demo.slides import DemoSlideConfig
+from histodistill.demo.tasks import make_latent_hest_task
 from histodistill.demo.teacher import DemoTeacherConfig
 from histodistill.distill.pairs import PAIR_SOURCES, PairingConfig
 from histodistill.distill.teacher_heads import HeadsConfig
@@ -149,6 +150,8 @@ SOURCES: dict[str, tuple] = {
     },
     "benchmarks.segmentation.demo_tiles_per_slide": (make_demo_segmentation, "tiles_per_slide"),
     "benchmarks.segmentation.patience": (segmentation_run, "patience"),
+    "benchmarks.hest.demo_slides": (make_latent_hest_task, "n_slides"),
+    "benchmarks.hest.demo_crops_per_slide": (make_latent_hest_task, "crops_per_slide"),
     "benchmarks.hest.latent_dim": (score_task, "latent_dim"),
     "benchmarks.hest.seed": (score_task, "seed"),
     "benchmarks.probe.methods": (run_probe, "methods"),
@@ -266,8 +269,8 @@ PIPELINE_ONLY = {
     "benchmarks.plism.enabled": "switch",
     "benchmarks.hest.tasks_dir": "path",
     "benchmarks.hest.tasks": "selection",
-    "benchmarks.hest.demo": "demo switch (a cohort name)",
-    "benchmarks.probe.demo": "demo switch (a cohort name)",
+    "benchmarks.hest.demo": "demo switch",
+    "benchmarks.probe.demo": "demo switch (a HEST demo task's name)",
     "benchmarks.slide.demo": "demo switch (a cohort name)",
     "benchmarks.mitosis.enabled": "switch",
     "benchmarks.mitosis.demo": "switch",

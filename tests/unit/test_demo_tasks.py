@@ -1,11 +1,23 @@
-"""Latent demo tasks (demo/tasks.py): crops under random stainings labelled from the generator's latents."""
+"""Latent demo tasks (demo/tasks.py): crops under random stainings labelled from the generator's latents; the demo
+HEST task and probe manifest made from them."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from histodistill.bench import BenchmarkError
-from histodistill.bench.hest import load_task
-from histodistill.demo.tasks import latent_class, latent_crops, make_demo_hest
+from histodistill.bench.datasets import pack_hest_task
+from histodistill.bench.hest import load_task, read_patch_images
+from histodistill.bench.probe import load_manifest
+from histodistill.demo.tasks import (
+    LATENTS_FILE,
+    latent_class,
+    latent_crops,
+    make_demo_hest,
+    make_latent_hest_task,
+    make_latent_probe,
+)
+from histodistill.tilestore import TileStore
 
 
 def test_latent_crops_are_deterministic_restained_tissue_with_their_latents():
@@ -44,3 +56,77 @@ def test_demo_hest_with_given_content_follows_it_not_the_pixels(tmp_path):
     assert not np.array_equal(task_c.samples["DEMO0"].expression, task_a.samples["DEMO0"].expression)
     with pytest.raises(BenchmarkError, match="3 content rows for 20 tiles"):
         make_demo_hest(tmp_path / "d", tiles_a, content=content[:3])
+
+
+SMALL = {"n_slides": 3, "crops_per_slide": 4, "width_px": 1024, "height_px": 768}
+
+
+@pytest.fixture(scope="module")
+def latent_task(tmp_path_factory):
+    """A small latent HEST task, packed as `hest_store` packs it, and its crops drawn directly."""
+    root = tmp_path_factory.mktemp("latent")
+    task = make_latent_hest_task(root / "demo", task="demo", seed=3, **SMALL)
+    pack_hest_task(task, root / "demo.zarr", chunk_tiles=5)
+    crops = latent_crops(3, 4, 3, 1024, 768, name="demo-task-demo")
+    return task, root / "demo.zarr", crops
+
+
+def test_latent_hest_task_spots_are_the_crops_with_whole_slides_per_sample(latent_task):
+    task_dir, _, crops = latent_task
+    task = load_task(task_dir)
+    latents = pd.read_parquet(task_dir / LATENTS_FILE)
+    # slides 0, 2 → DEMO0 and slide 1 → DEMO1, every crop once, in crop order within its sample
+    assert latents.groupby("sample_id")["slide"].unique().map(list).to_dict() == {
+        "DEMO0": [0, 2],
+        "DEMO1": [1],
+    }
+    assert [len(task.samples[s].barcodes) for s in ("DEMO0", "DEMO1")] == [8, 4]
+    for sample_id, rows in latents.groupby("sample_id"):
+        pixels = read_patch_images(task.samples[sample_id].patches_path)
+        crop = np.flatnonzero(crops.slide % 2 == int(sample_id[-1]))
+        np.testing.assert_array_equal(pixels[rows["row"].to_numpy()], crops.tiles[crop])
+        np.testing.assert_allclose(rows["nuclei"].to_numpy(), crops.latents[crop, 2])
+    assert [f.test for f in task.folds] == [("DEMO0",), ("DEMO1",)]  # a fold tests whole slides
+
+
+def test_latent_probe_labels_the_packed_crops_by_latent_tercile_split_by_slide(latent_task, tmp_path):
+    task_dir, store, crops = latent_task
+    frame = make_latent_probe(task_dir, store, tmp_path / "probe.csv")
+    index = TileStore(store).index
+    assert index["slide_id"].iloc[0] == "DEMO1"  # load_task's sample order, not the latent table's
+    latents = pd.read_parquet(task_dir / LATENTS_FILE).set_index(["sample_id", "row"])
+    latents = latents.loc[pd.MultiIndex.from_arrays([index["slide_id"], index["tile_id"]])]
+    assert len(frame) == 12 and frame["tile_index"].tolist() == list(range(12))
+    assert (frame["split"].to_numpy() == np.array(["train", "val", "test"])[latents["slide"] % 3]).all()
+    train = (frame["split"] == "train").to_numpy()
+    cuts = np.quantile(latents["nuclei"][train], [1 / 3, 2 / 3])  # cut on the training slide only
+    expected = np.array(["sparse", "medium", "dense"])[np.searchsorted(cuts, latents["nuclei"], side="right")]
+    assert frame["label"].tolist() == expected.tolist()
+    np.testing.assert_array_equal(TileStore(store).read(0, 12), _packed_pixels(task_dir, index))
+    manifest = load_manifest(tmp_path / "probe.csv", n_tiles=12)
+    assert len(manifest) == 12
+
+
+def _packed_pixels(task_dir, index):
+    """The patch-file pixels of each store row, by (sample, row): what the manifest's tile_index points at."""
+    task = load_task(task_dir)
+    images = {s: read_patch_images(task.samples[s].patches_path) for s in task.samples}
+    return np.stack([images[s][r] for s, r in zip(index["slide_id"], index["tile_id"], strict=True)])
+
+
+def test_latent_probe_refuses_a_task_without_latents_or_three_slides(latent_task, tmp_path):
+    task_dir, store, _ = latent_task
+    other = make_demo_hest(tmp_path / "plain", np.zeros((12, 8, 8, 3), np.uint8), spots_per_sample=6)
+    with pytest.raises(BenchmarkError, match="latents.parquet is missing; .* make_latent_hest_task"):
+        make_latent_probe(other, store, tmp_path / "a.csv")
+    two = make_latent_hest_task(tmp_path / "two", task="demo", seed=3, **{**SMALL, "n_slides": 2})
+    pack_hest_task(two, tmp_path / "two.zarr")
+    with pytest.raises(BenchmarkError, match="fewer than 3 slides"):
+        make_latent_probe(two, tmp_path / "two.zarr", tmp_path / "b.csv")
+    assert not (tmp_path / "b.csv").exists()
+
+
+def test_demo_hest_by_sample_refuses_an_empty_sample(tmp_path):
+    tiles = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(BenchmarkError, match=r"sample\(s\) \[1\] get no tile"):
+        make_demo_hest(tmp_path / "t", tiles, sample_of=np.zeros(4, int))

@@ -172,18 +172,16 @@ def test_changing_a_tiling_setting_reruns_everything_downstream(demo_run):
         "train_teacher_heads": 1,  # learned on the teacher cache, which follows the tiles
         "distill_resume": 1,  # a new, empty resume directory: the old checkpoint is gone
         "distill": 1,
-        # 4 models on the cohort, the student on the PLISM tiles and the mitosis patches, the 3 scored
-        # models on the HEST task and the segmentation task
-        "embed": 12,
+        # 4 models on the cohort, the student on the PLISM tiles, the mitosis patches and the HEST crops,
+        # the 3 scored models on the segmentation task
+        "embed": 10,
         "export_embeddings": 10,
-        "hest_demo": 1,  # the demo HEST task and probe labels are made from the cohort's tiles
-        "hest_store": 1,
-        "probe_demo": 1,
-        "slide_demo": 1,  # its bags are drawn from the probe's tile labels
+        # the demo HEST task and probe manifest are latent crops of slides of their own: not rerun
+        "slide_demo": 1,  # its bags are drawn from the cohort's tiles
         "segmentation_demo": 1,  # the demo tiles with their masks (the mask slides do not change)
         "score_plism": 1,  # only the student's PLISM embeddings change
-        "score_hest": 3,
-        "score_probe": 3,
+        "score_hest": 1,  # the student's (the HEST and probe tasks share the crops' embeddings)
+        "score_probe": 1,
         "score_slide": 3,
         "score_segmentation": 3,
         "score_mitosis": 1,  # the student's
@@ -346,6 +344,20 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
     assert leaderboard["slpd_slpd_knn_accuracy"].notna().tolist() == [False, True, False]
     plism = pd.read_parquet(results / "benchmarks" / "plism" / "student-demo.parquet")
     assert len(plism[plism["metric"] == "cosine"]) == 6  # 4 slides → 6 pairs
+
+
+def test_the_distilled_student_recovers_the_teacher_on_the_latent_tasks(demo_run):
+    # The demo probe and HEST tasks are latent crops under random stainings, which the trained teacher reads
+    # clearly better than the random-init student; the DINO+iBOT student closes ≥ 60 % of that gap
+    # (issue 12; README "Distillation section" gives the spread over 3 distillation seeds).
+    results = demo_run / "results"
+    table = pd.read_parquet(results / "report" / "distillation.parquet")
+    rows = table.set_index(["student", "column"])
+    for column in ("probe_balanced_accuracy_linear", "hest_pearson_mean"):
+        row = rows.loc[("student-demo", column)]
+        assert row["baseline"] == "h0_mini_tiny" and row["teacher"] == "h_optimus_0_tiny"
+        assert row["teacher_value"] - row["baseline_value"] >= 0.05, (column, dict(row))  # a gap to recover
+        assert row["recovery"] >= 0.6, (column, dict(row))
 
 
 def test_demo_distils_a_student(demo_run):

@@ -1,13 +1,20 @@
 """Demo benchmark tasks whose labels come from what the synthetic tissue shows, so better features score higher.
 
-- Patch classification (`make_demo_probe`): the demo cohort's tiles labelled by nuclear-density tercile, split
-  by slide, as the manifest `bench.probe.load_manifest` reads.
-- HEST-like expression (`make_demo_hest`): a task in HEST-Benchmark's layout whose counts depend on tile content.
-- Latent tasks (`latent_crops`, `latent_class`): crops of fresh generator slides, each rendered under its own
-  random staining and scanner, labelled from the generator's latent maps (nuclear area fraction, fat, …), so
-  colour statistics do not give the label away: what a network must read is the tissue, not the stain. The
-  cohort-derived tasks above are readable by a random network (nuclear density is a dark-pixel count), so a
-  trained teacher barely beats a random init on them and a recovery measured on them is noise.
+The demo's patch-classification and HEST tasks are one set of **latent crops** (`latent_crops`): crops of
+fresh generator slides, each rendered under its own random staining and scanner, with the generator's latent
+maps as ground truth (nuclear area fraction, fat, …), so colour statistics do not give the label away: what a
+network must read is the tissue, not the stain. A random network reads it less well than the trained demo
+teacher, so the report's recovery (student − random init) / (teacher − random init) is a measurement.
+(Tasks labelled from the demo cohort's pixels were readable by a random network about as well as by the
+teacher: nuclear density is a dark-pixel count.)
+
+- HEST-like expression (`make_latent_hest_task`, rule `hest_demo`): the crops are the spots of a task in
+  HEST-Benchmark's layout, samples made of whole generator slides, expression driven by the latents; the
+  latents are kept beside it (`LATENTS_FILE`).
+- Patch classification (`make_latent_probe`, rule `probe_demo`): the same crops, packed by `hest_store`,
+  labelled by latent nuclear-area tercile and split by generator slide, as `bench.probe.load_manifest`
+  reads. Sharing the crops means the probe needs no embedding jobs of its own (the demo's budget).
+- `make_demo_hest`: the task writer, also on any tiles with content computed from their pixels.
 """
 
 from __future__ import annotations
@@ -30,37 +37,8 @@ from histodistill.tilestore import TileStore
 log = logging.getLogger(__name__)
 
 DEMO_CLASSES = ("sparse", "medium", "dense")
-
-
-def nuclear_density(tiles: np.ndarray) -> np.ndarray:
-    """Fraction of dark, blue-purple pixels per tile: the haematoxylin-rich nuclei of the demo tissue."""
-    rgb = tiles.astype(np.float32)
-    dark = rgb.mean(axis=-1) < 140
-    bluish = rgb[..., 2] > rgb[..., 1] + 10
-    return (dark & bluish).mean(axis=(1, 2))
-
-
-def make_demo_probe(store_path: str | Path, out_csv: str | Path, chunk: int = 256) -> pd.DataFrame:
-    """Label the demo cohort's tiles by nuclear-density tercile; split by slide (train / val / test).
-
-    Slides go to train, val, test in turn (slide i → split i mod 3 of that order), so no slide's tiles
-    straddle two splits. The classes are visible tissue properties, so better features classify better.
-    """
-    store = TileStore(store_path)
-    n = len(store)
-    density = np.concatenate([nuclear_density(store.read(i, min(n, i + chunk))) for i in range(0, n, chunk)])
-    cuts = np.quantile(density, [1 / 3, 2 / 3])
-    label = np.array(DEMO_CLASSES, dtype=object)[np.searchsorted(cuts, density, side="right")]
-    slide_index = store.index["slide_index"].to_numpy()
-    if len(np.unique(slide_index)) < 3:
-        raise BenchmarkError(
-            f"demo probe: {store_path} has fewer than 3 slides (one each for train, val, test)"
-        )
-    split = np.array(["train", "val", "test"], dtype=object)[slide_index % 3]
-    frame = pd.DataFrame({"tile_index": np.arange(n), "label": label, "split": split})
-    with atomic_path(out_csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    return frame
+LATENTS_FILE = "latents.parquet"  # in a latent HEST task: sample_id, row, slide and the GLOBAL_TARGETS
+PROBE_SPLITS = ("train", "val", "test")  # generator slide i → PROBE_SPLITS[i mod 3]
 
 
 @dataclass(frozen=True)
@@ -98,7 +76,7 @@ def latent_crops(
     slides = render_slides(cfg, [f"{name}:{i}" for i in range(n_slides)], seed)
     tiles, latents, slide = [], [], []
     for i, rendered in enumerate(slides):
-        crops = CropPairs([rendered], cfg, seed, stream=100 + i, grid=1)
+        crops = CropPairs([rendered], cfg, seed, stream=100 + i, grid=0, views=1)  # one rendering, no maps
         for k in range(per_slide):
             views, targets, _ = crops[k]
             tiles.append(views[0])
@@ -135,15 +113,22 @@ def make_demo_hest(
     extra_genes: int = 10,
     sparse: bool = True,
     content: np.ndarray | None = None,
+    sample_of: np.ndarray | None = None,
+    tables: dict[str, pd.DataFrame] | None = None,
 ) -> Path:
     """Write a small HEST task whose counts depend on tile content, so better features score higher.
 
-    Spots draw tiles from `tiles` (uint8 [N, H, W, 3]; without replacement when there are enough).
+    Spots draw `spots_per_sample` tiles per sample from `tiles` (uint8 [N, H, W, 3]; without replacement
+    when there are enough), or, with `sample_of` (int [N], values 0 … n_samples − 1), every tile is one spot
+    of its sample, in tile order (e.g. whole generator slides per sample, so no slide is in two folds).
     Each of the `n_genes` benchmark genes has a Poisson rate log-linear in the tile's standardised mean
     colour and dark-pixel (nuclear) density; `extra_genes` more genes do not depend on the tile and are
     left out of `var_50genes.json`. `content` float [N, F]: per-tile features to use instead (e.g. the
-    generator's latents of `latent_crops`, so the expression follows the tissue, not its staining). The AnnData rows are shuffled relative to the patch file, so readers
-    must align by barcode. Folds leave one sample out (fold i tests sample i).
+    generator's latents of `latent_crops`, so the expression follows the tissue, not its staining). The
+    AnnData rows are shuffled relative to the patch file, so readers must align by barcode. Folds leave one
+    sample out (fold i tests sample i). `tables`: {file name: frame} written as Parquet into the task in
+    the same atomic write (e.g. `LATENTS_FILE`). Raises BenchmarkError on bad tiles, fewer than 2 samples, a
+    `content` or `sample_of` of another length, or an empty sample.
     """
     tiles, content_given = np.asarray(tiles), content
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8 or len(tiles) == 0:
@@ -151,8 +136,18 @@ def make_demo_hest(
     if n_samples < 2:
         raise BenchmarkError("the demo needs at least 2 samples (folds leave one sample out)")
     rng = np.random.default_rng(seed)
-    n_spots = n_samples * spots_per_sample
-    pick = rng.choice(len(tiles), n_spots, replace=len(tiles) < n_spots)
+    if sample_of is None:
+        n_spots = n_samples * spots_per_sample
+        pick = rng.choice(len(tiles), n_spots, replace=len(tiles) < n_spots)
+        groups = [pick[s * spots_per_sample : (s + 1) * spots_per_sample] for s in range(n_samples)]
+    else:
+        sample_of = np.asarray(sample_of)
+        if len(sample_of) != len(tiles):
+            raise BenchmarkError(f"demo HEST: {len(sample_of)} sample_of entries for {len(tiles)} tiles")
+        groups = [np.flatnonzero(sample_of == s) for s in range(n_samples)]
+        if empty := [s for s, g in enumerate(groups) if len(g) == 0]:
+            raise BenchmarkError(f"demo HEST: sample(s) {empty} get no tile from sample_of")
+        pick = np.concatenate(groups)
     if content is not None and len(content) != len(tiles):
         raise BenchmarkError(f"demo HEST: {len(content)} content rows for {len(tiles)} tiles")
     content = tile_content_features(tiles[pick]) if content is None else np.asarray(content, float)[pick]
@@ -169,7 +164,7 @@ def make_demo_hest(
     params = {
         "seed": seed,
         "n_samples": n_samples,
-        "spots_per_sample": spots_per_sample,
+        "spots_per_sample": spots_per_sample if sample_of is None else [len(g) for g in groups],
         "n_genes": n_genes,
         "extra_genes": extra_genes,
         "sparse": sparse,
@@ -178,22 +173,22 @@ def make_demo_hest(
     if content_given is not None:
         params["content"] = "given"
     out_dir = Path(out_dir)
-    side = int(np.ceil(np.sqrt(spots_per_sample)))
     with atomic_path(out_dir) as tmp:
         for sub in ("patches", "adata", "splits"):
             (tmp / sub).mkdir(parents=True)
         ids = [f"DEMO{s}" for s in range(n_samples)]
-        for s, sid in enumerate(ids):
-            rows = slice(s * spots_per_sample, (s + 1) * spots_per_sample)
-            barcodes = np.array([f"SPOT{j:05d}-1" for j in range(spots_per_sample)])
-            coords = (
-                np.stack([np.arange(spots_per_sample) % side, np.arange(spots_per_sample) // side], 1) * 100
-            )
+        start = 0
+        for sid, group in zip(ids, groups, strict=True):
+            n, rows = len(group), slice(start, start + len(group))
+            start += n
+            side = int(np.ceil(np.sqrt(n)))
+            barcodes = np.array([f"SPOT{j:05d}-1" for j in range(n)])
+            coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1) * 100
             with h5py.File(tmp / "patches" / f"{sid}.h5", "w") as f:
-                f.create_dataset("img", data=tiles[pick[rows]], chunks=(1, *tiles.shape[1:]))
+                f.create_dataset("img", data=tiles[group], chunks=(1, *tiles.shape[1:]))
                 f.create_dataset("barcode", data=barcodes.astype("S").reshape(-1, 1))
                 f.create_dataset("coords", data=coords.astype(np.int64))
-            order = rng.permutation(spots_per_sample)
+            order = rng.permutation(n)
             write_h5ad(tmp / "adata" / f"{sid}.h5ad", counts[rows][order], barcodes[order], genes, sparse)
         for i, sid in enumerate(ids):
             for kind, members in (("train", [t for t in ids if t != sid]), ("test", [sid])):
@@ -205,24 +200,99 @@ def make_demo_hest(
                     }
                 ).to_csv(tmp / "splits" / f"{kind}_{i}.csv", index=False)
         (tmp / GENE_LIST).write_text(json.dumps({"genes": genes[:n_genes]}, indent=1))
+        for name, table in (tables or {}).items():
+            table.to_parquet(tmp / name, index=False)
         (tmp / "provenance.json").write_text(
             json.dumps(provenance(params, generator="make_demo_hest"), indent=1)
         )
-    log.info(
-        "demo HEST task: %d samples × %d spots, %d genes → %s", n_samples, spots_per_sample, n_genes, out_dir
-    )
+    log.info("demo HEST task: %d samples, %d spots, %d genes → %s", n_samples, len(pick), n_genes, out_dir)
     return out_dir
 
 
-def make_demo_hest_from_store(
-    store_path: str | Path, out_dir: str | Path, *, task: str, seed: int = 0
+def make_latent_hest_task(
+    out_dir: str | Path,
+    *,
+    task: str,
+    seed: int = 0,
+    n_slides: int = 6,
+    crops_per_slide: int = 50,
+    width_px: int = 2048,
+    height_px: int = 1536,
+    n_samples: int = 2,
 ) -> Path:
-    """`make_demo_hest` on every tile of a (small) tile store, seeded per task from the run's `seed`.
+    """The demo HEST task `task` on latent crops: `latent_crops` of `n_slides` fresh slides
+    (`crops_per_slide` each, slide names `demo-task-{task}:{i}`, seed `seed`), every crop one spot, the
+    crops of slide i in sample i mod `n_samples` (no slide in two folds), expression driven by the crops'
+    standardised latents (`make_demo_hest(content=latents)`, seeded `seed_for("hest:<task>", seed)`).
 
-    The task's seed is `seed_for("hest:<task>", seed)`, so two demo tasks of one run differ. All tiles are
-    read into memory: meant for the demo cohort. Returns `out_dir`; raises BenchmarkError as `make_demo_hest`.
+    Also writes `LATENTS_FILE` in the task: one row per spot in patch-file order, `sample_id`, `row` (the
+    patch's row in its sample), `slide` (generator slide) and the latents (`demo.teacher.GLOBAL_TARGETS`),
+    which `make_latent_probe` labels. Returns `out_dir`. Raises BenchmarkError when a sample gets no slide
+    (`n_slides` < `n_samples`), HistodistillError when a slide holds no tissue crop (`render_slides`).
+    Cost: about 1 CPU second per 2048 × 1536 slide and 15 ms per crop (one rendering each).
     """
     from histodistill.demo.slides import seed_for
+    from histodistill.demo.teacher import GLOBAL_TARGETS
 
-    store = TileStore(store_path)
-    return make_demo_hest(out_dir, store.read(0, len(store)), seed=seed_for(f"hest:{task}", seed))
+    crops = latent_crops(n_slides, crops_per_slide, seed, width_px, height_px, name=f"demo-task-{task}")
+    sample_of = crops.slide % n_samples
+    order = np.concatenate([np.flatnonzero(sample_of == s) for s in range(n_samples)])  # patch-file order
+    latents = pd.DataFrame(
+        {
+            "sample_id": [f"DEMO{s}" for s in sample_of[order]],
+            "row": np.concatenate([np.arange((sample_of == s).sum()) for s in range(n_samples)]),
+            "slide": crops.slide[order],
+            **{name: crops.latents[order, k] for k, name in enumerate(GLOBAL_TARGETS)},
+        }
+    )
+    return make_demo_hest(
+        out_dir,
+        crops.tiles,
+        seed=seed_for(f"hest:{task}", seed),
+        n_samples=n_samples,
+        content=crops.latents,
+        sample_of=sample_of,
+        tables={LATENTS_FILE: latents},
+    )
+
+
+def make_latent_probe(task_dir: str | Path, store_path: str | Path, out_csv: str | Path) -> pd.DataFrame:
+    """The demo probe manifest on a latent HEST task's crops: one row per tile of `store_path` (the task
+    packed by `bench.datasets.pack_hest_task`, rows located by sample id and patch row, so any packing order
+    works), `label` the nuclear-area tercile (`DEMO_CLASSES`, cut on the training split, `latent_class`),
+    `split` by generator slide (slide i → `PROBE_SPLITS`[i mod 3], so no slide straddles two splits),
+    no `slide_id` column (that would make it a slide-level task). Writes CSV `tile_index, label, split`
+    atomically; returns it.
+
+    Raises BenchmarkError when the task has no `LATENTS_FILE` (not made by `make_latent_hest_task`), when a
+    tile of the store has no latent row, or when the crops come from fewer than 3 slides.
+    """
+    latents_path = Path(task_dir) / LATENTS_FILE
+    if not latents_path.is_file():
+        raise BenchmarkError(
+            f"demo probe: {latents_path} is missing; the task must be made by make_latent_hest_task "
+            "(rule hest_demo)"
+        )
+    latents = pd.read_parquet(latents_path).set_index(["sample_id", "row"])
+    index = TileStore(store_path).index
+    keys = pd.MultiIndex.from_arrays([index["slide_id"], index["tile_id"]])
+    if missing := (~keys.isin(latents.index)).sum():
+        raise BenchmarkError(f"demo probe: {missing} tiles of {store_path} have no row in {latents_path}")
+    rows = latents.loc[keys]
+    slide = rows["slide"].to_numpy()
+    if len(np.unique(slide)) < 3:
+        raise BenchmarkError(
+            f"demo probe: {latents_path} has crops of fewer than 3 slides (one each for train, val, test)"
+        )
+    split = np.array(PROBE_SPLITS, dtype=object)[slide % 3]
+    classes = latent_class(rows["nuclei"].to_numpy(), split == "train")
+    frame = pd.DataFrame(
+        {
+            "tile_index": np.arange(len(index)),
+            "label": np.array(DEMO_CLASSES, dtype=object)[classes],
+            "split": split,
+        }
+    )
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame

@@ -175,8 +175,9 @@ def render_slides(cfg: DemoTeacherConfig, names: list[str], seed: int) -> list[R
 class CropPairs(Dataset):
     """Item k → two renderings of one tissue crop and its generator targets, a function of (seed, k) only.
 
-    Returns views uint8 [2, tile_px, tile_px, 3], global targets float32 [5] (raw, `GLOBAL_TARGETS`),
-    dense targets float32 [3, g, g] (`DENSE_TARGETS`, g = tile_px // patch).
+    Returns views uint8 [V, tile_px, tile_px, 3] (V = `views`, 2 for training; the first view is the same
+    for any V), global targets float32 [5] (raw, `GLOBAL_TARGETS`), dense targets float32 [3, g, g]
+    (`DENSE_TARGETS`, g = `grid`, tile_px // patch for training; `grid` 0: an empty [3, 0, 0], not computed).
     """
 
     def __init__(
@@ -187,9 +188,11 @@ class CropPairs(Dataset):
         stream: int,
         grid: int,
         render=True,
+        views: int = 2,
     ):
         self.slides, self.cfg, self.seed, self.stream, self.grid = slides, cfg, seed, stream, grid
         self.render = render  # False: targets only (views are an empty array)
+        self.views = views
 
     def __len__(self) -> int:  # indexable without end; the sampler decides how many
         return 2**62
@@ -233,18 +236,22 @@ class CropPairs(Dataset):
         tile = np.asarray(
             Image.fromarray(slide.rgb[box]).resize((c.tile_px, c.tile_px), Image.Resampling.BOX)
         )
-        maps = torch.from_numpy(np.ascontiguousarray(slide.maps[(slice(None), *box)]))
-        dense = F.adaptive_avg_pool2d(maps[None], self.grid)[0].numpy()
+        maps = slide.maps[(slice(None), *box)]
+        dense = np.zeros((3, 0, 0), np.float32)
+        if self.grid:
+            dense = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(maps))[None], self.grid)[
+                0
+            ].numpy()
         turns, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
         tile, dense = np.rot90(tile, turns, (0, 1)), np.rot90(dense, turns, (1, 2))
         if flip:
             tile, dense = tile[:, ::-1], dense[:, :, ::-1]
-        nuclei, tissue, fat = (float(m.mean()) for m in maps)
+        nuclei, tissue, fat = (float(m) for m in maps.mean(axis=(1, 2)))  # numpy: 20× torch's strided mean
         targets = np.array([tissue, fat, nuclei, slide.hema[box].mean(), slide.eosin[box].mean()], np.float32)
         tile, dense = np.ascontiguousarray(tile), np.ascontiguousarray(dense, np.float32)
         if not self.render:
             return np.zeros(0, np.uint8), targets, dense
-        views = np.stack([self._render(tile, rng) for _ in range(2)])
+        views = np.stack([self._render(tile, rng) for _ in range(self.views)])
         return views, targets, dense
 
 
