@@ -349,7 +349,7 @@ def test_demo_scores_every_model_and_writes_the_report(demo_run):
 def test_the_distilled_student_recovers_the_teacher_on_the_latent_tasks(demo_run):
     # The demo probe and HEST tasks are latent crops under random stainings, which the trained teacher reads
     # clearly better than the random-init student; the DINO+iBOT student closes ≥ 60 % of that gap
-    # (issue 12; README "Distillation section" gives the spread over 3 distillation seeds).
+    # (issue 12; README "Distillation section" gives the measured values; the spread over seeds is still open).
     results = demo_run / "results"
     table = pd.read_parquet(results / "report" / "distillation.parquet")
     rows = table.set_index(["student", "column"])
