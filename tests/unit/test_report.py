@@ -461,3 +461,26 @@ def test_skipped_slides_are_listed_on_the_page_and_in_the_provenance(tmp_path):
     assert find_table(page, "slide").set_index("slide").loc["gone", "path"] == "/data/gone.svs"
     board = pq.read_table(tmp_path / "report" / "leaderboard.parquet")
     assert json.loads(board.schema.metadata[b"histodistill"])["params"]["skipped_slides"] == skipped
+
+
+def test_a_task_at_chance_for_every_model_flags_none_and_is_named(tmp_path):
+    """When a probe task is at chance for every model scored (a task none of them can read), the task is
+    uninformative, not the models: no model is flagged, and the leaderboard names the task."""
+
+    def rows(linear: float) -> pd.DataFrame:
+        out = [("crc", "linear", 0, "balanced_accuracy", linear)]
+        out += [("crc", "linear", 0, "chance_balanced_accuracy", 0.5)]
+        out += [("crc", "linear", 0, "chance_balanced_accuracy_se", 0.05)]  # at chance up to 0.582
+        return pd.DataFrame(out, columns=["task", "method", "seed", "metric", "value"])
+
+    scores = {m: write_tidy(rows(v), tmp_path / f"{m}.parquet") for m, v in (("a", 0.52), ("b", 0.55))}
+    board = build_report({"probe": scores}, tmp_path / "report", n_boot=0).set_index("model")
+    assert board["status"].tolist() == ["ok", "ok"]
+    leaderboard = (tmp_path / "report" / "index.html").read_text().split('id="leaderboard"')[1]
+    assert "Task uninformative, no model flagged by" in leaderboard.split("</section>")[0]
+    # one model above chance makes the task informative again: the other is flagged
+    scores["c"] = write_tidy(rows(0.80), tmp_path / "c.parquet")
+    board = build_report({"probe": scores}, tmp_path / "report2", n_boot=0).set_index("model")
+    assert board.loc["c", "status"] == "ok"
+    assert board.loc["a", "status"].startswith("collapsed / uninformative: probes at chance")
+    assert board.loc["b", "status"].startswith("collapsed / uninformative: probes at chance")

@@ -162,6 +162,9 @@ def leaderboard(
     """One row per model: size columns, `status`, then each present benchmark's headline numbers (NaN if absent).
 
     `status` is "ok", or "collapsed / uninformative: <reasons>" when a benchmark's `flags` name the model.
+    A benchmark whose flags name every model it scored (two or more) judges its task, not the models: a task
+    at chance for every model, e.g. a demo task none of them can read, flags none of them; such benchmarks
+    are listed in `board.attrs["uninformative"]` ({name: one model's reason}) and named in the report.
     """
     models = models or {}
     board = pd.DataFrame({"model": pd.Series(order, dtype="str")})
@@ -169,9 +172,15 @@ def leaderboard(
         board[col] = [_as_float(models.get(m, {}).get(col)) for m in order]
     board["device"] = pd.Series([_as_str(models.get(m, {}).get("device")) for m in order], dtype="str")
     flags: dict[str, list[str]] = {}
+    uninformative: dict[str, str] = {}
     for name, bench in benchmarks().items():
         if name in summaries and bench.flags is not None:
-            for model, reason in bench.flags(summaries[name], order).items():
+            named = bench.flags(summaries[name], order)
+            scored = set(summaries[name]["model"]) & set(order) if "model" in summaries[name] else set()
+            if len(scored) >= 2 and scored <= set(named):
+                uninformative[name] = next(iter(named.values()))
+                continue
+            for model, reason in named.items():
                 flags.setdefault(model, []).append(reason)
     board["status"] = pd.Series(
         ["collapsed / uninformative: " + "; ".join(flags[m]) if m in flags else "ok" for m in order],
@@ -186,6 +195,7 @@ def leaderboard(
                 )
             for col in headline.columns:
                 board[col] = headline[col].to_numpy()
+    board.attrs["uninformative"] = uninformative
     return board
 
 
@@ -420,8 +430,14 @@ def build_report(
         "one task missing). status: a model is flagged collapsed / uninformative when a benchmark's own "
         "numbers say its embeddings cannot tell inputs apart (PLISM: different tiles embedded almost "
         "alike; probes and the mitosis linear probe: balanced accuracy at chance, i.e. at most 1/K + "
-        "max(1.645 × its null standard error, 0.02), on every task); its numbers are shown but never bold."
+        "max(1.645 × its null standard error, 0.02), on every task); its numbers are shown but never bold. "
+        "A benchmark that would flag every model it scored judges its task, not the models, and flags none."
     )
+    for name, reason in board.attrs.get("uninformative", {}).items():
+        lead += page.note(
+            f"Task uninformative, no model flagged by {known[name].title if name in known else name}: every "
+            f"model scored is at its chance level (e.g. {reason})."
+        )
     sections = [
         ("provenance", "Run provenance", _provenance_block(config, inputs, run_hash, created, skipped_slides))
     ]
