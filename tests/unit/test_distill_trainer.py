@@ -14,9 +14,10 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from histodistill.distill.data import DistillDataset, EpochSampler, split_rows
+from histodistill.distill.engine import dist_env
 from histodistill.distill.monitors import CollapseError
 from histodistill.distill.objectives import OBJECTIVES, Objective, StepState
-from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, dist_env, linear_cka
+from histodistill.distill.trainer import EXIT_REQUEUE, DistillConfig, Trainer, linear_cka
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.tiling import TilingConfig

@@ -43,8 +43,7 @@ from histodistill.augment import normalize
 from histodistill.config import DISTILL_HEAD_DEFAULTS
 from histodistill.devices import autocast_dtype
 from histodistill.distill.data import DistillDataset, EpochSampler, finish_views, split_rows
-from histodistill.distill.engine import (  # noqa: F401  (dist_env, param_groups: re-exported)
-    dist_env,
+from histodistill.distill.engine import (
     init_process,
     param_groups,
     read_checkpoint,
