@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.logging import RichHandler
-
 from histodistill.demo.slides import DemoSlideConfig, make_demo_cohort
 from histodistill.errors import HistodistillError
 from histodistill.ids import check_id, id_from_path
+from histodistill.logs import stderr_handler
 from histodistill.registration import RegistrationConfig, register_to_grid
 from histodistill.tilestore import pack_tiles
 from histodistill.tiling import TilingConfig
@@ -433,11 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[stderr_handler()])
     try:
         args.func(args)
     except HistodistillError as exc:

@@ -63,6 +63,7 @@ from histodistill.distill.objectives import (
 from histodistill.distill.pairs import PairingConfig, PairSource
 from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
+from histodistill.logs import LOG_FORMAT
 from histodistill.models import get_spec, load_model, save_student
 from histodistill.models.registry import build_model, file_digest
 from histodistill.provenance import config_hash, provenance
@@ -685,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path, tiles, cache, out = args[:4]
     checkpoint_dir = args[4] if len(args) > 4 else None
     cfg = DistillConfig(**json.loads(Path(config_path).read_text()))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     trainer = Trainer(cfg, tiles, cache, out, checkpoint_dir=checkpoint_dir)
     result = trainer.fit()
     if dist.is_initialized():

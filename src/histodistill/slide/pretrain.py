@@ -75,6 +75,7 @@ from histodistill.distill.launch import torchrun_command
 from histodistill.distill.losses import dino_loss
 from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
+from histodistill.logs import LOG_FORMAT
 from histodistill.provenance import config_hash
 from histodistill.slide.encoder import RegionViT, multi_crop
 from histodistill.slide.losses import prototype_loss
@@ -602,7 +603,7 @@ def _launch(region_store, outputs, work_dir, settings: dict, nproc_per_node: int
 def main(argv: list[str] | None = None) -> int:
     """Entry point of each torchrun process: python -m histodistill.slide.pretrain JOB.json (`_launch`)."""
     job = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = dict(job["settings"])
     pretrain_variants(job["region_store"], job["outputs"], job["work_dir"], settings, settings.pop("threads"))
     if dist.is_initialized():
