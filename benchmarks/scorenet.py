@@ -1,4 +1,4 @@
-"""ScoreNet's cost claim: time (and GPU peak memory) of ScoreNet vs its local encoder over every region.
+"""ScoreNet's cost claim: time and peak memory of ScoreNet vs its local encoder over every region.
 
 baseline  = what a competent user runs without ScoreNet: the same local encoder over all N full-resolution
             regions of the ROI (region_px each), batched (`--batch-size`), inference mode, same precision;
@@ -12,6 +12,10 @@ grow with the ROI. Both are printed when `--top-k` is given. Per ROI side: min a
 timed runs after one warm-up, the ratio baseline / ScoreNet of the medians, and the growth exponent of
 ScoreNet's time in ROI area between the smallest and the largest side (1 = linear, 2 = quadratic).
 
+Peak memory: on a GPU, `torch.cuda.max_memory_allocated` over the timed runs; on a CPU, the process's peak
+resident memory (RSS sampled every 2 ms by a thread, psutil) during the timed runs minus its RSS before them,
+i.e. what the measured call adds on top of the loaded model and the ROI.
+
 Model: `--model` with random weights (timing only): h0_mini_tiny on CPU by default; the student's real
 architecture is h0_mini (ViT-B/14): on a GPU, python benchmarks/scorenet.py --model h0_mini --sides 1024 2048 4096
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import threading
 import time
 
 import torch
@@ -30,20 +35,47 @@ from histodistill.devices import autocast_dtype, pick_device
 from histodistill.models import load_model
 
 
+class _PeakRss:
+    """Peak resident memory (MiB) of this process above its level at entry, sampled every 2 ms (psutil)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._process, self._stop = psutil.Process(), threading.Event()
+        self.start = self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
 def _timed(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(min s, median s, peak GPU MiB) of `fn` over `repeats` runs after one warm-up."""
+    """(min s, median s, peak MiB) of `fn` over `repeats` runs after one warm-up (module docstring)."""
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else math.nan
+    with _PeakRss() as rss:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss.mib
     return min(times), statistics.median(times), peak
 
 
@@ -62,7 +94,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     name = args.model or ("h0_mini" if device.type == "cuda" else "h0_mini_tiny")
     loaded = load_model(name, random_init=True)
@@ -77,7 +114,8 @@ def main() -> None:
         torch.manual_seed(0)
         nets[label] = ScoreNet(config, local, n_classes=7).to(device).eval()
     print(
-        f"model {name} (random weights) on {device} ({amp or 'fp32'}), regions {args.region_px} px, "
+        f"model {name} (random weights) on {device} ({amp or 'fp32'}, {torch.get_num_threads()} CPU threads), "
+        f"regions {args.region_px} px, "
         f"repeats {args.repeats} after 1 warm-up; times in s (min / median)"
     )
     print(

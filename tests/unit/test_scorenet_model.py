@@ -9,6 +9,7 @@ from histodistill.bench.scorenet.model import (
     PaperLocalViT,
     ScoreNet,
     ScoreNetModelConfig,
+    n_masked,
 )
 from histodistill.models import load_model
 
@@ -79,18 +80,40 @@ def test_gradient_reaches_the_scorer_only_through_the_topk():
     assert model.scorer.head_weights.grad is None or model.scorer.head_weights.grad.abs().sum() == 0
 
 
-def test_scorer_only_and_masking_probe():
+def test_scorer_only():
     torch.manual_seed(0)
     only = ScoreNet(ScoreNetModelConfig(**{**SMALL.__dict__, "scorer_only": True}), None, n_classes=2).eval()
     assert only.mixer is None and only(torch.rand(1, 3, 64, 64)).logits.shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("k", "fraction", "expected"),
+    [(1, 0.75, 1), (2, 0.75, 2), (4, 0.75, 3), (10, 0.75, 8), (4, 0.0, 0), (3, 1.0, 3)],
+)
+def test_masked_count_rounds_half_up(k, fraction, expected):
+    assert n_masked(k, fraction) == expected
+
+
+def test_masking_probe_blanks_that_many_selected_regions():
+    """75% of K = 4 selected regions: 3 of the mixer's 4 input tokens are zero, the 4th is the unmasked
+    region's embedding; masking all of them equals the fine branch on zero tokens."""
+    torch.manual_seed(0)
     model = ScoreNet(ScoreNetModelConfig(**{**SMALL.__dict__, "top_k": 4}), PaperLocalViT(SMALL), 2).eval()
-    images = torch.rand(1, 3, 64, 96)
+    images = torch.rand(2, 3, 64, 96)
+    seen = []
+    model.mixer.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
     with torch.no_grad():
-        full, masked = (
-            model(images),
-            model(images, mask_fraction=0.75, generator=torch.Generator().manual_seed(0)),
-        )
+        full = model(images)
+        masked = model(images, mask_fraction=0.75, generator=torch.Generator().manual_seed(0))
+        blank = model(images, mask_fraction=1.0, generator=torch.Generator().manual_seed(0))
+        global_token, _ = model.scorer(model.thumbnail(images)[0])
+        expected = model.head(torch.cat([global_token, model.mixer(torch.zeros(2, 4, 32))], dim=-1))
+    clean, probe = seen[0], seen[1]
+    zero = (probe == 0).all(dim=-1)  # [B, K]
+    assert zero.sum(dim=-1).tolist() == [3, 3]
+    torch.testing.assert_close(probe[~zero], clean[~zero])
     assert not torch.allclose(full.logits, masked.logits)
+    torch.testing.assert_close(blank.logits, expected)
 
 
 def test_roi_smaller_than_a_region_is_an_error():

@@ -112,7 +112,9 @@ def test_run_writes_every_variant_and_metric(tmp_path):
         "topk_hit_rate",
         "topk_hit_chance",
         "masked_accuracy",
+        "masked_share",
     }
+    assert scorenet["masked_share"] == 1.0  # 75% of K = 2 rounds half up to both regions
     assert scorenet["topk_hit_chance"] == pytest.approx(1 - math.comb(5, 2) / math.comb(6, 2))
     assert all(0 <= v <= 1 for v in scorenet)
     cost = rows[rows["variant"] == "cost"].set_index("metric")["value"]

@@ -123,6 +123,12 @@ def _attention(block: Block, x: torch.Tensor, query: int = 0) -> torch.Tensor:
     return ((q[:, :, query : query + 1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0]
 
 
+def n_masked(k: int, fraction: float) -> int:
+    """Regions the masking probe blanks among K selected ones: ⌊fraction·K + ½⌋ (half up), in [0, K].
+    K = 1 or 2 at 75% blank all of them; K = 4 blanks 3, K = 10 blanks 8."""
+    return min(k, max(0, math.floor(fraction * k + 0.5)))
+
+
 class PEG(nn.Module):
     """CPVT's position-encoding generator (Chu et al. 2021): depthwise 3×3 conv on the token grid + identity.
     tokens [B, h·w, D] → [B, h·w, D]; any grid size works."""
@@ -296,8 +302,12 @@ class ScoreNet(nn.Module):
 
     forward(images [B, 3, H, W] in [0, 1], H and W ≥ region_px) → ScoreNetOutput. In training mode the
     selection is the straight-through perturbed top-K (the gradient reaches the scorer through it); in eval
-    mode the hard top-K. `mask_fraction` (eval probe, the paper's Table 7) drops that fraction of the K
-    selected regions' embeddings (a seeded random choice per ROI) before the mixer.
+    mode the hard top-K. `mask_fraction` (eval probe, the paper's Table 7) blanks `n_masked(K, fraction)` of
+    the K selected regions, a seeded random choice per ROI: their embeddings enter the mixer as zero vectors
+    (the mixer still sees K tokens, so any fraction up to 1 is defined; at 1 the fine branch carries no image
+    content). The reference code has no such probe; zeroing rather than dropping is our choice, since
+    dropping must keep at least one region (the earlier version kept ⌈…⌉ ≥ 1, which at the demo's K = 2
+    blanked one region, at K = 1 none).
 
     `thumbnails` (the output of `thumbnail`, precomputed) replaces the scorer's downscaling of `images`.
     `region_embeddings` [B, N, E] (`embed_regions`: a frozen local encoder's output on all N regions) replaces
@@ -396,11 +406,10 @@ class ScoreNet(nn.Module):
                 regions = self._gather(images, indices, grid)
             embeddings = self.project(self.local(regions.flatten(0, 1))).reshape(b, k, -1)
         if mask_fraction > 0:
-            keep = max(1, round(k * (1 - mask_fraction)))
-            order = torch.rand(b, k, generator=generator).argsort(dim=-1)[:, :keep].sort(dim=-1).values
-            embeddings = embeddings.gather(
-                1, order[..., None].expand(-1, -1, embeddings.shape[-1]).to(embeddings.device)
-            )
+            masked = n_masked(k, mask_fraction)
+            order = torch.rand(b, k, generator=generator).argsort(dim=-1)[:, :masked]
+            keep = torch.ones(b, k, dtype=embeddings.dtype).scatter_(1, order, 0.0)
+            embeddings = embeddings * keep[..., None].to(embeddings.device)
         fine = self.mixer(embeddings)
         return ScoreNetOutput(self.head(torch.cat([global_token, fine], dim=-1)), scores, indices, grid)
 

@@ -15,8 +15,9 @@ among the choices (the paper compares ScoreMix, CutMix and none).
 Rows (ROW_COLUMNS): for each `variant` (`scorenet`: the model with `mix`; `scorer_only`: the scorer's global
 token alone, the paper's "glorified low-resolution ViT" check; `scorenet_<mix>` for each of
 `ablation_mixes`) and seed: `weighted_f1`, `accuracy`, `f1:<class>` (test split); for ScoreNet variants also
-`masked_accuracy` (test accuracy with `mask_fraction` of the selected regions dropped, the paper's Table 7
-probe) and, where the manifest has the decisive boxes, `topk_hit_rate` (share of test ROIs whose K selected
+`masked_accuracy` (test accuracy with `mask_fraction` of the selected regions blanked, the paper's Table 7
+probe; `model.n_masked` rounds the count half up), `masked_share` (the share actually blanked, mean over
+the test ROIs: 1.0 at K ≤ 2 for 75%) and, where the manifest has the decisive boxes, `topk_hit_rate` (share of test ROIs whose K selected
 regions include one that overlaps the box) and `topk_hit_chance` (its expectation under a uniform choice of
 K of the N regions). Cost rows (variant `cost`, seed −1, one per `cost_sides` ROI side in `roi_px`):
 `gflops_scorenet` (scorer on the thumbnail + local encoder on K regions + mixer) and `gflops_all_regions`
@@ -45,7 +46,13 @@ from torch.nn import functional as F
 
 from histodistill.bench import BenchmarkError
 from histodistill.bench.scorenet.data import BOX, read_manifest
-from histodistill.bench.scorenet.model import LocalEncoder, PaperLocalViT, ScoreNet, ScoreNetModelConfig
+from histodistill.bench.scorenet.model import (
+    LocalEncoder,
+    PaperLocalViT,
+    ScoreNet,
+    ScoreNetModelConfig,
+    n_masked,
+)
 from histodistill.bench.scorenet.scoremix import MIXES, cutmix, no_mix, scoremix
 
 log = logging.getLogger(__name__)
@@ -479,6 +486,9 @@ def run(
                         net, rois, test, device, config.mask_fraction, run_seed, cache=cache
                     )
                     metrics["masked_accuracy"] = float((preds == rois.labels[test]).mean())
+                    metrics["masked_share"] = float(
+                        np.mean([n_masked(len(s), config.mask_fraction) / len(s) for s in selected])
+                    )
                 rows += [(model, variant, run_seed, -1, -1, k, v) for k, v in metrics.items()]
                 if variant == "scorenet" and run_seed == config.seeds[0] + seed:
                     rows += selection_rows(net, rois, test[:N_SHOWN], device, model, run_seed, cache)

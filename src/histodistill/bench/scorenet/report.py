@@ -72,7 +72,8 @@ def _section(summary: pd.DataFrame, models: Sequence[str], figs: Sequence[Figure
         "scorer_only: the scorer's low-resolution global token alone (the paper's 'glorified low-resolution "
         "ViT' check). topk_hit_rate: share of test ROIs whose K regions include the decisive pattern "
         "(topk_hit_chance: the same for K random regions). masked_accuracy: 75% of the selected regions "
-        "dropped at test time (the paper's Table 7 probe)."
+        "blanked at test time (the paper's Table 7 probe; masked_share: the share actually blanked, since the "
+        "count rounds half up: all of them at K ≤ 2)."
     )
     pictures = "".join(page.figure(f.png, f.name, f.caption) for f in figs)
     body = pictures + body
