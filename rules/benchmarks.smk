@@ -205,18 +205,20 @@ rule score_slide:
 if SEGMENTATION_TASKS:
     ENABLED_BENCHMARKS.append("segmentation")
 
-if config["demo"]["enabled"] and SEGMENTATION["demo"]:
+if config["demo"]["enabled"] and DEMO_MASK_COHORTS:  # the segmentation demo's, mask-paired runs' (common.smk)
 
     rule demo_mask:
         output:
-            f"{RESULTS}/masks/{SEGMENTATION['demo']}/{{slide}}.tiff",
+            f"{RESULTS}/masks/{{cohort}}/{{slide}}.tiff",
+        wildcard_constraints:
+            cohort="|".join(re.escape(c) for c in DEMO_MASK_COHORTS),
         params:
             seed=config["seed"],
             width_px=config["demo"]["width_px"],
             height_px=config["demo"]["height_px"],
             mpp=config["demo"]["mpp"],
         log:
-            "logs/demo_mask/{slide}.log",
+            "logs/demo_mask/{cohort}/{slide}.log",
         threads: threads_for("demo_mask")
         resources:
             **resources_for("demo_mask"),
@@ -224,6 +226,9 @@ if config["demo"]["enabled"] and SEGMENTATION["demo"]:
             "../envs/wsi.yaml"
         script:
             "../workflow_scripts/demo_mask.py"
+
+
+if config["demo"]["enabled"] and SEGMENTATION["demo"]:
 
     rule segmentation_demo:
         input:

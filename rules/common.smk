@@ -2,6 +2,7 @@
 # config, and each stage's path and settings functions. Only functions and settings live here, the other
 # .smk files hold only rules, so none of them depends on another's definitions or on the include order.
 import gc
+import re
 from pathlib import Path
 
 # Parse-time imports stay light (nothing heavier than pandas: no torch, SimpleITK, zarr, h5py, scipy,
@@ -189,7 +190,39 @@ def run_settings(run):
     if pairing.get("source") == "registered" and distill_run(run)["cohort"] == "plism":
         # honest splits: the held-out tissues that score_plism scores never train (histodistill.holdout)
         settings["pairing"] = {"tissue_holdout": config["plism"]["tissue_holdout"], **pairing}
+    if pairing.get("source") == "mask":
+        settings["pairing"] = {**pairing, "mask_dir": mask_store(run)}
     return settings
+
+
+def mask_store(run):
+    """A mask-paired run's mask store (distill.pairs.read_mask_tile): its `pairing.mask_dir`, else the
+    demo's `results/masks/{cohort}` (rule demo_mask writes it). None for other runs."""
+    pairing = distill_run(run).get("pairing") or {}
+    if pairing.get("source") != "mask":
+        return None
+    return pairing.get("mask_dir") or f"{RESULTS}/masks/{distill_run(run)['cohort']}"
+
+
+def distill_masks(run):
+    """The mask files a run reads, one `{mask store}/{slide_id}.tiff` per slide of its cohort (rule
+    distill's input, so the masks are made first and a changed mask reruns the student); [] unpaired."""
+    if mask_store(run) is None:
+        return []
+    slides = SAMPLES.loc[SAMPLES["cohort"] == distill_run(run)["cohort"], "slide_id"]
+    return [f"{mask_store(run)}/{s}.tiff" for s in slides]
+
+
+# Cohorts whose masks the demo generator writes (by rule demo_mask), the segmentation demo's and those of
+# mask-paired runs that use the default store.
+DEMO_MASK_COHORTS = sorted(
+    {
+        distill_run(r)["cohort"]
+        for r in config["distill"]["runs"]
+        if mask_store(r) == f"{RESULTS}/masks/{distill_run(r)['cohort']}"
+    }
+    | ({config["benchmarks"]["segmentation"]["demo"]} - {None, False})
+)
 
 
 def paired_report_runs():

@@ -37,6 +37,7 @@ rule distill_resume:
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
         heads=lambda w: teacher_heads_file(w.run),
         teacher_weights=model_weights(config["teacher"]["model"]) or [],
+        masks=lambda w: distill_masks(w.run),  # a mask-paired run's mask store (pairing.source: mask)
     output:
         resume=directory(f"{RESULTS}/students/{{run}}/resume"),
     params:
@@ -56,6 +57,7 @@ rule distill:
         cache=lambda w: f"{RESULTS}/teacher/{config['teacher']['model']}/{distill_run(w.run)['cohort']}.zarr",
         heads=lambda w: teacher_heads_file(w.run),
         teacher_weights=model_weights(config["teacher"]["model"]) or [],  # loaded by teacher_mode: online
+        masks=lambda w: distill_masks(w.run),  # a mask-paired run's mask files, read per tile (distill.pairs)
         resume=f"{RESULTS}/students/{{run}}/resume",  # its mtime is its .snakemake_timestamp: checkpoints do not count
     output:
         student=f"{RESULTS}/students/{{run}}/student.safetensors",

@@ -1,0 +1,67 @@
+"""configs/paired.yaml's mask pairing is wired (issue 15): a dry run of the mask run's student plans rule
+demo_mask for every demo slide, and the mask run's distill job lists the mask store's files among its
+inputs (so the masks are made first, and a changed mask reruns the student); a run of another pairing
+lists none."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _jobs(stdout: str) -> list[dict[str, str]]:
+    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "wildcards": ...} per job (a job
+    is a `rule <name>:` line and the indented `key: value` lines under it)."""
+    jobs: list[dict[str, str]] = []
+    for line in stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            jobs.append({"rule": line.split()[-1].rstrip(":")})
+        elif jobs and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            jobs[-1].setdefault(key, value)
+    return jobs
+
+
+def test_the_mask_run_of_paired_yaml_reads_the_demo_mask_store(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    students = [
+        f"results/students/{run}/student.safetensors"
+        for run in ("mask-asym-separate", "context-asym-separate")
+    ]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "-n",
+            "--cores",
+            "1",
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            str(tmp_path / "configs" / "paired.yaml"),
+            "--",
+            *students,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    jobs = _jobs(run.stdout)
+    masks = [f"results/masks/demo/demo_0{i}.tiff" for i in range(3)]  # configs/demo_samples.tsv's slides
+    made = sorted(j["wildcards"] for j in jobs if j["rule"] == "demo_mask")
+    assert made == [f"cohort=demo, slide=demo_0{i}" for i in range(3)]
+    distill = {j["wildcards"]: j["input"].split(", ") for j in jobs if j["rule"] == "distill"}
+    assert set(distill) == {"run=mask-asym-separate", "run=context-asym-separate"}
+    assert set(masks) <= set(distill["run=mask-asym-separate"])
+    assert not any("results/masks/" in path for path in distill["run=context-asym-separate"])
