@@ -46,8 +46,8 @@ if config["demo"]["enabled"] and HEST["demo"]:
             seed=config["seed"],
             n_slides=HEST["demo_slides"],
             crops_per_slide=HEST["demo_crops_per_slide"],
-            width_px=config["demo"]["width_px"],
-            height_px=config["demo"]["height_px"],
+            width_px=HEST["demo_width_px"],
+            height_px=HEST["demo_height_px"],
         log:
             "logs/hest_demo/{task}.log",
         conda:

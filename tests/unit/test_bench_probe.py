@@ -396,6 +396,46 @@ def test_run_scores_every_task_and_writes_provenance(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
+def test_run_scores_each_cross_validation_fold_and_the_summary_is_their_mean(tmp_path):
+    x, y, split = blobs()
+    store = tmp_path / "emb.zarr"
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    root.create_array("embeddings", data=x.astype(np.float32))
+    root.attrs.update({"complete": True, "provenance": {"config_hash": "abc"}})
+    # fold 1 swaps the roles of val and test
+    other = np.array([{"val": "test", "test": "val"}.get(s, s) for s in split], dtype=object)
+    rows = [f"{i},{y[i]},{s},{f}" for f, sp in enumerate((split, other)) for i, s in enumerate(sp)]
+    manifest = _manifest(tmp_path, rows, "tile_index,label,split,fold")
+    tasks = {"blobs": {"dataset": "d", "manifest": str(manifest), "level": "tile"}}
+    got = run(tasks, [store], tmp_path / "probe.parquet", model="m", methods=["knn", "logreg"], knn_ks=[1, 5])
+    knn = KnnConfig(ks=(1, 5))
+    x32 = x.astype(np.float32)
+    folds = [run_probe(x32, y, sp, "blobs", ["knn", "logreg"], knn=knn) for sp in (split, other)]
+    pd.testing.assert_frame_equal(got, pd.concat(folds, ignore_index=True))
+    summary = summarize(got).set_index(["method", "metric"])
+    for method in ("knn", "logreg"):
+        per_fold = [f[(f.method == method) & (f.metric == "balanced_accuracy")].value.item() for f in folds]
+        assert summary.loc[(method, "balanced_accuracy"), "mean"] == pytest.approx(np.mean(per_fold))
+        assert summary.loc[(method, "balanced_accuracy"), "n"] == 2
+
+
+def test_manifest_folds_are_validated_one_by_one(tmp_path):
+    header = "tile_index,label,split,fold"
+    m = load_manifest(
+        _manifest(tmp_path, ["0,a,train,0", "1,b,train,0", "0,b,train,1", "1,a,train,1"], header)
+    )
+    assert [(f, part.label.tolist()) for f, part in m.folds()] == [(0, ["a", "b"]), (1, ["b", "a"])]
+    assert load_manifest(_manifest(tmp_path, ["0,a,train", "1,b,train"])).folds()[0][0] is None
+    with pytest.raises(BenchmarkError, match="line 4 repeats tile_index 0 in fold 1"):
+        load_manifest(_manifest(tmp_path, ["0,a,train,1", "1,b,train,1", "0,b,train,1"], header))
+    with pytest.raises(BenchmarkError, match="line 3 has fold 'x', not an integer"):
+        load_manifest(_manifest(tmp_path, ["0,a,train,0", "1,b,train,x"], header))
+    with pytest.raises(BenchmarkError, match="fold 1: the training split has a single class"):
+        load_manifest(
+            _manifest(tmp_path, ["0,a,train,0", "1,b,train,0", "0,a,train,1", "1,a,train,1"], header)
+        )
+
+
 # ----------------------------------------------------------------------------------------- at chance
 
 

@@ -152,6 +152,8 @@ SOURCES: dict[str, tuple] = {
     "benchmarks.segmentation.patience": (segmentation_run, "patience"),
     "benchmarks.hest.demo_slides": (make_latent_hest_task, "n_slides"),
     "benchmarks.hest.demo_crops_per_slide": (make_latent_hest_task, "crops_per_slide"),
+    "benchmarks.hest.demo_width_px": (make_latent_hest_task, "width_px"),
+    "benchmarks.hest.demo_height_px": (make_latent_hest_task, "height_px"),
     "benchmarks.hest.latent_dim": (score_task, "latent_dim"),
     "benchmarks.hest.seed": (score_task, "seed"),
     "benchmarks.probe.methods": (run_probe, "methods"),

@@ -89,22 +89,33 @@ def test_latent_hest_task_spots_are_the_crops_with_whole_slides_per_sample(laten
     assert [f.test for f in task.folds] == [("DEMO0",), ("DEMO1",)]  # a fold tests whole slides
 
 
-def test_latent_probe_labels_the_packed_crops_by_latent_tercile_split_by_slide(latent_task, tmp_path):
+def test_latent_probe_labels_the_packed_crops_by_latent_tercile_in_folds_over_slides(latent_task, tmp_path):
     task_dir, store, crops = latent_task
     frame = make_latent_probe(task_dir, store, tmp_path / "probe.csv")
     index = TileStore(store).index
     assert index["slide_id"].iloc[0] == "DEMO1"  # load_task's sample order, not the latent table's
     latents = pd.read_parquet(task_dir / LATENTS_FILE).set_index(["sample_id", "row"])
     latents = latents.loc[pd.MultiIndex.from_arrays([index["slide_id"], index["tile_id"]])]
-    assert len(frame) == 12 and frame["tile_index"].tolist() == list(range(12))
-    assert (frame["split"].to_numpy() == np.array(["train", "val", "test"])[latents["slide"] % 3]).all()
-    train = (frame["split"] == "train").to_numpy()
-    cuts = np.quantile(latents["nuclei"][train], [1 / 3, 2 / 3])  # cut on the training slide only
-    expected = np.array(["sparse", "medium", "dense"])[np.searchsorted(cuts, latents["nuclei"], side="right")]
-    assert frame["label"].tolist() == expected.tolist()
+    slide = latents["slide"].to_numpy()
+    assert len(frame) == 3 * 12 and frame["fold"].tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    tested = []
+    for fold, rows in frame.groupby("fold"):
+        assert rows["tile_index"].tolist() == list(range(12))
+        # slides 0, 1, 2: train, val, test in fold 0; test, train, val in fold 1; val, test, train in fold 2
+        expected_split = np.array(["train", "val", "test"])[(slide - fold) % 3]
+        assert rows["split"].tolist() == expected_split.tolist()
+        train = expected_split == "train"
+        cuts = np.quantile(latents["nuclei"][train], [1 / 3, 2 / 3])  # cut on this fold's training slide only
+        expected = np.array(["sparse", "medium", "dense"])[
+            np.searchsorted(cuts, latents["nuclei"], side="right")
+        ]
+        assert rows["label"].tolist() == expected.tolist()
+        tested += sorted(set(slide[expected_split == "test"]))
+    assert tested == [2, 0, 1]  # every slide tested once
     np.testing.assert_array_equal(TileStore(store).read(0, 12), _packed_pixels(task_dir, index))
     manifest = load_manifest(tmp_path / "probe.csv", n_tiles=12)
-    assert len(manifest) == 12
+    assert len(manifest) == 36 and [f for f, _ in manifest.folds()] == [0, 1, 2]
+    assert [len(part) for _, part in manifest.folds()] == [12, 12, 12]
 
 
 def _packed_pixels(task_dir, index):

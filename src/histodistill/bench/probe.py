@@ -347,9 +347,27 @@ class Manifest:
     split: np.ndarray
     slide_id: np.ndarray | None = None
     path: Path | None = None
+    fold: np.ndarray | None = None  # int [N]: cross-validation fold of each row (None: one split)
 
     def __len__(self) -> int:
         return len(self.tile_index)
+
+    def folds(self) -> list[tuple[int | None, Manifest]]:
+        """(fold, its rows as a manifest without folds) per fold in ascending order; [(None, self)] when the
+        manifest has no `fold` column."""
+        if self.fold is None:
+            return [(None, self)]
+        out = []
+        for f in np.unique(self.fold):
+            rows = self.fold == f
+            slide_id = None if self.slide_id is None else self.slide_id[rows]
+            out.append(
+                (
+                    int(f),
+                    Manifest(self.tile_index[rows], self.label[rows], self.split[rows], slide_id, self.path),
+                )
+            )
+        return out
 
     def select(self, embeddings: np.ndarray) -> np.ndarray:
         """The manifest's rows of an [N, D] embedding array, in manifest order."""
@@ -365,9 +383,13 @@ class Manifest:
 
 
 def load_manifest(path: str | Path, n_tiles: int | None = None, classes: Sequence | None = None) -> Manifest:
-    """Read and validate a manifest CSV (or Parquet): tile_index, label, split[, slide_id].
+    """Read and validate a manifest CSV (or Parquet): tile_index, label, split[, slide_id][, fold].
 
-    Labels and slide ids are read as strings. Rows are named by their CSV line in errors.
+    Labels and slide ids are read as strings. Rows are named by their CSV line in errors. With a `fold`
+    column (integer ≥ 0) the manifest holds k cross-validation folds, each a complete manifest of its own
+    (a tile once per fold at most, its own splits and labels, every fold validated as a manifest is):
+    `run` scores every fold and the scores are the mean over folds and runs (e.g. the demo probe,
+    `demo.tasks.make_latent_probe`). Raises BenchmarkError naming the path and line of a bad row.
     """
     path = Path(path)
     if not path.is_file():
@@ -393,9 +415,21 @@ def load_manifest(path: str | Path, n_tiles: int | None = None, classes: Sequenc
             f"{where}: {names[i]} has tile_index {df['tile_index'].iloc[i]!r}, not an integer ≥ 0"
         )
     tile_index = index.to_numpy().astype(np.int64)
-    dup = np.flatnonzero(pd.Series(tile_index).duplicated().to_numpy())
+    fold = None
+    if "fold" in df.columns:
+        values = pd.to_numeric(df["fold"], errors="coerce")
+        bad = np.flatnonzero(
+            values.isna().to_numpy() | (values.to_numpy() % 1 != 0) | (values.to_numpy() < 0)
+        )
+        if bad.size:
+            i = bad[0]
+            raise BenchmarkError(f"{where}: {names[i]} has fold {df['fold'].iloc[i]!r}, not an integer ≥ 0")
+        fold = values.to_numpy().astype(np.int64)
+    keys = pd.DataFrame({"fold": 0 if fold is None else fold, "tile_index": tile_index})
+    dup = np.flatnonzero(keys.duplicated().to_numpy())  # a tile once per fold
     if dup.size:
-        raise BenchmarkError(f"{where}: {names[dup[0]]} repeats tile_index {tile_index[dup[0]]}")
+        in_fold = "" if fold is None else f" in fold {fold[dup[0]]}"
+        raise BenchmarkError(f"{where}: {names[dup[0]]} repeats tile_index {tile_index[dup[0]]}{in_fold}")
     if n_tiles is not None and tile_index.max() >= n_tiles:
         i = int(np.argmax(tile_index))
         raise BenchmarkError(
@@ -403,15 +437,20 @@ def load_manifest(path: str | Path, n_tiles: int | None = None, classes: Sequenc
         )
     label = df["label"].astype(object).to_numpy()
     split = df["split"].astype(object).to_numpy()
-    validate_split(label, split, classes=classes, where=where, row_names=names)
     slide_id = None
     if "slide_id" in df.columns:
         slide_id = df["slide_id"].astype(object).to_numpy()
         empty = [i for i, s in enumerate(slide_id) if _is_missing(s)]
         if empty:
             raise BenchmarkError(f"{where}: {names[empty[0]]} has no slide_id")
-        _slide_groups(label, split, slide_id, where)
-    return Manifest(tile_index, label, split, slide_id, path)
+    manifest = Manifest(tile_index, label, split, slide_id, path, fold)
+    for f, part in manifest.folds():
+        rows = np.arange(len(df)) if fold is None else np.flatnonzero(fold == f)
+        at = where if f is None else f"{where}, fold {f}"
+        validate_split(part.label, part.split, classes=classes, where=at, row_names=[names[i] for i in rows])
+        if part.slide_id is not None:
+            _slide_groups(part.label, part.split, part.slide_id, at)
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -1023,9 +1062,11 @@ def run(
     order. Tile-level tasks run `methods` (`run_probe`); slide-level tasks run ABMIL on each slide's tiles
     (`run_abmil`, with the linear probe's seeds). `linear` overrides `LinearProbeConfig` fields, `knn_ks`
     the k-NN candidates. A task may name its EVA settings (`eva`: bach, crc, mhist or pcam; `EVA_LINEAR`),
-    which then replace `linear` for it, and override single settings (`linear`, a mapping of fields). Returns the rows (task, method, seed, metric, value) of every task. Raises
-    BenchmarkError when the lists differ in length, a manifest does not fit its embeddings, or a slide-level
-    task's manifest lacks a `slide_id` column.
+    which then replace `linear` for it, and override single settings (`linear`, a mapping of fields). A
+    manifest with cross-validation folds (`load_manifest`) is scored fold by fold, its rows concatenated, so
+    a task's summary is the mean over folds and runs. Returns the rows (task, method, seed, metric, value)
+    of every task. Raises BenchmarkError when the lists differ in length, a manifest does not fit its
+    embeddings, or a slide-level task's manifest lacks a `slide_id` column.
     """
     from histodistill.bench import write_scores
     from histodistill.embed import EmbeddingStore
@@ -1038,20 +1079,23 @@ def run(
     frames = []
     for (name, task), emb_path in zip(tasks.items(), embedding_stores, strict=True):
         embeddings = EmbeddingStore(emb_path).embeddings
-        manifest = load_manifest(task["manifest"], n_tiles=len(embeddings))
-        x = manifest.select(embeddings)
-        if task["level"] == "slide":
-            if manifest.slide_id is None:
-                raise BenchmarkError(
-                    f"probe task {name}: level slide needs a slide_id column in {task['manifest']}"
-                )
-            abmil = replace(AbmilConfig(), seeds=linear_cfg.seeds)
-            frames.append(run_abmil(x, manifest.label, manifest.split, manifest.slide_id, name, abmil))
-        else:
-            task_cfg = linear_config(linear_cfg, task.get("eva"), task.get("linear"))
-            frames.append(
-                run_probe(x, manifest.label, manifest.split, name, methods, linear=task_cfg, knn=knn)
+        full = load_manifest(task["manifest"], n_tiles=len(embeddings))
+        if task["level"] == "slide" and full.slide_id is None:
+            raise BenchmarkError(
+                f"probe task {name}: level slide needs a slide_id column in {task['manifest']}"
             )
+        for fold, manifest in full.folds():  # cross-validation folds: rows of every fold, mean over them
+            if fold is not None:
+                log.info("probe task %s: fold %d", name, fold)
+            x = manifest.select(embeddings)
+            if task["level"] == "slide":
+                abmil = replace(AbmilConfig(), seeds=linear_cfg.seeds)
+                frames.append(run_abmil(x, manifest.label, manifest.split, manifest.slide_id, name, abmil))
+            else:
+                task_cfg = linear_config(linear_cfg, task.get("eva"), task.get("linear"))
+                frames.append(
+                    run_probe(x, manifest.label, manifest.split, name, methods, linear=task_cfg, knn=knn)
+                )
     rows = pd.concat(frames, ignore_index=True)
     params = {"tasks": dict(tasks), "methods": list(methods), "linear": dict(linear or {}), "knn_ks": knn_ks}
     write_scores(rows, out, provenance(params, benchmark="probe", model=model))
