@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import logging
 import statistics
 import time
@@ -275,6 +276,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step of each kind")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--skip-distill", action="store_true", help="only the heads step")
+    parser.add_argument("--account-only", action="store_true", help="only the analytic account")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,6 +316,8 @@ def main() -> None:
         tr = traffic(paper, version, paper.heads_tiles * 2 * paper.heads_patches, th, th)
         print(f"  memory traffic, {version}: {sum(tr.values()) / 1e9:.1f} GB")
 
+    if args.account_only:
+        return
     # the reduced step: the real code, its FLOPs counted, timed
     red = Shapes(
         tiles=args.batch_size,
@@ -323,6 +327,7 @@ def main() -> None:
     )
     r_distill, r_heads = account(red, backbone)
     del backbone
+    gc.collect()
     print(
         f"\nreduced: {args.batch_size} tiles (distillation), {args.heads_batch_size} tiles (heads), device {device}"
     )
@@ -335,6 +340,7 @@ def main() -> None:
     if args.profile:
         profile(ht.step, hb, device, f"heads step, {args.heads_batch_size} tiles", args.top)
     del ht
+    gc.collect()  # its heads and optimiser state (≈ 2 GB at 131,072 prototypes) before the student's
     results = {"heads": ht_times}
     if not args.skip_distill:
         cfg = DistillConfig(
