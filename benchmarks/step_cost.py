@@ -18,7 +18,12 @@ which dominate it at K = 131,072: each elementwise op reads its inputs and write
 bound: softmax reads its input twice or three times on a GPU); `N_K_PASSES` lists them per version of the
 code, from reading it. Parameter traffic (AdamW, clipping, EMA) is counted as 4 bytes per read or write.
 
-    python benchmarks/step_cost.py                      # account + a reduced CPU step (8 tiles)
+Memory: the real widths at K = 131,072 hold ~200 M head parameters with their optimiser state, so the reduced
+distillation step needs about 9 GB (4 tiles), the heads step alone (`--skip-distill`, 16 tiles) 4.6 GB
+(peak resident memory, measured).
+
+    python benchmarks/step_cost.py --account-only       # the analytic account only (seconds)
+    python benchmarks/step_cost.py --batch-size 4 --heads-batch-size 16   # + the reduced CPU steps
     python benchmarks/step_cost.py --profile --steps 3  # + the top ops of one step of each kind
 """
 
@@ -269,8 +274,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--student", default="h0_mini")
-    parser.add_argument("--batch-size", type=int, default=8, help="tiles of the reduced distillation step")
-    parser.add_argument("--heads-batch-size", type=int, default=64, help="tiles of the reduced heads step")
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles of the reduced distillation step")
+    parser.add_argument("--heads-batch-size", type=int, default=16, help="tiles of the reduced heads step")
     parser.add_argument("--prototypes", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step of each kind")
