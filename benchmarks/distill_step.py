@@ -29,6 +29,12 @@ Timing: after a warm-up step per mode, `--repeats` rounds, each running `--steps
 (d)/(b) ≤ 0.05 (the heads stage costs at most 5% of a distillation step).
 On a GPU: python benchmarks/distill_step.py --teacher h_optimus_0 --student h0_mini --teacher-weights W
     --batch-size 64 --prototypes 131072 --heads-batch-size 1024
+`--profile`: after the timing, one more step of each mode (and of the heads stage) under torch.profiler (CPU,
+and CUDA when present): the step's time by phase (the `distill.<phase>` / `heads.<phase>` labels of
+`Trainer.step` and `HeadsTrainer.step`: teacher output, student forward, teacher targets, losses, backward,
+optimizer, EMA, monitors) and its top `--profile-top` ops by self device time, so one GPU run says what
+fills the cached step and what the online teacher adds ((c)/(b)). benchmarks/step_cost.py gives the FLOP
+and memory-traffic account to read them against.
 """
 
 from __future__ import annotations
@@ -123,6 +129,18 @@ class Mode:
         )
         self.batches = iter(loader)
 
+    def profile(self, top: int) -> None:
+        """One step (its batch fetched first) under torch.profiler; prints its phases and top ops."""
+        batch = next(self.batches)
+        print_profile(
+            lambda: self.trainer.step(batch),
+            self.trainer.device,
+            f"({LETTER[self.mode]}) {self.mode}",
+            "distill.",
+            top,
+        )
+        self.trainer.iteration += 1
+
     def run(self, steps: int, timed: bool = True) -> None:
         for _ in range(steps):
             start = time.perf_counter()
@@ -135,6 +153,50 @@ class Mode:
                 self.times.append(time.perf_counter() - start)
                 self.waits.append(waited)
             self.trainer.iteration += 1
+
+
+def print_profile(step, device: torch.device, title: str, phase_prefix: str, top: int) -> None:
+    """Run `step()` once under torch.profiler (CPU, and CUDA when present); print the time per phase (the
+    record_function labels starting with `phase_prefix`) and the `top` ops by self time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    dev = "device" if cuda else "cpu"
+
+    def dev_total(e) -> float:  # µs: on the GPU for CUDA runs, else on the CPU
+        return (
+            getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) if cuda else e.cpu_time_total
+        )
+
+    def dev_self(e) -> float:
+        if cuda:
+            return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+        return e.self_cpu_time_total
+
+    print(f"\n-- profile of one step: {title} ({wall:.3f} s wall under the profiler) --")
+    phases = sorted((e for e in events if e.key.startswith(phase_prefix)), key=dev_total, reverse=True)
+    for e in phases:
+        print(
+            f"  phase {e.key:<28} {dev} {dev_total(e) / 1e3:9.1f} ms   cpu {e.cpu_time_total / 1e3:9.1f} ms"
+        )
+    total_self = sum(dev_self(e) for e in events if not e.key.startswith(phase_prefix)) or 1.0
+    print(f"  top {top} ops by self {dev} time (of {total_self / 1e3:.1f} ms):")
+    ops = sorted((e for e in events if not e.key.startswith(phase_prefix)), key=dev_self, reverse=True)
+    for e in ops[:top]:
+        print(
+            f"    {e.key[:56]:<56} {dev_self(e) / 1e3:9.1f} ms {100 * dev_self(e) / total_self:5.1f} %  "
+            f"({e.count} calls)"
+        )
 
 
 def make_matched_store(store_path: Path, out: Path) -> Path:
@@ -172,9 +234,12 @@ def make_matched_store(store_path: Path, out: Path) -> Path:
     return out
 
 
-def time_heads(cache: Path, cfg: HeadsConfig, batch_tiles: int, steps: int) -> tuple[list[float], int]:
+def time_heads(
+    cache: Path, cfg: HeadsConfig, batch_tiles: int, steps: int, profile_top: int = 0
+) -> tuple[list[float], int]:
     """Seconds per step of the teacher-heads stage on batches of `batch_tiles` tiles read beforehand
-    (the stage's cache items concatenated up to that size); returns (times, tiles per batch)."""
+    (the stage's cache items concatenated up to that size); returns (times, tiles per batch). With
+    `profile_top`, one more step is profiled (`print_profile`)."""
     trainer = HeadsTrainer(cfg, cache, device="auto")
     batches, k = [], 0
     for _ in range(steps + 1):
@@ -194,6 +259,14 @@ def time_heads(cache: Path, cfg: HeadsConfig, batch_tiles: int, steps: int) -> t
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         trainer.iteration += 1
+    if profile_top:
+        print_profile(
+            lambda: trainer.step(batches[-1]),
+            trainer.device,
+            f"(d) heads, {batch_tiles} tiles",
+            "heads.",
+            profile_top,
+        )
     return times, int(batches[1]["cls"].shape[1])
 
 
@@ -216,6 +289,10 @@ def main() -> None:
         default=["student_only", "cached", "online", "paired"],
         help="distillation modes to time",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one more step per mode: phases and top ops"
+    )
+    parser.add_argument("--profile-top", type=int, default=12, help="ops listed per profiled step")
     parser.add_argument("--pairing", default="registered", choices=["registered", "context", "downsample"])
     parser.add_argument(
         "--workers", type=int, default=1, help="DataLoader workers per mode (a GPU needs several to be fed)"
@@ -265,7 +342,11 @@ def main() -> None:
             n_prototypes=args.prototypes, ibot_patches=args.ibot_patches, read_windows=1, num_workers=0
         )
         heads_times, heads_batch = time_heads(
-            tmp / "cache.zarr", heads_cfg, args.heads_batch_size, args.steps * args.repeats
+            tmp / "cache.zarr",
+            heads_cfg,
+            args.heads_batch_size,
+            args.steps * args.repeats,
+            args.profile_top if args.profile else 0,
         )
         modes = [
             Mode(
@@ -290,6 +371,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for m in modes:
                 m.run(args.steps)
+        if args.profile:
+            for m in modes:
+                m.profile(args.profile_top)
         device, amp = modes[0].trainer.device, modes[0].trainer.amp
     ratio = gflops(args.teacher) / gflops(args.student)
     print(

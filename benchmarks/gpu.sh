@@ -44,8 +44,8 @@ run() {  # run NAME SECONDS CMD...: one benchmark, its log, its exit status
     echo "== $name: exit $? in $((SECONDS - start)) s" | tee -a "$out/gpu.log"
     tail -n 15 "$out/$name.log"
 }
-run distill_step 300 python benchmarks/distill_step.py --teacher "$teacher" --student "$student" \
+run distill_step 330 python benchmarks/distill_step.py --teacher "$teacher" --student "$student" \
     --teacher-weights "$weights" --batch-size "$batch" --prototypes "$protos" --heads-batch-size "$heads_batch" \
-    --steps "$steps" --repeats "$repeats" --workers "$workers" --modes student_only cached online
+    --steps "$steps" --repeats "$repeats" --workers "$workers" --modes student_only cached online --profile
 run scorenet 75 python benchmarks/scorenet.py "${scorenet_args[@]}"
 run distill_input 120 python benchmarks/distill_input.py "${input_args[@]}"

@@ -53,7 +53,7 @@ def test_dino_ibot_losses_are_the_formulas_by_hand():
     targets = obj.teacher_targets(teacher, step)
     losses = obj.losses(student, targets, step)
     assert list(losses) == ["dino", "ibot", "total"]
-    assert not targets.dino_probs.requires_grad and not targets.ibot_logits.requires_grad  # frozen heads
+    assert not targets.dino_probs.requires_grad and not targets.ibot_probs.requires_grad  # frozen heads
 
     with torch.no_grad():
         t_dino = obj.teacher_heads["dino"](teacher.cls.reshape(2 * B, DT))
@@ -167,7 +167,7 @@ def test_monitors_are_entropy_effective_prototypes_and_kl_by_hand():
     assert mon["dino_eff_prototypes"] == pytest.approx(torch.exp(-(mean * mean.log()).sum()).item(), rel=1e-5)
     assert mon["dino_kl"] == pytest.approx(torch.stack(kls).mean().item(), rel=1e-4, abs=1e-6)
     with torch.no_grad():
-        u = targets.ibot_logits.double()
+        u = obj.teacher_heads["ibot"](teacher.patch.reshape(-1, DT)).double()
         ti = torch.softmax((u - targets.ibot_center.double()) / 0.05, -1)
         si = obj.student_heads["ibot"](student.patch.reshape(-1, D)).double()
         kl_i = (ti * (ti.log() - torch.log_softmax(si / 0.1, -1))).sum(-1).mean()

@@ -43,8 +43,14 @@ class SoftmaxCenter(nn.Module):
     def update(self, teacher_logits: torch.Tensor) -> None:
         """c ← m·c + (1 − m)·mean of `teacher_logits` [..., K] over all rows of all processes."""
         flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
-        total = _all_reduce_sum(flat.sum(dim=0, keepdim=True))
-        count = _all_reduce_sum(torch.tensor([float(flat.shape[0])], device=flat.device))
+        self.update_from_sum(flat.sum(dim=0, keepdim=True), flat.shape[0])
+
+    @torch.no_grad()
+    def update_from_sum(self, logit_sum: torch.Tensor, n_rows: int) -> None:
+        """`update` from this process's column sum of the logits [1, K] (float32) over `n_rows` rows, for
+        callers that take the sum before the logits are overwritten (`losses.softmax_targets_`)."""
+        total = _all_reduce_sum(logit_sum.float().reshape(1, -1).clone())
+        count = _all_reduce_sum(torch.tensor([float(n_rows)], device=logit_sum.device))
         batch_center = (total / count).to(self.center.device)
         self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
 

@@ -5,7 +5,8 @@ H(t, s) = −Σ_k t_k log softmax(s / τ_s)_k, with t the teacher's target distr
   crops against every teacher global crop), averaged over pairs; for two globals that is
   (H(t1, s2) + H(t2, s1)) / 2. `dino_pair_weight` converts that mean to DINOv2's normalisation.
 - iBOT: mean over all patch tokens of both global crops of H(t_jp, s_jp) (no masking), computed in chunks
-  by a custom autograd function so no dense [N, K] probability tensor is ever kept for backward.
+  by a custom autograd function that computes the gradient with the loss (one pass) and keeps only it;
+  the teacher's targets t are made once per step, in place of its logits (`softmax_targets_`).
 - feature: cosine + smooth-L1 between teacher tokens and the student's tokens through a linear adapter.
 - VICReg (Bardes et al. 2022; facebookresearch/vicreg, main_vicreg.py `VICReg.forward`): invariance (MSE),
   variance (hinge on the per-dimension std) and covariance (squared off-diagonal covariances / D) terms.
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from histodistill.distill.monitors import entropy
 from histodistill.errors import HistodistillError
 
 
@@ -75,38 +77,83 @@ def dino_pair_weight(normalization: str, n_global: int, n_local: int) -> float:
     return n_pairs / (n_global * (n_global - 1) + max(n_global * n_local, 1))
 
 
-class _ChunkedSoftCE(torch.autograd.Function):
-    """mean_n −Σ_k t_nk log softmax(s_n / τ)_k with t = softmax((u_n − c) / τ_t), chunked over rows.
+@torch.no_grad()
+def softmax_targets_(
+    teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher logits u [N, K] → the targets t = softmax((u − c) / τ_t) row by row, **in place** (the
+    logits' float32 storage holds t afterwards), `chunk` rows at a time, and the collapse monitors' sums
+    of the same pass: (t [N, K], Σ_n H(t_n) (scalar), Σ_n t_n [K]); `center` [1, K] or [K].
 
-    Saves only the inputs; forward and backward recompute each chunk's softmaxes, so peak extra memory is
-    one chunk of [chunk, K], however many patch tokens there are.
+    One pass where the previous code made three (the chunked loss's forward and backward and the monitors'
+    `TargetStats.of_logits` each recomputed the softmax from the logits): the same operations on the same
+    chunks, so the same numbers. DINOv2 also keeps its iBOT targets as probabilities
+    (`SSLMetaArch.get_teacher_output`: `masked_teacher_ibot_softmaxed_centered`). HistodistillError for
+    logits that are not float32 (in place needs the targets' precision).
+    """
+    if teacher_logits.dtype != torch.float32:
+        raise HistodistillError(f"softmax_targets_ needs float32 logits, not {teacher_logits.dtype}")
+    u = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    c = center.reshape(1, -1).to(u.device).float()
+    ent = torch.zeros((), device=u.device)
+    probs_sum = torch.zeros(u.shape[-1], device=u.device)
+    for a in range(0, u.shape[0], chunk):
+        block = u[a : a + chunk]
+        t = torch.softmax(block.sub_(c).div_(teacher_temp), dim=-1)
+        ent += entropy(t).sum()
+        probs_sum += t.sum(0)
+        block.copy_(t)
+    return teacher_logits, ent, probs_sum
+
+
+class _ChunkedSoftCE(torch.autograd.Function):
+    """mean_n −Σ_k t_nk log softmax(s_n / τ)_k for teacher target probabilities t, chunked over rows.
+
+    The gradient (softmax(s / τ) − t) / (τ·N) is computed in the forward pass, in the same chunk as the
+    loss (so the student's softmax is taken once per step, not again in a backward recomputation), and
+    stored in the student logits' dtype in place of them: nothing else is saved, so the student logits
+    are freed once the caller drops them, and peak memory is one [N, K] gradient plus one chunk of
+    temporaries. Without a gradient to compute (no_grad, evaluation) only the loss is. The backward only
+    multiplies the stored gradient by the incoming one; it can run once (no `retain_graph`).
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, center, student_temp, teacher_temp, chunk):
+    def forward(ctx, student_logits, teacher_probs, student_temp, chunk):
         n = student_logits.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        grad = torch.empty_like(student_logits) if ctx.needs_input_grad[0] else None
         for a in range(0, n, chunk):
-            s = student_logits[a : a + chunk].float()
-            t = torch.softmax((teacher_logits[a : a + chunk].float() - center) / teacher_temp, dim=-1)
-            total += -(t * torch.log_softmax(s / student_temp, dim=-1)).sum()
-        ctx.save_for_backward(student_logits, teacher_logits, center)
-        ctx.temps, ctx.chunk = (student_temp, teacher_temp), chunk
+            x = student_logits[a : a + chunk].float() / student_temp
+            t = teacher_probs[a : a + chunk].float()
+            total += -(t * torch.log_softmax(x, dim=-1)).sum()
+            if grad is not None:
+                # d/ds of −Σ t log softmax(s/τ) = (softmax(s/τ) − t) / τ   (t sums to 1)
+                if grad.dtype == torch.float32:  # written in place: no temporary, no copy
+                    torch.sub(torch.softmax(x, dim=-1), t, out=grad[a : a + chunk])
+                    grad[a : a + chunk].div_(student_temp * n)
+                else:
+                    g = (torch.softmax(x, dim=-1) - t) / (student_temp * n)
+                    grad[a : a + chunk] = g.to(grad.dtype)
+        ctx.grad = grad
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
-        student_logits, teacher_logits, center = ctx.saved_tensors
-        student_temp, teacher_temp = ctx.temps
-        n = student_logits.shape[0]
-        grad = torch.empty_like(student_logits)
-        for a in range(0, n, ctx.chunk):
-            s = student_logits[a : a + ctx.chunk].float()
-            t = torch.softmax((teacher_logits[a : a + ctx.chunk].float() - center) / teacher_temp, dim=-1)
-            # d/ds of −Σ t log softmax(s/τ) = (softmax(s/τ) − t) / τ   (t sums to 1)
-            g = (torch.softmax(s / student_temp, dim=-1) - t) / (student_temp * n)
-            grad[a : a + ctx.chunk] = (g * grad_out).to(grad.dtype)
-        return grad, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the chunked iBOT loss keeps its gradient for one backward pass only")
+        return grad.mul_(grad_out), None, None, None
+
+
+def ibot_loss_from_probs(
+    student_patch_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float, chunk: int = 4096
+) -> torch.Tensor:
+    """1/N·Σ_n H(t_n, s_n) over patch-token rows [.., K] (rows flattened) for teacher target probabilities
+    t (from `softmax_targets_`), chunked (`_ChunkedSoftCE`)."""
+    k = student_patch_logits.shape[-1]
+    return _ChunkedSoftCE.apply(
+        student_patch_logits.reshape(-1, k), teacher_probs.detach().reshape(-1, k), student_temp, chunk
+    )
 
 
 def ibot_loss(
@@ -117,16 +164,12 @@ def ibot_loss(
     teacher_temp: float,
     chunk: int = 4096,
 ) -> torch.Tensor:
-    """1/(2P)·Σ_p Σ_j H(t_jp, s_jp) over all patch tokens [.., K] of both global crops (rows flattened)."""
+    """1/(2P)·Σ_p Σ_j H(t_jp, s_jp) over all patch tokens [.., K] of both global crops (rows flattened),
+    t = softmax((u − c) / τ_t) of the teacher logits u (copied, not changed)."""
     k = student_patch_logits.shape[-1]
-    return _ChunkedSoftCE.apply(
-        student_patch_logits.reshape(-1, k),
-        teacher_patch_logits.detach().reshape(-1, k),
-        center.reshape(1, k).to(student_patch_logits.device).float(),
-        student_temp,
-        teacher_temp,
-        chunk,
-    )
+    u = teacher_patch_logits.detach().reshape(-1, k).float().clone()
+    probs = softmax_targets_(u, center.to(u.device), teacher_temp, chunk)[0]
+    return ibot_loss_from_probs(student_patch_logits, probs, student_temp, chunk)
 
 
 class FeatureAdapter(nn.Module):

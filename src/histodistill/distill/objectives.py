@@ -44,8 +44,9 @@ from histodistill.distill.losses import (
     dino_loss,
     dino_pair_weight,
     feature_loss,
-    ibot_loss,
+    ibot_loss_from_probs,
     nt_xent,
+    softmax_targets_,
     vicreg_terms,
 )
 from histodistill.distill.monitors import TargetStats
@@ -225,15 +226,19 @@ def build_teacher_heads(cfg: DistillConfig, teacher_dim: int) -> nn.ModuleDict:
 @dataclass
 class DinoIbotTargets:
     """All detached. dino_probs: [2, B, K] teacher distributions of the two global views. dino_logits:
-    [2B, K] teacher DINO logits (for the centre). ibot_logits: [2B·P, K] teacher iBOT logits, or None when
-    iBOT is off or there are no patch tokens. ibot_center: [1, K] the centre c of this step's iBOT targets
-    softmax((u − c) / τ): the EMA centre under softmax centering, the Sinkhorn-Knopp centre
-    (`centering.sinkhorn_center`) under `centering: sinkhorn`; applied inside the chunked loss."""
+    [2B, K] teacher DINO logits (for the centre). ibot_probs: [2B·P, K] the teacher's iBOT targets
+    softmax((u − c) / τ) (float32, made in place of the logits u by `losses.softmax_targets_`), or None
+    when iBOT is off or there are no patch tokens. ibot_center: [1, K] their centre c: the EMA centre
+    under softmax centering, the Sinkhorn-Knopp centre (`centering.sinkhorn_center`) under `centering:
+    sinkhorn`. ibot_logit_sum: [1, K] the column sum of u (for the EMA centre's update; None under
+    Sinkhorn). ibot_stats: the collapse monitors' sums of the targets, taken in the same pass."""
 
     dino_probs: torch.Tensor
     dino_logits: torch.Tensor
-    ibot_logits: torch.Tensor | None
+    ibot_probs: torch.Tensor | None
     ibot_center: torch.Tensor
+    ibot_logit_sum: torch.Tensor | None = None
+    ibot_stats: TargetStats | None = None
 
 
 class DinoIbot(Objective):
@@ -288,11 +293,21 @@ class DinoIbot(Objective):
         )
 
     def teacher_targets(self, teacher: TeacherTokens, step: StepState) -> DinoIbotTargets:
+        """The DINO targets [2, B, K] and the iBOT targets [2B·P, K] of this step, without gradient.
+
+        The iBOT targets are made once here, in place of the teacher head's logits, with the monitors'
+        sums and (softmax centering) the logits' column sum for the centre in the same pass; the loss,
+        the monitors and `update_state` read them instead of recomputing the softmax from the logits (the
+        previous code took it three times per step). Same numbers: the same operations on the same chunks
+        (tests/unit/test_distill_step_cost.py checks losses, gradients, monitors and centres against it).
+        """
         b = teacher.cls.shape[1]
         use_ibot = teacher.patch is not None and self.ibot_weight > 0
+        t_ibot, logit_sum, stats = None, None, None
         with torch.no_grad():  # no gradient ever reaches a teacher head through its targets
             t_dino = self.teacher_heads["dino"](teacher.cls.flatten(0, 1))  # [2B, K]
-            t_ibot = self.teacher_heads["ibot"](teacher.patch.flatten(0, 2)) if use_ibot else None
+            if use_ibot:
+                t_ibot = self.teacher_heads["ibot"](teacher.patch.flatten(0, 2)).float()  # [2B·P, K]
             if self.centering == "sinkhorn":
                 probs = sinkhorn_knopp(t_dino, step.teacher_temp)
                 ibot_center = (
@@ -303,11 +318,21 @@ class DinoIbot(Objective):
             else:
                 probs = self.centers["dino"].probs(t_dino, step.teacher_temp)
                 ibot_center = self.centers["ibot"].center.clone()
+                if t_ibot is not None:
+                    logit_sum = t_ibot.sum(dim=0, keepdim=True)
+            if t_ibot is not None:
+                n_rows = t_ibot.shape[0]
+                t_ibot, ent, probs_sum = softmax_targets_(
+                    t_ibot, ibot_center, step.teacher_temp, self.ibot_chunk
+                )
+                stats = TargetStats(torch.tensor(float(n_rows), device=t_ibot.device), ent, probs_sum)
         return DinoIbotTargets(
             dino_probs=probs.reshape(2, b, -1),
             dino_logits=t_dino,
-            ibot_logits=t_ibot,
+            ibot_probs=t_ibot,
             ibot_center=ibot_center,
+            ibot_logit_sum=logit_sum,
+            ibot_stats=stats,
         )
 
     def losses(self, student: StudentTokens, targets: DinoIbotTargets, step: StepState) -> dict:
@@ -320,15 +345,10 @@ class DinoIbot(Objective):
             students += list(local.reshape(-1, b, self.n_prototypes))
         losses = {"dino": dino_loss([t_probs[0], t_probs[1]], students, self.student_temp)}
         total = self.dino_weight * self.dino_pair_weight * losses["dino"]
-        if targets.ibot_logits is not None:
+        if targets.ibot_probs is not None:
             s_ibot = self.student_heads["ibot"](student.patch.reshape(-1, student.patch.shape[-1]))
-            losses["ibot"] = ibot_loss(
-                s_ibot,
-                targets.ibot_logits,
-                targets.ibot_center,
-                self.student_temp,
-                step.teacher_temp,
-                self.ibot_chunk,
+            losses["ibot"] = ibot_loss_from_probs(
+                s_ibot, targets.ibot_probs, self.student_temp, self.ibot_chunk
             )
             total = total + self.ibot_weight * losses["ibot"]
         losses["total"] = total
@@ -341,16 +361,13 @@ class DinoIbot(Objective):
 
         KL(teacher ‖ student) is CE − H(t): for DINO, the mean over the loss's pairs, where every teacher
         global view appears equally often, so the mean target entropy of the teacher rows is the pairs' mean.
-        The iBOT figures are computed in chunks from the logits and the step's centre.
+        The iBOT figures are the sums `teacher_targets` took with the targets (no pass of their own).
         """
         out = TargetStats.of_probs(targets.dino_probs).figures("dino", losses["dino"])
         device = targets.dino_probs.device
         out["weight_dino_eff"] = torch.tensor(self.dino_weight * self.dino_pair_weight, device=device)
-        if targets.ibot_logits is not None:
-            stats = TargetStats.of_logits(
-                targets.ibot_logits, targets.ibot_center, step.teacher_temp, self.ibot_chunk
-            )
-            out |= stats.figures("ibot", losses["ibot"])
+        if targets.ibot_stats is not None:
+            out |= targets.ibot_stats.figures("ibot", losses["ibot"])
             out["weight_ibot_eff"] = torch.tensor(float(self.ibot_weight), device=device)
         return out
 
@@ -360,8 +377,8 @@ class DinoIbot(Objective):
         if self.centering != "softmax":
             return
         self.centers["dino"].update(targets.dino_logits)
-        if targets.ibot_logits is not None:
-            self.centers["ibot"].update(targets.ibot_logits)
+        if targets.ibot_logit_sum is not None:
+            self.centers["ibot"].update_from_sum(targets.ibot_logit_sum, targets.ibot_probs.shape[0])
 
 
 class Feature(Objective):

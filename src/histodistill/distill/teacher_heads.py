@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from histodistill.atomic import atomic_path
@@ -203,24 +204,33 @@ class HeadsTrainer:
         return TeacherTokens(cls, patch), student
 
     def step(self, batch: dict) -> dict[str, float]:
-        """One iteration: EMA-teacher targets (no grad) → student-head losses → AdamW → EMA → centres."""
+        """One iteration: EMA-teacher targets (no grad) → student-head losses → AdamW → EMA → centres (phases
+        labelled `heads.<phase>` for torch.profiler, as `Trainer.step`'s)."""
         it = min(self.iteration, self.cfg.iterations - 1)
         self.schedules.apply(self.optimizer, it)
         state = StepState(iteration=it, teacher_temp=float(self.schedules.teacher_temp[it]))
         teacher, student = self._tokens(batch)
-        targets = self.objective.teacher_targets(teacher, state)
-        losses = self.objective.losses(student, targets, state)
+        with record_function("heads.teacher_targets"):
+            targets = self.objective.teacher_targets(teacher, state)
+        with record_function("heads.losses"):
+            losses = self.objective.losses(student, targets, state)
         self.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        grad_norm = float(
-            nn.utils.clip_grad_norm_(self.objective.student_heads.parameters(), self.cfg.clip_grad)
-        )
-        self.optimizer.step()
-        ema_update(
-            self.objective.teacher_heads, self.objective.student_heads, float(self.schedules.ema_momentum[it])
-        )
-        monitors = self.objective.monitors(targets, losses, state)
-        self.objective.update_state(targets)
+        with record_function("heads.backward"):
+            losses["total"].backward()
+        with record_function("heads.optimizer"):
+            grad_norm = float(
+                nn.utils.clip_grad_norm_(self.objective.student_heads.parameters(), self.cfg.clip_grad)
+            )
+            self.optimizer.step()
+        with record_function("heads.ema"):
+            ema_update(
+                self.objective.teacher_heads,
+                self.objective.student_heads,
+                float(self.schedules.ema_momentum[it]),
+            )
+        with record_function("heads.monitors"):
+            monitors = self.objective.monitors(targets, losses, state)
+            self.objective.update_state(targets)
         figures = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
         return (
             figures
@@ -299,9 +309,7 @@ class HeadsTrainer:
             targets = self.objective.teacher_targets(teacher, state)
             zero = torch.zeros((), device=self.device)
             figures = TargetStats.of_probs(targets.dino_probs).figures("dino", zero)
-            figures |= TargetStats.of_logits(
-                targets.ibot_logits, targets.ibot_center, state.teacher_temp
-            ).figures("ibot", zero)
+            figures |= targets.ibot_stats.figures("ibot", zero)
             rows.append({f"eval_{k}": float(v) for k, v in figures.items() if not k.endswith("_kl")})
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 

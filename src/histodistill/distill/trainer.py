@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from histodistill.atomic import atomic_path
@@ -414,27 +415,38 @@ class Trainer:
         s_cls, s_patch = tokens[:, 0].float(), tokens[:, prefix:].float()
         if teacher.patch is not None and teacher.patch.shape[2] != s_patch.shape[1]:
             s_patch = pool_patches(s_patch)  # a 2×2-pooled cache: pool the student's grid alike
-        targets = self.objective.teacher_targets(teacher, step)
-        losses = self.objective.losses(StudentTokens(s_cls, s_patch, local_cls), targets, step)
+        with record_function("distill.teacher_targets"):
+            targets = self.objective.teacher_targets(teacher, step)
+        with record_function("distill.losses"):
+            losses = self.objective.losses(StudentTokens(s_cls, s_patch, local_cls), targets, step)
         return losses, targets
 
     def step(self, batch: dict) -> dict[str, float]:
+        """One iteration. Its phases are labelled for torch.profiler (`distill.<phase>`: teacher_output,
+        student_forward, teacher_targets, losses, backward, optimizer, ema, monitors; no cost without a
+        profiler), so a profile of a step (benchmarks/distill_step.py --profile) splits its time by phase."""
         it = self.iteration
         self.schedules.apply(self.optimizer, it)
         state = StepState(iteration=it, teacher_temp=float(self.schedules.teacher_temp[it]))
-        losses, targets = self.compute_losses(
-            self.get_teacher_output(batch), self.get_student_output(batch), state
-        )
+        with record_function("distill.teacher_output"):
+            teacher = self.get_teacher_output(batch)
+        with record_function("distill.student_forward"):
+            student = self.get_student_output(batch)
+        losses, targets = self.compute_losses(teacher, student, state)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["total"]).backward()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = float(nn.utils.clip_grad_norm_(params, self.cfg.clip_grad))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        ema_update(self.ema, self.model.backbone, float(self.schedules.ema_momentum[it]))
-        monitors = self.objective.monitors(targets, losses, state)
-        self.objective.update_state(targets)
+        with record_function("distill.backward"):
+            self.scaler.scale(losses["total"]).backward()
+        with record_function("distill.optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(nn.utils.clip_grad_norm_(params, self.cfg.clip_grad))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with record_function("distill.ema"):
+            ema_update(self.ema, self.model.backbone, float(self.schedules.ema_momentum[it]))
+        with record_function("distill.monitors"):
+            monitors = self.objective.monitors(targets, losses, state)
+            self.objective.update_state(targets)
         names = [f"loss_{k}" for k in losses] + list(monitors)
         values = torch.stack(
             [v.detach().float().to(self.device) for v in [*losses.values(), *monitors.values()]]
