@@ -27,7 +27,10 @@ ViT-B/14 need that from 64 cores).
 Measured on this project's 2-core CI machine, shared (load average 19–24), 2026-11-30, `--tiles 256
 --repeats 3`, the code before and after the direct tile reader and the channels-last crop resize run
 side by side: samples per CPU-second, num_workers 0, median 148.0 before → 256.5 after (min 130.9 →
-214.7); num_workers 2, median 85.4 → 122.5 (min 47.5 → 84.7); peak PSS 604 → 603 MiB (workers 0).
+214.7); num_workers 2, median 85.4 → 122.5 (min 47.5 → 84.7); 1,024 tiles, num_workers 2 (run as the
+load fell to ~5–12), median 138.5 → 248.1 (min 131.2 → 247.6); peak PSS 604 → 603 MiB (workers 0), 1,719
+→ 1,739 MiB (1,024 tiles, workers 2). Profile after: crop/flip/resize 36.5%, tile decode 24.5%, cache
+read 18.9%, collation 9.1% (before: tile decode 62.6%, crop/flip/resize 22.0%).
 
     python benchmarks/distill_input.py                       # 1,024 and 4,096 tiles, workers 0 and 2
     python benchmarks/distill_input.py --workers 0 4 12 --tiles 1024     # a 16-core GPU machine (cuda)
