@@ -15,7 +15,7 @@ row therefore costs one read of that row's bytes, not the decompression of a 256
 `patch` chunks held a whole caching batch: ~96 MiB decompressed per row at the paper's shapes). The fp16
 tokens are stored uncompressed: zstd saves ~8% on them and costs more than the read (benchmarks/cache_read.py).
 `TeacherCache.get` reads rows straight from the shard files (`ShardRowReader`: the shard index entry, then the
-row's bytes, as the Zarr v3 sharding spec lays them out) and only the arrays asked for. A cache of another
+row's bytes, as the Zarr v3 sharding spec lays them out; `shards.py`) and only the arrays asked for. A cache of another
 format raises a HistodistillError that says to rebuild it.
 """
 
@@ -47,6 +47,7 @@ from histodistill.errors import HistodistillError
 from histodistill.models import load_model
 from histodistill.provenance import provenance
 from histodistill.resumable import ResumableStore
+from histodistill.shards import ShardRowReader
 from histodistill.tilestore import ProcessLocal, TileStore
 
 log = logging.getLogger(__name__)
@@ -80,86 +81,6 @@ def create_row_array(group, name: str, shape: tuple[int, ...], dtype: str, rows_
         dtype=dtype,
         compressors=None,
     )
-
-
-class ShardRowReader:
-    """Reads row i of a sharded Zarr v3 array with one row per inner chunk straight from its shard file.
-
-    Per row: one 16-byte read of the shard index entry (offset, nbytes; Zarr v3 sharding spec, index at the
-    end of the shard) and one read of the row's bytes, with no event loop and no index cache, so memory is
-    flat in cache size. Arrays of any other layout (compressed inner chunks, index at the start, a store
-    that is not a local directory) are read through zarr (`array[i]`); `fast` says which path is used. The
-    index checksum (crc32c) is not verified on this path (zarr verifies it).
-    """
-
-    _EMPTY = 2**64 - 1
-
-    def __init__(self, array: zarr.Array):
-        from zarr.codecs import BytesCodec, ShardingCodec
-        from zarr.storage import LocalStore
-
-        self.array = array
-        self.row_shape, self.dtype = tuple(array.shape[1:]), np.dtype(array.dtype).newbyteorder("<")
-        codecs = array.metadata.codecs
-        sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
-        store = array.store_path.store
-        self.fast = (
-            sharding is not None
-            and isinstance(store, LocalStore)
-            and tuple(sharding.chunk_shape) == (1, *self.row_shape)
-            and len(sharding.codecs) == 1
-            and isinstance(sharding.codecs[0], BytesCodec)
-            and sharding.index_location.value == "end"
-            and [type(c).__name__ for c in sharding.index_codecs] == ["BytesCodec", "Crc32cCodec"]
-        )
-        if self.fast:
-            self.rows_per_shard = int(array.shards[0])
-            self.root = Path(store.root) / array.store_path.path
-            self.nbytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-            self.fill = np.full(self.row_shape, array.fill_value, self.dtype)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        """Row i [*row_shape] (a new array)."""
-        if not self.fast:
-            return self.array[int(i)]
-        return self.read(int(i), int(i) + 1)[0]
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) [hi - lo, *row_shape]: per shard file, one read of the index entries, one per row."""
-        if not self.fast:
-            return self.array[lo:hi]
-        out = np.empty((hi - lo, *self.row_shape), self.dtype)
-        row = lo
-        while row < hi:
-            k, j = divmod(row, self.rows_per_shard)
-            take = min(hi - row, self.rows_per_shard - j)
-            self._read_shard(k, j, out[row - lo : row - lo + take])
-            row += take
-        return out
-
-    def _read_shard(self, k: int, j: int, out: np.ndarray) -> None:
-        """Rows j … j + len(out) of shard file k into `out`."""
-        path = self.root / self.array.metadata.encode_chunk_key((k,) + (0,) * len(self.row_shape))
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            out[...] = self.fill  # a shard never written holds the fill value (Zarr semantics)
-            return
-        try:
-            index_start = os.fstat(fd).st_size - 4 - 16 * self.rows_per_shard
-            entries = np.frombuffer(os.pread(fd, 16 * len(out), index_start + 16 * j), "<u8").reshape(-1, 2)
-            for r, (offset, nbytes) in enumerate(entries):
-                if offset == self._EMPTY:
-                    out[r] = self.fill
-                    continue
-                if nbytes != self.nbytes:
-                    raise HistodistillError(
-                        f"{path}: row {j + r} holds {nbytes} bytes, expected {self.nbytes}"
-                    )
-                if os.preadv(fd, [memoryview(out[r]).cast("B")], int(offset)) != self.nbytes:
-                    raise HistodistillError(f"{path}: short read of row {j + r}")
-        finally:
-            os.close(fd)
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from zarr.codecs import ZstdCodec
 from histodistill.atomic import atomic_path
 from histodistill.errors import SlideError
 from histodistill.provenance import provenance
+from histodistill.shards import ShardRowReader
 from histodistill.slides import open_slide
 from histodistill.tiling import iter_tile_pixels, read_tile, read_tile_table
 
@@ -155,6 +156,7 @@ class TileStore:
         self.tiles = self.root["tiles"]
         self.attrs = dict(self.root.attrs)
         self.per_slide = int(self.tiles.shape[1]) if self.tiles.ndim == 5 else None
+        self._rows = ShardRowReader(self.tiles) if self.per_slide is None else None
 
     def __len__(self) -> int:
         if self.per_slide is not None:
@@ -162,9 +164,12 @@ class TileStore:
         return int(self.tiles.shape[0])
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Tile i, uint8 [H, W, 3] (a new array). A cohort store's tile is read straight from its shard
+        file (`shards.ShardRowReader`: one index entry, one read, one zstd decompression; ~8× less CPU
+        than zarr's single-chunk read), a matched-tile store's through zarr."""
         if self.per_slide is not None:
             return self.tiles[divmod(int(i), self.per_slide)]
-        return self.tiles[int(i)]
+        return self._rows[int(i)]
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """A contiguous block of tiles (the fast path for streaming)."""

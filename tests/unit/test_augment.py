@@ -120,6 +120,35 @@ def _he_tiles(n: int) -> np.ndarray:
     return np.kron(coarse, np.ones((1, 8, 8, 1), np.float32)).astype(np.uint8)
 
 
+def test_geometric_equals_torchvision_resized_crop_bit_for_bit():
+    """`geometric` (a channels-last view of the crop box, torch's bicubic antialiased interpolate) equals
+    torchvision's `resized_crop` + `horizontal_flip` of the CHW tile, as `render` was first written, for
+    global and local views of smooth and noisy tiles (so cached views rebuild unchanged); a box outside
+    the tile is a ValueError."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    tiles = [*_he_tiles(4), _tile(1), _tile(2)]
+    n = 0
+    for t, tile in enumerate(tiles):
+        chw = torch.from_numpy(tile).permute(2, 0, 1).contiguous()
+        for p in draw_views(5, "s", t, [GLOBAL_1, GLOBAL_2] * 8 + [LOCAL] * 16, (224, 224)):
+            top, left, h, w, out = (int(p[F[k]]) for k in ("top", "left", "height", "width", "out_px"))
+            expected = TF.resized_crop(
+                chw, top, left, h, w, [out, out], InterpolationMode.BICUBIC, antialias=True
+            )
+            expected = TF.horizontal_flip(expected) if p[F["flip"]] else expected
+            got = geometric(tile, p)
+            assert got.is_contiguous() and got.dtype == torch.uint8
+            assert torch.equal(got, expected), (t, p)
+            n += 1
+    assert n == 192
+    q = np.zeros(len(VIEW_FIELDS))
+    q[[F["top"], F["height"], F["width"], F["out_px"]]] = (10, 224, 224, 224)
+    with pytest.raises(ValueError, match="outside"):
+        geometric(tiles[0], q)
+
+
 def test_batched_photometric_equals_torchvision_one_image_at_a_time():
     """`photometric` on a batch of geometric views = torchvision's ops per image, bit for bit (CPU), for
     every op and its order; `render` is geometric + photometric. 48 views cover every branch."""

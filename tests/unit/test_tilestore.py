@@ -5,9 +5,16 @@ import zarr
 from torch.utils.data import DataLoader
 
 from histodistill.demo.slides import make_demo_slide
-from histodistill.errors import SlideError
+from histodistill.errors import HistodistillError, SlideError
+from histodistill.shards import ShardRowReader
 from histodistill.slides import open_slide
-from histodistill.tilestore import SlideTileDataset, TileStore, TileStoreDataset, pack_tiles
+from histodistill.tilestore import (
+    SlideTileDataset,
+    TileStore,
+    TileStoreDataset,
+    create_tiles_array,
+    pack_tiles,
+)
 from histodistill.tiling import TilingConfig, read_tile, read_tile_table, tile_slide
 from tests.conftest import SMALL
 
@@ -53,6 +60,50 @@ def test_store_pixels_equal_the_slide(store, two_tables):
         for i in [0, 5, len(table) - 1]:
             np.testing.assert_array_equal(ts[i], read_tile(slide, table.iloc[i], 224))
     np.testing.assert_array_equal(ts.read(3, 7), np.stack([ts[i] for i in range(3, 7)]))
+
+
+def test_direct_tile_reads_equal_zarr_reads(store, tmp_path):
+    """The direct shard reader (one index entry, one read, one zstd decompression) returns zarr's pixels
+    bit for bit: every tile of a packed store; then, in a store of the same layout, a last partial shard,
+    an all-background tile (zarr writes no chunk: the fill value), a shard file never written, a range
+    across shards; a compressor it does not parse is read through zarr; a corrupt chunk is an error."""
+    ts = TileStore(store)
+    assert ts._rows.fast and ts._rows.compressed
+    for i in range(len(ts)):
+        np.testing.assert_array_equal(ts[i], ts.tiles[i])
+    real = ts.tiles[:9]
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    array = create_tiles_array(root, (13,), 224, chunk_tiles=4)  # shards of 4: rows 12 in a partial one
+    array[:8] = real[:8]
+    array[1] = 0  # all fill value: no chunk stored, its index entry is empty
+    array[12] = real[8]  # shard 2 (rows 8–11) is never written
+    expected = array[:]
+    assert not expected[1].any() and not expected[8:12].any() and expected[12].any()
+    assert not (tmp_path / "s.zarr" / "tiles" / "c" / "2" / "0" / "0" / "0").exists()
+    reader = ShardRowReader(array)
+    assert reader.fast and reader.compressed
+    for i in range(13):
+        tile = reader[i]
+        assert tile.dtype == np.uint8 and tile.shape == (224, 224, 3)
+        np.testing.assert_array_equal(tile, expected[i])
+    np.testing.assert_array_equal(reader.read(2, 13), expected[2:])
+    other = root.create_array(
+        "gzip",
+        data=expected,
+        chunks=(1, 224, 224, 3),
+        shards=(4, 224, 224, 3),
+        compressors=zarr.codecs.GzipCodec(),
+    )
+    fallback = ShardRowReader(other)
+    assert not fallback.fast
+    np.testing.assert_array_equal(fallback[12], expected[12])
+    shard = tmp_path / "s.zarr" / "tiles" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[:64] = bytes(64)  # the first stored chunk's zstd frame header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(HistodistillError, match="does not decompress"):
+        for i in range(4):
+            reader[i]
 
 
 def test_dataloader_workers_read_the_same_tiles(store, two_tables):
