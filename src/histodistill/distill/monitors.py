@@ -78,15 +78,11 @@ class TargetStats:
     ) -> TargetStats:
         """From teacher logits [N, K] whose targets are softmax((u − c) / τ) (`center` [1, K] or [K]),
         `chunk` rows at a time, so no [N, K] probability tensor is ever held (patch tokens at 131,072
-        prototypes)."""
-        logits = logits.detach().reshape(-1, logits.shape[-1])
-        c = center.reshape(1, -1).to(logits.device).float()
-        ent = torch.zeros((), device=logits.device)
-        probs_sum = torch.zeros(logits.shape[-1], device=logits.device)
-        for a in range(0, logits.shape[0], chunk):
-            t = torch.softmax((logits[a : a + chunk].float() - c) / temperature, dim=-1)
-            ent += entropy(t).sum()
-            probs_sum += t.sum(0)
+        prototypes): `losses.softmax_targets_`'s pass, on a copy of the logits (theirs are left as they are)."""
+        from histodistill.distill.losses import softmax_targets_  # losses imports this module
+
+        logits = logits.detach().reshape(-1, logits.shape[-1]).float().clone()
+        _, ent, probs_sum = softmax_targets_(logits, center, temperature, chunk)
         return cls(torch.tensor(float(logits.shape[0]), device=logits.device), ent, probs_sum)
 
     def figures(self, prefix: str, cross_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
