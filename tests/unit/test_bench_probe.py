@@ -8,6 +8,7 @@ import zarr
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from histodistill.bench import BenchmarkError
+from histodistill.bench.chance import CHANCE_SE
 from histodistill.bench.probe import (
     ABMIL,
     EVA_LINEAR,
@@ -18,6 +19,7 @@ from histodistill.bench.probe import (
     chance_metrics,
     classification_metrics,
     fit_logreg,
+    fold_mean_chance_se,
     knn_proba,
     linear_config,
     load_manifest,
@@ -411,7 +413,12 @@ def test_run_scores_each_cross_validation_fold_and_the_summary_is_their_mean(tmp
     knn = KnnConfig(ks=(1, 5))
     x32 = x.astype(np.float32)
     folds = [run_probe(x32, y, sp, "blobs", ["knn", "logreg"], knn=knn) for sp in (split, other)]
-    pd.testing.assert_frame_equal(got, pd.concat(folds, ignore_index=True))
+    pd.testing.assert_frame_equal(got, fold_mean_chance_se(folds))
+    # the null standard error recorded is that of the mean over the two disjoint test folds
+    se0, se1 = (f.loc[f["metric"] == CHANCE_SE, "value"].iloc[0] for f in folds)
+    assert np.allclose(got.loc[got["metric"] == CHANCE_SE, "value"], np.hypot(se0, se1) / 2)
+    other_rows = got["metric"] != CHANCE_SE
+    pd.testing.assert_frame_equal(got[other_rows], pd.concat(folds, ignore_index=True)[other_rows])
     summary = summarize(got).set_index(["method", "metric"])
     for method in ("knn", "logreg"):
         per_fold = [f[(f.method == method) & (f.metric == "balanced_accuracy")].value.item() for f in folds]

@@ -370,6 +370,7 @@ def test_the_distilled_student_recovers_the_teacher_on_the_latent_tasks(demo_run
         row = rows.loc[("student-demo", column)]
         assert row["baseline"] == "h0_mini_tiny" and row["teacher"] == "h_optimus_0_tiny"
         assert row["teacher_value"] - row["baseline_value"] >= 0.05, (column, dict(row))  # a gap to recover
+        assert row["resolved"], (column, dict(row))  # beyond noise: > 1.645 standard errors of the gap
         assert row["recovery"] >= 0.6, (column, dict(row))
 
 

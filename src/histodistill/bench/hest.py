@@ -44,7 +44,14 @@ from sklearn.preprocessing import StandardScaler
 
 from histodistill.atomic import atomic_path
 from histodistill.bench import BenchmarkError
-from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean, with_mean_over_tasks
+from histodistill.bench.registry import (
+    Benchmark,
+    Figure,
+    by_model,
+    complete_mean,
+    complete_mean_se,
+    with_mean_over_tasks,
+)
 from histodistill.images import as_rgb8
 
 log = logging.getLogger(__name__)
@@ -537,6 +544,17 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     return by_model({"hest_pearson_mean": complete_mean(summary, "pearson_mean", models)}, models)
 
 
+def _errors(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """The standard error of the headline (mean Pearson r over tasks): per task, that of the mean over its k
+    folds, whose test patients are disjoint: std (ddof 0, as HEST reports it) / sqrt(k − 1), i.e. the sample
+    std / √k (NaN for one fold); combined over tasks by `complete_mean_se`."""
+    k = summary["n_folds"].to_numpy(dtype=float) if len(summary) else np.array([])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = np.where(k > 1, summary["pearson_std"].to_numpy(dtype=float) / np.sqrt(k - 1), np.nan)
+    frame = summary.assign(pearson_se=se) if len(summary) else summary.assign(pearson_se=[])
+    return by_model({"hest_pearson_mean": complete_mean_se(frame, "pearson_se", models)}, models)
+
+
 def _figures(summary: pd.DataFrame, fig_dir: Path, colors: Mapping[str, str]) -> list[Figure]:
     from histodistill.report import figures
 
@@ -574,6 +592,7 @@ BENCHMARK = Benchmark(
     columns=frozenset(ROW_COLUMNS),
     summarize=_summarize_for_report,
     headline=_headline,
+    errors=_errors,
     figures=_figures,
     section=_section,
     labels={"hest_pearson_mean": "HEST Pearson r (mean over tasks)"},

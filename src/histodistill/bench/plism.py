@@ -1206,6 +1206,33 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     return by_model(cols, models)
 
 
+def _median_se(summary: pd.DataFrame, group: str, metric: str) -> float:
+    """The standard error of a median headline from its 95% cluster-bootstrap CI (`summarize_scores`,
+    slides resampled): (high − low) / (2 × 1.96), the normal-theory width; NaN without a CI."""
+    hit = summary[(summary["group"] == group) & (summary["metric"] == metric)]
+    if len(hit) != 1 or not {"median_ci_low", "median_ci_high"} <= set(hit.columns):
+        return np.nan
+    return float((hit["median_ci_high"].iloc[0] - hit["median_ci_low"].iloc[0]) / (2 * 1.959964))
+
+
+def _errors(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """The standard errors of the median headlines (`_median_se`); NaN for the plismbench leaderboard
+    metric, a composite without a CI."""
+    cols: dict[str, dict[str, float]] = {"plism_leaderboard": {}, "plism_cosine_median": {}}
+    cols |= {"plism_cosine_unmatched_median": {}, "plism_separation_median": {}}
+    cols |= {f"plism_top10_{g}": {} for g in LEADERBOARD_TOP10_GROUPS}
+    cols |= {"plism_robustness_index": {}}
+    for model, part in summary.groupby("model", sort=False) if len(summary) else []:
+        cols["plism_cosine_median"][model] = _median_se(part, ALL, COSINE)
+        cols["plism_cosine_unmatched_median"][model] = _median_se(part, ALL, COSINE_UNMATCHED)
+        cols["plism_separation_median"][model] = _median_se(part, ALL, SEPARATION)
+        for g in LEADERBOARD_TOP10_GROUPS:
+            cols[f"plism_top10_{g}"][model] = _median_se(part, g, "top_10")
+        ri = _ri_headline_metric(set(part.loc[part["group"] == POOLED, "metric"]))
+        cols["plism_robustness_index"][model] = _median_se(part, POOLED, ri) if ri else np.nan
+    return by_model(cols, models)
+
+
 def _ri_headline_metric(metrics: set[str]) -> str | None:
     """The leaderboard's robustness index: site = slide, at the largest k scored."""
     ks = [int(m.removeprefix("ri_slide_k")) for m in metrics if m.startswith("ri_slide_k")]
@@ -1344,6 +1371,7 @@ BENCHMARK = Benchmark(
     columns=frozenset({"slide_a", "slide_b", "group", "metric", "value"}),
     summarize=_summarize_for_report,
     headline=_headline,
+    errors=_errors,
     figures=_figures,
     section=_section,
     flags=_flags,

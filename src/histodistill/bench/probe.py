@@ -81,7 +81,7 @@ from torch import nn
 
 from histodistill.bench import BenchmarkError
 from histodistill.bench.chance import CHANCE, CHANCE_SE, at_chance, at_chance_reason, chance_metrics
-from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean
+from histodistill.bench.registry import Benchmark, Figure, by_model, complete_mean, complete_mean_se
 from histodistill.devices import torch_threads
 
 log = logging.getLogger(__name__)
@@ -1084,22 +1084,42 @@ def run(
             raise BenchmarkError(
                 f"probe task {name}: level slide needs a slide_id column in {task['manifest']}"
             )
+        task_frames = []
         for fold, manifest in full.folds():  # cross-validation folds: rows of every fold, mean over them
             if fold is not None:
                 log.info("probe task %s: fold %d", name, fold)
             x = manifest.select(embeddings)
             if task["level"] == "slide":
                 abmil = replace(AbmilConfig(), seeds=linear_cfg.seeds)
-                frames.append(run_abmil(x, manifest.label, manifest.split, manifest.slide_id, name, abmil))
+                task_frames.append(
+                    run_abmil(x, manifest.label, manifest.split, manifest.slide_id, name, abmil)
+                )
             else:
                 task_cfg = linear_config(linear_cfg, task.get("eva"), task.get("linear"))
-                frames.append(
+                task_frames.append(
                     run_probe(x, manifest.label, manifest.split, name, methods, linear=task_cfg, knn=knn)
                 )
+        frames.append(fold_mean_chance_se(task_frames))
     rows = pd.concat(frames, ignore_index=True)
     params = {"tasks": dict(tasks), "methods": list(methods), "linear": dict(linear or {}), "knn_ks": knn_ks}
     write_scores(rows, out, provenance(params, benchmark="probe", model=model))
     return rows
+
+
+def fold_mean_chance_se(folds: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """One task's rows of k cross-validation folds (each `run_probe` / `run_abmil` rows: task, method, seed,
+    metric, value) concatenated, with every null standard error (`CHANCE_SE` rows) replaced by that of the
+    mean over the folds, which is what the summary reports: sqrt(Σ_f se_f²) / k per method. The folds' test
+    sets are disjoint, so their balanced accuracies are independent under the null; a single fold's own
+    standard error would overstate the mean's by about √k. One fold: its rows unchanged."""
+    if len(folds) == 1:
+        return folds[0]
+    per_fold = [f[f["metric"] == CHANCE_SE].groupby("method")["value"].first() for f in folds]
+    se = np.sqrt(sum(s.pow(2) for s in per_fold)) / len(folds)
+    out = pd.concat(folds, ignore_index=True)
+    hit = out["metric"] == CHANCE_SE
+    out.loc[hit, "value"] = out.loc[hit, "method"].map(se).to_numpy(dtype=float)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -1118,6 +1138,19 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     for method in _methods(summary):
         rows = summary[(summary["method"] == method) & (summary["metric"] == "balanced_accuracy")]
         cols[f"probe_balanced_accuracy_{method}"] = complete_mean(rows, "mean", models) if len(rows) else {}
+    return by_model(cols, models)
+
+
+def _errors(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """Per method, the null standard error of the headline (balanced accuracy averaged over tasks): each
+    task's recorded `CHANCE_SE` (for k folds, that of the mean over folds: `fold_mean_chance_se`), combined
+    over tasks by `complete_mean_se`. NaN for tasks scored before the chance rows existed."""
+    cols = {}
+    for method in _methods(summary):
+        rows = summary[(summary["method"] == method) & (summary["metric"] == CHANCE_SE)]
+        cols[f"probe_balanced_accuracy_{method}"] = (
+            complete_mean_se(rows, "mean", models) if len(rows) else {}
+        )
     return by_model(cols, models)
 
 
@@ -1214,5 +1247,6 @@ BENCHMARK = Benchmark(
     section=_section,
     labels=lambda column: _label(column.removeprefix("probe_balanced_accuracy_")),
     flags=probe_flags,
+    errors=_errors,
     eva_scores=eva_scores,
 )

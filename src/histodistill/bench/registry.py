@@ -16,6 +16,10 @@ plus its `score_<name>` rule, which writes one tidy Parquet file per model
 - `figures(summary, fig_dir, colors)`: its figures (PNG bytes, file name, caption), drawn with the report's
   model colors;
 - `section(summary, models, figures)`: the HTML of its report section;
+- `errors(summary, models)`: the standard error of each headline number, in `headline`'s layout (NaN where
+  the protocol gives none), from the benchmark's own statistics (a null standard error of the test set, or
+  the spread over folds or runs; each benchmark's docstring says which); the report's distillation section
+  uses it to tell a teacher − random-init gap from noise;
 - `flags(summary, models)`: models whose numbers say they are collapsed or uninformative, with the reason;
   the report marks them and never shows them as best;
 - `eva_scores(summary)`: the benchmark's numbers of EVA tasks (rows model, task, value: the EVA
@@ -65,6 +69,7 @@ class Benchmark:
     labels: Mapping[str, str] | Callable[[str], str] = field(default_factory=dict)
     model_rows: Callable[[pd.DataFrame, str, Path], pd.DataFrame] | None = None  # one model's rows of a file
     flags: Callable[[pd.DataFrame, Sequence[str]], dict[str, str]] | None = None
+    errors: Callable[[pd.DataFrame, Sequence[str]], pd.DataFrame] | None = None
     unranked: Callable[[str], bool] = field(default=lambda column: False)
     eva_scores: Callable[[pd.DataFrame], pd.DataFrame] | None = None
     derive: Callable[[Mapping[str, pd.DataFrame]], pd.DataFrame] | None = None
@@ -106,6 +111,20 @@ def complete_mean(frame: pd.DataFrame, value: str, models: Sequence[str]) -> dic
     for model in models:
         own = frame[frame["model"] == model] if len(frame) else frame
         out[model] = float(own[value].mean()) if tasks and set(own["task"]) >= tasks else np.nan
+    return out
+
+
+def complete_mean_se(frame: pd.DataFrame, se: str, models: Sequence[str]) -> dict[str, float]:
+    """Per model the standard error of `complete_mean` over the tasks in `frame`, from each task's standard
+    error in column `se`: sqrt(Σ_t se_t²) / T (tasks scored on independent test sets); NaN unless the model
+    has every task, or when a task's standard error is missing."""
+    tasks = set(frame["task"]) if len(frame) else set()
+    out = {}
+    for model in models:
+        own = frame[frame["model"] == model] if len(frame) else frame
+        values = own[se].to_numpy(dtype=float) if len(own) else np.array([])
+        complete = tasks and set(own["task"]) >= tasks and np.isfinite(values).all()
+        out[model] = float(np.sqrt(np.sum(values**2)) / len(values)) if complete else np.nan
     return out
 
 

@@ -84,6 +84,7 @@ import numpy as np
 import pandas as pd
 
 from histodistill.bench import BenchmarkError
+from histodistill.bench.chance import CHANCE_SE
 from histodistill.bench.probe import (
     EVA_ABMIL,
     METRICS,
@@ -93,7 +94,7 @@ from histodistill.bench.probe import (
     score_bags,
     summarize,
 )
-from histodistill.bench.registry import Benchmark, by_model, complete_mean
+from histodistill.bench.registry import Benchmark, by_model, complete_mean, complete_mean_se
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,15 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     )
 
 
+def _errors(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """The null standard error of the headline (ABMIL balanced accuracy averaged over tasks): each task's
+    recorded `CHANCE_SE` (`bench.chance.chance_metrics` of its test labels), combined by `complete_mean_se`."""
+    rows = summary[(summary["method"] == "abmil") & (summary["metric"] == CHANCE_SE)]
+    return by_model(
+        {"slide_balanced_accuracy": complete_mean_se(rows, "mean", models) if len(rows) else {}}, models
+    )
+
+
 def eva_scores(summary: pd.DataFrame) -> pd.DataFrame:
     """The EVA leaderboard's numbers of this benchmark: per model and task, ABMIL's mean balanced accuracy."""
     rows = summary[(summary["method"] == "abmil") & (summary["metric"] == "balanced_accuracy")]
@@ -349,5 +359,6 @@ BENCHMARK = Benchmark(
     labels={"slide_balanced_accuracy": "slide bal. acc. (ABMIL, mean over tasks)"},
     # No collapse flag from slide-level tasks: a weak slide label at chance (the demo's bags are, for every
     # model) says nothing about the tile embeddings; the patch probes judge that (probe_flags in bench/probe).
+    errors=_errors,
     eva_scores=eva_scores,
 )

@@ -280,6 +280,21 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
     return by_model(cols, models)
 
 
+def _errors(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """The standard error of each headline (k-NN accuracy, mean over the k cross-validation folds, whose test
+    slides are disjoint): sample std over folds / √k (NaN for one fold)."""
+    cols = {}
+    for variant in ("slpd", "dino"):
+        pick = summary[
+            (summary["variant"] == variant) & (summary["method"] == "knn") & (summary["metric"] == "accuracy")
+        ]
+        cols[f"slpd_{variant}_knn_accuracy"] = {
+            r["model"]: r["std"] / np.sqrt(r["n_folds"]) if r["n_folds"] > 1 else np.nan
+            for r in pick.to_dict("records")
+        }
+    return by_model(cols, models)
+
+
 def _section(summary: pd.DataFrame, models: Sequence[str], figs) -> str:
     from histodistill.report import html as page
 
@@ -308,6 +323,7 @@ BENCHMARK = Benchmark(
     columns=frozenset(ROW_COLUMNS),
     summarize=summarize,
     headline=_headline,
+    errors=_errors,
     section=_section,
     labels={
         "slpd_slpd_knn_accuracy": "slide k-NN accuracy, full SLPD",

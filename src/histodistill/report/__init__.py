@@ -199,6 +199,19 @@ def leaderboard(
     return board
 
 
+def error_board(summaries: Mapping[str, pd.DataFrame], order: list[str]) -> pd.DataFrame:
+    """The standard errors of the leaderboard's numbers, in its layout: a `model` column (`order`), then each
+    present benchmark's `errors` columns (`Benchmark.errors`; a benchmark without one adds none: its
+    numbers are not judged)."""
+    out = pd.DataFrame({"model": pd.Series(order, dtype="str")})
+    for name, bench in benchmarks().items():
+        if name in summaries and bench.errors is not None:
+            errors = bench.errors(summaries[name], order)
+            for col in errors.columns:
+                out[col] = errors[col].to_numpy(dtype=float)
+    return out
+
+
 def _as_float(value: Any) -> float:
     try:
         return float(value) if value is not None else np.nan
@@ -447,7 +460,7 @@ def build_report(
             sections.append((name, bench.title, bench.section(summaries[name], order, figs[name])))
     if roles is not None:
         ranked = [c for c in shown.columns if c in higher_better]
-        recoveries = distillation.recovery_table(board, ranked, roles)
+        recoveries = distillation.recovery_table(board, ranked, roles, error_board(summaries, order))
         write_parquet(recoveries, out_dir / "distillation.parquet", meta | {"artifact": "distillation"})
         if roles.enabled:
             conditions = {m: (v or {}).get("throughput_conditions") for m, v in (models or {}).items()}

@@ -13,6 +13,14 @@ H-Optimus-0); the deliberate choice of a random-init baseline (not another pretr
 transfer". Beside it: parameters, GFLOPs at 224 px and measured throughput of each student relative to the
 teacher (`report.model_card` counts the FLOPs; the embedding runs measure the throughput).
 
+A gap within noise is not a gap: where the benchmark gives a standard error of its headline numbers
+(`Benchmark.errors`: a test set's null standard error, or the spread over cross-validation folds), the
+recovery is reported only when teacher − baseline > `GAP_Z` × sqrt(se_teacher² + se_baseline²) (a one-sided
+5% test that the teacher beats the random init; the two scores are treated as independent, which
+overstates the paired difference's error, so the test is conservative). Otherwise the figure would divide by
+noise: on the demo, a mitosis AUROC gap of 0.004 once gave a "recovery" of −3.5. Where the benchmark gives no
+standard error the figure is shown, and the table says so.
+
 A student's baseline exists only when its architecture is one of the reported models and is built at random
 init (a registry `_tiny` twin, `ModelSpec.random_init`, without configured weights): `configs/h0mini.yaml`
 reports the published H0-mini, which is not a random init, so there the section says so instead of
@@ -28,10 +36,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histodistill.bench.chance import CHANCE_Z
 from histodistill.report import html as page
 
 MIN_GAP = 1e-9  # teacher − baseline at or below this: recovery undefined (NaN)
+GAP_Z = CHANCE_Z  # one-sided 5% level: the teacher − baseline gap must exceed GAP_Z standard errors
 COLUMNS = ("student", "baseline", "teacher", "column", "student_value", "baseline_value", "teacher_value")
+GAP_COLUMNS = ("gap", "gap_se", "resolved")
 
 
 @dataclass(frozen=True)
@@ -74,20 +85,44 @@ def recovery(student: float, baseline: float, teacher: float) -> float:
     return float((student - baseline) / (teacher - baseline))
 
 
-def recovery_table(board: pd.DataFrame, score_columns: Sequence[str], who: DistillationRoles) -> pd.DataFrame:
-    """One row per (student, score column): the three values and `recovery` (see `recovery`).
+def gap_resolved(gap: float, se_teacher: float, se_baseline: float) -> tuple[float, bool | None]:
+    """(standard error of the teacher − baseline gap, whether the gap exceeds `GAP_Z` of them).
+
+    The error is sqrt(se_teacher² + se_baseline²) (independent scores: conservative for a paired
+    difference). None (not judged) when either standard error or the gap is missing."""
+    se = float(np.hypot(se_teacher, se_baseline))
+    if not (np.isfinite(se) and np.isfinite(gap)):
+        return se, None
+    return se, bool(gap > GAP_Z * se)
+
+
+def recovery_table(
+    board: pd.DataFrame,
+    score_columns: Sequence[str],
+    who: DistillationRoles,
+    errors: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """One row per (student, score column): the three values, the teacher − baseline `gap`, its standard
+    error `gap_se` and whether it is `resolved` (`gap_resolved`: True, False, or None when a standard error
+    is missing), and `recovery` (see `recovery`; NaN when the gap is not resolved: within noise).
 
     `board`: the leaderboard (a `model` column, one row per model); `score_columns`: its higher-is-better
-    columns (the benchmarks' ranked headline numbers), in report order. Students without a baseline get NaN;
-    no rows unless the teacher and a student are reported (`who.enabled`).
+    columns (the benchmarks' ranked headline numbers), in report order; `errors`: the standard errors of the
+    board's numbers in the same layout (`Benchmark.errors`; None or a missing column: not judged). Students
+    without a baseline get NaN; no rows unless the teacher and a student are reported (`who.enabled`).
     """
     values = board.set_index("model")
+    ses = errors.set_index("model") if errors is not None and len(errors) else pd.DataFrame()
+
+    def get(frame: pd.DataFrame, model: str | None, column: str) -> float:
+        ok = model in frame.index and column in frame.columns
+        return float(frame.at[model, column]) if ok else np.nan
+
     rows = []
     for student, baseline in (who.students if who.enabled else {}).items():
         for column in score_columns:
-            s = float(values.at[student, column]) if student in values.index else np.nan
-            b = float(values.at[baseline, column]) if baseline in values.index else np.nan
-            t = float(values.at[who.teacher, column]) if who.teacher in values.index else np.nan
+            s, b, t = (get(values, m, column) for m in (student, baseline, who.teacher))
+            gap_se, resolved = gap_resolved(t - b, get(ses, who.teacher, column), get(ses, baseline, column))
             rows.append(
                 {
                     "student": student,
@@ -97,10 +132,15 @@ def recovery_table(board: pd.DataFrame, score_columns: Sequence[str], who: Disti
                     "student_value": s,
                     "baseline_value": b,
                     "teacher_value": t,
-                    "recovery": recovery(s, b, t),
+                    "gap": t - b,
+                    "gap_se": gap_se,
+                    "resolved": resolved,
+                    "recovery": np.nan if resolved is False else recovery(s, b, t),
                 }
             )
-    return pd.DataFrame(rows, columns=[*COLUMNS, "recovery"])
+    out = pd.DataFrame(rows, columns=[*COLUMNS, *GAP_COLUMNS, "recovery"])
+    out["resolved"] = out["resolved"].astype("boolean")
+    return out
 
 
 def busy(conditions: Mapping[str, Any] | None) -> bool:
@@ -142,6 +182,15 @@ def cost_table(
     return pd.DataFrame(rows)
 
 
+def _recovery_cell(row: pd.Series) -> str:
+    """A recovery figure: "– (within noise)" when its gap is not resolved, "*" when it was not tested."""
+    resolved = row["resolved"]
+    if not pd.isna(resolved) and not resolved:
+        return f"{page.MISSING} (within noise)"
+    text = page.fmt(row["recovery"], 2)
+    return text + " *" if pd.isna(resolved) and text != page.MISSING else text
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if np.isfinite(a) and np.isfinite(b) and b > 0 else float("nan")
 
@@ -171,23 +220,27 @@ def section(
     header = ["score", f"teacher ({who.teacher})"]
     baselines = list(dict.fromkeys(b for b in who.students.values() if b))
     header += [f"random init ({b})" for b in baselines]
+    header += [f"teacher − {b} (± SE)" for b in baselines]
     header += [f"{s}" for s in students] + [f"recovery {s}" for s in students]
     rows = []
     for column in dict.fromkeys(recoveries["column"]):
         part = recoveries[recoveries["column"] == column].set_index("student")
         first = part.iloc[0]
         row = [labels.get(column, column), page.fmt(first["teacher_value"])]
-        for b in baselines:
-            value = part.loc[part["baseline"] == b, "baseline_value"]
-            row.append(page.fmt(value.iloc[0] if len(value) else np.nan))
+        per_baseline = [part[part["baseline"] == b] for b in baselines]
+        row += [page.fmt(p["baseline_value"].iloc[0] if len(p) else np.nan) for p in per_baseline]
+        row += [page.fmt_pm(p["gap"].iloc[0], p["gap_se"].iloc[0]) if len(p) else "–" for p in per_baseline]
         row += [page.fmt(part.at[s, "student_value"]) for s in students]
-        row += [page.fmt(part.at[s, "recovery"], 2) for s in students]
+        row += [_recovery_cell(part.loc[s]) for s in students]
         rows.append(row)
     body += page.table(header, rows)
     body += page.note(
         "recovery = (student − random init) / (teacher − random init), per score (higher is better): 1 = the "
         "student matches the teacher, 0 = no better than its own architecture at random init; – where the "
-        "teacher does not beat the random init (nothing to recover) or a value is missing."
+        "teacher does not beat the random init (nothing to recover) or a value is missing. "
+        f"– (within noise): the teacher − random-init gap is at most {GAP_Z} standard errors (the benchmark's "
+        "own: a test set's null standard error, or the spread over cross-validation folds), so a ratio over "
+        "it would measure noise. * no standard error is known for this score: the figure is not tested."
     )
     cost_rows = [
         [

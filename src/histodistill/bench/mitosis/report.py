@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from histodistill.bench import BenchmarkError
@@ -83,6 +84,40 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
             cols["mitosis_" + "_".join(str(k) for k in key)] = dict(
                 zip(part["model"], part["mean"], strict=True)
             )
+    return by_model(cols, models)
+
+
+AUROC_PER_BA_SE = (4 / 3) ** 0.5  # binary null SE of AUROC / that of balanced accuracy (see `_errors`)
+
+
+def _errors(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """Null standard errors of the headline numbers, from the recorded `CHANCE_SE` of each (method,
+    protocol) at the headline's settings (`headline_rows`):
+
+    - balanced accuracy: `CHANCE_SE` itself (`bench.chance.chance_metrics`);
+    - AUROC of a binary task (chance level 1/2): `CHANCE_SE` × √(4/3). Under "scores carry no information"
+      the Mann–Whitney AUROC has variance (n₁ + n₂ + 1) / (12 n₁ n₂) (Hanley & McNeil 1982), and two-class
+      balanced accuracy (1/16)(1/n₁ + 1/n₂); the ratio of the standard errors is √(4/3) up to the
+      1/(n₁n₂) term (below 1% for n₁, n₂ ≥ 50);
+    - other metrics (weighted F1, training-set sizes): NaN.
+    """
+    cols: dict[str, dict[str, float]] = {}
+    if len(summary) and "metric" in summary.columns:
+        rows = headline_rows(summary)
+        keys = [k for k in KEYS if k in rows.columns and k != "metric"]
+        for key, part in rows.groupby(keys, sort=False, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            per_model = part.pivot_table(index="model", columns="metric", values="mean", aggfunc="first")
+            if CHANCE_SE not in per_model.columns:
+                continue
+            se = per_model[CHANCE_SE]
+            binary = per_model.get(CHANCE, pd.Series(np.nan, index=per_model.index)).round(9) == 0.5
+            prefix = "mitosis_" + "_".join(str(k) for k in key)
+            for metric in per_model.columns.drop([CHANCE, CHANCE_SE], errors="ignore"):
+                if metric == "balanced_accuracy":
+                    cols[f"{prefix}_{metric}"] = se.to_dict()
+                elif metric == "auroc":
+                    cols[f"{prefix}_{metric}"] = se.where(binary).mul(AUROC_PER_BA_SE).to_dict()
     return by_model(cols, models)
 
 
@@ -180,5 +215,6 @@ BENCHMARK = Benchmark(
     labels=_label,
     model_rows=_model_rows,
     flags=_flags,
+    errors=_errors,
     unranked=lambda column: column.endswith("_n_train"),  # training-set sizes, not scores
 )
