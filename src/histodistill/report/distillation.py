@@ -220,7 +220,7 @@ def section(
     header = ["score", f"teacher ({who.teacher})"]
     baselines = list(dict.fromkeys(b for b in who.students.values() if b))
     header += [f"random init ({b})" for b in baselines]
-    header += [f"teacher − {b} (± SE)" for b in baselines]
+    header += ["gap ± SE" if len(baselines) == 1 else f"gap to {b} ± SE" for b in baselines]
     header += [f"{s}" for s in students] + [f"recovery {s}" for s in students]
     rows = []
     for column in dict.fromkeys(recoveries["column"]):
@@ -235,6 +235,7 @@ def section(
         rows.append(row)
     body += page.table(header, rows)
     body += page.note(
+        "gap = teacher − random init, ± its standard error. "
         "recovery = (student − random init) / (teacher − random init), per score (higher is better): 1 = the "
         "student matches the teacher, 0 = no better than its own architecture at random init; – where the "
         "teacher does not beat the random init (nothing to recover) or a value is missing. "
