@@ -14,8 +14,11 @@ median, and their ratio (target ≤ 1.3: the workflow's parse-time imports stay 
 wall-clock and by the commands' own CPU time (user + system). On a loaded machine read the CPU ratio: the
 wall-clock one then mostly measures the load.
 
+With `--startup-baseline DIR` (a checkout of another commit, e.g. `git worktree add DIR main`) the demo's
+dry run of that tree is interleaved with the others, for a before/after comparison in one run.
+
 Usage: python benchmarks/dag_scale.py [--slides 1000 5000 10000] [--repeats 1] [--keep DIR]
-       python benchmarks/dag_scale.py --startup-only [--startup-repeats 7]
+       python benchmarks/dag_scale.py --startup-only [--startup-repeats 7] [--startup-baseline DIR]
 """
 
 from __future__ import annotations
@@ -167,13 +170,14 @@ def startup_seconds(cpu: bool = False) -> float | tuple[float, float]:
     return (wall, cpu_seconds) if cpu else wall
 
 
-def demo_dry_run_seconds(workdir: Path) -> tuple[float, float]:
+def demo_dry_run_seconds(workdir: Path, repo: Path = REPO) -> tuple[float, float]:
     """(Wall-clock, CPU) seconds of `snakemake -n all_benchmarks` on the demo config (config.yaml, local, no
     profile) in `workdir`, a fresh directory holding a copy of configs/: nothing is built, so the whole demo
-    DAG is planned. Exits when the dry run fails."""
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
-    command += ["--configfile", str(REPO / "config.yaml"), "--cores", "1", "-n", "all_benchmarks"]
-    wall, cpu, result = timed_run(command, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    DAG is planned. `repo` is the tree whose Snakefile, config and package run (default: this one). Exits
+    when the dry run fails."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir)]
+    command += ["--configfile", str(repo / "config.yaml"), "--cores", "1", "-n", "all_benchmarks"]
+    wall, cpu, result = timed_run(command, env={**os.environ, "PYTHONPATH": str(repo / "src")})
     if result.returncode != 0:
         sys.exit(f"demo dry run failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     return wall, cpu
@@ -211,9 +215,10 @@ STARTUP_COMMANDS = {
 }
 
 
-def startup_comparison(repeats: int) -> dict[str, dict[str, list[float]]]:
+def startup_comparison(repeats: int, baseline: Path | None = None) -> dict[str, dict[str, list[float]]]:
     """{"wall" | "cpu": {name: seconds per round}} for each of `STARTUP_COMMANDS`, over `repeats`
-    interleaved rounds after one warm-up each."""
+    interleaved rounds after one warm-up each; with `baseline` (another checkout) also its demo dry run
+    ("dry_baseline")."""
     workdir = Path(tempfile.mkdtemp(prefix="dag_startup-"))
     floor_dir = Path(tempfile.mkdtemp(prefix="dag_one_rule-"))
     runs = {
@@ -221,6 +226,8 @@ def startup_comparison(repeats: int) -> dict[str, dict[str, list[float]]]:
         "one_rule": lambda: one_rule_dry_run_seconds(floor_dir),
         "dry": lambda: demo_dry_run_seconds(workdir),
     }
+    if baseline is not None:
+        runs["dry_baseline"] = lambda: demo_dry_run_seconds(workdir, repo=Path(baseline).resolve())
     try:
         shutil.copytree(REPO / "configs", workdir / "configs")
         for run in runs.values():  # warm-up: page cache, .pyc files
@@ -237,18 +244,17 @@ def startup_comparison(repeats: int) -> dict[str, dict[str, list[float]]]:
         shutil.rmtree(floor_dir, ignore_errors=True)
 
 
-def print_startup(repeats: int) -> None:
+def print_startup(repeats: int, baseline: Path | None = None) -> None:
     """Print min and median of each startup command and the ratios, by wall-clock and by CPU time. The CPU
     ratio is the one to read on a loaded machine (the wall-clock one then measures the load). The one-rule
     dry run splits the demo's extra cost into Snakemake's own dry-run path (imports any workflow pays) and
-    this workflow's parse and DAG."""
-    times = startup_comparison(repeats)
-    print(
-        f"{len(STARTUP_COMMANDS)} commands x {repeats} interleaved runs; load average {os.getloadavg()[0]:.1f}"
-    )
+    this workflow's parse and DAG. With `baseline`, the same ratio for that checkout's demo dry run."""
+    times = startup_comparison(repeats, baseline)
+    titles = {**STARTUP_COMMANDS, **({"dry_baseline": "snakemake -n (baseline)"} if baseline else {})}
+    print(f"{len(titles)} commands x {repeats} interleaved runs; load average {os.getloadavg()[0]:.1f}")
     for clock, label in (("wall", "wall-clock"), ("cpu", "CPU (user + system)")):
         print(f"{label}:")
-        for name, title in STARTUP_COMMANDS.items():
+        for name, title in titles.items():
             seconds = times[clock][name]
             print(f"  {title:<24} min {min(seconds):5.2f} s  median {statistics.median(seconds):5.2f} s")
         med = {name: statistics.median(seconds) for name, seconds in times[clock].items()}
@@ -262,6 +268,12 @@ def print_startup(repeats: int) -> None:
             f"{med['dry'] / med['one_rule']:.2f}×  (this workflow's parse-time imports and DAG)",
             flush=True,
         )
+        if baseline:
+            print(
+                f"  ratio -n (baseline) / --version: min {low['dry_baseline'] / low['version']:.2f}×  median "
+                f"{med['dry_baseline'] / med['version']:.2f}×  ({baseline})",
+                flush=True,
+            )
 
 
 def scontrol_seconds() -> float | None:
@@ -287,9 +299,12 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="write the trees here (default: a temporary directory)")
     parser.add_argument("--startup-repeats", type=int, default=5, help="interleaved startup rounds")
     parser.add_argument("--startup-only", action="store_true", help="only the demo startup comparison")
+    parser.add_argument(
+        "--startup-baseline", type=Path, help="another checkout whose demo dry run is interleaved too"
+    )
     args = parser.parse_args()
 
-    print_startup(args.startup_repeats)
+    print_startup(args.startup_repeats, args.startup_baseline)
     if args.startup_only:
         return
 

@@ -132,14 +132,17 @@ if PLISM["enabled"]:
     PLISM_SLIDES = read_plism_manifest(PLISM["manifest"], PLISM["reference"], PLISM["stainings"] or None)
     PLISM_MOVING = [s for s in PLISM_SLIDES["slide_id"] if s != PLISM["reference"]]
     PLISM_SETTINGS = {k: PLISM[k] for k in ("reference", "stainings", "mpp", "tile_px", "min_tissue")}
+    # plain dicts for the per-call lookups, as SLIDE_PATHS (a pandas `.loc` costs ~30 µs, a dict well under 1 µs)
+    _PLISM_PATHS = dict(zip(PLISM_SLIDES["slide_id"], PLISM_SLIDES["path"]))
+    _PLISM_MPPS = {s: parse_mpp(m) for s, m in zip(PLISM_SLIDES["slide_id"], PLISM_SLIDES["mpp"])}
 
 
 def plism_path(slide):
-    return PLISM_SLIDES.loc[slide, "path"]
+    return _PLISM_PATHS[slide]
 
 
 def plism_mpp(slide):
-    return parse_mpp(PLISM_SLIDES.loc[slide, "mpp"])  # no override → None
+    return _PLISM_MPPS[slide]  # no override → None
 
 
 if PLISM["enabled"]:

@@ -97,3 +97,51 @@ def test_head_defaults_are_distill_configs():
     from histodistill.distill.trainer import DistillConfig
 
     assert {k: getattr(DistillConfig(), k) for k in DISTILL_HEAD_DEFAULTS} == DISTILL_HEAD_DEFAULTS
+
+
+_PARSE_STATE = """
+import gc, json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings, StorageSettings
+
+repo, workdir = Path(sys.argv[1]), Path(sys.argv[2])
+with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    g = api.workflow(
+        resource_settings=ResourceSettings(),
+        config_settings=ConfigSettings(configfiles=[repo / "config.yaml"]),
+        storage_settings=StorageSettings(),
+        snakefile=repo / "Snakefile",
+        workdir=workdir,
+    )._workflow.globals
+    sheet = g["PLISM_SLIDES"]
+    lookups = [
+        [g["plism_path"](s), sheet.loc[s, "path"], g["plism_mpp"](s), g["parse_mpp"](sheet.loc[s, "mpp"])]
+        for s in sheet["slide_id"]
+    ]
+print(json.dumps({"frozen": gc.get_freeze_count(), "lookups": lookups}))
+"""
+
+
+def test_the_parse_freezes_snakemakes_objects_and_plism_lookups_match_the_manifest(tmp_path):
+    """The Snakefile moves the objects Snakemake made before it out of the cyclic GC's reach (gc.freeze:
+    each full collection during the parse and the DAG then skips them), and the PLISM helpers' dict
+    lookups give what the manifest's DataFrame does (path, and mpp: None where the manifest has none)."""
+    import json
+    import os
+    import shutil
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    out = subprocess.run(
+        [sys.executable, "-c", _PARSE_STATE, str(ROOT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state["frozen"] > 10_000  # Snakemake's imports: ~100,000 objects
+    assert len(state["lookups"]) >= 4
+    for path, loc_path, mpp, loc_mpp in state["lookups"]:
+        assert path == loc_path and mpp == loc_mpp
