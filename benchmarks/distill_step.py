@@ -28,7 +28,7 @@ Timing: after a warm-up step per mode, `--repeats` rounds, each running `--steps
 (c)/(b) ≥ 2.5, (e)/(b) ≤ 1.15 (issue 15: a paired step costs at most 1.15× an unpaired one), and per sample
 (d)/(b) ≤ 0.05 (the heads stage costs at most 5% of a distillation step).
 On a GPU: python benchmarks/distill_step.py --teacher h_optimus_0 --student h0_mini --teacher-weights W
-    --batch-size 64 --prototypes 131072 --heads-batch-size 1024
+    --batch-size 64 --prototypes 131072 --heads-batch-size 1024 --head-precision bf16 --ibot-patches 8
 `--profile`: after the timing, one more step of each mode (and of the heads stage) under torch.profiler (CPU,
 and CUDA when present): the step's time by phase (the `distill.<phase>` / `heads.<phase>` labels of
 `Trainer.step` and `HeadsTrainer.step`: teacher output, student forward, teacher targets, losses, backward,
@@ -282,7 +282,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds (steps × repeats ≥ 10)")
     parser.add_argument("--prototypes", type=int, default=8192, help="paper: 131072")
     parser.add_argument("--heads-batch-size", type=int, default=256, help="tiles per heads step (paper 1024)")
-    parser.add_argument("--ibot-patches", type=int, default=HeadsConfig().ibot_patches)
+    parser.add_argument(
+        "--ibot-patches",
+        type=int,
+        default=HeadsConfig().ibot_patches,
+        help="iBOT tokens per view in the heads step (configs/h0mini.yaml: 8)",
+    )
+    parser.add_argument(
+        "--head-precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the DINO/iBOT heads' matmuls in every mode and the heads step (configs/h0mini.yaml: bf16)",
+    )
     parser.add_argument(
         "--modes",
         nargs="+",
@@ -337,9 +348,14 @@ def main() -> None:
             holdout_fraction=0.0,
             checkpoint_every=10**9,
             seed=seed,
+            head_precision=args.head_precision,
         )
         heads_cfg = HeadsConfig(
-            n_prototypes=args.prototypes, ibot_patches=args.ibot_patches, read_windows=1, num_workers=0
+            n_prototypes=args.prototypes,
+            ibot_patches=args.ibot_patches,
+            read_windows=1,
+            num_workers=0,
+            head_precision=args.head_precision,
         )
         heads_times, heads_batch = time_heads(
             tmp / "cache.zarr",
@@ -379,7 +395,8 @@ def main() -> None:
     print(
         f"teacher {args.teacher} : student {args.student} = {ratio:.1f}x FLOPs per image; batch {args.batch_size} "
         f"(2 global views each), {args.prototypes} prototypes, pool2 cache of {n_tiles} tiles, device {device} "
-        f"({amp or 'fp32'}), torch threads {torch.get_num_threads()}, {args.workers} loader worker(s) per mode; "
+        f"({amp or 'fp32'}; heads {args.head_precision}), torch threads {torch.get_num_threads()}, "
+        f"{args.workers} loader worker(s) per mode; "
         f"{args.repeats} interleaved rounds × {args.steps} steps per mode"
     )
     med = {m.mode: statistics.median(m.times) for m in modes}

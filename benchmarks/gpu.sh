@@ -46,6 +46,7 @@ run() {  # run NAME SECONDS CMD...: one benchmark, its log, its exit status
 }
 run distill_step 330 python benchmarks/distill_step.py --teacher "$teacher" --student "$student" \
     --teacher-weights "$weights" --batch-size "$batch" --prototypes "$protos" --heads-batch-size "$heads_batch" \
-    --steps "$steps" --repeats "$repeats" --workers "$workers" --modes student_only cached online --profile
+    --steps "$steps" --repeats "$repeats" --workers "$workers" --modes student_only cached online --profile \
+    --head-precision bf16 --ibot-patches 8    # configs/h0mini.yaml's heads (fp32 and 16 tokens: the 2026-11-30 run)
 run scorenet 75 python benchmarks/scorenet.py "${scorenet_args[@]}"
 run distill_input 120 python benchmarks/distill_input.py "${input_args[@]}"

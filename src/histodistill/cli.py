@@ -244,6 +244,7 @@ _HEADS_OPTIONS: dict[str, type] = {
     "iterations": int,
     "batch_size": int,
     "ibot_patches": int,
+    "head_precision": str,
     "read_windows": int,
     "lr": float,
     "min_lr": float,

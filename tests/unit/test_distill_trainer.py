@@ -95,17 +95,19 @@ def test_cached_and_online_teacher_give_the_same_loss(tmp_path, data):
         assert losses["online"][key] == pytest.approx(losses["cached"][key], rel=1e-4)
 
 
-def test_kill_at_k_then_resume_gives_the_same_losses(tmp_path, data):
+@pytest.mark.parametrize("head_precision", ["fp32", "bf16"])
+def test_kill_at_k_then_resume_gives_the_same_losses(tmp_path, data, head_precision):
     store, cache = data
-    full = Trainer(CFG, store, cache, tmp_path / "full")
+    cfg = replace(CFG, head_precision=head_precision)
+    full = Trainer(cfg, store, cache, tmp_path / "full")
     full.fit()
-    interrupted = Trainer(CFG, store, cache, tmp_path / "resumed")
+    interrupted = Trainer(cfg, store, cache, tmp_path / "resumed")
     assert interrupted.fit(stop_after=5) == {"stopped_at": 5}
-    resumed = Trainer(CFG, store, cache, tmp_path / "resumed")
+    resumed = Trainer(cfg, store, cache, tmp_path / "resumed")
     resumed.fit()
     a = pd.read_parquet(tmp_path / "full" / "train_log.parquet")
     b = pd.read_parquet(tmp_path / "resumed" / "train_log.parquet")
-    assert len(a) == len(b) == CFG.iterations
+    assert len(a) == len(b) == cfg.iterations
     cols = ["loss_total", "loss_dino", "loss_ibot", "lr", "teacher_temp", "grad_norm", *MONITORS]
     np.testing.assert_allclose(b[cols].to_numpy(), a[cols].to_numpy(), rtol=1e-6, atol=1e-7)
     sa = load_model("student:x", weights=tmp_path / "full" / "student.safetensors").model.state_dict()

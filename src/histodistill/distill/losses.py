@@ -131,9 +131,9 @@ class _ChunkedSoftCE(torch.autograd.Function):
                 if grad.dtype == torch.float32:  # written in place: no temporary, no copy
                     torch.sub(torch.softmax(x, dim=-1), t, out=grad[a : a + chunk])
                     grad[a : a + chunk].div_(student_temp * n)
-                else:
-                    g = (torch.softmax(x, dim=-1) - t) / (student_temp * n)
-                    grad[a : a + chunk] = g.to(grad.dtype)
+                else:  # a reduced-precision gradient (bf16 heads): made in float32, rounded once
+                    g = torch.softmax(x, dim=-1).sub_(t).div_(student_temp * n)
+                    grad[a : a + chunk].copy_(g)
         ctx.grad = grad
         return total / n
 

@@ -223,6 +223,28 @@ def build_teacher_heads(cfg: DistillConfig, teacher_dim: int) -> nn.ModuleDict:
     return heads
 
 
+HEAD_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def head_autocast_dtype(head_precision: str) -> torch.dtype | None:
+    """`head_precision` → the autocast dtype of the DINO/iBOT heads' matmuls (None: float32).
+
+    `fp32`: the heads run in float32 outside autocast (the default; the CPU demo's numbers).
+    `bf16`: their linear layers (MLP and the K-prototype layer) run under bf16 autocast, forward and
+    backward, their weights kept in float32 (AMP's master weights), and their logits come out in bf16;
+    centering, softmax, Sinkhorn-Knopp, the losses and the monitors stay in float32 (the logits are taken
+    to float32 first). This is DINOv2's practice (facebookresearch/dinov2, configs/ssl_default_config.yaml
+    `compute_precision`: the student's and teacher's `dino_head` and `ibot_head` with FSDP
+    `param_dtype: fp16`), in bf16 rather than fp16 (no loss scaling; bf16 autocast also runs on a CPU).
+    HistodistillError for another value.
+    """
+    if head_precision not in HEAD_PRECISIONS:
+        raise HistodistillError(
+            f"head_precision must be one of {sorted(HEAD_PRECISIONS)}, not {head_precision!r}"
+        )
+    return HEAD_PRECISIONS[head_precision]
+
+
 @dataclass
 class DinoIbotTargets:
     """All detached. dino_probs: [2, B, K] teacher distributions of the two global views. dino_logits:
@@ -252,7 +274,9 @@ class DinoIbot(Objective):
     at the scheduled teacher temperature, never with gradient. Student heads: `dino`, `ibot`
     (ProjectionHead, K = n_prototypes); teacher heads: `build_teacher_heads` (frozen), or with
     `ema_teacher` a frozen copy of the student heads that the caller updates as their EMA (the
-    teacher-heads stage). Buffers: `centers.dino.center`, `centers.ibot.center` ([1, K]).
+    teacher-heads stage). Buffers: `centers.dino.center`, `centers.ibot.center` ([1, K]). The heads'
+    matmuls run in `head_precision` (`head_autocast_dtype`: float32, or bf16 under autocast with the
+    logits taken to float32 before centering, softmax and the losses).
 
     HistodistillError if iBOT is on (ibot_weight > 0) but the teacher gives no patch tokens.
     """
@@ -277,6 +301,7 @@ class DinoIbot(Objective):
         self.dino_weight, self.ibot_weight, self.ibot_chunk = cfg.dino_weight, cfg.ibot_weight, cfg.ibot_chunk
         self.centering = cfg.centering
         self.dino_pair_weight = dino_pair_weight(cfg.dino_normalization, 2, cfg.n_local)
+        self.head_dtype = head_autocast_dtype(cfg.head_precision)
         # student heads first (global RNG, in this order), then the teacher's (their own seed)
         self.student_heads["dino"] = ProjectionHead(
             student_dim, cfg.n_prototypes, cfg.head_hidden, cfg.dino_bottleneck
@@ -305,9 +330,13 @@ class DinoIbot(Objective):
         use_ibot = teacher.patch is not None and self.ibot_weight > 0
         t_ibot, logit_sum, stats = None, None, None
         with torch.no_grad():  # no gradient ever reaches a teacher head through its targets
-            t_dino = self.teacher_heads["dino"](teacher.cls.flatten(0, 1))  # [2B, K]
-            if use_ibot:
-                t_ibot = self.teacher_heads["ibot"](teacher.patch.flatten(0, 2)).float()  # [2B·P, K]
+            with self.head_autocast(teacher.cls):  # the heads' matmuls (bf16 with head_precision: bf16)
+                t_dino = self.teacher_heads["dino"](teacher.cls.flatten(0, 1))  # [2B, K]
+                if use_ibot:
+                    t_ibot = self.teacher_heads["ibot"](teacher.patch.flatten(0, 2))  # [2B·P, K]
+            t_dino = t_dino.float()  # centering, softmax, Sinkhorn and the monitors in float32
+            if t_ibot is not None:
+                t_ibot = t_ibot.float()
             if self.centering == "sinkhorn":
                 probs = sinkhorn_knopp(t_dino, step.teacher_temp)
                 ibot_center = (
@@ -338,21 +367,32 @@ class DinoIbot(Objective):
     def losses(self, student: StudentTokens, targets: DinoIbotTargets, step: StepState) -> dict:
         b = targets.dino_probs.shape[1]
         t_probs = targets.dino_probs
-        s_dino = self.student_heads["dino"](student.cls).reshape(2, b, -1)
+        with self.head_autocast(student.cls):  # the losses take the logits to float32 themselves
+            s_dino = self.student_heads["dino"](student.cls).reshape(2, b, -1)
+            local = None
+            if student.local_cls is not None:
+                local = self.student_heads["dino"](student.local_cls.float())
+            s_ibot = None
+            if targets.ibot_probs is not None:
+                s_ibot = self.student_heads["ibot"](student.patch.reshape(-1, student.patch.shape[-1]))
         students = [s_dino[0], s_dino[1]]
-        if student.local_cls is not None:
-            local = self.student_heads["dino"](student.local_cls.float())
+        if local is not None:
             students += list(local.reshape(-1, b, self.n_prototypes))
         losses = {"dino": dino_loss([t_probs[0], t_probs[1]], students, self.student_temp)}
         total = self.dino_weight * self.dino_pair_weight * losses["dino"]
-        if targets.ibot_probs is not None:
-            s_ibot = self.student_heads["ibot"](student.patch.reshape(-1, student.patch.shape[-1]))
+        if s_ibot is not None:
             losses["ibot"] = ibot_loss_from_probs(
                 s_ibot, targets.ibot_probs, self.student_temp, self.ibot_chunk
             )
             total = total + self.ibot_weight * losses["ibot"]
         losses["total"] = total
         return losses
+
+    def head_autocast(self, like: torch.Tensor) -> torch.autocast:
+        """The precision context of the heads' forward passes on `like`'s device: bf16 autocast with
+        `head_precision: bf16`; with `fp32`, autocast switched off (the heads in float32 even inside an
+        autocast region)."""
+        return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.head_dtype is not None)
 
     @torch.no_grad()
     def monitors(self, targets: DinoIbotTargets, losses: dict, step: StepState) -> dict[str, torch.Tensor]:

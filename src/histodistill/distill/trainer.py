@@ -124,6 +124,9 @@ class DistillConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     ibot_chunk: int = 4096
+    # the DINO/iBOT heads' matmuls: fp32 (outside autocast) | bf16 (under bf16 autocast; softmax, centering
+    # and losses in float32): distill.objectives.head_autocast_dtype
+    head_precision: str = "fp32"
     # paired views: the keys of distill.pairs.PairingConfig (empty: unpaired)
     pairing: dict[str, Any] = field(default_factory=dict)
     # stop when an effective prototype count (exp H(mean target)) stays below the floor this many iterations
