@@ -3,9 +3,9 @@
 README's demo (config.yaml) runs `score_scorenet`; the test demo (tests/workflow/demo_config.py) keeps it off,
 over the suite's CPU budget. This test runs what `score_scorenet` runs there, with the tiny random-init twin
 of the student's architecture as local encoder.
-Last run 2026-11-30 on the branch `roi` (60 epochs, threads 1, the masking probe blanking all K = 2 regions;
-2 shared CPUs at load ~22): passed in 655 s. F1 0.563 vs scorer-only 0.266, top-K hit rate 0.625 vs chance
-0.179, accuracy 0.563 with and without the selected regions blanked.
+Last run 2026-11-30 on the branch `scorenet` (60 epochs, threads 1, standardized embeddings; 2 shared CPUs at
+load ~20): passed in 333 s. F1 0.689 vs scorer-only 0.266, top-K hit rate 0.656 vs chance 0.179, accuracy
+0.688, and 0.563 with the selected regions blanked.
 """
 
 import math

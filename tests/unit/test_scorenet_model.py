@@ -1,5 +1,7 @@
 """ScoreNet's model (histodistill.bench.scorenet.model): the paper's size, shapes, gradient through the top-K."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -158,3 +160,26 @@ def test_cached_region_embeddings_give_the_same_forward_and_reach_the_scorer():
     assert torch.allclose(out.logits, direct.logits, atol=1e-5)  # hard selection forward, dropout-free blocks
     out.logits[:, 0].sum().backward()
     assert model.scorer.head_weights.grad.abs().sum() > 0
+
+
+def test_standardize_fits_the_training_statistics_and_is_the_same_in_training_and_eval():
+    """A frozen encoder's embeddings are standardized per feature with fixed statistics: after `fit` the fitted
+    rows have mean 0 and standard deviation 1 in every feature, in train and in eval mode alike; unfitted it is
+    the identity. Only a registry encoder gets it (the paper's ViT trains with the rest)."""
+    torch.manual_seed(0)
+    local = LocalEncoder(load_model("h0_mini_tiny", random_init=True))
+    model = ScoreNet(SMALL, local, n_classes=2)
+    assert model.standardize is not None and model.project[0] is model.standardize
+    x = torch.randn(50, local.embed_dim) * torch.linspace(0.1, 10, local.embed_dim) + 7.0
+    assert torch.equal(model.standardize(x), x)
+    model.standardize.fit(x)
+    for mode in (True, False):
+        model.train(mode)
+        z = model.standardize(x)
+        assert torch.allclose(z.mean(0), torch.zeros(local.embed_dim), atol=1e-5)
+        assert torch.allclose(z.std(0), torch.ones(local.embed_dim), atol=1e-4)
+    with pytest.raises(BenchmarkError, match="at least 2"):
+        model.standardize.fit(x[:1])
+    off = ScoreNet(dataclasses.replace(SMALL, embed_norm=False), local, n_classes=2)
+    assert off.standardize is None and not isinstance(off.project, torch.nn.Sequential)
+    assert ScoreNet(SMALL, PaperLocalViT(SMALL), n_classes=2).standardize is None

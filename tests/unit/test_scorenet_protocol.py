@@ -11,7 +11,18 @@ from PIL import Image
 from histodistill.bench import BenchmarkError
 from histodistill.bench.scorenet.data import read_manifest
 from histodistill.bench.scorenet.model import PaperLocalViT, ScoreNet, ScoreNetModelConfig
-from histodistill.bench.scorenet.protocol import ScoreNetConfig, count_gflops, run, topk_hits
+from histodistill.bench.scorenet.protocol import (
+    ScoreNetConfig,
+    build_model,
+    count_gflops,
+    embed_all_regions,
+    load_rois,
+    run,
+    topk_hits,
+    train,
+    train_region_embeddings,
+)
+from histodistill.models import load_model
 from histodistill.provenance import read_parquet
 
 TINY = {
@@ -159,3 +170,24 @@ def test_report_summary_headline_and_cost_ratio():
     assert head.loc["m", "scorenet_flops_ratio"] == 20.0  # at the largest ROI side
     assert math.isnan(head.loc["other", "scorenet_weighted_f1"])
     assert BENCHMARK.unranked("scorenet_flops_ratio") and not BENCHMARK.unranked("scorenet_weighted_f1")
+
+
+def test_training_standardizes_the_embeddings_with_the_train_split_only(tmp_path):
+    """`train` fits `ScoreNet.standardize` on the train ROIs' region embeddings (6 ROIs × 6 regions), from the
+    cache or, without one, from the encoder itself: the same statistics; the test ROIs do not enter."""
+    rois = load_rois(_write_rois(tmp_path), 32)
+    config = ScoreNetConfig.from_config({"model": TINY, "epochs": 1, "batch_size": 4, "threads": 1})
+    loaded = load_model("h0_mini_tiny", random_init=True)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    cache = embed_all_regions(build_model(loaded, config, 2), rois, device)
+    expected = torch.cat([cache.embeddings[i] for i in rois.where("train")])
+    assert expected.shape[0] == 36
+    net = build_model(loaded, config, 2)
+    uncached = train_region_embeddings(net, rois, rois.where("train"), device)
+    assert torch.allclose(uncached, expected, atol=1e-5)  # same regions, same order
+    net = train(net, rois, config, "none", 0, device, cache)
+    assert torch.allclose(net.standardize.mean, expected.mean(0), atol=1e-5)
+    assert torch.allclose(net.standardize.std, expected.std(0), atol=1e-5)
+    everything = torch.cat(cache.embeddings)
+    assert not torch.allclose(net.standardize.mean, everything.mean(0), atol=1e-5)

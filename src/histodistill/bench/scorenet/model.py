@@ -39,6 +39,10 @@ Deliberate deviations from the reference code (each a bug or a hard-coded value 
   fine encoder's cost is K regions (the reference's einsum touches all N);
 - the local encoder is any registry model (the paper's modular note), with a linear map to the mixer
   width where widths differ; `PaperLocalViT` is the paper's choice (a ViT of the scorer's architecture);
+- a registry encoder's embeddings are standardized per feature with the training regions' statistics
+  before that map (`embed_norm`, `Standardize`): on the demo, a mixer and head trained on the frozen
+  student's raw embeddings of (decisive region, a neighbour) reached 0.69 test accuracy, on standardized
+  ones 1.00 (a logistic regression on the raw decisive embedding: 0.53–0.94 depending on its C);
 - the classifier is one linear layer (the reference: Linear(288, 128) → ReLU → Linear(128, C)).
 """
 
@@ -68,7 +72,11 @@ class ScoreNetModelConfig:
     `n_cls_scorer` = 2); mixer_depth, mixer_mlp_ratio: the mixer (reference `TransformerEncoder`: 4 deep,
     ratio 4, no qkv bias); top_k: K (None: ⌈k_fraction·N⌉, the reference's hard-coded 10%); num_samples and
     sigma: the perturbed top-K's Monte-Carlo draws and noise (reference: 1000 and 1e-3, in units of the
-    attention scores); scorer_only: no fine branch (the "glorified low-resolution ViT" baseline).
+    attention scores); scorer_only: no fine branch (the "glorified low-resolution ViT" baseline);
+    embed_norm: standardize a registry local encoder's embeddings per feature before the projection to the
+    mixer (`Standardize`, fitted on the training ROIs' regions by the protocol). Not in the paper, whose local encoder trains with the rest; a frozen foreign encoder's embeddings
+    carry a large component shared by every region (on the demo: 6.4 of a norm of 9.7) that the mixer's
+    LayerNorm, per token, does not remove.
     """
 
     low_patch_px: int = 16
@@ -85,6 +93,7 @@ class ScoreNetModelConfig:
     num_samples: int = 1000
     sigma: float = 1e-3
     scorer_only: bool = False
+    embed_norm: bool = True
 
     def __post_init__(self):
         if self.region_px % self.low_patch_px:
@@ -127,6 +136,29 @@ def n_masked(k: int, fraction: float) -> int:
     """Regions the masking probe blanks among K selected ones: ⌊fraction·K + ½⌋ (half up), in [0, K].
     K = 1 or 2 at 75% blank all of them; K = 4 blanks 3, K = 10 blanks 8."""
     return min(k, max(0, math.floor(fraction * k + 0.5)))
+
+
+class Standardize(nn.Module):
+    """Per-feature standardization of a frozen encoder's embeddings [..., E] → [..., E] with fixed statistics
+    (`fit`: mean and standard deviation over the training ROIs' regions; identity until fitted), the
+    `StandardScaler` a linear probe on them would use. Fixed rather than batch statistics, so that training
+    and test time compute the same function."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor, eps: float = 1e-6) -> None:
+        """Set the statistics from embeddings [M, E] (M ≥ 2); BenchmarkError for fewer rows."""
+        if embeddings.shape[0] < 2:
+            raise BenchmarkError("scorenet: standardizing the embeddings needs at least 2 training regions")
+        self.mean.copy_(embeddings.mean(0))
+        self.std.copy_(embeddings.std(0).clamp_min(eps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class PEG(nn.Module):
@@ -328,14 +360,18 @@ class ScoreNet(nn.Module):
         )
         width = c.embed_dim * c.n_global_blocks
         if c.scorer_only:
-            self.local = self.project = self.mixer = None
+            self.local = self.project = self.mixer = self.standardize = None
         else:
             if local is None:
                 raise BenchmarkError("scorenet: give a local encoder (or set scorer_only)")
             self.local = local
-            self.project = (
+            project = (
                 nn.Identity() if local.embed_dim == c.embed_dim else nn.Linear(local.embed_dim, c.embed_dim)
             )
+            if c.embed_norm and not isinstance(local, PaperLocalViT):
+                project = nn.Sequential(Standardize(local.embed_dim), project)
+            self.project = project
+            self.standardize = project[0] if isinstance(project, nn.Sequential) else None
             self.mixer = Mixer(c.embed_dim, c.mixer_depth, c.num_heads, c.mixer_mlp_ratio)
             width += c.embed_dim
         self.head = nn.Linear(width, n_classes)
@@ -397,7 +433,7 @@ class ScoreNet(nn.Module):
                 chosen = region_embeddings.gather(
                     1, indices[..., None].expand(-1, -1, region_embeddings.shape[-1])
                 )
-            embeddings = self.project(chosen)
+            embeddings = self.project(chosen.flatten(0, 1)).reshape(b, k, -1)
         else:
             if training:
                 selection = straight_through_topk(scores, k, c.num_samples, c.sigma, generator)  # [B, K, N]
@@ -414,16 +450,10 @@ class ScoreNet(nn.Module):
         return ScoreNetOutput(self.head(torch.cat([global_token, fine], dim=-1)), scores, indices, grid)
 
     def _gather(self, images: torch.Tensor, indices: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Only the selected regions [B, K, 3, P_h, P_h], cut from the ROI (no pass over the other regions)."""
-        p, n_w = self.config.region_px, grid[1]
-        rows = []
-        for b in range(images.shape[0]):
-            rows.append(
-                torch.stack(
-                    [
-                        images[b, :, (i // n_w) * p : (i // n_w + 1) * p, (i % n_w) * p : (i % n_w + 1) * p]
-                        for i in indices[b].tolist()
-                    ]
-                )
-            )
-        return torch.stack(rows)
+        """Only the selected regions [B, K, 3, P_h, P_h], copied out of a strided view of the ROI by one
+        indexing op (no pass over the other regions, no host sync, no per-region Python loop)."""
+        p, (n_h, n_w) = self.config.region_px, grid
+        b = images.shape[0]
+        view = images[..., : n_h * p, : n_w * p].unflatten(-1, (n_w, p)).unflatten(-3, (n_h, p))
+        rows = torch.arange(b, device=indices.device)[:, None]
+        return view.permute(0, 2, 4, 1, 3, 5)[rows, indices // n_w, indices % n_w]

@@ -216,6 +216,22 @@ def embed_all_regions(
     return RoiCache([thumbs[i] for i in order], [embeddings[i] for i in order])
 
 
+@torch.no_grad()
+def train_region_embeddings(
+    model: ScoreNet, rois: Rois, indices: np.ndarray, device: torch.device, cache: RoiCache | None = None
+) -> torch.Tensor:
+    """The local encoder's embeddings of every region of the ROIs `indices`, [Σ N_i, E] in that order (from `cache` when
+    given; otherwise one pass of the encoder as it is now, e.g. a LoRA encoder before training): what
+    `ScoreNet.standardize` is fitted on."""
+    if cache is not None:
+        return torch.cat([cache.embeddings[int(i)] for i in indices])
+    model.eval()
+    embedded = {}
+    for batch in _batches(rois, np.asarray(indices), 8, np.random.default_rng(0)):
+        embedded.update(zip(batch.tolist(), model.embed_regions(_stack(rois, batch, device)), strict=True))
+    return torch.cat([embedded[int(i)] for i in indices])
+
+
 def _inputs(rois: Rois, batch: np.ndarray, device: torch.device, cache: RoiCache | None) -> dict:
     """The model's inputs for a batch: the cached thumbnails and embeddings, else the images."""
     if cache is None:
@@ -234,6 +250,8 @@ def train(
     cache: RoiCache | None = None,
 ) -> ScoreNet:
     """Train `model` on the train split (module docstring); returns it in eval mode (best val epoch if any).
+    A registry local encoder's embeddings are first standardized with the train split's statistics
+    (`ScoreNet.standardize`, `model.ScoreNetModelConfig.embed_norm`).
 
     `cache` (`embed_all_regions`; a frozen local encoder): ScoreMix and no mixing move whole regions, so the
     batch is mixed on the cached thumbnails (regions of P_l px) and the cached embeddings follow
@@ -242,6 +260,8 @@ def train(
     box's border. CutMix, whose box cuts through regions, is applied to the ROI and re-embedded."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
+    if model.standardize is not None:
+        model.standardize.fit(train_region_embeddings(model, rois, rois.where("train"), device, cache))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     train_idx, val_idx = rois.where("train"), rois.where("val")
