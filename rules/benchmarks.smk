@@ -434,6 +434,7 @@ rule report:
         skipped_slides=SKIPPED_SLIDES,
         paired_runs=paired_report_runs(),  # the seed-style tables of the paired runs (report.paired)
         plism_reference=PLISM["reference"],
+        tissue_holdout=PLISM["tissue_holdout"],  # the paired section names and describes the held-out tissues
         config=report_config(),
     log:
         "logs/report.log",

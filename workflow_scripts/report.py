@@ -20,4 +20,5 @@ report.run(
     skipped_slides=p.skipped_slides,
     paired_runs=p.paired_runs,
     plism_reference=p.plism_reference,
+    tissue_holdout=p.tissue_holdout,
 )

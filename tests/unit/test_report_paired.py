@@ -80,33 +80,50 @@ def test_paired_runs_labels_pairing_symmetry_weights():
 
 def test_seed_table_layout_and_cells():
     table = paired.seed_table(paired.paired_runs(RUNS, reference="REF"), SCORES)
+    # the seed's four columns only: the frozen-teacher runs are Table 3 (frozen_table), not empty columns
     assert list(table.columns) == [
         "asymmetric · separate",
         "asymmetric · shared",
-        "asymmetric · frozen teacher",
         "symmetric · separate",
         "symmetric · shared",
-        "symmetric · frozen teacher",
     ]
-    assert list(table.index) == [
-        ("registered", "feature"),
-        ("registered", "vicreg"),
-        (paired.UNPAIRED, "feature"),
-        ("context", "vicreg"),
-    ]
-    # two seeds: mean ± sample standard deviation (0.75 ± 0.0707...)
-    assert table.loc[("registered", "feature"), "asymmetric · frozen teacher"] == "0.750 ± 0.071 (n=2)"
-    assert table.loc[(paired.UNPAIRED, "feature"), "asymmetric · frozen teacher"] == "0.450 ± 0.071 (n=2)"
+    assert list(table.index) == [("registered", "vicreg"), ("context", "vicreg")]
     assert table.loc[("registered", "vicreg"), "asymmetric · separate"] == "0.610"
     assert table.loc[("registered", "vicreg"), "symmetric · shared"] == "0.550"
     assert table.loc[("registered", "vicreg"), "asymmetric · shared"] == "n/a"  # not run
     assert table.loc[("context", "vicreg"), "asymmetric · separate"] == "–"  # run, no score
-    assert table.loc[("registered", "feature"), "asymmetric · separate"] == "n/a"
-    # a seed without a score is counted; no frozen-teacher run: no frozen-teacher columns
-    partial = paired.seed_table(paired.paired_runs(RUNS, "REF"), {**SCORES, "student-registered-s1": np.nan})
-    assert partial.loc[("registered", "feature"), "asymmetric · frozen teacher"] == "0.700 (n=1 of 2)"
+    # no co-trained run: no rows, the same columns
+    frozen = paired.paired_runs({k: v for k, v in RUNS.items() if "teacher_mode" not in v}, "REF")
+    assert paired.seed_table(frozen, SCORES).empty
+
+
+def test_frozen_table_seeds_share_a_cell():
+    runs = paired.paired_runs(RUNS, reference="REF")
+    top1 = {m: v + 0.1 for m, v in SCORES.items()}
+    table = paired.frozen_table(runs, SCORES, top1)
+    assert list(table.columns) == [paired.PROBE_LABEL, paired.TOP1_LABEL]
+    assert list(table.index) == [
+        ("registered", "feature", "asymmetric"),
+        (paired.UNPAIRED, "feature", "asymmetric"),
+    ]
+    # two seeds: mean ± sample standard deviation (0.75 ± 0.0707...)
+    assert table.loc[("registered", "feature", "asymmetric"), paired.PROBE_LABEL] == "0.750 ± 0.071 (n=2)"
+    assert table.loc[("registered", "feature", "asymmetric"), paired.TOP1_LABEL] == "0.850 ± 0.071 (n=2)"
+    assert table.loc[(paired.UNPAIRED, "feature", "asymmetric"), paired.PROBE_LABEL] == "0.450 ± 0.071 (n=2)"
+    # a seed without a score is counted
+    partial = paired.frozen_table(runs, {**SCORES, "student-registered-s1": np.nan}, top1)
+    assert partial.loc[("registered", "feature", "asymmetric"), paired.PROBE_LABEL] == "0.700 (n=1 of 2)"
     cotrained = paired.paired_runs({k: v for k, v in RUNS.items() if "teacher_mode" in v}, "REF")
-    assert "asymmetric · frozen teacher" not in paired.seed_table(cotrained, SCORES).columns
+    assert paired.frozen_table(cotrained, SCORES, top1).empty
+
+
+def test_describe_holdout_names_blocks_and_tables():
+    blocks = {"method": "blocks", "blocks": [2, 3], "held_out": ["r1c1"]}
+    text = paired.describe_holdout("r1c1", blocks)
+    assert text.startswith("r1c1 (") and "2 × 3 equal blocks" in text and "r0c0 at the top left" in text
+    table = paired.describe_holdout("liver", {"method": "table", "table": "t.tsv", "held_out": ["liver"]})
+    assert table == "liver (tissue ids of t.tsv; plism.tissue_holdout method table)"
+    assert paired.describe_holdout("r1c1", None) == "r1c1"
 
 
 def test_report_shows_the_seed_tables_and_names_the_held_out_tissues(tmp_path):
@@ -126,17 +143,43 @@ def test_report_shows_the_seed_tables_and_names_the_held_out_tissues(tmp_path):
         rows = probe_rows({"tissue": [acc, acc, acc]})
         scores["probe"][name] = write_tidy(rows, tmp_path / f"probe-{name}.parquet", benchmark="probe")
     runs = {k: RUNS[k] for k in ("student-registered", "student-unpaired")}
-    build_report(scores, tmp_path / "out", n_boot=0, paired_runs=runs, plism_reference="REF")
+    holdout = {"method": "blocks", "blocks": [2, 2], "held_out": held_out}
+    build_report(
+        scores, tmp_path / "out", n_boot=0, paired_runs=runs, plism_reference="REF", tissue_holdout=holdout
+    )
     page = (tmp_path / "out" / "index.html").read_text()
     section = page.split('id="paired"')[1].split("</section>")[0]
-    probe = find_table(section, "asymmetric · frozen teacher")
-    assert probe.set_index("pairing").loc["registered", "asymmetric · frozen teacher"] == "0.800"
-    assert probe.set_index("pairing").loc[paired.UNPAIRED, "asymmetric · frozen teacher"] == "0.600"
-    assert probe.set_index("pairing").loc["registered", "symmetric · shared"] == "n/a"
-    top1 = find_table(section.split("Table 2")[1], "asymmetric · frozen teacher").set_index("pairing")
-    assert top1.loc["registered", "asymmetric · frozen teacher"] == "1.000"  # same embedding on every slide
-    assert float(top1.loc[paired.UNPAIRED, "asymmetric · frozen teacher"]) < 1.0
-    assert "held-out tissues" in section and "them): r1c1." in section
+    table = find_table(section, paired.PROBE_LABEL).set_index("pairing")  # Table 3: frozen teacher
+    assert table.loc["registered", paired.PROBE_LABEL] == "0.800"
+    assert table.loc[paired.UNPAIRED, paired.PROBE_LABEL] == "0.600"
+    assert table.loc["registered", paired.TOP1_LABEL] == "1.000"  # same embedding on every slide
+    assert float(table.loc[paired.UNPAIRED, paired.TOP1_LABEL]) < 1.0
+    assert "Table 1" not in section  # no co-trained run: no seed-layout table of empty cells
+    assert "held-out tissues" in section and "them): r1c1 (spatial blocks" in section
+    assert "2 × 2 equal blocks" in section
+
+
+def test_section_lays_out_cotrained_and_frozen_runs():
+    runs = paired.paired_runs(RUNS, "REF")
+    board = pd.DataFrame({"model": [*SCORES, "t", "r"], paired.PROBE_COLUMN: [*SCORES.values(), 0.9, 0.3]})
+    summary = pd.DataFrame(
+        {
+            "model": ["student-reg-asym-sep", "t", "r"],
+            "group": "all",
+            "metric": "top_1",
+            "median": [0.5, 0.6, 0.1],
+        }
+    )
+    summary["held_out"] = "r1c1"
+    body = paired.section(runs, board, summary, teacher="t", random_init="r")
+    probe = find_table(body, "asymmetric · separate")
+    assert probe.set_index("pairing").loc["registered", "asymmetric · separate"] == "0.610"
+    top1 = find_table(body.split("Table 2")[1], "asymmetric · separate").set_index("pairing")
+    assert top1.loc["registered", "asymmetric · separate"] == "0.500"
+    assert top1.loc["context", "asymmetric · separate"] == "–"  # run, no PLISM score
+    assert find_table(body.split("<h3>Table 3")[1], paired.TOP1_LABEL).shape == (2, 5)
+    assert "Teacher t: linear probe 0.900, PLISM top-1 0.600." in body
+    assert "Random-init twin r: linear probe 0.300, PLISM top-1 0.100." in body
 
 
 def test_section_without_held_out_tissues_says_so():

@@ -376,6 +376,7 @@ def build_report(
     roles: distillation.DistillationRoles | None = None,
     paired_runs: Mapping[str, Mapping[str, Any]] | None = None,
     plism_reference: str | None = None,
+    tissue_holdout: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Write `out_dir/leaderboard.parquet`, `out_dir/figures/*.png` and `out_dir/index.html`; return the board.
 
@@ -386,7 +387,8 @@ def build_report(
 
     `paired_runs` {student model: its run's `pairing`, `teacher_mode`, `objective`, `seed`} adds the paired-view
     section (`report.paired`: the seed paper's Tables 1–2, linear probe and held-out PLISM top-1) when a run
-    is paired; `plism_reference` (plism.reference) tells the unpaired control (student side = reference).
+    is paired; `plism_reference` (plism.reference) tells the unpaired control (student side = reference);
+    `tissue_holdout` (plism.tissue_holdout) describes the held-out tissues there.
 
     `skipped_slides` (`slide_id`, `path`): sample-sheet slides left out because their file was missing
     (`on_missing_slide: skip`); the page lists them first, so no result hides a missing slide.
@@ -469,7 +471,15 @@ def build_report(
             sections.append(("distillation", "Distillation: recovery of the teacher", body))
     runs = paired.paired_runs(paired_runs or {}, plism_reference)
     if len(runs):
-        body = paired.section(runs, board, summaries.get("plism"), roles.teacher if roles else None)
+        twins = {roles.students.get(m) for m in runs["model"]} - {None} if roles else set()
+        body = paired.section(
+            runs,
+            board,
+            summaries.get("plism"),
+            roles.teacher if roles else None,
+            twins.pop() if len(twins) == 1 else None,  # the random-init baseline, when they share one
+            tissue_holdout,
+        )
         sections.append(("paired", "Paired-view distillation (seed-style tables)", body))
     sections.append(("size", "Model size", _size_section(board, models)))
     document = page.page(title, sections)
@@ -493,6 +503,7 @@ def run(
     skipped_slides: Sequence[Mapping[str, str]] = (),
     paired_runs: Mapping[str, Mapping[str, Any]] | None = None,
     plism_reference: str | None = None,
+    tissue_holdout: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """The report of a workflow run: `build_report` with each model's size and measured throughput, and
     the distillation section when `teacher` and a student `student-<run>` of `students` are reported.
@@ -501,8 +512,8 @@ def run(
     model); `benchmarks`: every enabled benchmark (one with no file shows as absent); `models[i]` and
     `embedding_stores[i]`: a model and one of its embedding stores, whose attributes give `tiles_per_s`,
     `throughput_device` and `throughput_conditions` (the load it was measured under, shown beside it). A distilled student `student-<run>` is profiled as its run's architecture
-    (`students[run]`); `n_boot`: replicates of the PLISM CIs; `paired_runs`, `plism_reference`: the
-    paired-view section's runs (`build_report`). Writes `out_dir/{leaderboard.parquet,figures/,index.html}`; returns the leaderboard.
+    (`students[run]`); `n_boot`: replicates of the PLISM CIs; `paired_runs`, `plism_reference`,
+    `tissue_holdout`: the paired-view section's runs and held-out tissues (`build_report`). Writes `out_dir/{leaderboard.parquet,figures/,index.html}`; returns the leaderboard.
     Raises ReportError when a score file's directory is not one of `benchmarks` or the two model lists
     differ in length.
     """
@@ -543,4 +554,5 @@ def run(
         roles=who,
         paired_runs=paired_runs,
         plism_reference=plism_reference,
+        tissue_holdout=tissue_holdout,
     )
