@@ -217,11 +217,16 @@ def section(
             "random init among the reported models (e.g. h0_mini_tiny for a tiny student), so it is not "
             "computed (–)."
         )
-    header = ["score", f"teacher ({who.teacher})"]
+    # model names in a line above the table, each student's recovery beside its score: the recovery
+    # columns stay in view on a page-wide table
+    header = ["score", "teacher"]
     baselines = list(dict.fromkeys(b for b in who.students.values() if b))
-    header += [f"random init ({b})" for b in baselines]
-    header += ["gap ± SE" if len(baselines) == 1 else f"gap to {b} ± SE" for b in baselines]
-    header += [f"{s}" for s in students] + [f"recovery {s}" for s in students]
+    one = len(baselines) == 1
+    header += ["random init" if one else f"random init ({b})" for b in baselines]
+    header += ["gap ± SE" if one else f"gap to {b} ± SE" for b in baselines]
+    header += [h for s in students for h in (f"{s}", f"recovery {s}")]
+    names = [f"teacher: {who.teacher}"] + [f"random init of {s}: {b}" for s, b in who.students.items() if b]
+    body += page.note("; ".join(names) + ".")
     rows = []
     for column in dict.fromkeys(recoveries["column"]):
         part = recoveries[recoveries["column"] == column].set_index("student")
@@ -230,8 +235,9 @@ def section(
         per_baseline = [part[part["baseline"] == b] for b in baselines]
         row += [page.fmt(p["baseline_value"].iloc[0] if len(p) else np.nan) for p in per_baseline]
         row += [page.fmt_pm(p["gap"].iloc[0], p["gap_se"].iloc[0]) if len(p) else "–" for p in per_baseline]
-        row += [page.fmt(part.at[s, "student_value"]) for s in students]
-        row += [_recovery_cell(part.loc[s]) for s in students]
+        row += [
+            c for s in students for c in (page.fmt(part.at[s, "student_value"]), _recovery_cell(part.loc[s]))
+        ]
         rows.append(row)
     body += page.table(header, rows)
     body += page.note(
