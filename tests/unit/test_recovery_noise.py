@@ -206,3 +206,17 @@ def test_report_says_within_noise_and_writes_the_gap(tmp_path):
 def test_error_board_has_the_leaderboard_layout():
     board = error_board({}, ["a", "b"])
     assert list(board["model"]) == ["a", "b"] and list(board.columns) == ["model"]
+
+
+def test_recovery_cells():
+    from histodistill.report.distillation import _recovery_cell
+
+    def cell(gap, resolved, recovery):
+        return _recovery_cell(pd.Series({"gap": gap, "resolved": resolved, "recovery": recovery}))
+
+    assert (
+        cell(0.0, False, float("nan")) == "–"
+    )  # teacher = random init (PLISM top-10 at 1.000): nothing to recover
+    assert cell(0.01, False, float("nan")) == "– (within noise)"
+    assert cell(0.2, True, 0.754) == "0.75"
+    assert cell(0.2, pd.NA, 0.754) == "0.75 *"  # no standard error: shown, untested

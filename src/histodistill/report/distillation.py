@@ -183,8 +183,11 @@ def cost_table(
 
 
 def _recovery_cell(row: pd.Series) -> str:
-    """A recovery figure: "– (within noise)" when its gap is not resolved, "*" when it was not tested."""
+    """A recovery figure: "–" without a positive gap, "– (within noise)" when the gap is not resolved, "*" when
+    it was not tested."""
     resolved = row["resolved"]
+    if not row["gap"] > MIN_GAP:  # the teacher does not beat the random init: nothing to recover
+        return page.MISSING
     if not pd.isna(resolved) and not resolved:
         return f"{page.MISSING} (within noise)"
     text = page.fmt(row["recovery"], 2)
