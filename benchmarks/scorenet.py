@@ -6,7 +6,8 @@ scorenet  = ScoreNet's test-time forward (`ScoreNet.eval()`): the scorer on the 
             s = region_px / 16 (the paper's scorer: 96 wide, 8 deep), hard top-K, the local encoder on the
             K selected regions, the mixer.
 
-K is the paper code's ⌈0.1·N⌉ (`--k-fraction`) or a fixed count (`--top-k`, the reference's `--k 20`): with K
+K is the paper code's ⌈0.1·N⌉ (`--k-fraction`) or a fixed count (`--top-k`, e.g. 20: the reference's `--k`
+argument, whose value `get_indicators` ignores for ⌈0.1·N⌉): with K
 a fixed share of N, the saving is at most 1 / k_fraction (≈ 10×) whatever the ROI size; a fixed K makes it
 grow with the ROI. Both are printed when `--top-k` is given. Per ROI side: min and median over `--repeats`
 timed runs after one warm-up, the ratio baseline / ScoreNet of the medians, and the growth exponent of
