@@ -1183,12 +1183,28 @@ def _median(summary: pd.DataFrame, group: str, metric: str) -> float:
     return float(hit["median"].iloc[0]) if len(hit) == 1 else np.nan
 
 
-def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
-    """The PLISM leaderboard metric, the median cosine over all pairs and the three top-10 medians."""
+def _median_columns(summary: pd.DataFrame, value: Callable[[pd.DataFrame, str, str], float]) -> dict:
+    """The leaderboard's columns {column: {model: value(part, group, metric)}} of the median headlines (median
+    cosine and unmatched cosine, separation, the top-10 medians, the robustness index), with the composite
+    `plism_leaderboard` first and empty; `_headline` fills it, `_errors` leaves it without a value."""
     cols: dict[str, dict[str, float]] = {c: {} for c in ("plism_leaderboard", "plism_cosine_median")}
     cols |= {"plism_cosine_unmatched_median": {}, "plism_separation_median": {}}
     cols |= {f"plism_top10_{g}": {} for g in LEADERBOARD_TOP10_GROUPS}
     cols |= {"plism_robustness_index": {}}
+    for model, part in summary.groupby("model", sort=False) if len(summary) else []:
+        cols["plism_cosine_median"][model] = value(part, ALL, COSINE)
+        cols["plism_cosine_unmatched_median"][model] = value(part, ALL, COSINE_UNMATCHED)
+        cols["plism_separation_median"][model] = value(part, ALL, SEPARATION)
+        for g in LEADERBOARD_TOP10_GROUPS:
+            cols[f"plism_top10_{g}"][model] = value(part, g, "top_10")
+        ri = _ri_headline_metric(set(part.loc[part["group"] == POOLED, "metric"]))
+        cols["plism_robustness_index"][model] = value(part, POOLED, ri) if ri else np.nan
+    return cols
+
+
+def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """The PLISM leaderboard metric, the median cosine over all pairs and the three top-10 medians."""
+    cols = _median_columns(summary, _median)
     for model, part in summary.groupby("model", sort=False) if len(summary) else []:
         part = part.drop(columns="model")
         decimals = LEADERBOARD_DECIMALS if _compat_of(part).startswith("plismbench") else None
@@ -1196,13 +1212,6 @@ def _headline(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
             cols["plism_leaderboard"][model] = leaderboard_metric(part, decimals)
         except BenchmarkError as exc:
             log.warning("PLISM leaderboard of %r: %s", model, exc)
-        cols["plism_cosine_median"][model] = _median(part, ALL, COSINE)
-        cols["plism_cosine_unmatched_median"][model] = _median(part, ALL, COSINE_UNMATCHED)
-        cols["plism_separation_median"][model] = _median(part, ALL, SEPARATION)
-        for g in LEADERBOARD_TOP10_GROUPS:
-            cols[f"plism_top10_{g}"][model] = _median(part, g, "top_10")
-        ri = _ri_headline_metric(set(part.loc[part["group"] == POOLED, "metric"]))
-        cols["plism_robustness_index"][model] = _median(part, POOLED, ri) if ri else np.nan
     return by_model(cols, models)
 
 
@@ -1216,21 +1225,9 @@ def _median_se(summary: pd.DataFrame, group: str, metric: str) -> float:
 
 
 def _errors(summary: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
-    """The standard errors of the median headlines (`_median_se`); NaN for the plismbench leaderboard
-    metric, a composite without a CI."""
-    cols: dict[str, dict[str, float]] = {"plism_leaderboard": {}, "plism_cosine_median": {}}
-    cols |= {"plism_cosine_unmatched_median": {}, "plism_separation_median": {}}
-    cols |= {f"plism_top10_{g}": {} for g in LEADERBOARD_TOP10_GROUPS}
-    cols |= {"plism_robustness_index": {}}
-    for model, part in summary.groupby("model", sort=False) if len(summary) else []:
-        cols["plism_cosine_median"][model] = _median_se(part, ALL, COSINE)
-        cols["plism_cosine_unmatched_median"][model] = _median_se(part, ALL, COSINE_UNMATCHED)
-        cols["plism_separation_median"][model] = _median_se(part, ALL, SEPARATION)
-        for g in LEADERBOARD_TOP10_GROUPS:
-            cols[f"plism_top10_{g}"][model] = _median_se(part, g, "top_10")
-        ri = _ri_headline_metric(set(part.loc[part["group"] == POOLED, "metric"]))
-        cols["plism_robustness_index"][model] = _median_se(part, POOLED, ri) if ri else np.nan
-    return by_model(cols, models)
+    """The standard errors of the median headlines (`_median_se`, in `_headline`'s columns); NaN for the
+    plismbench leaderboard metric, a composite without a CI."""
+    return by_model(_median_columns(summary, _median_se), models)
 
 
 def _ri_headline_metric(metrics: set[str]) -> str | None:
