@@ -32,6 +32,13 @@ load fell to ~5–12), median 138.5 → 248.1 (min 131.2 → 247.6); peak PSS 60
 → 1,739 MiB (1,024 tiles, workers 2). Profile after: crop/flip/resize 36.5%, tile decode 24.5%, cache
 read 18.9%, collation 9.1% (before: tile decode 62.6%, crop/flip/resize 22.0%).
 
+Re-measured on the same machine, quiet (load average 0.7 at start, 1.4 at most; nothing else running),
+2026-12-01, defaults (`--repeats 5 --batches 4`): samples per CPU-second, num_workers 0, 1,024 tiles, median
+692.1 (min 686.3); num_workers 2, 1,024 tiles, median 509.1 (min 472.4); num_workers 2, 4,096 tiles, median
+567.5 (min 541.3): target ≥ 200 met at both cache sizes; peak PSS 1,890 MiB (1,024 tiles) vs 1,865 MiB (4,096
+tiles), flat in cache size. Profile (num_workers 0): crop/flip/resize 39.8%, tile decode 22.8%, cache read
+14.7%, collation 14.1%. The step-side photometric part on this CPU: 76.3 samples/s (median; a GPU's job).
+
     python benchmarks/distill_input.py                       # 1,024 and 4,096 tiles, workers 0 and 2
     python benchmarks/distill_input.py --workers 0 4 12 --tiles 1024     # a 16-core GPU machine (cuda)
 """
