@@ -245,7 +245,7 @@ def ibot_positions(
     processes (each draws for its own rows) draw the same positions as one uninterrupted process. A tile
     that occurs twice in one batch (an epoch boundary inside it) gets the same positions twice. Cost: one
     generator per sample on the host, 2.1 ms for 64 tiles × 64 positions (1 CPU thread, measured), queued
-    after the student's forward, so on a GPU it overlaps that forward.
+    after the student's forward is launched, so on a GPU it can overlap it (not measured on one).
     HistodistillError for n < 1 or a `rows` of another length than `batch`.
     """
     if n < 1:
