@@ -6,6 +6,9 @@
 (b) cached       — the teacher tokens (CLS + pool2 patches) and view parameters read per sample from the
                    teacher cache by the DataLoader (`DistillDataset`, cached mode)
 (c) online       — (a)'s data path (view parameters read from the cache) + the teacher's forward pass
+(b0) cached_all  — (b) with the iBOT loss on every pooled patch token whatever `--distill-ibot-patches`
+                   says: (b)/(b0) is the saving of `ibot_patches` (distill.objectives.DinoIbot), measured
+                   interleaved with the other modes
 (e) paired       — (b) on paired views (distill/pairs.py, `--pairing`; default `registered`): the student's
                    views rendered from the paired image with the cached views' parameters, so one extra
                    tile decode per sample (the other slide's matched tile) and no extra teacher pass. With
@@ -27,8 +30,11 @@ Timing: after a warm-up step per mode, `--repeats` rounds, each running `--steps
 (interleaved), every step timed alone; min and median over all timed steps. Targets: (b)/(a) ≤ 1.15,
 (c)/(b) ≥ 2.5, (e)/(b) ≤ 1.15 (issue 15: a paired step costs at most 1.15× an unpaired one), and per sample
 (d)/(b) ≤ 0.05 (the heads stage costs at most 5% of a distillation step).
+`--distill-ibot-patches N` (configs/h0mini.yaml's runs: 8; default: every token) puts the iBOT loss of modes
+a, b, c, e on N random pooled tokens per view (`ibot_patches`), taken before the heads run.
 On a GPU: python benchmarks/distill_step.py --teacher h_optimus_0 --student h0_mini --teacher-weights W
     --batch-size 64 --prototypes 131072 --heads-batch-size 1024 --head-precision bf16 --ibot-patches 8
+    --distill-ibot-patches 8 --modes student_only cached online cached_all
 `--profile`: after the timing, one more step of each mode (and of the heads stage) under torch.profiler (CPU,
 and CUDA when present): the step's time by phase (the `distill.<phase>` / `heads.<phase>` labels of
 `Trainer.step` and `HeadsTrainer.step`: teacher output, student forward, teacher targets, losses, backward,
@@ -63,7 +69,7 @@ from histodistill.teacher_cache import cache_teacher, gather_teacher_cache
 from histodistill.tilestore import ProcessLocal, TileStore, pack_tiles
 from histodistill.tiling import TilingConfig, tile_slide
 
-LETTER = {"student_only": "a", "cached": "b", "online": "c", "paired": "e"}
+LETTER = {"student_only": "a", "cached": "b", "online": "c", "paired": "e", "cached_all": "b0"}
 
 
 def gflops(name: str) -> float:
@@ -106,7 +112,7 @@ class Mode:
             trainer.cache_path,
             0,
             trainer.cfg.seed,
-            cached=mode in ("cached", "paired"),
+            cached=mode in ("cached", "paired", "cached_all"),
             pairing=trainer.pairing,
             photometric=False,  # as the trainer's loader: the photometric part runs batched on its device
         )
@@ -289,6 +295,12 @@ def main() -> None:
         help="iBOT tokens per view in the heads step (configs/h0mini.yaml: 8)",
     )
     parser.add_argument(
+        "--distill-ibot-patches",
+        type=int,
+        default=None,
+        help="iBOT tokens per view in the distillation steps, `ibot_patches` (default: all; configs/h0mini.yaml: 8)",
+    )
+    parser.add_argument(
         "--head-precision",
         choices=["fp32", "bf16"],
         default="fp32",
@@ -298,7 +310,7 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=["student_only", "cached", "online", "paired"],
-        help="distillation modes to time",
+        help="distillation modes to time (cached_all: cached with iBOT on every token)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile one more step per mode: phases and top ops"
@@ -372,6 +384,7 @@ def main() -> None:
                         cfg,
                         teacher_mode="online" if m == "online" else "cached",
                         pairing={"source": args.pairing} if m == "paired" else {},
+                        ibot_patches=None if m == "cached_all" else args.distill_ibot_patches,
                     ),
                     store,
                     tmp / "cache.zarr",
@@ -395,7 +408,8 @@ def main() -> None:
     print(
         f"teacher {args.teacher} : student {args.student} = {ratio:.1f}x FLOPs per image; batch {args.batch_size} "
         f"(2 global views each), {args.prototypes} prototypes, pool2 cache of {n_tiles} tiles, device {device} "
-        f"({amp or 'fp32'}; heads {args.head_precision}), torch threads {torch.get_num_threads()}, "
+        f"({amp or 'fp32'}; heads {args.head_precision}; iBOT on "
+        f"{args.distill_ibot_patches or 'all'} pooled tokens per view), torch threads {torch.get_num_threads()}, "
         f"{args.workers} loader worker(s) per mode; "
         f"{args.repeats} interleaved rounds × {args.steps} steps per mode"
     )
@@ -427,6 +441,16 @@ def main() -> None:
         print(
             f"paired ({args.pairing}) / cached = median {med['paired'] / med['cached']:.2f}, "
             f"min {low['paired'] / low['cached']:.2f} (target ≤ 1.15)"
+        )
+    if {"cached", "cached_all"} <= set(med):
+        print(
+            f"cached ({args.distill_ibot_patches or 'all'} iBOT tokens) / cached (all tokens) = median "
+            f"{med['cached'] / med['cached_all']:.2f}, min {low['cached'] / low['cached_all']:.2f}"
+        )
+    if {"cached_all", "online"} <= set(med):
+        print(
+            f"online / cached (all tokens) = median {med['online'] / med['cached_all']:.2f}, "
+            f"min {low['online'] / low['cached_all']:.2f} (the step before `ibot_patches`)"
         )
     if "cached" in med:
         per_tile = (heads_med / heads_batch) / (med["cached"] / args.batch_size)

@@ -6,7 +6,9 @@ timed (warm-up, min and median) and, with `--profile`, its top ops (torch.profil
 Shapes (configs/h0mini.yaml): ViT-B/14 student (h0_mini: 4 registers, SwiGLU) on 2 global 224 px views per tile,
 teacher width 1536 (ViT-g/14, H-Optimus-0) cached at `pool2` (8 × 8 = 64 patch tokens per view), DINO
 (bottleneck 384) and iBOT (bottleneck 256) heads of hidden width 2,048 and 131,072 prototypes, iBOT on every
-pooled patch token of both views (this pipeline does not mask), 64 tiles per GPU; the heads stage: 1,024 tiles,
+pooled patch token of both views (64: `ibot_patches` unset; this pipeline does not mask) or, with
+`--distill-ibot-patches N` (configs/h0mini.yaml: 8), on N random ones per view (`ibot_patches`: the positions
+taken before the heads run, distill.objectives.DinoIbot), 64 tiles per GPU; the heads stage: 1,024 tiles,
 8 patch tokens per view (`distill.teacher_heads.ibot_patches`), heads on the teacher's width on both sides.
 
 Head precision (`head_precision`, configs/h0mini.yaml: bf16): the heads' matmul FLOPs are the same in fp32
@@ -15,8 +17,10 @@ objective by `TrafficMode` (a TorchDispatchMode: the bytes of every op's large t
 for both precisions: bf16 halves the logits' and their gradient's bytes but adds their conversion to
 float32, so the float32 softmax passes keep it about where it was. From both, and from the run measured on
 an H200 (`H200_MEASURED`: fp32 heads, the `before` passes, 16 tokens), `predict_h200` predicts (b), (c)/(b)
-and the heads step per tile against (b) for fp32 and bf16 heads and 16 / 10 / 8 iBOT tokens per view, at
-70 %, 85 % and 100 % of the HBM's peak bandwidth (each calibrated on that run; see its docstring).
+and the heads step per tile against (b) for fp32 and bf16 heads and 16 / 10 / 8 / 4 iBOT tokens per view, at
+70 %, 85 % and 100 % of the HBM's peak bandwidth (each calibrated on that run; see its docstring), with the
+distillation step's iBOT on all 64 pooled tokens per view and on `--distill-ibot-patches` of them, side by
+side (the same run, the same calibration).
 
 The step run here is the trainer's own `Trainer.step` (and `HeadsTrainer.step`) on an object built without a
 tile store or cache: mode (a), the teacher tokens made once in memory (fp16 precision, as the cache). (b) adds
@@ -99,6 +103,7 @@ class Shapes:
     prototypes: int = 131072
     heads_tiles: int = 1024
     heads_patches: int = 8  # configs/h0mini.yaml's distill.teacher_heads.ibot_patches
+    ibot_tokens: int = 64  # iBOT tokens per view in distillation (`ibot_patches`; all 64 when unset)
 
 
 # Measured on one NVIDIA H200 (benchmarks/gpu.sh, 2026-11-30; fp32 heads, the `before` [N,K] passes,
@@ -141,12 +146,16 @@ def measured_nk_bytes(head_precision: str, heads_stage: bool, s: Shapes, k: int 
     """Bytes of [N, K] traffic per iBOT logit (per row and prototype) of one step of the real DINO+iBOT
     objective (targets, losses, backward, monitors, centre update) in `head_precision`, at the paper's
     widths with K = `k` (the count per logit does not depend on K) and 2,048 iBOT rows: the distillation
-    step's objective (student width, frozen teacher heads, every pooled token) or, with `heads_stage`, the
-    heads stage's (teacher width on both sides, EMA teacher heads, `s.heads_patches` tokens per view)."""
+    step's objective (student width, frozen teacher heads, `s.ibot_tokens` of the 64 pooled tokens per view:
+    all, or a drawn subset through `ibot_patches`) or, with `heads_stage`, the heads stage's (teacher width
+    on both sides, EMA teacher heads, `s.heads_patches` tokens per view). The backbones' token tensors
+    (the subset is gathered from them) are not counted: only tensors larger than every one of them."""
     from histodistill.distill.objectives import DinoIbot, StepState, StudentTokens
 
+    subset = not heads_stage and s.ibot_tokens < s.patches
     patches = s.heads_patches if heads_stage else s.patches
-    tiles = -(-1024 // patches)  # ≥ 2,048 rows: [N, K] tensors larger than the prototypes' weights
+    used = s.heads_patches if heads_stage else min(s.ibot_tokens, s.patches)
+    tiles = -(-1024 // used)  # ≥ 2,048 rows: [N, K] tensors larger than the prototypes' weights
     cfg = replace(
         DistillConfig(),
         n_prototypes=k,
@@ -155,6 +164,7 @@ def measured_nk_bytes(head_precision: str, heads_stage: bool, s: Shapes, k: int 
         ibot_bottleneck=s.ibot_bottleneck,
         ibot_chunk=4096,
         head_precision=head_precision,
+        ibot_patches=s.ibot_tokens if subset else None,
     )
     sdim = TEACHER_DIM if heads_stage else s.student_dim
     torch.manual_seed(0)
@@ -172,10 +182,13 @@ def measured_nk_bytes(head_precision: str, heads_stage: bool, s: Shapes, k: int 
             torch.randn(2 * tiles, patches, sdim, generator=g).requires_grad_(),
             None,
         )
-    rows = 2 * tiles * patches
+    rows = 2 * tiles * used
     state = StepState(0, 0.04)
-    # [N, K] tensors and their chunks; not the prototypes' [K, bottleneck] weights nor the DINO logits
-    with TrafficMode(min_numel=k * max(s.dino_bottleneck, s.ibot_bottleneck) + 1) as mode:
+    # [N, K] tensors and their chunks; not the prototypes' [K, bottleneck] weights, the DINO logits, nor the
+    # token tensors the subset is gathered from
+    tokens = max(teacher.patch.numel(), student.patch.numel())
+    assert rows * k > tokens, "too few prototypes to tell the [N, K] tensors from the token tensors"
+    with TrafficMode(min_numel=max(k * max(s.dino_bottleneck, s.ibot_bottleneck), tokens) + 1) as mode:
         targets = obj.teacher_targets(teacher, state)
         losses = obj.losses(student, targets, state)
         losses["total"].backward()
@@ -228,7 +241,7 @@ def attention_flops(model: nn.Module, views: int) -> float:
 def account(s: Shapes, backbone: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
     """{component: FLOPs} of the distillation step and of the heads step at shapes `s`."""
     views = s.tiles * s.views
-    rows_i = views * s.patches
+    rows_i = views * min(s.ibot_tokens, s.patches)
     fwd, _ = backbone_flops(backbone, views)
     conv = backbone.patch_embed.proj
     conv_in_grad = 2 * views * backbone.patch_embed.num_patches * conv.in_channels * conv.kernel_size[0] ** 2
@@ -263,31 +276,37 @@ def traffic(s: Shapes, version: str, rows: int, trained_params: int, ema_params:
 
 def predict_h200(
     s: Shapes,
-    distill: dict[str, float],
+    distill_of,
     heads_of,
-    nk: dict[tuple[str, bool], float],
+    nk: dict[tuple, float],
     params: tuple[int, int, int],
     student_fwd: float,
     bw_share: float,
+    tokens: tuple[int, ...] = (64,),
 ) -> dict:
     """Predicted H200 seconds per step from the measured one (`H200_MEASURED`, fp32 heads, `before`
-    passes) at an effective memory bandwidth of `bw_share` × the peak, by a two-rate model calibrated on
-    that run: a step = its fixed part + its head matmul FLOPs / the heads' rate + its bytes / bandwidth.
+    passes, iBOT on all 64 pooled tokens per view) at an effective memory bandwidth of `bw_share` × the
+    peak, by a two-rate model calibrated on that run: a step = its fixed part + its head matmul FLOPs / the
+    heads' rate + its bytes / bandwidth; (b) and (c) for each count in `tokens` of iBOT tokens per view in
+    distillation (`ibot_patches`), keyed ("b", precision, count).
 
     - fp32 matmul rate: from (d), the heads step (no backbone): its FLOPs / (time − its bytes / bandwidth);
     - bf16 matmul rate: from (c) − (b), the teacher's forward (13.3 × the student's forward FLOPs per
       image, measured by distill_step.py on that run);
     - the fixed part of (a)/(b) (student backbone forward, backward, AdamW, EMA: bf16, unchanged):
       (b) − its heads' FLOPs / the fp32 rate − its bytes / bandwidth;
-    - (c) = (b) + the teacher's forward, unchanged.
-    `heads_of(patches)` → the heads step's {component: FLOPs} at that many iBOT tokens per view; `nk`:
-    bytes per iBOT logit by (head_precision, heads stage) (`measured_nk_bytes`; `before` from N_K_PASSES);
-    `params`: (student backbone + heads, student heads' EMA side, teacher-side heads) parameter counts."""
+    - (c) = (b) + the teacher's forward, unchanged;
+    - a subset of n iBOT tokens per view: the iBOT heads' FLOPs and the [N, K] bytes at N = 2·tiles·n (its
+      gather of the tokens, ≤ 2·tiles·64·(768 + 1536)·4 B ≈ 0.9 GB read, a few ms, is left out).
+    `distill_of(n)` / `heads_of(n)` → the distillation / heads step's {component: FLOPs} at n iBOT tokens
+    per view; `nk`: bytes per iBOT logit by (head_precision, heads stage, tokens per view)
+    (`measured_nk_bytes`; `before` from N_K_PASSES); `params`: (student backbone + heads, student heads'
+    EMA side, teacher-side heads) parameter counts."""
     bw = bw_share * H200_PEAK_BW
     m = H200_MEASURED
     b_params, s_heads, t_heads = params
     n_d, n_h16 = s.tiles * s.views * s.patches, s.heads_tiles * s.views * 16
-    head_flops = sum(v for k, v in distill.items() if "backbone" not in k)
+    head_flops = sum(v for k, v in distill_of(s.patches).items() if "backbone" not in k)
     t_d_before = (
         sum(N_K_PASSES["before"].values()) * 4 * n_d * s.prototypes + b_params * 36 + b_params * 12
     ) / bw
@@ -300,12 +319,20 @@ def predict_h200(
     rate = {"fp32": fp32_rate, "bf16": bf16_rate}
     out = {"fp32 rate": fp32_rate, "bf16 rate": bf16_rate, "fixed": fixed, "teacher": teacher}
     for hp in ("fp32", "bf16"):
-        b = fixed + head_flops / rate[hp] + nk[(hp, False)] * n_d * s.prototypes / bw + b_params * 48 / bw
-        out[("b", hp)], out[("c", hp)] = b, b + teacher
-        for patches in (16, 10, 8):
+        for n in tokens:
+            flops_n = sum(v for k, v in distill_of(n).items() if "backbone" not in k)
+            rows_n = s.tiles * s.views * min(n, s.patches)
+            b = (
+                fixed
+                + flops_n / rate[hp]
+                + nk[(hp, False, n)] * rows_n * s.prototypes / bw
+                + b_params * 48 / bw
+            )
+            out[("b", hp, n)], out[("c", hp, n)] = b, b + teacher
+        for patches in (16, 10, 8, 4):
             n_h = s.heads_tiles * s.views * patches
             out[("d", hp, patches)] = sum(heads_of(patches).values()) / rate[hp] + t_h_bytes(
-                n_h, nk[(hp, True)]
+                n_h, nk[(hp, True, s.heads_patches)]
             )
     return out
 
@@ -432,6 +459,13 @@ def main() -> None:
         "--head-precision", choices=["fp32", "bf16"], default="fp32", help="of the reduced, timed steps"
     )
     parser.add_argument("--ibot-patches", type=int, default=Shapes.heads_patches, help="of the heads step")
+    parser.add_argument(
+        "--distill-ibot-patches",
+        type=int,
+        default=8,
+        help="iBOT tokens per view in distillation (`ibot_patches`; configs/h0mini.yaml: 8), predicted beside "
+        "all 64 and used by the reduced distillation step",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -460,9 +494,16 @@ def main() -> None:
     for k, v in distill.items():
         print(f"  {k:<45} {fmt(v, 'FLOP')}")
     print(f"  {'total':<45} {fmt(sum(distill.values()), 'FLOP')}")
-    for version in ("before", "after"):
-        tr = traffic(paper, version, views * paper.patches, b_params + sh, b_params)
-        print(f"\nmemory traffic per distillation step, {version}:")
+    sub = args.distill_ibot_patches
+    distill_sub = account(replace(paper, ibot_tokens=sub), backbone)[0]
+    print(f"  with ibot_patches {sub} (of {paper.patches}):")
+    for k, v in distill_sub.items():
+        if "iBOT" in k:
+            print(f"  {k:<45} {fmt(v, 'FLOP')}")
+    print(f"  {'total':<45} {fmt(sum(distill_sub.values()), 'FLOP')}")
+    for version, tokens in (("before", paper.patches), ("after", paper.patches), ("after", sub)):
+        tr = traffic(paper, version, views * tokens, b_params + sh, b_params)
+        print(f"\nmemory traffic per distillation step, {version}, {tokens} iBOT tokens per view:")
         for k, v in tr.items():
             print(f"  {k:<70} {v / 1e9:8.1f} GB")
         print(f"  {'total':<70} {sum(tr.values()) / 1e9:8.1f} GB")
@@ -475,17 +516,23 @@ def main() -> None:
         print(f"  memory traffic, {version}: {sum(tr.values()) / 1e9:.1f} GB")
 
     # [N, K] bytes per iBOT logit, measured on the real objective, and the H200 prediction
-    nk = {(hp, hs): measured_nk_bytes(hp, hs, paper) for hp in ("fp32", "bf16") for hs in (False, True)}
+    token_counts = (paper.patches, sub)
+    nk = {
+        (hp, hs, n): measured_nk_bytes(hp, hs, replace(paper, ibot_tokens=n))
+        for hp in ("fp32", "bf16")
+        for hs, ns in ((False, token_counts), (True, (paper.heads_patches,)))
+        for n in ns
+    }
     print(
         "\n[N,K] traffic per iBOT logit, counted by TrafficMode on the real objective (lower bound; "
         f"hand count `before` {sum(N_K_PASSES['before'].values()) * 4} B, `after` "
         f"{sum(N_K_PASSES['after'].values()) * 4} B):"
     )
-    for (hp, hs), v in nk.items():
-        n = paper.heads_tiles * 2 * paper.heads_patches if hs else views * paper.patches
+    for (hp, hs, tokens), v in nk.items():
+        n = paper.heads_tiles * 2 * paper.heads_patches if hs else views * tokens
         print(
-            f"  {'heads step' if hs else 'distillation step':<18} heads {hp}: {v:6.1f} B per logit, "
-            f"{v * n * paper.prototypes / 1e9:7.1f} GB per step"
+            f"  {'heads step' if hs else 'distillation step':<18} heads {hp}, {tokens:2d} iBOT tokens per view: "
+            f"{v:6.1f} B per logit, {v * n * paper.prototypes / 1e9:7.1f} GB per step"
         )
     fwd_flops, _ = backbone_flops(backbone, views)
     student_fwd = fwd_flops + attention_flops(backbone, views)
@@ -493,24 +540,30 @@ def main() -> None:
     def heads_of(patches: int, net: nn.Module = backbone) -> dict[str, float]:
         return account(replace(paper, heads_patches=patches), net)[1]
 
+    def distill_of(tokens: int, net: nn.Module = backbone) -> dict[str, float]:
+        return account(replace(paper, ibot_tokens=tokens), net)[0]
+
     print(
         "\npredicted on an H200 (calibrated on the measured fp32 run "
-        f"{H200_MEASURED}; the heads stage at {paper.heads_tiles} tiles):"
+        f"{H200_MEASURED}, iBOT on all {paper.patches} tokens; the heads stage at {paper.heads_tiles} tiles):"
     )
     print(
-        "  bandwidth  fp32 / bf16 matmul rate   heads    (b) s   (c)/(b)   "
-        "(d)/(b) per tile at 16 / 10 / 8 iBOT tokens per view"
+        "  bandwidth  fp32 / bf16 matmul rate   heads  iBOT tokens   (b) s   (c)/(b)   "
+        "(d)/(b) per tile at 16 / 10 / 8 / 4 heads-stage tokens per view"
     )
     for share in (0.7, 0.85, 1.0):
-        pr = predict_h200(paper, distill, heads_of, nk, (b_params + sh, sh, th), student_fwd, share)
+        pr = predict_h200(
+            paper, distill_of, heads_of, nk, (b_params + sh, sh, th), student_fwd, share, token_counts
+        )
         for hp in ("fp32", "bf16"):
-            b = pr[("b", hp)]
-            per_tile = [pr[("d", hp, p)] / paper.heads_tiles / (b / paper.tiles) for p in (16, 10, 8)]
-            print(
-                f"  {share * H200_PEAK_BW / 1e12:4.1f} TB/s  {pr['fp32 rate'] / 1e12:5.1f} / "
-                f"{pr['bf16 rate'] / 1e12:5.1f} TFLOP/s   {hp}   {b:6.3f}   {pr[('c', hp)] / b:6.2f}    "
-                + " / ".join(f"{x:.3f}" for x in per_tile)
-            )
+            for n in token_counts:
+                b = pr[("b", hp, n)]
+                per_tile = [pr[("d", hp, p)] / paper.heads_tiles / (b / paper.tiles) for p in (16, 10, 8, 4)]
+                print(
+                    f"  {share * H200_PEAK_BW / 1e12:4.1f} TB/s  {pr['fp32 rate'] / 1e12:5.1f} / "
+                    f"{pr['bf16 rate'] / 1e12:5.1f} TFLOP/s   {hp}   {n:4d}       {b:6.3f}   "
+                    f"{pr[('c', hp, n)] / b:6.2f}    " + " / ".join(f"{x:.3f}" for x in per_tile)
+                )
     print(
         f"  (c)/(b) ≥ 2.5 needs (b) ≤ {pr['teacher'] / 1.5:.3f} s (the teacher's forward, "
         f"{pr['teacher']:.3f} s, / 1.5); (d)/(b) ≤ 0.05 per tile needs the heads step ≤ "
@@ -523,6 +576,7 @@ def main() -> None:
         tiles=args.batch_size,
         heads_tiles=args.heads_batch_size,
         heads_patches=args.ibot_patches,
+        ibot_tokens=sub,
         prototypes=args.prototypes,
         student_dim=backbone.embed_dim,
     )
@@ -530,8 +584,9 @@ def main() -> None:
     del backbone
     gc.collect()
     print(
-        f"\nreduced: {args.batch_size} tiles (distillation), {args.heads_batch_size} tiles (heads) × "
-        f"{args.ibot_patches} iBOT tokens per view, heads {args.head_precision}, device {device}"
+        f"\nreduced: {args.batch_size} tiles (distillation, {sub} iBOT tokens per view), "
+        f"{args.heads_batch_size} tiles (heads) × {args.ibot_patches} iBOT tokens per view, heads "
+        f"{args.head_precision}, device {device}"
     )
     hcfg = HeadsConfig(
         n_prototypes=args.prototypes,
@@ -561,6 +616,7 @@ def main() -> None:
             n_prototypes=args.prototypes,
             iterations=10**4,
             head_precision=args.head_precision,
+            ibot_patches=sub,
         )
         tr = fake_trainer(cfg, device)
         batch = distill_batch(args.batch_size)

@@ -190,11 +190,13 @@ def test_linear_cka_by_hand():
     assert linear_cka(x, rng.normal(size=(200, 5))) < 0.2
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path, data):
-    """torchrun, 2 processes, gloo on CPU, 2 tiles each vs 1 process with 4 tiles.
+@pytest.mark.parametrize("ibot_patches", [None, 5])
+def test_two_process_ddp_equals_one_process_with_the_same_total_batch(tmp_path, data, ibot_patches):
+    """torchrun, 2 processes, gloo on CPU, 2 tiles each vs 1 process with 4 tiles; every patch token, or
+    the iBOT loss on 5 drawn per view (each process draws for its own tiles, as one process does).
     Tolerance: relative 1e-4 (gradient all-reduce sums in another order)."""
     store, cache = data
-    cfg = replace(CFG, iterations=6)
+    cfg = replace(CFG, iterations=6, ibot_patches=ibot_patches)
     Trainer(cfg, store, cache, tmp_path / "one").fit()
     (tmp_path / "cfg.json").write_text(json.dumps(asdict(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -32,6 +32,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,10 +82,14 @@ class StudentTokens(NamedTuple):
 
 @dataclass(frozen=True)
 class StepState:
-    """Per-step values an objective may read: the iteration and the scheduled teacher temperature."""
+    """Per-step values an objective may read: the iteration, the scheduled teacher temperature and the
+    batch's sample ids `rows` (int [B], the tile store rows of this process's samples, in batch order; None:
+    the positions 0..B−1 stand in for them), which key per-sample random draws (`ibot_positions`) so that
+    they depend on the sample, not on the process or the batch split."""
 
     iteration: int
     teacher_temp: float
+    rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,50 @@ def build_teacher_heads(cfg: DistillConfig, teacher_dim: int) -> nn.ModuleDict:
     return heads
 
 
+# the stream of `ibot_positions` (seed, tag, iteration, row): apart from every other draw keyed by the seed
+IBOT_POSITIONS_TAG = 0x1B07
+
+
+def ibot_positions(
+    seed: int, step: StepState, batch: int, n_patches: int, n: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The patch positions that carry the iBOT loss this step: int64 [2, B, n'] with n' = min(n, P), for
+    each of the two global views of each sample `n'` distinct positions of its P = `n_patches`, drawn
+    uniformly without replacement and sorted (n ≥ P: all of them, 0..P−1, in order).
+
+    Drawn from `numpy.random.default_rng([seed, IBOT_POSITIONS_TAG, step.iteration, row])` per sample
+    (`row` from `step.rows`, else the sample's place in the batch): a function of the run's seed, the
+    iteration and the sample alone, so an exact resume (the iteration is restored) and a run split over
+    processes (each draws for its own rows) draw the same positions as one uninterrupted process. A tile
+    that occurs twice in one batch (an epoch boundary inside it) gets the same positions twice. Cost: one
+    generator per sample on the host, 2.1 ms for 64 tiles × 64 positions (1 CPU thread, measured), queued
+    after the student's forward is launched, so on a GPU it can overlap it (not measured on one).
+    HistodistillError for n < 1 or a `rows` of another length than `batch`.
+    """
+    if n < 1:
+        raise HistodistillError(f"ibot_patches must be at least 1 (or null: every token), not {n}")
+    rows = range(batch) if step.rows is None else [int(r) for r in step.rows]
+    if len(rows) != batch:
+        raise HistodistillError(f"StepState.rows has {len(rows)} sample ids for a batch of {batch}")
+    k = min(n, n_patches)
+    keys = np.stack(
+        [
+            np.random.default_rng([seed, IBOT_POSITIONS_TAG, step.iteration, r]).random((2, n_patches))
+            for r in rows
+        ]
+    )  # [B, 2, P]
+    pick = np.sort(np.argsort(keys, axis=-1, kind="stable")[..., :k], axis=-1)
+    return torch.from_numpy(pick.transpose(1, 0, 2).copy()).to(device)
+
+
+def take_positions(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tokens` [V, B, P, C] or [V·B, P, C] at `index` [V, B, n] (positions along P): [V, B, n, C] or
+    [V·B, n, C] (gather: the gradient flows back to the chosen tokens only)."""
+    flat = tokens.dim() == 3
+    idx = index.flatten(0, 1) if flat else index
+    return tokens.gather(-2, idx[..., None].expand(*idx.shape, tokens.shape[-1]))
+
+
 HEAD_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -253,7 +302,9 @@ class DinoIbotTargets:
     when iBOT is off or there are no patch tokens. ibot_center: [1, K] their centre c: the EMA centre
     under softmax centering, the Sinkhorn-Knopp centre (`centering.sinkhorn_center`) under `centering:
     sinkhorn`. ibot_logit_sum: [1, K] the column sum of u (for the EMA centre's update; None under
-    Sinkhorn). ibot_stats: the collapse monitors' sums of the targets, taken in the same pass."""
+    Sinkhorn). ibot_stats: the collapse monitors' sums of the targets, taken in the same pass.
+    ibot_index: int64 [2, B, n] the patch positions the iBOT rows are taken at (`ibot_positions`; P = n of
+    them per view, so the rows are [2·B·n, K]), or None: every position (P per view)."""
 
     dino_probs: torch.Tensor
     dino_logits: torch.Tensor
@@ -261,10 +312,12 @@ class DinoIbotTargets:
     ibot_center: torch.Tensor
     ibot_logit_sum: torch.Tensor | None = None
     ibot_stats: TargetStats | None = None
+    ibot_index: torch.Tensor | None = None
 
 
 class DinoIbot(Objective):
-    """DINO on the CLS token (global crops, plus local crops) + iBOT on all patch tokens, without masking.
+    """DINO on the CLS token (global crops, plus local crops) + iBOT on the patch tokens (all of them, or a
+    random subset per view: `ibot_patches`), without masking.
 
     L = w_dino · L_dino + ibot_weight · L_ibot with L_dino the mean cross-entropy over (teacher global view,
     other student view) pairs (losses.dino_loss; the logged `loss_dino`), L_ibot the mean over patch tokens
@@ -278,7 +331,25 @@ class DinoIbot(Objective):
     matmuls run in `head_precision` (`head_autocast_dtype`: float32, or bf16 under autocast with the
     logits taken to float32 before centering, softmax and the losses).
 
-    HistodistillError if iBOT is on (ibot_weight > 0) but the teacher gives no patch tokens.
+    `ibot_patches` (`cfg.ibot_patches`, None: every token): the iBOT term on n random positions of each
+    global view's P patch tokens (the pooled grid's, under `pool2`), drawn per step and sample by
+    `ibot_positions` from the run's seed, the same positions for the teacher and the student. They are
+    taken from the backbones' tokens *before* either iBOT head runs, so the heads' matmuls and the
+    [N, K] logits, softmax and loss passes shrink by P / n (8 of 64: 8×). L_ibot is then the mean over the
+    2·B·n drawn tokens: under softmax centering (each target depends on its own token and the centre only)
+    an unbiased estimate of the all-token loss and of its gradient; under Sinkhorn-Knopp the targets are
+    balanced over the drawn tokens (as DINOv2 balances them over its masked tokens). The iBOT centre's
+    update (the column mean of the drawn tokens' logits) and the iBOT collapse monitors (`ibot_entropy`,
+    `ibot_eff_prototypes`, `ibot_kl`) are taken over the drawn tokens too. Deliberate deviation from
+    DINOv2 (facebookresearch/dinov2, data/collate.py and data/masking.py: a 0.1-0.5 share of the patches
+    masked in half of the global crops, ~15 % of the tokens on average; ssl_meta_arch.py: the iBOT loss on
+    the masked tokens only): the student's input is never masked (it sees the whole view, as the teacher),
+    and the loss covers a uniform random subset instead of the masked tokens: the saving of DINOv2's
+    masked-token loss without its masked-image-modelling task. The teacher-heads stage subsamples alike
+    (`distill.teacher_heads.ibot_patches`).
+
+    HistodistillError if iBOT is on (ibot_weight > 0) but the teacher gives no patch tokens, or for
+    `ibot_patches` < 1.
     """
 
     name = "dino_ibot"
@@ -300,6 +371,11 @@ class DinoIbot(Objective):
         self.n_prototypes, self.student_temp = cfg.n_prototypes, cfg.student_temp
         self.dino_weight, self.ibot_weight, self.ibot_chunk = cfg.dino_weight, cfg.ibot_weight, cfg.ibot_chunk
         self.centering = cfg.centering
+        if cfg.ibot_patches is not None and cfg.ibot_patches < 1:
+            raise HistodistillError(
+                f"ibot_patches must be at least 1 (or null: every token), not {cfg.ibot_patches}"
+            )
+        self.ibot_patches, self.seed = cfg.ibot_patches, cfg.seed
         self.dino_pair_weight = dino_pair_weight(cfg.dino_normalization, 2, cfg.n_local)
         self.head_dtype = head_autocast_dtype(cfg.head_precision)
         # student heads first (global RNG, in this order), then the teacher's (their own seed)
@@ -318,7 +394,9 @@ class DinoIbot(Objective):
         )
 
     def teacher_targets(self, teacher: TeacherTokens, step: StepState) -> DinoIbotTargets:
-        """The DINO targets [2, B, K] and the iBOT targets [2B·P, K] of this step, without gradient.
+        """The DINO targets [2, B, K] and the iBOT targets [2B·P, K] of this step, without gradient
+        (with `ibot_patches` n: [2B·n, K] at the positions `ibot_positions` draws, kept in the targets'
+        `ibot_index` for `losses`; the tokens are taken before the teacher's iBOT head runs).
 
         The iBOT targets are made once here, in place of the teacher head's logits, with the monitors'
         sums and (softmax centering) the logits' column sum for the centre in the same pass; the loss,
@@ -328,12 +406,16 @@ class DinoIbot(Objective):
         """
         b = teacher.cls.shape[1]
         use_ibot = teacher.patch is not None and self.ibot_weight > 0
-        t_ibot, logit_sum, stats = None, None, None
+        t_ibot, logit_sum, stats, index = None, None, None, None
         with torch.no_grad():  # no gradient ever reaches a teacher head through its targets
+            patch = teacher.patch
+            if use_ibot and self.ibot_patches is not None:  # the drawn positions, before the head runs
+                index = ibot_positions(self.seed, step, b, patch.shape[2], self.ibot_patches, patch.device)
+                patch = take_positions(patch, index)  # [2, B, n, Dt]
             with self.head_autocast(teacher.cls):  # the heads' matmuls (bf16 with head_precision: bf16)
                 t_dino = self.teacher_heads["dino"](teacher.cls.flatten(0, 1))  # [2B, K]
                 if use_ibot:
-                    t_ibot = self.teacher_heads["ibot"](teacher.patch.flatten(0, 2))  # [2B·P, K]
+                    t_ibot = self.teacher_heads["ibot"](patch.flatten(0, 2))  # [2B·P, K] (P: n drawn)
             t_dino = t_dino.float()  # centering, softmax, Sinkhorn and the monitors in float32
             if t_ibot is not None:
                 t_ibot = t_ibot.float()
@@ -362,6 +444,7 @@ class DinoIbot(Objective):
             ibot_center=ibot_center,
             ibot_logit_sum=logit_sum,
             ibot_stats=stats,
+            ibot_index=index,
         )
 
     def losses(self, student: StudentTokens, targets: DinoIbotTargets, step: StepState) -> dict:
@@ -374,7 +457,10 @@ class DinoIbot(Objective):
                 local = self.student_heads["dino"](student.local_cls.float())
             s_ibot = None
             if targets.ibot_probs is not None:
-                s_ibot = self.student_heads["ibot"](student.patch.reshape(-1, student.patch.shape[-1]))
+                s_patch = student.patch  # [2B, P, D]; the teacher's drawn positions, before the head
+                if targets.ibot_index is not None:
+                    s_patch = take_positions(s_patch, targets.ibot_index)  # [2B, n, D]
+                s_ibot = self.student_heads["ibot"](s_patch.reshape(-1, s_patch.shape[-1]))
         students = [s_dino[0], s_dino[1]]
         if local is not None:
             students += list(local.reshape(-1, b, self.n_prototypes))

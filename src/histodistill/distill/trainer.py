@@ -124,6 +124,9 @@ class DistillConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     ibot_chunk: int = 4096
+    # iBOT on this many random patch positions per view and step (None: every token; configs/h0mini.yaml: 8):
+    # distill.objectives.DinoIbot, ibot_positions
+    ibot_patches: int | None = None
     # the DINO/iBOT heads' matmuls: fp32 (outside autocast) | bf16 (under bf16 autocast; softmax, centering
     # and losses in float32): distill.objectives.head_autocast_dtype
     head_precision: str = "fp32"
@@ -430,7 +433,8 @@ class Trainer:
         profiler), so a profile of a step (benchmarks/distill_step.py --profile) splits its time by phase."""
         it = self.iteration
         self.schedules.apply(self.optimizer, it)
-        state = StepState(iteration=it, teacher_temp=float(self.schedules.teacher_temp[it]))
+        rows = batch.get("row")  # the samples' ids: per-sample draws of the objective are keyed by them
+        state = StepState(iteration=it, teacher_temp=float(self.schedules.teacher_temp[it]), rows=rows)
         with record_function("distill.teacher_output"):
             teacher = self.get_teacher_output(batch)
         with record_function("distill.student_forward"):
