@@ -33,7 +33,7 @@ Timing: after a warm-up step per mode, `--repeats` rounds, each running `--steps
 `--distill-ibot-patches N` (configs/h0mini.yaml's runs: 8; default: every token) puts the iBOT loss of modes
 a, b, c, e on N random pooled tokens per view (`ibot_patches`), taken before the heads run.
 On a GPU: python benchmarks/distill_step.py --teacher h_optimus_0 --student h0_mini --teacher-weights W
-    --batch-size 64 --prototypes 131072 --heads-batch-size 1024 --head-precision bf16 --ibot-patches 8
+    --batch-size 64 --prototypes 131072 --heads-batch-size 1024 --head-precision bf16 --ibot-patches 4
     --distill-ibot-patches 8 --modes student_only cached online cached_all
 `--profile`: after the timing, one more step of each mode (and of the heads stage) under torch.profiler (CPU,
 and CUDA when present): the step's time by phase (the `distill.<phase>` / `heads.<phase>` labels of

@@ -47,8 +47,8 @@ run() {  # run NAME SECONDS CMD...: one benchmark, its log, its exit status
 run distill_step 330 python benchmarks/distill_step.py --teacher "$teacher" --student "$student" \
     --teacher-weights "$weights" --batch-size "$batch" --prototypes "$protos" --heads-batch-size "$heads_batch" \
     --steps "$steps" --repeats "$repeats" --workers "$workers" --modes student_only cached online cached_all \
-    --profile --head-precision bf16 --ibot-patches 8 --distill-ibot-patches 8
-    # configs/h0mini.yaml's heads and runs (bf16 heads, 8 iBOT tokens per view in the heads stage and in
+    --profile --head-precision bf16 --ibot-patches 4 --distill-ibot-patches 8
+    # configs/h0mini.yaml's heads and runs (bf16 heads, 4 iBOT tokens per view in the heads stage, 8 in
     # distillation; cached_all: (b) on every token, the step before `ibot_patches`); the 2026-11-30 run: fp32
     # heads, 16 heads-stage tokens, every token in distillation
 run scorenet 75 python benchmarks/scorenet.py "${scorenet_args[@]}"

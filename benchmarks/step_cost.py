@@ -102,7 +102,7 @@ class Shapes:
     ibot_bottleneck: int = 256
     prototypes: int = 131072
     heads_tiles: int = 1024
-    heads_patches: int = 8  # configs/h0mini.yaml's distill.teacher_heads.ibot_patches
+    heads_patches: int = 4  # configs/h0mini.yaml's distill.teacher_heads.ibot_patches
     ibot_tokens: int = 64  # iBOT tokens per view in distillation (`ibot_patches`; all 64 when unset)
 
 
