@@ -35,6 +35,12 @@ a, b, c, e on N random pooled tokens per view (`ibot_patches`), taken before the
 On a GPU: python benchmarks/distill_step.py --teacher h_optimus_0 --student h0_mini --teacher-weights W
     --batch-size 64 --prototypes 131072 --heads-batch-size 1024 --head-precision bf16 --ibot-patches 4
     --distill-ibot-patches 8 --modes student_only cached online cached_all
+On this project's 2-core CPU machine, 2026-12-01 (defaults: ViT-L/14 → ViT-S/14, 14.1× FLOPs per image,
+8,192 prototypes, fp32 heads, 1 torch thread; `--modes student_only cached online --batch-size 4 --steps 2
+--repeats 5 --distill-ibot-patches 8 --heads-batch-size 64`, load 1–4, peak RSS 6.4 GB): (a) 2.764 s, (b)
+2.720 s, (c) 11.817 s per step (median), heads 0.809 s per 64 tiles: (b)/(a) 0.98 (min 0.92), (c)/(b) 4.34
+(min 4.44), (d)/(b) per tile 0.019 (min 0.021): the three targets hold on the CPU; the GPU figures are in
+README (Performance).
 `--profile`: after the timing, one more step of each mode (and of the heads stage) under torch.profiler (CPU,
 and CUDA when present): the step's time by phase (the `distill.<phase>` / `heads.<phase>` labels of
 `Trainer.step` and `HeadsTrainer.step`: teacher output, student forward, teacher targets, losses, backward,
