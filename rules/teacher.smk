@@ -9,6 +9,7 @@ rule cache_teacher_shard:
         shard=directory(f"{RESULTS}/teacher/{{teacher}}/{{cohort}}/shard-{{shard}}-of-{NUM_SHARDS}.zarr"),
     params:
         views=config["teacher"]["views"],
+        hed_jitter=config["teacher"]["hed_jitter"],
         patch_tokens=config["teacher"]["patch_tokens"],
         batch_size=config["teacher"]["batch_size"],
         num_workers=config["teacher"]["num_workers"],

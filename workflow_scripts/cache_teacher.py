@@ -1,5 +1,6 @@
 """Snakemake adapter: fill one teacher cache shard (rule cache_teacher_shard)."""
 
+from histodistill.augment import AugmentConfig
 from histodistill.logs import log_to
 from histodistill.teacher_cache import cache_teacher
 
@@ -18,4 +19,5 @@ cache_teacher(
     num_workers=min(p.num_workers, max(snakemake.threads - 1, 0)),
     precision=p.precision,
     seed=p.seed,
+    augment=AugmentConfig(hed_jitter=p.hed_jitter),
 )

@@ -7,6 +7,16 @@ bit for bit the image the teacher saw.
 
 Views: even view indices are DINOv2's first global crop (blur p=1.0), odd ones the second (blur p=0.1,
 solarize p=0.2); local crops (student only) have their own kind.
+
+Optional stain augmentation (`AugmentConfig.hed_jitter`, off by default as in DINOv2): HED jitter of
+Tellez et al. 2018 (IEEE TMI 37(9), "Whole-slide mitosis detection in H&E breast histology using PHH3 as a
+reference to train distilled stain-invariant convolutional networks") and 2019 (MedIA 58:101544,
+"Quantifying the effects of data augmentation and stain color normalization in convolutional neural
+networks for computational pathology"): each view's haematoxylin, eosin and DAB concentrations (scikit-image's
+`rgb2hed` color deconvolution, Ruifrok & Johnston's matrix) become s·(1 + σ_c) + b_c with σ_c, b_c drawn
+uniformly from ±`hed_jitter` (their "HED-light": 0.05; "HED-strong": 0.2), as DIAG's reference
+`HedColorAugmenter` (pathology-common) applies them. It runs first, before DINOv2's color jitter: stain
+variation happens on the glass, before the scanner and the camera.
 """
 
 from __future__ import annotations
@@ -38,6 +48,13 @@ VIEW_FIELDS = (
     "grayscale",
     "blur_sigma",
     "solarize",
+    "hed",  # 1: HED jitter applied (`AugmentConfig.hed_jitter` > 0)
+    "hed_scale_h",
+    "hed_scale_e",
+    "hed_scale_d",
+    "hed_bias_h",
+    "hed_bias_e",
+    "hed_bias_d",
 )
 GLOBAL_1, GLOBAL_2, LOCAL = 0, 1, 2
 _ORDERS = list(permutations(range(4)))  # the order of brightness, contrast, saturation, hue
@@ -46,7 +63,9 @@ _F = {name: i for i, name in enumerate(VIEW_FIELDS)}
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """DINOv2's defaults (global 224 px, scale 0.32–1; local 98 px, scale 0.05–0.32)."""
+    """DINOv2's defaults (global 224 px, scale 0.32–1; local 98 px, scale 0.05–0.32), plus the HED jitter
+    of Tellez et al. (`hed_jitter`: the half-width of σ and b, dimensionless, in scikit-image's stain units;
+    0 = off, DINOv2's recipe; see the module docstring)."""
 
     global_px: int = 224
     local_px: int = 98
@@ -63,6 +82,13 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = 9
     solarize_threshold: int = 128
+    hed_jitter: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AugmentConfig:
+        """The config a teacher cache recorded (`augment` in its provenance params; JSON lists become tuples).
+        Fields a cache written before them lacks keep their defaults."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def view_seed(base_seed: int, slide_id: str, tile_id: int, view: int) -> np.random.SeedSequence:
@@ -106,6 +132,9 @@ def draw_view(
     if rng.random() < blur_p:
         p[_F["blur_sigma"]] = rng.uniform(*cfg.blur_sigma)
     p[_F["solarize"]] = kind == GLOBAL_2 and rng.random() < 0.2
+    if cfg.hed_jitter > 0:  # drawn last: the other fields are those of a view without it
+        p[_F["hed"]] = 1
+        p[_F["hed_scale_h"] : _F["hed_bias_d"] + 1] = rng.uniform(-cfg.hed_jitter, cfg.hed_jitter, 6)
     return p
 
 
@@ -194,6 +223,26 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
     return out.reshape(n, c, h, w).round_().to(torch.uint8)
 
 
+def _hed(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """HED jitter of uint8 RGB images [n, 3, H, W] with per-image σ `scale` and `bias` [n, 3] (H, E, D):
+    scikit-image's `rgb2hed` (`separate_stains`: log(max(rgb, 1e-6)) / log(1e-6) times `hed_from_rgb`),
+    s·(1 + σ) + b per stain, `hed2rgb` (`combine_stains`, clipped to [0, 1]), on x's device in float32.
+    Two deliberate deviations from the reference (DIAG's `HedColorAugmenter` on scikit-image), so that
+    σ = b = 0 returns the image to within one uint8 level: the concentrations are not clipped at 0 (scikit-
+    image clips them; colors outside the H-E-D gamut, 8 % of a demo tile's pixel values, would then move by up to
+    9 levels with no jitter at all), and the result is rounded to uint8, not truncated."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    to_hed = torch.as_tensor(hed_from_rgb, dtype=torch.float32, device=x.device)
+    to_rgb = torch.as_tensor(rgb_from_hed, dtype=torch.float32, device=x.device)
+    log_adjust = math.log(1e-6)
+    rgb = x.permute(0, 2, 3, 1).float().div_(255.0).clamp_min_(1e-6)
+    stains = (rgb.log_() / log_adjust) @ to_hed
+    stains = stains * (1 + scale.float().view(-1, 1, 1, 3)) + bias.float().view(-1, 1, 1, 3)
+    out = torch.exp((stains * log_adjust) @ to_rgb).clamp_(0, 1)
+    return out.mul_(255.0).round_().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """float32 [n, 1, H, W] luma of uint8 RGB, floored (torchvision's contrast and saturation reference)."""
     return _color._rgb_to_grayscale_image(x, num_output_channels=1, preserve_dtype=False).floor_()
@@ -232,7 +281,7 @@ def photometric(
     """The photometric part of views, batched on their device: uint8 [N, 3, S, S] views (`geometric`'s
     output) and their stored parameters [N, len(VIEW_FIELDS)] → uint8 [N, 3, S, S] (a new tensor).
 
-    DINOv2's color jitter (brightness, contrast, saturation, hue in the stored order), grayscale, Gaussian
+    HED jitter first where the parameters hold it (`_hed`), then DINOv2's color jitter (brightness, contrast, saturation, hue in the stored order), grayscale, Gaussian
     blur (`cfg.blur_kernel`, the stored sigma) and solarize (`cfg.solarize_threshold`), each applied to
     the images whose parameters ask for it. Every step is torchvision's uint8 kernel (torchvision
     `transforms.v2.functional`, whose HSV helpers are used directly) with a tensor of per-image factors
@@ -250,6 +299,11 @@ def photometric(
     p = torch.as_tensor(np.asarray(params, dtype=np.float64) if not torch.is_tensor(params) else params)
     p = p.to(torch.float64).cpu()  # the decisions are made here; only the pixels stay on the device
     x = views.clone()
+    idx = torch.nonzero(p[:, _F["hed"]] > 0).flatten()
+    if len(idx):
+        on = idx.to(x.device)
+        hed = p[idx, _F["hed_scale_h"] : _F["hed_bias_d"] + 1].to(x.device)
+        x[on] = _hed(x[on], hed[:, :3], hed[:, 3:])
     jitter = p[:, _F["jitter"]] > 0
     order = torch.tensor(_ORDERS)[p[:, _F["order"]].long()]  # [N, 4]: the op at each position
     for position in range(4):

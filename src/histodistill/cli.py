@@ -169,14 +169,17 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _cache_teacher(args: argparse.Namespace) -> None:
+    from histodistill.augment import AugmentConfig
     from histodistill.teacher_cache import cache_teacher
 
+    augment = {"augment": AugmentConfig(hed_jitter=args.hed_jitter)} if args.hed_jitter is not None else {}
     n = cache_teacher(
         args.model,
         args.tiles,
         args.out,
         weights=args.weights,
         **_given(args, "views", "patch_tokens", "shard", "num_shards", *_MODEL_OPTIONS),
+        **augment,
     )
     log.info("teacher cache: %d tiles → %s", n, args.out)
 
@@ -401,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     p.add_argument("--views", type=int, help=f"augmented global views per tile ({LIBRARY_DEFAULT})")
+    p.add_argument(
+        "--hed-jitter",
+        type=float,
+        help=f"HED stain jitter of every view, ± this (0.05: HED-light; {LIBRARY_DEFAULT}: off)",
+    )
     p.add_argument("--patch-tokens", choices=["full", "pool2", "none"], help=LIBRARY_DEFAULT)
     p.add_argument("--shard", type=int, help=LIBRARY_DEFAULT)
     p.add_argument("--num-shards", type=int, help=LIBRARY_DEFAULT)

@@ -7,12 +7,13 @@ patch tokens after the final norm (fp16; `patch_tokens: full | pool2 | none`, po
 Sharding: shard k of S covers tile rows [k·N/S, (k+1)·N/S) and is its own resumable store (one GPU job
 each); `gather_teacher_cache` writes a small manifest store that `TeacherCache` reads as one cohort.
 
-Layout (cache format 2, `CACHE_FORMAT`, recorded as attrs `cache_format` in every shard and manifest): each
+Layout (cache format 3, `CACHE_FORMAT`, recorded as attrs `cache_format` in every shard and manifest): each
 per-tile array (`params` [N, V, F] float64, `view_digest` [N, V] int64, `cls` [N, V, D] fp16, `patch`
 [N, V, T, D] fp16) is a sharded Zarr v3 array with ONE TILE (all its views) PER INNER CHUNK, uncompressed,
 and `batch_size · chunk_batches` tiles per shard file (the tile store's scheme, `tilestore.py`). A random
 row therefore costs one read of that row's bytes, not the decompression of a 256-row chunk (format 1, whose
-`patch` chunks held a whole caching batch: ~96 MiB decompressed per row at the paper's shapes). The fp16
+`patch` chunks held a whole caching batch: ~96 MiB decompressed per row at the paper's shapes; format 2 had
+16 view fields, format 3 adds the HED jitter's 7, `augment.VIEW_FIELDS`). The fp16
 tokens are stored uncompressed: zstd saves ~8% on them and costs more than the read (benchmarks/cache_read.py).
 `TeacherCache.get` reads rows straight from the shard files (`ShardRowReader`: the shard index entry, then the
 row's bytes, as the Zarr v3 sharding spec lays them out; `shards.py`) and only the arrays asked for. A cache of another
@@ -52,7 +53,9 @@ from histodistill.tilestore import ProcessLocal, TileStore
 
 log = logging.getLogger(__name__)
 PATCH_MODES = ("full", "pool2", "none")
-CACHE_FORMAT = 2  # 1: `patch` chunked by caching batch (no `cache_format` attr); 2: one tile per inner chunk
+# 1: `patch` chunked by caching batch (no `cache_format` attr); 2: one tile per inner chunk; 3: view parameters
+# gained the HED jitter's 7 fields (augment.VIEW_FIELDS: 23, not 16)
+CACHE_FORMAT = 3
 ROW_ARRAYS = ("params", "view_digest", "cls", "patch")
 REBUILD_HINT = (
     "rebuild it: delete it and its shards and rerun `snakemake … cache_teacher` (rules/teacher.smk), or "
@@ -66,7 +69,7 @@ def check_cache_format(attrs: dict, path: str | Path) -> None:
     if found != CACHE_FORMAT:
         raise HistodistillError(
             f"teacher cache {path} has cache format {found}; this version of histodistill reads format "
-            f"{CACHE_FORMAT} (one tile per inner chunk, docs/architecture.md): {REBUILD_HINT}"
+            f"{CACHE_FORMAT} (one tile per inner chunk, 23 view fields; docs/architecture.md): {REBUILD_HINT}"
         )
 
 

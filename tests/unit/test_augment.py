@@ -191,3 +191,78 @@ def test_photometric_on_the_gpu_agrees_with_the_cpu():
     gpu = photometric(views.cuda(), params).cpu().int()
     diff = (gpu - cpu).abs()
     assert diff.max() <= 3 and (diff > 0).float().mean() <= 0.005 and diff.float().mean() <= 0.01
+
+
+def _he_tile():
+    """An H&E uint8 tile [224, 224, 3]: random haematoxylin and eosin concentrations (no DAB; 20 % glass)
+    through scikit-image's `hed2rgb` (Ruifrok & Johnston's vectors), so its colours lie in the H-E-D gamut."""
+    from skimage.color import hed2rgb
+
+    rng = np.random.default_rng(11)
+    hed = np.zeros((224, 224, 3))
+    hed[..., :2] = rng.uniform(0, 0.08, (224, 224, 2)) * (rng.random((224, 224, 1)) < 0.8)
+    return np.round(hed2rgb(hed) * 255).astype(np.uint8)
+
+
+def test_hed_jitter_off_by_default_and_drawn_last():
+    """Off (DINOv2's recipe) by default: the HED fields are 0. On, the other fields are those of the same
+    view without it (the HED draws come last), and σ, b are uniform in ± `hed_jitter`."""
+    kinds = global_kinds(2) + [LOCAL]
+    off = draw_views(0, "s", 3, kinds, (224, 224))
+    hed = [F[k] for k in VIEW_FIELDS if k.startswith("hed")]
+    assert (off[:, hed] == 0).all()
+    on = np.stack(
+        [draw_views(0, "s", t, kinds, (224, 224), AugmentConfig(hed_jitter=0.2)) for t in range(200)]
+    )
+    np.testing.assert_array_equal(on[3][:, : F["hed"]], off[:, : F["hed"]])
+    assert (on[..., F["hed"]] == 1).all()
+    values = on[..., F["hed_scale_h"] :]
+    assert values.shape[-1] == 6 and np.abs(values).max() <= 0.2 and np.abs(values).max() > 0.19
+    assert abs(values.mean()) < 0.01  # centred (200 × 3 views × 6 draws)
+
+
+def test_hed_jitter_with_zero_sigma_and_bias_is_the_identity():
+    """σ = b = 0 returns the image to within one uint8 level, for any colour (no clipping of the
+    concentrations, rounding: augment._hed's deliberate deviations)."""
+    q = np.zeros(len(VIEW_FIELDS))
+    q[[F["height"], F["width"], F["out_px"]]] = 224
+    q[F["hed"]] = 1
+    for tile in (_tile(6), _he_tile()):
+        out = render(tile, q).permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(out - tile.astype(int)).max() <= 1
+
+
+def test_hed_jitter_equals_scikit_image_on_he_colours():
+    """On an H&E image (every pixel inside the H-E-D gamut), one view's HED jitter equals scikit-image's
+    rgb2hed → s·(1 + σ) + b → hed2rgb (DIAG's HedColorAugmenter) to within one uint8 level; the stored
+    parameters rebuild the view bit for bit, and more haematoxylin darkens the nuclei's red channel."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    tile = _he_tile()
+    q = np.zeros(len(VIEW_FIELDS))
+    q[[F["height"], F["width"], F["out_px"]]] = 224
+    q[F["hed"]] = 1
+    sigma, bias = np.array([0.15, -0.1, 0.05]), np.array([0.02, -0.03, 0.01])
+    q[F["hed_scale_h"] : F["hed_scale_d"] + 1], q[F["hed_bias_h"] : F["hed_bias_d"] + 1] = sigma, bias
+    out = render(tile, q)
+    ref = np.round(np.clip(hed2rgb(rgb2hed(tile) * (1 + sigma) + bias), 0, 1) * 255)
+    assert np.abs(out.permute(1, 2, 0).numpy() - ref).max() <= 1
+    assert torch.equal(render(tile, q.copy()), out)
+    more_h = q.copy()
+    more_h[F["hed_bias_h"]] = 0.1
+    assert render(tile, more_h)[0].float().mean() < out[0].float().mean() - 5
+
+
+def test_hed_jitter_batched_equals_one_view_at_a_time():
+    """`photometric` on a batch of views with and without HED jitter (and DINOv2's ops after it) equals
+    `render` one view at a time, bit for bit."""
+    tile = _he_tile()
+    params = np.concatenate(
+        [
+            draw_views(1, "s", t, global_kinds(2), (224, 224), AugmentConfig(hed_jitter=0.2 * (t % 2)))
+            for t in range(4)
+        ]
+    )
+    batch = torch.stack([geometric(tile, p) for p in params])
+    one = torch.stack([render(tile, p) for p in params])
+    assert torch.equal(photometric(batch, params), one)

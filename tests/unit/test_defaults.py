@@ -125,6 +125,7 @@ SOURCES: dict[str, tuple] = {
             "precision",
         )
     },
+    "teacher.hed_jitter": (AugmentConfig, "hed_jitter"),
     **{
         f"embeddings.{f}": (extract_embeddings, f)
         for f in ("pooling", "batch_size", "num_workers", "precision")
@@ -297,7 +298,11 @@ NOT_CONFIG: dict[type, dict[str, str] | str] = {
     MaskConfig: {},  # every field is TilingConfig's (tiling.*), checked below
     TissueHoldoutConfig: {},
     RegistrationConfig: {"seed": "elastix's sampling seed: a registration does not depend on the run's seed"},
-    AugmentConfig: "DINOv2's augmentation recipe, recorded in the teacher cache; not tunable per run",
+    AugmentConfig: {  # recorded in the teacher cache
+        f.name: "DINOv2's augmentation recipe; not tunable per run"
+        for f in dataclasses.fields(AugmentConfig)
+        if f.name != "hed_jitter"
+    },
     LinearProbeConfig: {"threads": "a process setting, not part of the protocol"},
     SegmentationConfig: {
         "patience": "per task (SEGMENTATION_TASKS); benchmarks.segmentation.patience overrides all"

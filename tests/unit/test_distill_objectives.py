@@ -1,5 +1,6 @@
 """The objectives of distill/objectives.py against by-hand formulas, their state, and the registry."""
 
+import math
 from dataclasses import dataclass, replace
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from histodistill.config import load_schema
 from histodistill.distill.centering import sinkhorn_center, sinkhorn_knopp
-from histodistill.distill.losses import feature_loss
+from histodistill.distill.losses import feature_loss, koleo_loss
 from histodistill.distill.objectives import (
     OBJECTIVES,
     DinoIbot,
@@ -230,3 +231,27 @@ def test_options_parse_objective_params_into_the_class_dataclass():
     assert Paired.options({"temperature": 0.2}) == Options(0.2) and Paired.options(None) == Options(0.5)
     with pytest.raises(HistodistillError, match=r"no option\(s\) \['lambda'\].*takes: \['temperature'\]"):
         Paired.options({"lambda": 25})
+
+
+def test_koleo_is_dinov2s_formula_by_hand_and_adds_to_the_dino_ibot_total():
+    """KoLeo (DINOv2's dinov2/loss/koleo_loss.py): for (1, 0), (0, 1), (1, 1) every row's nearest other row
+    is at chord distance √(2 − √2) once normalised, so the loss is −log √(2 − √2); dino_ibot's
+    `objective_params.koleo_weight` w adds w · Σ over the 2 global crops to the total, and 0 adds nothing."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2 - math.sqrt(2))), rel=1e-6)
+    assert koleo_loss(x * 7.0).item() == pytest.approx(koleo_loss(x).item(), rel=1e-6)  # scale-free
+    with pytest.raises(HistodistillError, match="at least 2 rows"):
+        koleo_loss(x[:1])
+
+    teacher, student = _tokens(patches=False, local=False)
+    step = StepState(iteration=0, teacher_temp=0.05)
+    cfg = replace(CFG, ibot_weight=0.0)
+    torch.manual_seed(0)
+    plain = DinoIbot(cfg, D, DT, teacher_patches=False)
+    torch.manual_seed(0)
+    koleo = DinoIbot(replace(cfg, objective_params={"koleo_weight": 0.1}), D, DT, teacher_patches=False)
+    base = plain.losses(student, plain.teacher_targets(teacher, step), step)
+    losses = koleo.losses(student, koleo.teacher_targets(teacher, step), step)
+    expected = sum(koleo_loss(c) for c in student.cls.reshape(2, B, D))
+    assert "koleo" not in base and losses["koleo"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["total"].item() == pytest.approx(base["total"].item() + 0.1 * expected.item(), rel=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from histodistill.augment import normalize, render, view_digest
+from histodistill.augment import VIEW_FIELDS, AugmentConfig, normalize, render, view_digest
 from histodistill.distill.data import DistillDataset
 from histodistill.errors import HistodistillError
 from histodistill.models import load_model
@@ -55,7 +55,9 @@ def test_manifest_and_sizes(demo_store, demo_cache):
     n = len(TileStore(demo_store))
     assert len(tc) == n and tc.attrs["rows"] == [[0, n // 2], [n // 2, n]]
     assert tc.get(n - 1)["patch"].shape == (2, 256, 64)
-    assert tc.attrs["bytes_per_tile_raw"] == 2 * (64 + 256 * 64) * 2 + 2 * 17 * 8
+    assert (
+        tc.attrs["bytes_per_tile_raw"] == 2 * (64 + 256 * 64) * 2 + 2 * 24 * 8
+    )  # 23 view fields + the digest
     assert 0 < tc.attrs["bytes_per_tile_disk"] <= tc.attrs["bytes_per_tile_raw"] * 1.1
 
 
@@ -81,6 +83,28 @@ def test_pool2_and_no_patch_modes(tmp_path, demo_store):
     assert "patch" not in zarr.open_group(tmp_path / "n.zarr", mode="r")
     x = torch.arange(16.0).reshape(1, 16, 1)  # a 4×4 grid
     assert pool_patches(x).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_hed_jitter_is_stored_per_view_and_followed_by_the_students_local_crops(tmp_path, demo_store):
+    """`teacher.hed_jitter`: every cached view holds its HED draws, the stored parameters rebuild the view
+    the teacher saw (digest), and DistillDataset draws the local crops with the cache's recorded setting."""
+    out = tmp_path / "hed.zarr"
+    augment = AugmentConfig(hed_jitter=0.05)
+    cache_teacher(
+        TEACHER, demo_store, tmp_path / "shard.zarr", views=2, batch_size=8, num_workers=0, augment=augment
+    )
+    gather_teacher_cache([tmp_path / "shard.zarr"], out)
+    tc, tiles = TeacherCache(out), TileStore(demo_store)
+    assert tc.attrs["provenance"]["params"]["augment"]["hed_jitter"] == 0.05
+    hed = VIEW_FIELDS.index("hed")
+    for row in (0, len(tc) - 1):
+        entry = tc.get(row)
+        assert (entry["params"][:, hed] == 1).all()
+        assert 0 < np.abs(entry["params"][:, hed + 1 :]).max() <= 0.05
+        assert [view_digest(render(tiles[row], p)) for p in entry["params"]] == entry["view_digest"].tolist()
+    data = DistillDataset(demo_store, out, n_local=2, seed=0, cached=True, photometric=False)
+    assert data.augment == augment
+    assert (data[(0, 0)]["locals_params"][:, hed] == 1).all()
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, demo_store, demo_cache):
@@ -112,7 +136,7 @@ def test_layout_is_one_tile_per_inner_chunk_and_one_write_block_per_shard_file(d
     """Cache format 2: every per-tile array has inner chunks of one row (all views) and shard files of
     `batch_size · chunk_batches` rows (4 in the fixture), uncompressed; the format is in the attrs."""
     tc = TeacherCache(demo_cache)
-    assert tc.attrs["cache_format"] == CACHE_FORMAT == 2
+    assert tc.attrs["cache_format"] == CACHE_FORMAT == 3
     for shard in tc.shards:
         assert shard.attrs["cache_format"] == CACHE_FORMAT
         for name in ("params", "view_digest", "cls", "patch"):
@@ -183,7 +207,7 @@ def test_an_old_format_cache_says_to_rebuild(tmp_path, demo_cache, target):
     group = zarr.open_group(tmp_path / target, mode="r+")
     group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k != "cache_format"})
     with pytest.raises(
-        HistodistillError, match=r"cache format 1; .* reads format 2 .*rebuild.*cache_teacher"
+        HistodistillError, match=r"cache format 1; .* reads format 3 .*rebuild.*cache_teacher"
     ):
         TeacherCache(tmp_path / target)
     if target == "shard-0.zarr":
@@ -192,4 +216,4 @@ def test_an_old_format_cache_says_to_rebuild(tmp_path, demo_cache, target):
                 [tmp_path / "shard-0.zarr", tmp_path / "shard-1.zarr"], tmp_path / "new.zarr"
             )
     else:
-        assert TeacherCache(tmp_path / "shard-0.zarr").attrs["cache_format"] == 2
+        assert TeacherCache(tmp_path / "shard-0.zarr").attrs["cache_format"] == 3

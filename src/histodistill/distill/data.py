@@ -57,7 +57,8 @@ class EpochSampler(Sampler):
 
 class DistillDataset:
     """(row, epoch) → the student's uint8 global views `globals` [2, 3, S, S] and local views `locals`
-    [L, 3, s, s]; cached: the teacher's targets `teacher_cls` [2, Dt] (and `teacher_patch` [2, P, Dt]);
+    [L, 3, s, s] (local crops drawn with `augment`, by default the settings the teacher cache recorded,
+    so a cache with HED jitter gives the local crops HED jitter too); cached: the teacher's targets `teacher_cls` [2, Dt] (and `teacher_patch` [2, P, Dt]);
     otherwise the teacher side's views `teacher_globals` [2, 3, S, S] for a teacher run on the fly.
 
     With a `pairing` (distill.pairs), the student's views (and local crops) are rendered from the row's
@@ -78,12 +79,15 @@ class DistillDataset:
         n_local: int,
         seed: int,
         cached: bool,
-        augment: AugmentConfig = AugmentConfig(),
+        augment: AugmentConfig | None = None,
         pairing: PairingConfig | None = None,
         photometric: bool = True,
     ):
         self.photometric = photometric
         self.tiles_path, self.cache_path = Path(tiles), Path(cache)
+        cache_attrs = TeacherCache(self.cache_path).attrs
+        if augment is None:  # the settings the cache's views were drawn with (HED jitter: local crops too)
+            augment = AugmentConfig.from_dict(cache_attrs["provenance"]["params"]["augment"])
         self.n_local, self.seed, self.cached, self.augment = n_local, seed, cached, augment
         store = TileStore(self.tiles_path)
         self.slide_ids = [s["slide_id"] for s in store.attrs["slides"]]
@@ -93,7 +97,7 @@ class DistillDataset:
         self.index = {"slide_index": self.slide_index}
         if pairing.source == "mask":
             self.index |= {"x0": store.root["x0"][:], "y0": store.root["y0"][:]}
-        self.n_views = int(TeacherCache(self.cache_path).attrs["views"])
+        self.n_views = int(cache_attrs["views"])
         self.fields = ("params", "cls", "patch") if cached else ("params",)
         self._handles = ProcessLocal(partial(_open_pair, self.tiles_path, self.cache_path))
 

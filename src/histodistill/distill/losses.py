@@ -33,6 +33,21 @@ def soft_cross_entropy(
     return -(teacher_probs.float() * logp).sum(dim=-1).mean()
 
 
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regularizer of DINOv2 (Sablayrolles et al. 2019, "Spreading vectors for similarity search";
+    DINOv2's `dinov2/loss/koleo_loss.py`): x [B, D] (one global crop's student CLS tokens) is L2-normalised,
+    each row's nearest other row found by inner product, and the loss is −mean log(‖x_i − x_nn(i)‖ + eps)
+    (torch's PairwiseDistance with eps 1e-8, as the reference), in float32. Scalar; needs B ≥ 2."""
+    if x.shape[0] < 2:
+        raise HistodistillError(f"KoLeo needs at least 2 rows per crop, got {x.shape[0]}")
+    x = torch.nn.functional.normalize(x.float(), p=2, dim=-1, eps=eps)
+    dots = x @ x.t()
+    dots.fill_diagonal_(-1)  # the reference's trick: a row is never its own neighbour
+    nearest = dots.argmax(dim=1)
+    distances = torch.nn.functional.pairwise_distance(x, x[nearest], p=2, eps=eps)
+    return -torch.log(distances + eps).mean()
+
+
 def dino_loss(
     teacher_probs: list[torch.Tensor], student_logits: list[torch.Tensor], student_temp: float
 ) -> torch.Tensor:

@@ -46,6 +46,7 @@ from histodistill.distill.losses import (
     dino_pair_weight,
     feature_loss,
     ibot_loss_from_probs,
+    koleo_loss,
     nt_xent,
     softmax_targets_,
     vicreg_terms,
@@ -315,6 +316,15 @@ class DinoIbotTargets:
     ibot_index: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class DinoIbotOptions:
+    """`objective_params` of dino_ibot: `koleo_weight`, the weight of DINOv2's KoLeo regularizer on the
+    student's CLS tokens (losses.koleo_loss, summed over the two global crops as DINOv2's train loop does;
+    DINOv2's default 0.1; 0 = off, the default here)."""
+
+    koleo_weight: float = 0.0
+
+
 class DinoIbot(Objective):
     """DINO on the CLS token (global crops, plus local crops) + iBOT on the patch tokens (all of them, or a
     random subset per view: `ibot_patches`), without masking.
@@ -348,11 +358,15 @@ class DinoIbot(Objective):
     masked-token loss without its masked-image-modelling task. The teacher-heads stage subsamples alike
     (`distill.teacher_heads.ibot_patches`).
 
+    With `objective_params.koleo_weight` w > 0 the total adds w · Σ_crops KoLeo(student CLS of the crop)
+    (`DinoIbotOptions`; logged as `loss_koleo`).
+
     HistodistillError if iBOT is on (ibot_weight > 0) but the teacher gives no patch tokens, or for
     `ibot_patches` < 1.
     """
 
     name = "dino_ibot"
+    Options = DinoIbotOptions
 
     def __init__(
         self,
@@ -363,7 +377,7 @@ class DinoIbot(Objective):
         ema_teacher: bool = False,
     ):
         super().__init__()
-        self.options(cfg.objective_params)
+        self.koleo_weight = self.options(cfg.objective_params).koleo_weight
         if cfg.ibot_weight > 0 and not teacher_patches:
             raise HistodistillError(
                 "the iBOT loss needs patch tokens: cache them (teacher.patch_tokens: full|pool2)"
@@ -471,6 +485,9 @@ class DinoIbot(Objective):
                 s_ibot, targets.ibot_probs, self.student_temp, self.ibot_chunk
             )
             total = total + self.ibot_weight * losses["ibot"]
+        if self.koleo_weight > 0:
+            losses["koleo"] = sum(koleo_loss(c) for c in student.cls.float().reshape(2, b, -1))
+            total = total + self.koleo_weight * losses["koleo"]
         losses["total"] = total
         return losses
 

@@ -50,7 +50,7 @@ from histodistill.holdout import TissueHoldoutConfig, held_out_positions
 
 PAIR_SOURCES = ("none", "registered", "context", "downsample", "mask")
 MASK_GREY = np.array([0, 128, 255], np.uint8)  # label 0 background, 1 tissue, 2 nucleus
-PHOTOMETRIC_FIELDS = ("jitter", "grayscale", "blur_sigma", "solarize")
+PHOTOMETRIC_FIELDS = ("jitter", "grayscale", "blur_sigma", "solarize", "hed")
 
 
 @dataclass(frozen=True)
