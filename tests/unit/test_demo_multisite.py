@@ -103,3 +103,54 @@ def test_rule_demo_slide_renders_a_multisite_cohorts_slide_under_its_drawn_site(
             staining, scanner = draw_site(seed, spec.mpp)
             bands = [scan(restain(band, staining), scanner) for band in bands]
         np.testing.assert_array_equal(rgb, np.concatenate(bands), err_msg=name)
+
+
+def _jobs(stdout: str) -> list[dict[str, str]]:
+    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "wildcards": ...} per job."""
+    jobs: list[dict[str, str]] = []
+    for line in stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            jobs.append({"rule": line.split()[-1].rstrip(":")})
+        elif jobs and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            jobs[-1].setdefault(key, value)
+    return jobs
+
+
+def test_configs_demo_pretrain_distils_the_demo_students_on_the_multisite_cohort(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    overlay = str(tmp_path / "configs" / "demo_pretrain.yaml")
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
+        + ["--cores", "1", "--configfile", str(tmp_path / "config.yaml"), overlay, "--", "all_benchmarks"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    jobs = _jobs(run.stdout)
+    pretrain = [f"demo_pretrain_{i:02d}" for i in range(12)]
+    slides = sorted(j["wildcards"] for j in jobs if j["rule"] == "demo_slide")
+    assert slides == sorted(f"slide={s}" for s in ["demo_00", "demo_01", "demo_02", *pretrain])
+    tiled = sorted(j["wildcards"] for j in jobs if j["rule"] == "tile_slide")
+    assert [w for w in tiled if "demo_pretrain" in w] == [
+        f"cohort=demo_pretrain, slide={s}" for s in pretrain
+    ]
+    # the teacher is cached, and its heads trained, on demo_pretrain only; the students distil from them
+    assert sorted(j["wildcards"] for j in jobs if j["rule"] == "cache_teacher") == [
+        "teacher=h_optimus_0_tiny, cohort=demo_pretrain"
+    ]
+    (heads,) = [j for j in jobs if j["rule"] == "train_teacher_heads"]
+    assert heads["wildcards"] == "teacher=h_optimus_0_tiny, cohort=demo_pretrain"
+    distill = {j["wildcards"]: j["input"].split(", ") for j in jobs if j["rule"] == "distill"}
+    assert set(distill) == {"run=demo", "run=demo_feature"}
+    for inputs in distill.values():
+        assert "results/tilestore/demo_pretrain.zarr" in inputs
+        assert "results/teacher/h_optimus_0_tiny/demo_pretrain.zarr" in inputs
+        assert not any(p.endswith(("tilestore/demo.zarr", "h_optimus_0_tiny/demo.zarr")) for p in inputs)
+    # the benchmarks keep the demo cohort: nothing embeds demo_pretrain
+    embedded = {j["wildcards"] for j in jobs if j["rule"] == "embed"}
+    assert "model=student-demo, dataset=demo" in embedded
+    assert not any("demo_pretrain" in w for w in embedded)
