@@ -33,6 +33,7 @@ COHORTS = sorted(SAMPLES["cohort"].unique())
 # calls while the DAG is planned; a dict lookup costs well under 1 µs, a pandas `.loc` ~30 µs).
 SLIDE_PATHS = dict(zip(SAMPLES["slide_id"], SAMPLES["path"]))
 _SLIDE_MPPS = {s: parse_mpp(m) for s, m in zip(SAMPLES["slide_id"], SAMPLES["mpp"])}
+SLIDE_COHORTS = dict(zip(SAMPLES["slide_id"], SAMPLES["cohort"]))
 _COHORT_SLIDES = {}
 for _slide, _cohort in zip(SAMPLES["slide_id"], SAMPLES["cohort"]):
     _COHORT_SLIDES.setdefault(_cohort, []).append(_slide)

@@ -9,6 +9,8 @@ if config["demo"]["enabled"]:
             width_px=config["demo"]["width_px"],
             height_px=config["demo"]["height_px"],
             mpp=config["demo"]["mpp"],
+            # a slide of a multi-site cohort: its own random staining and scanner (drawn from its seed)
+            multisite=lambda w: SLIDE_COHORTS.get(w.slide) in config["demo"]["multisite_cohorts"],
         log:
             "logs/demo_slide/{slide}.log",
         threads: threads_for("demo_slide")

@@ -255,6 +255,7 @@ PIPELINE_ONLY = {
     "demo.teacher.seed": "null: the run's seed",
     "demo.slides_dir": "path of the pipeline's demo slides",
     "demo.plism_dir": "path of the pipeline's PLISM demo set",
+    "demo.multisite_cohorts": "a list of the sample sheet's cohorts (none by default)",
     "plism.enabled": "switch",
     "plism.source": "which rules make the matched tiles (registration or the public HDF5 tiles)",
     "plism.manifest": "path (required when enabled)",

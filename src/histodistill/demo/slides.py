@@ -51,6 +51,57 @@ class DemoSlideConfig:
     blank: bool = False  # glass only: no tissue at all
 
 
+@dataclass(frozen=True)
+class SiteRanges:
+    """Ranges a random staining and scanner ("a site") are drawn from, uniformly: factors on the
+    haematoxylin / eosin amounts, ± degrees of stain-vector hue, ± colour gain per channel, gamma, blur
+    (µm, Gaussian σ) and JPEG quality. One home of the demo's ranges: the demo teacher's training renderings
+    (`DemoTeacherConfig`, whose defaults are these), the latent tasks' crops and the multi-site demo slides
+    (`draw_site`) all draw from them, so they cover the PLISM and mitosis demo domains alike."""
+
+    hema: tuple[float, float] = (0.7, 1.4)
+    eosin: tuple[float, float] = (0.7, 1.4)
+    hue_deg: float = 10.0
+    gain: float = 0.04
+    gamma: tuple[float, float] = (0.85, 1.25)
+    blur_um: tuple[float, float] = (0.0, 0.4)
+    jpeg: tuple[int, int] = (70, 95)
+
+
+SITE_RANGES = SiteRanges()
+
+
+def random_staining(rng: np.random.Generator, r) -> dict:
+    """A staining for `restain` drawn from `r` (a `SiteRanges` or anything with its fields): hema, eosin,
+    hue_deg, in that draw order (the demo teacher's crops depend on it)."""
+    return {
+        "hema": rng.uniform(*r.hema),
+        "eosin": rng.uniform(*r.eosin),
+        "hue_deg": rng.uniform(-1, 1) * r.hue_deg,
+    }
+
+
+def random_scanner(rng: np.random.Generator, r, mpp: float) -> dict:
+    """A scanner for `scan` at `mpp` µm/px drawn from `r`: gain (3 channels), gamma, blur_um, jpeg, in that
+    draw order (the demo teacher's crops depend on it)."""
+    return {
+        "mpp": mpp,
+        "gain": tuple(1 + rng.uniform(-r.gain, r.gain, 3)),
+        "gamma": rng.uniform(*r.gamma),
+        "blur_um": rng.uniform(*r.blur_um),
+        "jpeg": int(rng.integers(r.jpeg[0], r.jpeg[1] + 1)),
+    }
+
+
+def draw_site(seed: int, mpp: float, ranges: SiteRanges = SITE_RANGES) -> tuple[dict, dict]:
+    """(staining, scanner) of a multi-site demo slide of generator seed `seed` (`seed_for(slide_id, seed)`)
+    scanned at `mpp` µm/px: drawn from `ranges` with the stream `[seed, 3]`, which no tissue draw of the
+    generator uses (streams `seed`, `[seed, 0..2, ...]`), so the tissue of a seed is the same with or
+    without a site, and the site is reproducible from the seed alone."""
+    rng = np.random.default_rng([seed, 3])
+    return random_staining(rng, ranges), random_scanner(rng, ranges, mpp)
+
+
 def seed_for(name: str, base_seed: int = 0) -> int:
     """A stable per-slide seed from the global seed and the slide id."""
     return int.from_bytes(hashlib.sha256(f"{base_seed}:{name}".encode()).digest()[:8], "little")
@@ -512,14 +563,29 @@ def write_pyramid_tiff(
     write_pyramid_bands(bands, pixels.shape[:2], path, mpp, levels, tile)
 
 
-def make_demo_slide(path: str | Path, seed: int, spec: DemoSlideConfig = DemoSlideConfig()) -> Path:
+def make_demo_slide(
+    path: str | Path,
+    seed: int,
+    spec: DemoSlideConfig = DemoSlideConfig(),
+    site: tuple[dict, dict] | None = None,
+) -> Path:
     """Render and write one demo slide, band by band; the same seed and spec give byte-identical files.
+
+    `site`: (staining, scanner) (`draw_site`): each level-0 band is re-stained (`restain`) and scanned
+    (`scan`: gain, gamma, blur, JPEG) as a slide of another lab and scanner; None keeps the generator's own
+    staining, unscanned (the demo cohort's). Deviation from a real scanner: blur and JPEG act per band of
+    `BAND_ROWS` (a multiple of JPEG's 8-px blocks), so the blur (σ ≤ 1.6 px at 0.25 µm/px) sees the band's
+    edge rows repeated at its top and bottom.
 
     Memory is bounded by a few tile rows whatever the slide's height (`iter_tissue_bands`,
     `write_pyramid_bands`); level 0 equals `render_tissue(spec, seed)`.
     """
     shape = (spec.height_px, spec.width_px)
-    write_pyramid_bands(iter_rgb_bands(spec, seed), shape, path, spec.mpp, spec.levels, spec.tile)
+    bands = iter_rgb_bands(spec, seed)
+    if site is not None:
+        staining, scanner = site
+        bands = (scan(restain(band, staining), scanner) for band in bands)
+    write_pyramid_bands(bands, shape, path, spec.mpp, spec.levels, spec.tile)
     return Path(path)
 
 

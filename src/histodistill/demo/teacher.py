@@ -58,9 +58,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from histodistill.atomic import atomic_path
 from histodistill.demo.slides import (
+    SITE_RANGES,
     DemoSlideConfig,
     TissueMaps,
     compose_rgb,
+    random_scanner,
+    random_staining,
     render_tissue_maps,
     restain,
     seed_for,
@@ -102,13 +105,13 @@ class DemoTeacherConfig:
     tile_mpp: float = 0.5
     min_tissue: float = 0.5
     scale_jitter: float = 0.1
-    hema: tuple[float, float] = (0.7, 1.4)
-    eosin: tuple[float, float] = (0.7, 1.4)
-    hue_deg: float = 10.0
-    gain: float = 0.04
-    gamma: tuple[float, float] = (0.85, 1.25)
-    blur_um: tuple[float, float] = (0.0, 0.4)
-    jpeg: tuple[int, int] = (70, 95)
+    hema: tuple[float, float] = SITE_RANGES.hema
+    eosin: tuple[float, float] = SITE_RANGES.eosin
+    hue_deg: float = SITE_RANGES.hue_deg
+    gain: float = SITE_RANGES.gain
+    gamma: tuple[float, float] = SITE_RANGES.gamma
+    blur_um: tuple[float, float] = SITE_RANGES.blur_um
+    jpeg: tuple[int, int] = SITE_RANGES.jpeg
     reference_p: float = 0.25
     contrast_weight: float = 0.5
     contrast_temp: float = 0.1
@@ -198,22 +201,10 @@ class CropPairs(Dataset):
         return 2**62
 
     def _staining(self, rng: np.random.Generator) -> dict:
-        c = self.cfg
-        return {
-            "hema": rng.uniform(*c.hema),
-            "eosin": rng.uniform(*c.eosin),
-            "hue_deg": rng.uniform(-1, 1) * c.hue_deg,
-        }
+        return random_staining(rng, self.cfg)
 
     def _scanner(self, rng: np.random.Generator) -> dict:
-        c = self.cfg
-        return {
-            "mpp": c.tile_mpp,
-            "gain": tuple(1 + rng.uniform(-c.gain, c.gain, 3)),
-            "gamma": rng.uniform(*c.gamma),
-            "blur_um": rng.uniform(*c.blur_um),
-            "jpeg": int(rng.integers(c.jpeg[0], c.jpeg[1] + 1)),
-        }
+        return random_scanner(rng, self.cfg, self.cfg.tile_mpp)
 
     def _render(self, tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One rendering: the generator's own staining, unscanned (probability `reference_p`, as the demo
