@@ -53,3 +53,16 @@ def run_killed(code: str, after_chunks: int) -> subprocess.CompletedProcess:
     (`HISTODISTILL_KILL_AFTER_CHUNKS`, honoured by the resumable writers), as a scheduler would kill a job."""
     env = {**os.environ, "HISTODISTILL_KILL_AFTER_CHUNKS": str(after_chunks)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+
+
+def dry_run_jobs(stdout: str) -> list[dict[str, str]]:
+    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "wildcards": ...} per job (a job
+    is a `rule <name>:` line and the indented `key: value` lines under it)."""
+    jobs: list[dict[str, str]] = []
+    for line in stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            jobs.append({"rule": line.split()[-1].rstrip(":")})
+        elif jobs and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            jobs[-1].setdefault(key, value)
+    return jobs

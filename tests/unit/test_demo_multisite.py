@@ -26,6 +26,7 @@ from histodistill.demo.slides import (
 )
 from histodistill.slides import open_slide, read_rgb
 from tests.conftest import REPO
+from tests.helpers import dry_run_jobs
 
 
 def test_a_site_is_reproducible_from_its_seed_and_within_the_demo_ranges():
@@ -105,18 +106,6 @@ def test_rule_demo_slide_renders_a_multisite_cohorts_slide_under_its_drawn_site(
         np.testing.assert_array_equal(rgb, np.concatenate(bands), err_msg=name)
 
 
-def _jobs(stdout: str) -> list[dict[str, str]]:
-    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "wildcards": ...} per job."""
-    jobs: list[dict[str, str]] = []
-    for line in stdout.splitlines():
-        if line.startswith(("rule ", "localrule ")):
-            jobs.append({"rule": line.split()[-1].rstrip(":")})
-        elif jobs and line.startswith("    ") and ": " in line:
-            key, value = line.strip().split(": ", 1)
-            jobs[-1].setdefault(key, value)
-    return jobs
-
-
 def test_configs_demo_pretrain_distils_the_demo_students_on_the_multisite_cohort(tmp_path):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
@@ -130,7 +119,7 @@ def test_configs_demo_pretrain_distils_the_demo_students_on_the_multisite_cohort
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    jobs = _jobs(run.stdout)
+    jobs = dry_run_jobs(run.stdout)
     pretrain = [f"demo_pretrain_{i:02d}" for i in range(12)]
     slides = sorted(j["wildcards"] for j in jobs if j["rule"] == "demo_slide")
     assert slides == sorted(f"slide={s}" for s in ["demo_00", "demo_01", "demo_02", *pretrain])

@@ -11,19 +11,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
-
-
-def _jobs(stdout: str) -> list[dict[str, str]]:
-    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "wildcards": ...} per job (a job
-    is a `rule <name>:` line and the indented `key: value` lines under it)."""
-    jobs: list[dict[str, str]] = []
-    for line in stdout.splitlines():
-        if line.startswith(("rule ", "localrule ")):
-            jobs.append({"rule": line.split()[-1].rstrip(":")})
-        elif jobs and line.startswith("    ") and ": " in line:
-            key, value = line.strip().split(": ", 1)
-            jobs[-1].setdefault(key, value)
-    return jobs
+from tests.helpers import dry_run_jobs
 
 
 def test_the_mask_run_of_paired_yaml_reads_the_demo_mask_store(tmp_path):
@@ -57,7 +45,7 @@ def test_the_mask_run_of_paired_yaml_reads_the_demo_mask_store(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    jobs = _jobs(run.stdout)
+    jobs = dry_run_jobs(run.stdout)
     masks = [f"results/masks/demo/demo_0{i}.tiff" for i in range(3)]  # configs/demo_samples.tsv's slides
     made = sorted(j["wildcards"] for j in jobs if j["rule"] == "demo_mask")
     assert made == [f"cohort=demo, slide=demo_0{i}" for i in range(3)]
