@@ -53,11 +53,15 @@ start() {
   [ "$(id -u)" = "0" ] || { echo "slurmd needs root on this machine (auth/none test cluster)" >&2; exit 77; }
   stop  # a cluster this directory started earlier
   mkdir -p "$DIR/state" "$DIR/spool"
-  local ctld_port slurmd_port mem_mb
+  local ctld_port slurmd_port mem_mb cpus
   ctld_port=$(free_port)
   slurmd_port=$(free_port)
   while [ "$slurmd_port" = "$ctld_port" ]; do slurmd_port=$(free_port); done
   mem_mb=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 2048 ))
+  # The CPUs this process may use, not OMP_NUM_THREADS: GNU nproc honours OMP_NUM_THREADS / OMP_THREAD_LIMIT,
+  # so a shell with OMP_NUM_THREADS=1 declared a 1-CPU node and every 2-CPU job pended forever
+  # (squeue: PartitionConfig).
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   cat > "$CONF" <<CONF
 # One-node test cluster written by tests/slurm/local_cluster.sh
 ClusterName=histodistill
@@ -85,7 +89,7 @@ ReturnToService=2
 MinJobAge=3600
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem_mb State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
   # Client commands find this cluster through SLURM_CONF. Inside a job, Snakemake's jobstep executor
