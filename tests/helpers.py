@@ -7,6 +7,7 @@ calls these directly.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -53,6 +54,26 @@ def run_killed(code: str, after_chunks: int) -> subprocess.CompletedProcess:
     (`HISTODISTILL_KILL_AFTER_CHUNKS`, honoured by the resumable writers), as a scheduler would kill a job."""
     env = {**os.environ, "HISTODISTILL_KILL_AFTER_CHUNKS": str(after_chunks)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+
+
+def overlay_dry_run_jobs(workdir: Path, overlay: str, targets: list[str]) -> list[dict[str, str]]:
+    """`snakemake -n TARGETS` in `workdir` (a fresh directory, given the repository's config.yaml and
+    configs/) with config.yaml plus configs/`overlay`; its jobs (`dry_run_jobs`). Fails the test, with the
+    end of Snakemake's output, if the dry run fails."""
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "configs", workdir / "configs")
+    shutil.copy(repo / "config.yaml", workdir / "config.yaml")
+    configfiles = [str(workdir / "config.yaml"), str(workdir / "configs" / overlay)]
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir), "-n"]
+        + ["--cores", "1", "--configfile", *configfiles, "--", *targets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return dry_run_jobs(run.stdout)
 
 
 def dry_run_jobs(stdout: str) -> list[dict[str, str]]:

@@ -26,7 +26,7 @@ from histodistill.demo.slides import (
 )
 from histodistill.slides import open_slide, read_rgb
 from tests.conftest import REPO
-from tests.helpers import dry_run_jobs
+from tests.helpers import overlay_dry_run_jobs
 
 
 def test_a_site_is_reproducible_from_its_seed_and_within_the_demo_ranges():
@@ -107,19 +107,7 @@ def test_rule_demo_slide_renders_a_multisite_cohorts_slide_under_its_drawn_site(
 
 
 def test_configs_demo_pretrain_distils_the_demo_students_on_the_multisite_cohort(tmp_path):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    overlay = str(tmp_path / "configs" / "demo_pretrain.yaml")
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
-        + ["--cores", "1", "--configfile", str(tmp_path / "config.yaml"), overlay, "--", "all_benchmarks"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    jobs = dry_run_jobs(run.stdout)
+    jobs = overlay_dry_run_jobs(tmp_path, "demo_pretrain.yaml", ["all_benchmarks"])
     pretrain = [f"demo_pretrain_{i:02d}" for i in range(12)]
     slides = sorted(j["wildcards"] for j in jobs if j["rule"] == "demo_slide")
     assert slides == sorted(f"slide={s}" for s in ["demo_00", "demo_01", "demo_02", *pretrain])

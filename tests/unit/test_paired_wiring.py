@@ -5,47 +5,15 @@ lists none."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-
-from tests.conftest import REPO
-from tests.helpers import dry_run_jobs
+from tests.helpers import overlay_dry_run_jobs
 
 
 def test_the_mask_run_of_paired_yaml_reads_the_demo_mask_store(tmp_path):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     students = [
         f"results/students/{run}/student.safetensors"
         for run in ("mask-asym-separate", "context-asym-separate")
     ]
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(tmp_path),
-            "-n",
-            "--cores",
-            "1",
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            str(tmp_path / "configs" / "paired.yaml"),
-            "--",
-            *students,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    jobs = dry_run_jobs(run.stdout)
+    jobs = overlay_dry_run_jobs(tmp_path, "paired.yaml", students)
     masks = [f"results/masks/demo/demo_0{i}.tiff" for i in range(3)]  # configs/demo_samples.tsv's slides
     made = sorted(j["wildcards"] for j in jobs if j["rule"] == "demo_mask")
     assert made == [f"cohort=demo, slide=demo_0{i}" for i in range(3)]
