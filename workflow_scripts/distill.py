@@ -17,5 +17,6 @@ sys.exit(
         nodes=int(getattr(snakemake.resources, "nodes", 1)),  # resources.distill.nodes: the allocation
         log_path=snakemake.log[0],
         checkpoint_dir=snakemake.input.resume,
+        threads=snakemake.threads,  # shared by the node's processes (OMP_NUM_THREADS = threads // nproc_per_node)
     )
 )

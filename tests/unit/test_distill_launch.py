@@ -1,9 +1,18 @@
+import os
+import subprocess
 import sys
 
 import pytest
 
 from histodistill.distill import trainer
-from histodistill.distill.launch import RDZV_PORT, REQUEUE_EXIT_CODE, launch, launch_command
+from histodistill.distill.launch import (
+    RDZV_PORT,
+    REQUEUE_EXIT_CODE,
+    launch,
+    launch_command,
+    process_threads,
+    torchrun_env,
+)
 
 
 def test_requeue_code_is_ex_tempfail_and_the_trainers():
@@ -33,3 +42,30 @@ def test_bad_counts_and_unknown_settings_fail_before_any_process(tmp_path):
     with pytest.raises(TypeError, match="learning_rate"):
         launch({"learning_rate": 1e-3}, "t", "k", tmp_path / "out", nproc_per_node=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_processes_share_the_jobs_threads(monkeypatch):
+    """Snakemake exports OMP_NUM_THREADS = the rule's threads and torchrun keeps it: each process must get
+    its share, else 2 processes × 2 threads on the demo's 2 CPUs ran 10× slower."""
+    assert [process_threads(t, n) for t, n in [(2, 2), (8, 2), (7, 2), (1, 4), (16, 1)]] == [1, 4, 3, 1, 16]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    assert process_threads(None, 4) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    env = torchrun_env(2, 2)
+    assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]
+    with pytest.raises(ValueError, match="at least 1"):
+        process_threads(4, 0)
+
+
+def test_launch_gives_the_processes_their_share(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(command, env, **kwargs):
+        seen.update(command=command, omp=env["OMP_NUM_THREADS"])
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setattr(subprocess, "run", run)
+    settings = {"student": "h0_mini_tiny", "teacher": "h_optimus_0_tiny"}
+    assert launch(settings, "t", "k", tmp_path / "out", nproc_per_node=2, threads=8) == 0
+    assert seen["omp"] == "4" and "--nproc_per_node=2" in seen["command"]

@@ -48,6 +48,7 @@ import copy
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ from histodistill.distill.engine import (
     wrap_ddp,
 )
 from histodistill.distill.heads import ProjectionHead
-from histodistill.distill.launch import torchrun_command
+from histodistill.distill.launch import process_threads, torchrun_command
 from histodistill.distill.losses import dino_loss
 from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
@@ -563,8 +564,9 @@ def pretrain_variants(
     if unknown := set(outputs) - set(VARIANT_WEIGHTS):
         raise HistodistillError(f"unknown SLPD variant(s) {sorted(unknown)}; known: {list(VARIANT_WEIGHTS)}")
     base = RegionTrainConfig(**{**(settings or {}), "threads": threads})
-    if nproc_per_node > 1:
-        return _launch(region_store, outputs, work_dir, asdict(base), nproc_per_node, log_path)
+    if nproc_per_node > 1:  # the processes share the job's threads (distill.launch.process_threads)
+        shared = {**asdict(base), "threads": process_threads(threads, nproc_per_node)}
+        return _launch(region_store, outputs, work_dir, shared, nproc_per_node, log_path)
     store = RegionStore(region_store)
     rank = init_process()[0]
     logs = {}
@@ -587,14 +589,17 @@ def _launch(region_store, outputs, work_dir, settings: dict, nproc_per_node: int
     job.write_text(json.dumps({"region_store": str(region_store), "work_dir": str(work_dir), "settings": settings,
                                "outputs": {k: str(v) for k, v in outputs.items()}}))  # fmt: skip
     command = torchrun_command(__name__, [job], nproc_per_node=nproc_per_node)
-    log.info("launching %s", " ".join(command))
+    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"])}  # torch_threads(threads) in each, too
+    log.info("launching %s (OMP_NUM_THREADS=%s per process)", " ".join(command), env["OMP_NUM_THREADS"])
     if log_path is None:
-        code = subprocess.run(command, check=False).returncode
+        code = subprocess.run(command, env=env, check=False).returncode
     else:
         for handler in logging.getLogger().handlers:  # our own lines first, then the processes' in order
             handler.flush()
         with open(log_path, "a") as log_file:
-            code = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False).returncode
+            code = subprocess.run(
+                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False
+            ).returncode
     if code:
         raise HistodistillError(f"SLPD region pretraining under torchrun failed (exit {code}); see the log")
     return {v: {"epochs": json.loads((work_dir / v / "log.json").read_text())} for v in outputs}
