@@ -255,3 +255,39 @@ def test_koleo_is_dinov2s_formula_by_hand_and_adds_to_the_dino_ibot_total():
     expected = sum(koleo_loss(c) for c in student.cls.reshape(2, B, D))
     assert "koleo" not in base and losses["koleo"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert losses["total"].item() == pytest.approx(base["total"].item() + 0.1 * expected.item(), rel=1e-6)
+
+
+def test_feature_weight_adds_the_head_free_cls_term_to_the_dino_ibot_total():
+    """`objective_params.feature_weight` w adds w · feature_loss(adapter(student CLS), teacher CLS) over both
+    global views (view-major rows, as the DINO term pairs them); the adapter is a student head (it trains,
+    and exists only with w > 0, after the DINO/iBOT heads, whose init is unchanged); no teacher head and no
+    target carries a gradient."""
+    teacher, student = _tokens()
+    student = StudentTokens(student.cls.requires_grad_(True), student.patch, student.local_cls)
+    step = StepState(iteration=0, teacher_temp=0.05)
+    torch.manual_seed(0)
+    plain = DinoIbot(CFG, D, DT, teacher_patches=True)
+    torch.manual_seed(0)
+    obj = DinoIbot(replace(CFG, objective_params={"feature_weight": 0.5}), D, DT, teacher_patches=True)
+    assert "adapter" not in plain.student_heads and "adapter" in obj.student_heads
+    for name in ("dino", "ibot"):  # the same init as without the term
+        for a, b in zip(
+            plain.student_heads[name].parameters(), obj.student_heads[name].parameters(), strict=True
+        ):
+            assert torch.equal(a, b)
+    targets = obj.teacher_targets(teacher, step)
+    base = plain.losses(student, plain.teacher_targets(teacher, step), step)
+    losses = obj.losses(student, targets, step)
+    adapter = obj.student_heads["adapter"]
+    expected = feature_loss(adapter(student.cls), teacher.cls.reshape(2 * B, DT))
+    cos = torch.nn.functional.cosine_similarity(adapter(student.cls), teacher.cls.reshape(2 * B, DT), dim=-1)
+    by_hand = (1 - cos.mean()) + torch.nn.functional.smooth_l1_loss(
+        adapter(student.cls), teacher.cls.reshape(2 * B, DT)
+    )
+    assert expected.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert losses["feature"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["total"].item() == pytest.approx(base["total"].item() + 0.5 * expected.item(), rel=1e-6)
+    assert not targets.teacher_cls.requires_grad
+    losses["total"].backward()
+    assert adapter.proj.weight.grad is not None and adapter.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in obj.teacher_heads.parameters())

@@ -314,15 +314,20 @@ class DinoIbotTargets:
     ibot_logit_sum: torch.Tensor | None = None
     ibot_stats: TargetStats | None = None
     ibot_index: torch.Tensor | None = None
+    teacher_cls: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class DinoIbotOptions:
     """`objective_params` of dino_ibot: `koleo_weight`, the weight of DINOv2's KoLeo regularizer on the
     student's CLS tokens (losses.koleo_loss, summed over the two global crops as DINOv2's train loop does;
-    DINOv2's default 0.1; 0 = off, the default here)."""
+    DINOv2's default 0.1; 0 = off, the default here). `feature_weight`, the weight of a head-free term on
+    the CLS token beside DINO+iBOT: losses.feature_loss ((1 − cosine) + smooth-L1) between the student's CLS
+    through a linear adapter (student head `adapter`, D → Dt) and the teacher's CLS, over both global views
+    (0 = off, the default; the demo's run uses 0.3, README "Distillation section")."""
 
     koleo_weight: float = 0.0
+    feature_weight: float = 0.0
 
 
 class DinoIbot(Objective):
@@ -359,7 +364,11 @@ class DinoIbot(Objective):
     (`distill.teacher_heads.ibot_patches`).
 
     With `objective_params.koleo_weight` w > 0 the total adds w · Σ_crops KoLeo(student CLS of the crop)
-    (`DinoIbotOptions`; logged as `loss_koleo`).
+    (`DinoIbotOptions`; logged as `loss_koleo`). With `objective_params.feature_weight` w > 0 it adds
+    w · feature_loss(adapter(student CLS), teacher CLS) (logged as `loss_feature`): the `feature`
+    objective's regression, on the CLS only, beside the heads' targets. Not in DINOv2 or the H0-mini recipe
+    (a deviation, off by default): it anchors the student's CLS geometry to the teacher's where the heads'
+    targets alone leave it free (on the demo's 23 distillation tiles, README "Distillation section").
 
     HistodistillError if iBOT is on (ibot_weight > 0) but the teacher gives no patch tokens, or for
     `ibot_patches` < 1.
@@ -377,7 +386,8 @@ class DinoIbot(Objective):
         ema_teacher: bool = False,
     ):
         super().__init__()
-        self.koleo_weight = self.options(cfg.objective_params).koleo_weight
+        options = self.options(cfg.objective_params)
+        self.koleo_weight, self.feature_weight = options.koleo_weight, options.feature_weight
         if cfg.ibot_weight > 0 and not teacher_patches:
             raise HistodistillError(
                 "the iBOT loss needs patch tokens: cache them (teacher.patch_tokens: full|pool2)"
@@ -399,6 +409,8 @@ class DinoIbot(Objective):
         self.student_heads["ibot"] = ProjectionHead(
             student_dim, cfg.n_prototypes, cfg.head_hidden, cfg.ibot_bottleneck
         )
+        if self.feature_weight > 0:  # after the DINO/iBOT heads: their init is unchanged
+            self.student_heads["adapter"] = FeatureAdapter(student_dim, teacher_dim)
         if ema_teacher:
             self.teacher_heads = copy.deepcopy(self.student_heads).requires_grad_(False)
         else:
@@ -452,6 +464,7 @@ class DinoIbot(Objective):
                 )
                 stats = TargetStats(torch.tensor(float(n_rows), device=t_ibot.device), ent, probs_sum)
         return DinoIbotTargets(
+            teacher_cls=teacher.cls.flatten(0, 1).detach() if self.feature_weight > 0 else None,
             dino_probs=probs.reshape(2, b, -1),
             dino_logits=t_dino,
             ibot_probs=t_ibot,
@@ -488,6 +501,9 @@ class DinoIbot(Objective):
         if self.koleo_weight > 0:
             losses["koleo"] = sum(koleo_loss(c) for c in student.cls.float().reshape(2, b, -1))
             total = total + self.koleo_weight * losses["koleo"]
+        if self.feature_weight > 0:
+            losses["feature"] = feature_loss(self.student_heads["adapter"](student.cls), targets.teacher_cls)
+            total = total + self.feature_weight * losses["feature"]
         losses["total"] = total
         return losses
 
