@@ -291,3 +291,5 @@ def test_feature_weight_adds_the_head_free_cls_term_to_the_dino_ibot_total():
     losses["total"].backward()
     assert adapter.proj.weight.grad is not None and adapter.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in obj.teacher_heads.parameters())
+    weights = {k: v.item() for k, v in obj.monitors(targets, losses, step).items() if k.startswith("weight_")}
+    assert weights == {"weight_dino_eff": 1.0, "weight_ibot_eff": 0.5, "weight_feature_eff": 0.5}

@@ -516,7 +516,8 @@ class DinoIbot(Objective):
     @torch.no_grad()
     def monitors(self, targets: DinoIbotTargets, losses: dict, step: StepState) -> dict[str, torch.Tensor]:
         """`dino_*` and (with iBOT) `ibot_*` entropy / eff_prototypes / kl (distill.monitors) of this step's
-        targets, and `weight_dino_eff` (dino_weight × the pair normalisation), `weight_ibot_eff`.
+        targets, and `weight_dino_eff` (dino_weight × the pair normalisation), `weight_ibot_eff` (and
+        `weight_koleo_eff`, `weight_feature_eff` when those terms are on).
 
         KL(teacher ‖ student) is CE − H(t): for DINO, the mean over the loss's pairs, where every teacher
         global view appears equally often, so the mean target entropy of the teacher rows is the pairs' mean.
@@ -528,6 +529,9 @@ class DinoIbot(Objective):
         if targets.ibot_stats is not None:
             out |= targets.ibot_stats.figures("ibot", losses["ibot"])
             out["weight_ibot_eff"] = torch.tensor(float(self.ibot_weight), device=device)
+        for name, weight in (("koleo", self.koleo_weight), ("feature", self.feature_weight)):
+            if weight > 0:  # the optional terms' weights beside DINO's and iBOT's (the weights panel)
+                out[f"weight_{name}_eff"] = torch.tensor(float(weight), device=device)
         return out
 
     @torch.no_grad()
