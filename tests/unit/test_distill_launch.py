@@ -8,6 +8,7 @@ from histodistill.distill import trainer
 from histodistill.distill.launch import (
     RDZV_PORT,
     REQUEUE_EXIT_CODE,
+    THREAD_VARS,
     launch,
     launch_command,
     process_threads,
@@ -50,9 +51,12 @@ def test_processes_share_the_jobs_threads(monkeypatch):
     assert [process_threads(t, n) for t, n in [(2, 2), (8, 2), (7, 2), (1, 4), (16, 1)]] == [1, 4, 3, 1, 16]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
     assert process_threads(None, 4) == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    for name in THREAD_VARS:  # what Snakemake exports to a 2-thread job
+        monkeypatch.setenv(name, "2")
     env = torchrun_env(2, 2)
-    assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]
+    assert {name: env[name] for name in THREAD_VARS} == dict.fromkeys(THREAD_VARS, "1")
+    assert {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"} <= set(THREAD_VARS)
+    assert env["PATH"] == os.environ["PATH"]
     with pytest.raises(ValueError, match="at least 1"):
         process_threads(4, 0)
 
@@ -61,11 +65,12 @@ def test_launch_gives_the_processes_their_share(tmp_path, monkeypatch):
     seen = {}
 
     def run(command, env, **kwargs):
-        seen.update(command=command, omp=env["OMP_NUM_THREADS"])
+        seen.update(command=command, omp=env["OMP_NUM_THREADS"], mkl=env["MKL_NUM_THREADS"])
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setenv("MKL_NUM_THREADS", "8")
     monkeypatch.setattr(subprocess, "run", run)
     settings = {"student": "h0_mini_tiny", "teacher": "h_optimus_0_tiny"}
     assert launch(settings, "t", "k", tmp_path / "out", nproc_per_node=2, threads=8) == 0
-    assert seen["omp"] == "4" and "--nproc_per_node=2" in seen["command"]
+    assert seen["omp"] == seen["mkl"] == "4" and "--nproc_per_node=2" in seen["command"]

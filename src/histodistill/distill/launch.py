@@ -13,10 +13,11 @@ A run stopped by SIGUSR1/SIGTERM checkpoints and exits with `REQUEUE_EXIT_CODE` 
 sysexits.h): the job fails, the rule's `retries` rerun it, and the trainer resumes from the checkpoint.
 
 The processes of one node share the job's CPUs: each gets `process_threads` = the job's threads // N
-OpenMP/torch threads (`OMP_NUM_THREADS` in their environment). Snakemake exports `OMP_NUM_THREADS` = the rule's
-threads to a script job, and torchrun keeps a set value, so without this every process ran the job's full
-thread count: on the demo's 2-CPU job, 2 processes × 2 threads ran 3.9 samples/s against 40 with 1 thread
-each (measured, 12 iterations of the demo run).
+threads (every `THREAD_VARS` in their environment). Snakemake exports `OMP_NUM_THREADS`, `MKL_NUM_THREADS`
+and the other BLAS counts = the rule's threads to a script job, and torchrun keeps a set value, so without
+this every process ran the job's full thread count: on the demo's 2-CPU job, 2 processes with
+`OMP_NUM_THREADS` 2 ran 3.9 samples/s against 40 with 1 (12 iterations of the demo run, quiet machine);
+`OMP_NUM_THREADS` 1 with `MKL_NUM_THREADS` 2 still ran 1.6 against 17 with both 1 (beside a CI run).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the job again to resume
 RDZV_PORT = 29500  # the c10d rendezvous port of a multi-node run, on the first node
+# the thread counts Snakemake exports to a job (snakemake/shell.py): OpenMP's and the BLAS libraries'
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 
 def process_threads(threads: int | None, nproc_per_node: int) -> int:
@@ -49,9 +59,14 @@ def process_threads(threads: int | None, nproc_per_node: int) -> int:
 
 
 def torchrun_env(threads: int | None, nproc_per_node: int) -> dict[str, str]:
-    """This process's environment with `OMP_NUM_THREADS` = `process_threads(threads, nproc_per_node)`, for the
-    processes `torchrun_command` starts (torchrun, and srun on several nodes, pass it on to each)."""
-    return {**os.environ, "OMP_NUM_THREADS": str(process_threads(threads, nproc_per_node))}
+    """This process's environment with every `THREAD_VARS` = `process_threads(threads, nproc_per_node)`, for
+    the processes `torchrun_command` starts (torchrun, and srun on several nodes, pass it on to each)."""
+    return thread_env(process_threads(threads, nproc_per_node))
+
+
+def thread_env(n: int) -> dict[str, str]:
+    """This process's environment with every `THREAD_VARS` set to `n`."""
+    return {**os.environ, **dict.fromkeys(THREAD_VARS, str(n))}
 
 
 def torchrun_command(
@@ -166,7 +181,7 @@ def launch(
         checkpoint_dir=checkpoint_dir,
     )
     env = torchrun_env(threads, nproc_per_node)
-    log.info("launching %s (OMP_NUM_THREADS=%s per process)", " ".join(command), env["OMP_NUM_THREADS"])
+    log.info("launching %s (%s threads per process)", " ".join(command), env["OMP_NUM_THREADS"])
     if log_path is None:
         return subprocess.run(command, env=env, check=False).returncode
     for handler in logging.getLogger().handlers:  # our own lines first, then the processes' in order

@@ -48,7 +48,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -72,7 +71,7 @@ from histodistill.distill.engine import (
     wrap_ddp,
 )
 from histodistill.distill.heads import ProjectionHead
-from histodistill.distill.launch import process_threads, torchrun_command
+from histodistill.distill.launch import process_threads, thread_env, torchrun_command
 from histodistill.distill.losses import dino_loss
 from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
@@ -589,8 +588,8 @@ def _launch(region_store, outputs, work_dir, settings: dict, nproc_per_node: int
     job.write_text(json.dumps({"region_store": str(region_store), "work_dir": str(work_dir), "settings": settings,
                                "outputs": {k: str(v) for k, v in outputs.items()}}))  # fmt: skip
     command = torchrun_command(__name__, [job], nproc_per_node=nproc_per_node)
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"])}  # torch_threads(threads) in each, too
-    log.info("launching %s (OMP_NUM_THREADS=%s per process)", " ".join(command), env["OMP_NUM_THREADS"])
+    env = thread_env(settings["threads"])  # and torch_threads(threads) in each
+    log.info("launching %s (%s threads per process)", " ".join(command), settings["threads"])
     if log_path is None:
         code = subprocess.run(command, env=env, check=False).returncode
     else:
