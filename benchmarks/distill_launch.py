@@ -14,10 +14,11 @@ Per mode: one warm-up run, then `--repeats` runs, the modes interleaved; each ru
 step rate; min / median over the runs), the run's wall time and the CPU seconds of torchrun and its
 processes (`RUSAGE_CHILDREN`), min / median; then the ratio launch / baseline of the median samples/s.
 
-Measured on this project's 2-core machine, 2026-12-01 (beside a CI run, so both modes loaded alike;
-12 iterations, one run each, by hand with the same command lines): OMP 2 and MKL 2 (baseline) 1.6 samples/s,
-OMP 1 and MKL 1 (launch) 17; quiet, OMP 2 (MKL unset) 3.9 vs OMP 1 40. This script measures the same
-comparison end to end; see its output for the current figures.
+Measured on this project's 2-core machine, quiet (load 0.3 at the start), 2026-12-01, defaults (2 processes,
+2 threads, 30 iterations, 3 runs per mode): baseline 4.7 samples/s (median; min 3.3), 62.8 s wall, 120.1 CPU s
+per run; launch 41.5 samples/s (min 41.0), 15.0 s wall, 24.9 CPU s: **8.83×** in samples/s (a run's wall time
+includes ~8 s of start-up, imports and the held-out agreement). By hand before (12 iterations, one run each):
+quiet, OMP 2 (MKL unset) 3.9 vs OMP 1 40; beside a CI run, OMP 1 with MKL 2 still 1.6 vs 17 with both 1.
 
     python benchmarks/distill_launch.py                     # 2 processes, 2 threads (the test demo's job)
     python benchmarks/distill_launch.py --nproc 4 --threads 16 --iterations 40
