@@ -182,6 +182,12 @@ def launch(
     )
     env = torchrun_env(threads, nproc_per_node)
     log.info("launching %s (%s threads per process)", " ".join(command), env["OMP_NUM_THREADS"])
+    return run_processes(command, env, log_path)
+
+
+def run_processes(command: list[str], env: dict[str, str], log_path: str | Path | None) -> int:
+    """Run a `torchrun_command` with `env`; its stdout and stderr appended to `log_path` after our own
+    lines (else inherited). Returns its exit code."""
     if log_path is None:
         return subprocess.run(command, env=env, check=False).returncode
     for handler in logging.getLogger().handlers:  # our own lines first, then the processes' in order

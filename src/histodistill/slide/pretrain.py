@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -71,7 +70,7 @@ from histodistill.distill.engine import (
     wrap_ddp,
 )
 from histodistill.distill.heads import ProjectionHead
-from histodistill.distill.launch import process_threads, thread_env, torchrun_command
+from histodistill.distill.launch import process_threads, run_processes, thread_env, torchrun_command
 from histodistill.distill.losses import dino_loss
 from histodistill.distill.schedules import Schedules, ema_update
 from histodistill.errors import HistodistillError
@@ -588,17 +587,8 @@ def _launch(region_store, outputs, work_dir, settings: dict, nproc_per_node: int
     job.write_text(json.dumps({"region_store": str(region_store), "work_dir": str(work_dir), "settings": settings,
                                "outputs": {k: str(v) for k, v in outputs.items()}}))  # fmt: skip
     command = torchrun_command(__name__, [job], nproc_per_node=nproc_per_node)
-    env = thread_env(settings["threads"])  # and torch_threads(threads) in each
     log.info("launching %s (%s threads per process)", " ".join(command), settings["threads"])
-    if log_path is None:
-        code = subprocess.run(command, env=env, check=False).returncode
-    else:
-        for handler in logging.getLogger().handlers:  # our own lines first, then the processes' in order
-            handler.flush()
-        with open(log_path, "a") as log_file:
-            code = subprocess.run(
-                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False
-            ).returncode
+    code = run_processes(command, thread_env(settings["threads"]), log_path)  # and torch_threads in each
     if code:
         raise HistodistillError(f"SLPD region pretraining under torchrun failed (exit {code}); see the log")
     return {v: {"epochs": json.loads((work_dir / v / "log.json").read_text())} for v in outputs}
