@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from histodistill.config import load_config
 from histodistill.demo.slides import DemoSlideConfig, make_demo_slide
 from histodistill.distill.launch import THREAD_VARS, launch_command, thread_env, torchrun_env
 from histodistill.distill.trainer import DistillConfig
@@ -61,22 +62,12 @@ def demo_inputs(tmp: Path) -> tuple[Path, Path]:
 
 
 def settings(iterations: int) -> dict:
-    """`distill.runs.demo` of config.yaml, with frozen heads and no checkpoints."""
-    return DistillConfig(
-        student="h0_mini_tiny",
-        teacher="h_optimus_0_tiny",
-        teacher_heads="frozen",
-        objective_params={"feature_weight": 0.3},
-        n_prototypes=256,
-        head_hidden=256,
-        iterations=iterations,
-        batch_size=8,
-        warmup_epochs=1,
-        warmup_teacher_temp_epochs=2,
-        lr=0.2,
-        num_workers=0,
-        checkpoint_every=10**6,
-    ).__dict__
+    """`distill.runs.demo` of config.yaml (the demo's run, read from the file), with frozen heads, the
+    demo's teacher, `iterations` and no checkpoints."""
+    config = load_config(Path(__file__).resolve().parents[1] / "config.yaml")
+    run = {k: v for k, v in config["distill"]["runs"]["demo"].items() if k != "cohort"}
+    overrides = {"teacher": config["teacher"]["model"], "teacher_heads": "frozen", "iterations": iterations}
+    return DistillConfig(**{**run, **overrides, "checkpoint_every": 10**6}).__dict__
 
 
 def run(store: Path, cache: Path, out: Path, cfg: dict, nproc: int, env: dict) -> dict:
